@@ -1,0 +1,1 @@
+"""Customer tables: declared schemas, loading and validation, encoding, region splits, synthetic data."""

@@ -1,0 +1,55 @@
+"""The errors a fedcrm user can meet, one class per kind of problem.
+
+Every user-facing check raises one of these (never ``assert``), with a message that names the file,
+row or key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+
+class FedcrmError(Exception):
+    """Base of every error fedcrm raises on purpose."""
+
+
+class ConfigError(FedcrmError):
+    """An experiment config, schema file or policy file is invalid."""
+
+
+class DataError(FedcrmError):
+    """A customer table does not match its declared schema."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        column: str | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.column = column
+        where = ":".join(str(p) for p in (path, line) if p is not None)
+        prefix = f"{where}: " if where else ""
+        col = f"column `{column}`: " if column else ""
+        super().__init__(f"{prefix}{col}{message}")
+
+
+class PrivacyBudgetError(FedcrmError):
+    """A DP release would exceed the region's privacy budget, or the ledger is inconsistent."""
+
+
+class PolicyError(FedcrmError):
+    """A run asks for something the region's policy does not allow."""
+
+
+class FederationError(FedcrmError):
+    """The federation cannot go on (too few regions, a bad update, a broken message)."""
+
+
+class UnlearningError(FedcrmError):
+    """An erasure or consent withdrawal cannot be served as asked."""
+
+
+class StorageError(FedcrmError):
+    """A durable file (ledger, audit log, metrics, checkpoint) is missing, torn or corrupted."""
