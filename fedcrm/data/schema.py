@@ -79,11 +79,16 @@ Column = Annotated[NumericColumn | CategoricalColumn | BooleanColumn, Field(disc
 
 
 class IdSpec(_Strict):
-    """Either an id column, or ``derive: row_number`` for tables without one (Bank Marketing)."""
+    """Either an id column, or ``derive: row_number`` for tables without one (Bank Marketing).
+
+    A derived id is written into ``derived_column`` when fedcrm splits such a table into regions, so
+    that a customer keeps the same id in their region's file; when that column is present it is used.
+    """
 
     column: str | None = None
     derive: Literal["row_number"] | None = None
     prefix: str = ""
+    derived_column: str = "customer_id"
 
     @model_validator(mode="after")
     def _one(self) -> IdSpec:

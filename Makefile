@@ -1,0 +1,44 @@
+# fedcrm: two commands from a fresh clone.
+#   make demo   set up .venv, generate synthetic CRM data, run a federated DP churn experiment (simulation)
+#   make test   set up .venv, then ruff, mypy and the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedcrm-installed
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: setup demo test test-slow test-deployment lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf data/demo runs/demo state/demo
+	$(BIN)/fedcrm data synth --regions eu,us,apac --customers 6000,4000,3000 --seed 0 --out data/demo
+	$(BIN)/fedcrm run configs/demo.yaml --state state/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedcrm clients server tests experiments
+	$(BIN)/mypy fedcrm
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+test-deployment: $(STAMP)
+	$(BIN)/python -m pytest -q -m deployment
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_local_training.py
+
+clean:
+	rm -rf runs state data/demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,208 @@
+"""The ``fedcrm`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedcrm.errors import FedcrmError
+
+console = Console(stderr=True)
+out = Console()
+app = typer.Typer(
+    help="fedcrm: train customer models (churn, propensity) across regions without moving customer data, "
+    "with differential privacy, an exact privacy ledger and erasure by retraining.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+data_app = typer.Typer(help="Customer tables: validate against a schema, split into regions, generate synthetic data.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+DEFAULT_STATE = Path("state")
+StateOpt = Annotated[Path, typer.Option("--state", help="Folder holding every region's state (privacy ledger, "
+                                        "tombstones, secrets). In simulation: one sub-folder per region.")]
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="CSV or Parquet table to check.")],
+    schema: Annotated[Path, typer.Option(help="Declared schema (YAML), e.g. configs/schemas/telco_churn.yaml.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check a customer table against its schema and print what was read, repaired and dropped.
+
+    Exits non-zero (2) when the table has errors: a missing column, an unparseable number, a label
+    outside the declared spellings, duplicate ids, an empty table, a file that is not a table.
+    Out-of-bounds numbers and unknown categories are not errors: they are clipped or mapped to an
+    "(other)" bucket, and counted here.
+    """
+    from fedcrm.data.io import load_table
+    from fedcrm.data.schema import load_schema
+
+    try:
+        table = load_table(file, load_schema(schema))
+    except FedcrmError as e:
+        _fail(e)
+    report = table.report.as_dict()
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    out.print(f"[bold]{file}[/]: {report['rows_read']} rows read, {report['rows_kept']} kept")
+    for why, n in report["rows_dropped"].items():
+        out.print(f"  dropped {n} rows: {why}")
+    t = Table("column", "issue", "rows")
+    for col, issues in report["columns"].items():
+        for issue, n in issues.items():
+            t.add_row(col, issue.replace("_", " "), str(n if not isinstance(n, dict) else sum(n.values())) +
+                      (f"  {dict(list(n.items())[:5])}" if isinstance(n, dict) else ""))
+    if report["columns"]:
+        out.print(t)
+    else:
+        out.print("  no value needed repair")
+
+
+@data_app.command("split")
+def data_split(
+    schema: Annotated[Path, typer.Option(help="Declared schema of the input table.")],
+    input: Annotated[Path, typer.Option("--input", help="The whole table to split.")],
+    regions: Annotated[str, typer.Option(help="Comma-separated region names, e.g. eu,us,apac.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for one file per region and manifest.json.")],
+    by: Annotated[str, typer.Option(help="hash (seeded hash of the customer id), column:NAME (the value of a "
+                                    "column names the region), or dirichlet:ALPHA (label-skewed; small ALPHA = "
+                                    "more skew).")] = "hash",
+    seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
+) -> None:
+    """Split one customer table into regions, reproducibly; no customer lands in two regions."""
+    from fedcrm.data.schema import load_schema
+    from fedcrm.data.split import SplitMethod, split_table
+
+    try:
+        manifest = split_table(schema=load_schema(schema), input_path=input,
+                               regions=[r.strip() for r in regions.split(",") if r.strip()],
+                               method=SplitMethod.parse(by), seed=seed, out_dir=out_dir)
+    except FedcrmError as e:
+        _fail(e)
+    for name, r in manifest["regions"].items():
+        out.print(f"  {name}: {r['rows']} customers, label rate {r['label_rate']:.3f} -> {out_dir / r['file']}")
+
+
+@data_app.command("synth")
+def data_synth(
+    regions: Annotated[str, typer.Option(help="Number of regions, or comma-separated names.")] = "3",
+    customers: Annotated[str, typer.Option(help="Customers per region (one number, or one per region).")] = "5000",
+    seed: Annotated[int, typer.Option()] = 0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("data/synthetic"),
+) -> None:
+    """Generate multi-region CRM tables with a known ground-truth churn model (schema synthetic_crm)."""
+    from fedcrm.data.synthetic import generate
+
+    names: Any = int(regions) if regions.isdigit() else [r.strip() for r in regions.split(",")]
+    counts: Any = int(customers) if customers.isdigit() else [int(c) for c in customers.split(",")]
+    try:
+        manifest = generate(regions=names, customers=counts, seed=seed, out_dir=out_dir)
+    except FedcrmError as e:
+        _fail(e)
+    out.print(f"{manifest.rows} customers in {len(manifest.regions)} regions, churn rate "
+              f"{manifest.label_rate:.3f} -> {out_dir}")
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/churn_telco_dp.yaml.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: OUTPUT_DIR/NAME from the "
+                                                "config).")] = None,
+    state: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Train a model across regions in simulation (one virtual Flower SuperNode per region).
+
+    Each region trains on its own table with DP-SGD and charges every release to its privacy ledger
+    under --state; the run folder gets the metrics per round, checkpoints, the model and summary.json.
+    """
+    from fedcrm.config import load_config
+    from fedcrm.fl.simulation import run_simulated
+
+    try:
+        cfg = load_config(config)
+        run_dir = out_dir or cfg.output_dir / cfg.name
+        console.print(f"[bold]fedcrm run[/] {cfg.name}: {len(cfg.regions)} regions, {cfg.training.rounds} rounds, "
+                      f"privacy {cfg.privacy.mode}" + (f" ε={cfg.privacy.target_epsilon:g}" if
+                                                       cfg.privacy.mode == "sample_dp" else ""))
+        summary = run_simulated(cfg, run_dir=run_dir, state_root=state, report=lambda s: console.print(s))
+    except FedcrmError as e:
+        _fail(e)
+    _print_summary(summary, run_dir)
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    m = summary["final_metrics"]
+    out.print(f"\n[bold]Served model[/] (pooled hold-out of {int(m.get('customers', 0))} customers): "
+              f"AUC {m.get('auc', float('nan')):.4f}, log-loss {m.get('log_loss', float('nan')):.4f}, "
+              f"accuracy {m.get('accuracy', float('nan')):.4f}, Brier {m.get('brier', float('nan')):.4f}")
+    t = Table("region", "ε spent (all history)", "δ", "budget", "refused")
+    for r, p in summary["privacy"].items():
+        eps = p.get("epsilon")
+        t.add_row(r, "-" if eps is None else f"{eps:.3f}", f"{p['delta']:.1e}",
+                  "-" if p.get("budget") is None else f"{p['budget']:g}", p.get("refused") or "")
+    out.print(t)
+    for w in summary.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {w}")
+    out.print(f"Results in [bold]{run_dir}[/]: summary.json, metrics.jsonl, model/, checkpoints/")
+
+
+@app.command("budget")
+def budget(
+    region: Annotated[str, typer.Option(help="Region name.")],
+    state: StateOpt = DEFAULT_STATE,
+    delta: Annotated[float, typer.Option(help="δ at which to report ε.")] = 1e-5,
+    accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
+    policy: Annotated[Path | None, typer.Option(help="The region's policy file (for its budget).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a region's privacy ledger: every release, ε spent over the whole history, budget, remaining.
+
+    ε is per customer: every customer is in exactly one shard, so it is the largest ε over the shards.
+    """
+    from fedcrm.governance.policy import load_policy
+    from fedcrm.privacy.ledger import PrivacyLedger
+
+    try:
+        state_dir = state / region
+        if not (state_dir / "privacy_ledger.sqlite").exists():
+            raise FedcrmError(f"no privacy ledger for region {region} under {state} (nothing released yet?)")
+        ledger = PrivacyLedger.open(state_dir, region=region)
+        s = ledger.summary(delta=delta, accountant=accountant, budget=load_policy(policy).privacy_budget)
+    except FedcrmError as e:
+        _fail(e)
+    if as_json:
+        out.print_json(json.dumps(s))
+        return
+    t = Table("id", "time", "run", "round", "shard", "σ", "q", "steps", "outcome")
+    for ev in s["events"]:
+        t.add_row(str(ev["id"]), ev["time"][:19], ev["run_id"], str(ev["round"]), str(ev["shard"]),
+                  f"{ev['noise_multiplier']:.3f}", f"{ev['sample_rate']:.4f}", str(ev["steps"]), str(ev["outcome"]))
+    out.print(t)
+    out.print(f"region [bold]{region}[/]: ε spent {s['epsilon_spent']:.3f} (δ={delta:g}, {accountant}), "
+              f"budget {s['budget']:g}, remaining {s['remaining']:.3f}")
+    if len(s["epsilon_by_shard"]) > 1:
+        out.print("per shard: " + ", ".join(f"shard {k}: {v:.3f}" for k, v in s["epsilon_by_shard"].items()))
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,159 @@
+"""The experiment config: typed, validated once at load, unknown keys rejected.
+
+Errors name the file and the key: ``configs/churn.yaml: `privacy.target_epsilon`: Input should be
+greater than 0, got -1``. Relative paths in a config are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedcrm.errors import ConfigError
+from fedcrm.yamlio import read_yaml_mapping, validate_mapping
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    kind: Literal["logistic", "mlp"] = "mlp"
+    hidden: tuple[int, ...] = (64, 64)
+
+
+class TrainingConfig(_Section):
+    rounds: int = Field(10, ge=1, le=10_000)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(256, ge=1, description="expected batch size under Poisson sampling")
+    optimizer: Literal["sgd", "adam"] = "adam"
+    learning_rate: float = Field(0.01, gt=0)
+
+
+class PrivacyConfig(_Section):
+    mode: Literal["none", "sample_dp", "client_dp"] = "sample_dp"
+    target_epsilon: float | None = Field(3.0, gt=0, description="per region, over the whole run")
+    delta: float | None = Field(None, gt=0, lt=1)
+    clipping_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    # client_dp only: the Gaussian noise multiplier of Flower's DP-FedAvg wrapper.
+    client_noise_multiplier: float = Field(0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if self.mode == "sample_dp" and self.target_epsilon is None:
+            raise ValueError("privacy.target_epsilon is required when privacy.mode is sample_dp")
+        return self
+
+
+class FederationConfig(_Section):
+    strategy: Literal["fedavg", "fedprox", "fedmedian"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_regions: int = Field(1, ge=1, description="fewest regions a round may aggregate")
+    round_timeout_s: float = Field(600.0, gt=0)
+
+
+class EvaluationConfig(_Section):
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    min_customers: int = Field(20, ge=1, description="fewest customers behind any reported metric")
+
+
+class UnlearningConfig(_Section):
+    shards: int = Field(1, ge=1, le=64)
+    slices: int = Field(1, ge=1, le=64)
+
+
+class ExperimentConfig(_Section):
+    name: str
+    task: Literal["churn", "propensity"]
+    schema_path: Path = Field(alias="schema")
+    regions: dict[str, Path] = Field(min_length=1, description="region name -> its data file (simulation)")
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    federation: FederationConfig = FederationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    unlearning: UnlearningConfig = UnlearningConfig()
+    seed: int = 0
+    output_dir: Path = Path("runs")
+    budget: float | None = Field(None, gt=0, description="default region budget when no policy is given")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        bad = [r for r in self.regions if not r.replace("-", "").replace("_", "").isalnum()]
+        if bad:
+            raise ValueError(f"region names must be letters, digits, - or _, got {bad}")
+        if self.federation.min_regions > len(self.regions):
+            raise ValueError(
+                f"federation.min_regions is {self.federation.min_regions} but only {len(self.regions)} regions"
+            )
+        return self
+
+    def resolved(self, base: Path) -> ExperimentConfig:
+        """Paths made absolute against ``base`` (the config file's folder)."""
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p).resolve()
+
+        return self.model_copy(update={
+            "schema_path": fix(self.schema_path),
+            "regions": {k: fix(v) for k, v in self.regions.items()},
+        })
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json(by_alias=True))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def with_overrides(self, overrides: dict[str, Any], *, source: str = "<overrides>") -> ExperimentConfig:
+        """A copy with dotted keys replaced (``{"privacy.target_epsilon": 1.0}``), validated again."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"{source}: unknown key `{key}`")
+                node = node[p]
+            if leaf not in node:
+                raise ConfigError(f"{source}: unknown key `{key}`")
+            node[leaf] = value
+        return validate_mapping(ExperimentConfig, raw, source=source)
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Load, validate and resolve an experiment config file."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    cfg = validate_mapping(ExperimentConfig, raw, source=str(path)).resolved(path.parent.resolve())
+    if not cfg.schema_path.exists():
+        raise ConfigError(f"{path}: `schema`: file {cfg.schema_path} not found")
+    return cfg
+
+
+def default_delta(smallest_region: int) -> float:
+    """A δ well below 1/N of the smallest region (the usual rule: δ ≪ 1/N)."""
+    return min(1e-5, 0.1 / max(smallest_region, 1))
+
+
+def check_delta(delta: float, *, smallest_region: int, source: str = "privacy.delta") -> None:
+    if delta >= 1.0 / max(smallest_region, 1):
+        warnings.warn(
+            f"{source} = {delta:g} is at or above 1/N = {1 / smallest_region:g} for the smallest region "
+            f"({smallest_region} customers): a mechanism could then reveal one customer's record outright "
+            "with that probability. Use δ well below 1/N.",
+            stacklevel=2,
+        )
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics that compose across regions, fairness, explanations, privacy audits."""

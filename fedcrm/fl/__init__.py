@@ -1,0 +1,1 @@
+"""The Flower adapter: the only package that imports ``flwr``."""

@@ -1,0 +1,139 @@
+"""The region's Flower ClientApp: unpack the message, call :class:`fedcrm.region.Region`, pack the reply.
+
+Every reply passes one outgoing check against the wire vocabulary before it leaves; errors that
+could carry customer values (a data error names a cell) are reported to the server in general terms
+and in full only in the region's own log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedcrm import wire
+from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError
+from fedcrm.fl.codec import from_record, plan_config, read_plan, to_record, unpack_constituents
+from fedcrm.region import NodeSettings, Region
+
+log = logging.getLogger("fedcrm.region")
+Handler = Callable[[Region, Message], RecordDict]
+
+
+class BlockedReply(FedcrmError):
+    """A reply held back by the outgoing check: it carried something outside the wire vocabulary."""
+
+
+def check_outgoing(content: RecordDict) -> RecordDict:
+    """Let through only declared records and keys; arrays only in the ``arrays`` record."""
+    for name, record in content.items():
+        if name not in wire.REPLY_RECORDS:
+            raise BlockedReply(f"record `{name}` is not in the wire vocabulary")
+        allowed: frozenset[str] | None = {
+            wire.METRICS: wire.METRIC_KEYS, wire.STATUS: wire.STATUS_KEYS,
+        }.get(name)
+        if allowed is not None:
+            extra = set(record.keys()) - allowed
+            if extra:
+                raise BlockedReply(f"keys {sorted(extra)} of record `{name}` are not in the wire vocabulary")
+        if (name == wire.ARRAYS) != (type(record).__name__ == "ArrayRecord"):
+            raise BlockedReply(f"record `{name}` has the wrong type {type(record).__name__}")
+    return content
+
+
+def status(region: str, outcome: str, reason: str = "", kind: str = "") -> ConfigRecord:
+    return ConfigRecord({wire.REGION: region, wire.OUTCOME: outcome, wire.REASON: reason, wire.KIND: kind})
+
+
+def _train(region: Region, msg: Message) -> RecordDict:
+    config = msg.content[wire.CONFIG]
+    cfg, schema, run_id, delta = read_plan(config)  # type: ignore[arg-type]
+    weights, metrics = region.train(
+        cfg, schema, weights=from_record(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
+        shard=int(config.get(wire.SHARD, 0)), round_=int(config[wire.ROUND]),  # type: ignore[arg-type]
+        run_id=run_id, delta=delta,
+    )
+    return RecordDict({
+        wire.ARRAYS: to_record(weights), wire.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
+        wire.STATUS: status(region.name, wire.OUTCOME_OK),
+    })
+
+
+def _evaluate(region: Region, msg: Message) -> RecordDict:
+    cfg, schema, _, delta = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
+    region.check_request(cfg, schema)
+    summary = region.evaluate(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]))  # type: ignore[arg-type]
+    metrics: dict[str, Any] = {wire.EPSILON: region.epsilon(cfg, delta=delta), wire.BUDGET: region.policy.privacy_budget}
+    if summary is not None:
+        metrics |= {
+            wire.HIST_POS: summary.hist_pos.tolist(), wire.HIST_NEG: summary.hist_neg.tolist(),
+            wire.SUM_LOG_LOSS: summary.sum_log_loss, wire.SUM_BRIER: summary.sum_brier,
+            wire.CORRECT: summary.correct, wire.NUM_EXAMPLES: summary.n,
+        }
+    reason = "" if summary is not None else "hold-out below the policy's minimum of customers: suppressed"
+    return RecordDict({wire.METRICS: MetricRecord(metrics), wire.STATUS: status(region.name, wire.OUTCOME_OK, reason)})
+
+
+def _query(region: Region, msg: Message) -> RecordDict:
+    config = msg.content[wire.CONFIG]
+    if config.get(wire.ACTION) == wire.ACTION_EVALUATE_SERVED:
+        return _evaluate(region, msg)
+    cfg, schema, _, delta = read_plan(config)  # type: ignore[arg-type]
+    region.check_request(cfg, schema)
+    described = region.describe(cfg, schema)
+    described[wire.EPSILON] = region.epsilon(cfg, delta=delta)
+    return RecordDict({wire.METRICS: MetricRecord(described), wire.STATUS: status(region.name, wire.OUTCOME_OK)})  # type: ignore[arg-type]
+
+
+def _serve(handler: Handler, msg: Message, context: Context) -> Message:
+    settings = NodeSettings.from_node_config(dict(context.node_config))
+    try:
+        region = Region(settings)
+    except FedcrmError as e:
+        log.error("region %s cannot start: %s", settings.region, e)
+        content = RecordDict({wire.STATUS: status(settings.region, wire.OUTCOME_FAILED, f"{type(e).__name__}: "
+                                                  "the region's state or policy could not be read", type(e).__name__)})
+        return Message(content=content, reply_to=msg)
+    try:
+        content = handler(region, msg)
+    except (PolicyError, PrivacyBudgetError) as e:
+        log.warning("%s", e)
+        content = RecordDict({wire.STATUS: status(region.name, wire.OUTCOME_REFUSED, str(e), type(e).__name__)})
+    except FedcrmError as e:
+        # The full message may quote a cell of the table: it stays in the region's log.
+        log.error("region %s: %s", region.name, e)
+        content = RecordDict({wire.STATUS: status(
+            region.name, wire.OUTCOME_FAILED,
+            f"region {region.name}: {type(e).__name__} while preparing its data (details in the region's log)",
+            type(e).__name__)})
+    try:
+        return Message(content=check_outgoing(content), reply_to=msg)
+    except BlockedReply as e:
+        log.error("region %s: reply blocked by the outgoing check: %s", region.name, e)
+        blocked = RecordDict({wire.STATUS: status(region.name, wire.OUTCOME_FAILED, "reply blocked by the "
+                                                  "region's outgoing check", "BlockedReply")})
+        return Message(content=blocked, reply_to=msg)
+
+
+def build_client_app(*, mods: Sequence[Callable[..., Message]] = ()) -> ClientApp:
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _serve(_train, msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return _serve(_evaluate, msg, context)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return _serve(_query, msg, context)
+
+    return app
+
+
+__all__ = ["build_client_app", "check_outgoing", "plan_config"]

@@ -1,0 +1,60 @@
+"""Packing library values into Flower records and back."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fedcrm import wire
+from fedcrm.config import ExperimentConfig
+from fedcrm.data.schema import Schema, schema_from_text
+
+Weights = dict[str, np.ndarray]
+
+
+def to_record(weights: Weights) -> ArrayRecord:
+    return ArrayRecord.from_array_dict({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def from_record(record: ArrayRecord) -> Weights:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def pack_constituents(constituents: list[Weights]) -> ArrayRecord:
+    return to_record({wire.constituent_key(k, n): v for k, w in enumerate(constituents) for n, v in w.items()})
+
+
+def unpack_constituents(record: ArrayRecord) -> list[Weights]:
+    """The served model's constituents; plain keys (no ``cK/`` prefix) are a single model."""
+    weights = from_record(record)
+    if not all("/" in k for k in weights):
+        return [weights]
+    out: dict[int, Weights] = {}
+    for key, v in weights.items():
+        head, name = key.split("/", 1)
+        out.setdefault(int(head[1:]), {})[name] = v
+    return [out[k] for k in sorted(out)]
+
+
+def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str, delta: float) -> ConfigRecord:
+    """What the server tells every region about the run: no path, no customer, only the plan."""
+    public = cfg.to_dict()
+    public["regions"] = {name: "(set by the region's data owner)" for name in cfg.regions}
+    public["schema"] = "(sent as text)"
+    public["output_dir"] = "(server side)"
+    import json
+
+    return ConfigRecord({
+        wire.EXPERIMENT: json.dumps(public), wire.SCHEMA: schema_text, wire.RUN_ID: run_id, wire.DELTA: delta,
+    })
+
+
+def read_plan(config: ConfigRecord) -> tuple[ExperimentConfig, Schema, str, float]:
+    cfg = ExperimentConfig.model_validate_json(str(config[wire.EXPERIMENT]))
+    schema = schema_from_text(str(config[wire.SCHEMA]), source="schema sent by the server")
+    return cfg, schema, str(config[wire.RUN_ID]), float(config[wire.DELTA])  # type: ignore[arg-type]
+
+
+def extend(config: ConfigRecord, extra: dict[str, str | int | float]) -> ConfigRecord:
+    """A copy of ``config`` with ``extra`` keys added (each message gets its own record)."""
+    return ConfigRecord({**dict(config.items()), **extra})  # type: ignore[dict-item]

@@ -1,0 +1,192 @@
+"""The server's side of a run: pre-flight, one federated training per SISA constituent, the served
+model's evaluation, and the run directory. The Flower ServerApp in ``server/`` only calls this.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedcrm import wire
+from fedcrm.config import ExperimentConfig, check_delta, default_delta
+from fedcrm.data.encode import FeatureEncoder
+from fedcrm.data.schema import load_schema
+from fedcrm.errors import FederationError
+from fedcrm.fl.codec import extend, from_record, pack_constituents, plan_config, to_record
+from fedcrm.fl.strategy import GuardedStrategy, RoundEvents, _status, build_strategy, pooled_evaluation
+from fedcrm.models import build_model, get_weights
+from fedcrm.runs import RunDir, code_version
+
+log = logging.getLogger("fedcrm.server")
+Report = Callable[[str], None]
+CLIENT_DP_FEW_REGIONS = 20
+
+
+def _wait_for_nodes(grid: Grid, *, expected: int, timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected or time.time() > deadline:
+            return nodes
+        time.sleep(0.2)
+
+
+def _query(grid: Grid, nodes: list[int], config: ConfigRecord, *, arrays: ArrayRecord | None = None,
+           timeout: float) -> list[Message]:
+    content = {wire.CONFIG: config} | ({wire.ARRAYS: arrays} if arrays is not None else {})
+    msgs = [Message(content=RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY)  # type: ignore[arg-type]
+            for n in nodes]
+    return list(grid.send_and_receive(msgs, timeout=timeout))
+
+
+def privacy_warnings(cfg: ExperimentConfig, *, regions: int) -> list[str]:
+    out = []
+    if cfg.privacy.mode == "none":
+        out.append("privacy.mode is none: the models are trained without differential privacy; model "
+                   "updates can reveal individual customers.")
+    if cfg.privacy.mode == "client_dp" and regions < CLIENT_DP_FEW_REGIONS:
+        out.append(f"client-level DP with only {regions} regions protects little: noise is calibrated to hide "
+                   "a whole region, so with few regions it either drowns the model or gives a large ε; and the "
+                   "server sees each region's clipped update before adding noise. Prefer sample_dp here.")
+    if cfg.privacy.mode == "sample_dp":
+        out.append("DP noise comes from a seeded pseudo-random generator (so runs and erasure retrains repeat "
+                   "exactly); it is not a cryptographically secure source. The ε figures assume ideal noise.")
+    return out
+
+
+def run_federation(
+    grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, report: Report = print,
+    shards: list[int] | None = None, initial: dict[int, dict[str, np.ndarray]] | None = None,
+    model_version: int = 1,
+) -> dict[str, Any]:
+    """Train (the given constituents of) the served model federatedly; return the run summary."""
+    t0 = time.time()
+    schema_text = cfg.schema_path.read_text(encoding="utf-8")
+    schema = load_schema(cfg.schema_path)
+    feature_names = FeatureEncoder(schema).feature_names
+    run = RunDir.create(run_dir, cfg)
+    run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+    timeout = cfg.federation.round_timeout_s
+    n_regions = len(cfg.regions)
+
+    nodes = _wait_for_nodes(grid, expected=n_regions, timeout=min(timeout, 120))
+    if len(nodes) < cfg.federation.min_regions:
+        raise FederationError(f"only {len(nodes)} region node(s) connected, need federation.min_regions = "
+                              f"{cfg.federation.min_regions}")
+    # Pre-flight: every region checks the plan against its policy and data, all at once.
+    probe_delta = cfg.privacy.delta or 1e-5
+    replies = _query(grid, nodes, extend(plan_config(cfg, schema_text=schema_text, run_id=run_id, delta=probe_delta),
+                            {wire.ACTION: wire.ACTION_DESCRIBE}), timeout=timeout)
+    described: dict[str, dict[str, float]] = {}
+    refused: dict[str, str] = {}
+    excluded: set[int] = set(nodes)
+    for msg in replies:
+        region, outcome, reason = _status(msg)
+        if outcome == wire.OUTCOME_OK:
+            described[region] = {k: float(v) for k, v in msg.content[wire.METRICS].items()}  # type: ignore[arg-type]
+            excluded.discard(msg.metadata.src_node_id)
+        else:
+            refused[region] = reason or outcome
+    for region, reason in refused.items():
+        report(f"[pre-flight] region {region} will not take part: {reason}")
+    if len(described) < cfg.federation.min_regions:
+        raise FederationError(
+            f"pre-flight: {len(described)} region(s) can take part, fewer than federation.min_regions = "
+            f"{cfg.federation.min_regions}: " + "; ".join(f"{r}: {why}" for r, why in refused.items())
+        )
+    smallest = int(min(d["train"] for d in described.values()))
+    delta = cfg.privacy.delta or default_delta(smallest)
+    if cfg.privacy.delta is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_delta(cfg.privacy.delta, smallest_region=smallest)
+        for w in caught:
+            report(f"[warning] {w.message}")
+    notes = privacy_warnings(cfg, regions=len(described))
+    for note in notes:
+        report(f"[warning] {note}")
+
+    plan = plan_config(cfg, schema_text=schema_text, run_id=run_id, delta=delta)
+    shards = list(range(cfg.unlearning.shards)) if shards is None else shards
+    constituents: dict[int, dict[str, np.ndarray]] = dict(initial or {})
+    rounds_log: list[dict[str, Any]] = []
+    all_events: dict[str, dict[str, str]] = {"refused": dict(refused), "failed": {}, "rejected": {}}
+
+    for k in shards:
+        def on_round(rnd: int, ev: RoundEvents, per_region: dict[str, dict[str, float]],
+                     pooled: dict[str, float], shard: int = k) -> None:
+            eps = {r: m["epsilon"] for r, m in ev.train.items()}
+            row = {"round": rnd, "shard": shard, "time_s": round(time.time() - t0, 3), "pooled": pooled,
+                   "regions": per_region, "epsilon": eps, "refused": ev.refused, "failed": ev.failed,
+                   "rejected": ev.rejected}
+            run.append_metrics(row)
+            rounds_log.append(row)
+            for kind in ("refused", "failed", "rejected"):
+                all_events[kind].update(getattr(ev, kind))
+            eps_text = ", ".join(f"{r} {e:.2f}" for r, e in sorted(eps.items()))
+            shard_text = f" shard {shard + 1}/{cfg.unlearning.shards}" if cfg.unlearning.shards > 1 else ""
+            report(f"round {rnd:>3}/{cfg.training.rounds}{shard_text}: pooled AUC {pooled.get('auc', float('nan')):.4f}"
+                   f"  log-loss {pooled.get('log_loss', float('nan')):.4f}  ε spent: {eps_text or '-'}"
+                   f"  ({time.time() - t0:.1f}s)")
+
+        strategy = GuardedStrategy(build_strategy(cfg, regions=len(described)),
+                                   min_regions=cfg.federation.min_regions, excluded_nodes=excluded,
+                                   on_round=on_round)
+        init = build_model(cfg.model, n_features=len(feature_names), seed=cfg.seed * 1000 + k)
+
+        def checkpoint(rnd: int, arrays: ArrayRecord, shard: int = k) -> None:
+            if rnd > 0:
+                run.save_checkpoint(round_=rnd, shard=shard, weights=from_record(arrays))
+
+        result = strategy.start(
+            grid=grid, initial_arrays=to_record(get_weights(init)), num_rounds=cfg.training.rounds,
+            timeout=timeout, train_config=extend(plan, {wire.SHARD: k}), evaluate_config=plan,
+            evaluate_fn=checkpoint,  # type: ignore[arg-type]
+        )
+        constituents[k] = from_record(result.arrays)
+
+    run.save_model(constituents=constituents, feature_names=feature_names, version=model_version)
+    ordered = [constituents[k] for k in sorted(constituents)]
+    final = _query(grid, sorted(set(nodes) - excluded),
+                   extend(plan, {wire.ACTION: wire.ACTION_EVALUATE_SERVED}),
+                   arrays=pack_constituents(ordered), timeout=timeout)
+    per_region, pooled, skipped = pooled_evaluation(final)
+    privacy = {}
+    for region in cfg.regions:
+        d = described.get(region, {})
+        privacy[region] = {
+            "epsilon": per_region.get(region, {}).get("epsilon", d.get("epsilon")),
+            "delta": delta,
+            "budget": d.get("budget"),
+            "accountant": cfg.privacy.accountant,
+            "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.mode == "sample_dp" else None,
+            "refused": refused.get(region) or all_events["refused"].get(region),
+        }
+    summary = {
+        "name": cfg.name, "run_id": run_id, "task": cfg.task, "privacy_mode": cfg.privacy.mode,
+        "final_metrics": {k: pooled[k] for k in ("auc", "log_loss", "accuracy", "brier", "customers") if k in pooled},
+        "final_metrics_by_region": {r: m for r, m in per_region.items() if "auc" in m},
+        "suppressed_regions": skipped,
+        "privacy": privacy,
+        "regions": {r: {k: d[k] for k in ("customers_in_table", "excluded_no_consent", "forgotten", "train", "holdout")
+                        if k in d} for r, d in described.items()},
+        "events": all_events,
+        "warnings": notes,
+        "shards": cfg.unlearning.shards,
+        "model_version": model_version,
+        "rounds_completed": cfg.training.rounds,
+        "config_sha256": cfg.digest(),
+        "code_version": code_version(),
+        "wall_time_s": round(time.time() - t0, 2),
+    }
+    run.write_summary(summary)
+    return summary

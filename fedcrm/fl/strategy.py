@@ -1,0 +1,178 @@
+"""Flower strategies for fedcrm, and a guard that wraps any of them.
+
+The guard drops refusals and failures, rejects malformed updates (keys, shapes, dtype, non-finite
+values) with a logged reason, enforces the minimum number of regions per round, and turns the
+regions' hold-out histograms into pooled metrics. Aggregation itself stays Flower's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    Strategy,
+)
+
+from fedcrm import wire
+from fedcrm.config import ExperimentConfig
+from fedcrm.errors import FederationError
+from fedcrm.evaluation.metrics import ScoreSummary
+
+log = logging.getLogger("fedcrm.server")
+
+
+@dataclass
+class RoundEvents:
+    """What happened to each region in a round, for metrics.jsonl and the summary."""
+
+    refused: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def build_strategy(cfg: ExperimentConfig, *, regions: int) -> Strategy:
+    fed = cfg.federation
+    common: dict[str, Any] = dict(
+        fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_train_nodes=min(fed.min_regions, regions),
+        min_evaluate_nodes=min(fed.min_regions, regions), min_available_nodes=regions,
+    )
+    inner: Strategy
+    if fed.strategy == "fedprox":
+        inner = FedProx(proximal_mu=fed.proximal_mu, **common)
+    elif fed.strategy == "fedmedian":
+        inner = FedMedian(**common)
+    else:
+        inner = FedAvg(**common)
+    if cfg.privacy.mode == "client_dp":
+        inner = DifferentialPrivacyServerSideFixedClipping(
+            inner, noise_multiplier=cfg.privacy.client_noise_multiplier,
+            clipping_norm=cfg.privacy.clipping_norm, num_sampled_clients=regions,
+        )
+    return inner
+
+
+def check_update(update: ArrayRecord, *, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why an update must be rejected, or None when it is well formed."""
+    found = {k: tuple(v.shape) for k, v in update.items()}
+    if set(found) != set(expected):
+        return f"parameters {sorted(set(found) ^ set(expected))} missing or unexpected"
+    for k, v in update.items():
+        arr = v.numpy()
+        if tuple(arr.shape) != expected[k]:
+            return f"parameter {k} has shape {arr.shape}, expected {expected[k]}"
+        if arr.dtype != np.float32:
+            return f"parameter {k} has dtype {arr.dtype}, expected float32"
+        if not np.all(np.isfinite(arr)):
+            return f"parameter {k} has NaN or infinite values"
+    return None
+
+
+def _status(msg: Message) -> tuple[str, str, str]:
+    if msg.has_error():
+        return f"node-{msg.metadata.src_node_id}", wire.OUTCOME_FAILED, str(msg.error.reason)[:300]
+    st = msg.content.get(wire.STATUS)
+    if st is None:
+        return f"node-{msg.metadata.src_node_id}", wire.OUTCOME_FAILED, "reply without a status record"
+    return str(st[wire.REGION]), str(st[wire.OUTCOME]), str(st.get(wire.REASON, ""))
+
+
+def pooled_evaluation(replies: Iterable[Message]) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:
+    """Per-region metrics, pooled metrics (from summed histograms) and regions that sent none."""
+    per_region: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+    total = ScoreSummary()
+    for msg in replies:
+        region, outcome, reason = _status(msg)
+        m = msg.content.get(wire.METRICS) if not msg.has_error() else None
+        if outcome != wire.OUTCOME_OK or m is None:
+            skipped[region] = reason or outcome
+            continue
+        eps = {"epsilon": float(m[wire.EPSILON])} if wire.EPSILON in m else {}  # type: ignore[arg-type]
+        if wire.HIST_POS not in m:
+            per_region[region] = eps
+            skipped[region] = reason or "no hold-out metrics"
+            continue
+        s = ScoreSummary(
+            hist_pos=np.asarray(m[wire.HIST_POS], dtype=np.int64), hist_neg=np.asarray(m[wire.HIST_NEG], dtype=np.int64),
+            sum_log_loss=float(m[wire.SUM_LOG_LOSS]), sum_brier=float(m[wire.SUM_BRIER]),  # type: ignore[arg-type]
+            correct=int(m[wire.CORRECT]),  # type: ignore[arg-type]
+        )
+        per_region[region] = s.metrics() | eps
+        total = total + s
+    return per_region, total.metrics(), skipped
+
+
+class GuardedStrategy(Strategy):
+    """Wraps a Flower strategy: screens replies before the inner strategy aggregates them."""
+
+    def __init__(
+        self, inner: Strategy, *, min_regions: int, excluded_nodes: set[int],
+        on_round: Callable[[int, RoundEvents, dict[str, dict[str, float]], dict[str, float]], None],
+    ) -> None:
+        self.inner = inner
+        self.min_regions = min_regions
+        self.excluded_nodes = excluded_nodes
+        self.on_round = on_round
+        self.expected: dict[str, tuple[int, ...]] = {}
+        self.events: dict[int, RoundEvents] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.expected = {k: tuple(v.shape) for k, v in arrays.items()}
+        msgs = self.inner.configure_train(server_round, arrays, config, grid)
+        return [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ev = self.events.setdefault(server_round, RoundEvents())
+        accepted = []
+        for msg in replies:
+            region, outcome, reason = _status(msg)
+            if outcome == wire.OUTCOME_REFUSED:
+                ev.refused[region] = reason
+            elif outcome != wire.OUTCOME_OK:
+                ev.failed[region] = reason
+            elif wire.ARRAYS not in msg.content or wire.METRICS not in msg.content:
+                ev.rejected[region] = "reply without weights or metrics"
+            elif (why := check_update(msg.content[wire.ARRAYS], expected=self.expected)) is not None:  # type: ignore[arg-type]
+                ev.rejected[region] = why
+            else:
+                accepted.append(msg)
+                ev.train[region] = {k: float(v) for k, v in msg.content[wire.METRICS].items()}  # type: ignore[arg-type]
+        for kind, items in (("refused", ev.refused), ("failed", ev.failed), ("rejected", ev.rejected)):
+            for region, reason in items.items():
+                log.warning("round %d: region %s %s: %s", server_round, region, kind, reason)
+        if len(accepted) < self.min_regions:
+            raise FederationError(
+                f"round {server_round}: only {len(accepted)} region(s) sent a usable update, fewer than "
+                f"federation.min_regions = {self.min_regions}. Refused: {ev.refused or 'none'}; failed: "
+                f"{ev.failed or 'none'}; rejected: {ev.rejected or 'none'}"
+            )
+        return self.inner.aggregate_train(server_round, accepted)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        msgs = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        per_region, pooled, _ = pooled_evaluation(replies)
+        self.on_round(server_round, self.events.get(server_round, RoundEvents()), per_region, pooled)
+        return MetricRecord(pooled) if pooled else None  # type: ignore[arg-type]

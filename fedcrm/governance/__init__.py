@@ -1,0 +1,1 @@
+"""Governance: the audit log, consent per purpose, customer export and erasure requests."""

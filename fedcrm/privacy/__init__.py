@@ -1,0 +1,1 @@
+"""Differential privacy: the accounting maths, the durable per-region ledger and the DP-SGD wiring."""

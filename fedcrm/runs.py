@@ -1,0 +1,126 @@
+"""A run directory: everything an ML engineer reads after ``fedcrm run``.
+
+::
+
+    RUN_DIR/config.yaml           the resolved config (and its sha256 in summary.json)
+    RUN_DIR/metrics.jsonl         one line per round: per-region and pooled metrics, ε per region
+    RUN_DIR/checkpoints/          weights after every round (round-0003-shard-0.npz)
+    RUN_DIR/model/                the served model: constituents, feature names, config, version
+    RUN_DIR/summary.json          final metrics, privacy per region, refusals, warnings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcrm.config import ExperimentConfig, dump_yaml
+from fedcrm.errors import StorageError
+
+Weights = dict[str, np.ndarray]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_weights(path: Path, weights: Weights) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **weights)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path) -> Weights:
+    if not path.exists():
+        raise StorageError(f"{path}: model weights not found")
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise StorageError(f"{path}: model weights are damaged ({e}); retrain or restore the file") from None
+
+
+@dataclass
+class RunDir:
+    path: Path
+    config: ExperimentConfig
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def create(cls, path: Path, config: ExperimentConfig) -> RunDir:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "checkpoints").mkdir(exist_ok=True)
+        (path / "model").mkdir(exist_ok=True)
+        _atomic_write(path / "config.yaml", dump_yaml(config))
+        return cls(path=path, config=config)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_checkpoint(self, *, round_: int, shard: int, weights: Weights) -> Path:
+        p = self.path / "checkpoints" / f"round-{round_:04d}-shard-{shard}.npz"
+        save_weights(p, weights)
+        return p
+
+    def save_model(self, *, constituents: dict[int, Weights], feature_names: list[str], version: int) -> None:
+        model_dir = self.path / "model"
+        for k, w in constituents.items():
+            save_weights(model_dir / f"constituent-{k}.npz", w)
+        _atomic_write(model_dir / "model.json", json.dumps({
+            "version": version,
+            "kind": self.config.model.kind,
+            "hidden": list(self.config.model.hidden),
+            "shards": sorted(constituents),
+            "feature_names": feature_names,
+            "served_as": "mean of the constituents' predicted probabilities",
+            "config": self.config.to_dict(),
+        }, indent=2) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of ``metrics.jsonl``; a torn last line (crash mid-write) is reported, not dropped silently."""
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for i, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            last = i == len(lines) or (i == len(lines) - 1 and lines[-1] == "")
+            kind = "torn last line (a crash during the write)" if last else "damaged line"
+            raise StorageError(f"{path}:{i}: {kind}; keep a copy, then remove that line to go on") from None
+    return rows

@@ -1,0 +1,1 @@
+"""Erasure by retraining from excluded shards (SISA across the federation)."""

@@ -1,0 +1,64 @@
+"""The whole wire vocabulary: every key a message between server and regions may carry.
+
+Both sides import these names, and the outgoing check at the regions (``allowed_reply``) refuses any
+reply whose records or keys are not listed here, so what can leave a region is visible in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Records in a message's content.
+ARRAYS: Final = "arrays"  # model weights (the only arrays that ever cross the wire)
+CONFIG: Final = "config"  # server -> region: what to do
+METRICS: Final = "metrics"  # region -> server: aggregate numbers only
+STATUS: Final = "status"  # region -> server: region name, outcome, reason for a refusal
+
+# CONFIG keys (server -> region). The server never sends a path.
+ACTION: Final = "action"
+ROUND: Final = "server-round"  # Flower's own strategies inject this key
+RUN_ID: Final = "run-id"
+SHARD: Final = "shard"
+EXPERIMENT: Final = "experiment"  # the run's config as JSON, region paths blanked
+SCHEMA: Final = "schema"  # the declared schema as YAML (public encoding facts)
+DELTA: Final = "delta"
+
+ACTION_DESCRIBE: Final = "describe"
+ACTION_EVALUATE_SERVED: Final = "evaluate-served"
+
+# STATUS keys (region -> server).
+REGION: Final = "region"
+OUTCOME: Final = "outcome"
+REASON: Final = "reason"
+KIND: Final = "kind"
+OUTCOME_OK: Final = "ok"
+OUTCOME_REFUSED: Final = "refused"
+OUTCOME_FAILED: Final = "failed"
+
+# METRICS keys (region -> server): every one aggregates at least the policy's minimum of customers.
+NUM_EXAMPLES: Final = "num-examples"  # Flower's FedAvg weights updates by this key
+TRAIN_LOSS: Final = "train-loss"
+NOISE_MULTIPLIER: Final = "noise-multiplier"
+EPSILON: Final = "epsilon"
+BUDGET: Final = "budget"
+HIST_POS: Final = "hist-pos"
+HIST_NEG: Final = "hist-neg"
+SUM_LOG_LOSS: Final = "sum-log-loss"
+SUM_BRIER: Final = "sum-brier"
+CORRECT: Final = "correct"
+DESCRIBE_KEYS: Final = (
+    "customers_in_table", "forgotten", "excluded_no_consent", "train", "holdout", "smallest-shard",
+    "min-customers", "n-features",
+)
+
+METRIC_KEYS: Final = frozenset(
+    {NUM_EXAMPLES, TRAIN_LOSS, NOISE_MULTIPLIER, EPSILON, BUDGET, HIST_POS, HIST_NEG, SUM_LOG_LOSS,
+     SUM_BRIER, CORRECT, *DESCRIBE_KEYS}
+)
+STATUS_KEYS: Final = frozenset({REGION, OUTCOME, REASON, KIND})
+REPLY_RECORDS: Final = frozenset({ARRAYS, METRICS, STATUS})
+
+
+def constituent_key(k: int, name: str) -> str:
+    """Array key of parameter ``name`` of constituent ``k`` in a served (sharded) model."""
+    return f"c{k}/{name}"
