@@ -14,20 +14,30 @@ from rich.table import Table
 
 from fedcrm.errors import FedcrmError
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 app = typer.Typer(
     help="fedcrm: train customer models (churn, propensity) across regions without moving customer data, "
     "with differential privacy, an exact privacy ledger and erasure by retraining.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
 )
-data_app = typer.Typer(help="Customer tables: validate against a schema, split into regions, generate synthetic data.",
-                       no_args_is_help=True)
+data_app = typer.Typer(
+    help="Customer tables: validate against a schema, split into regions, generate synthetic data.",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
 
 DEFAULT_STATE = Path("state")
-StateOpt = Annotated[Path, typer.Option("--state", help="Folder holding every region's state (privacy ledger, "
-                                        "tombstones, secrets). In simulation: one sub-folder per region.")]
+StateOpt = Annotated[
+    Path,
+    typer.Option(
+        "--state",
+        help="Folder holding every region's state (privacy ledger, "
+        "tombstones, secrets). In simulation: one sub-folder per region.",
+    ),
+]
 
 
 def _fail(e: Exception) -> None:
@@ -65,8 +75,12 @@ def data_validate(
     t = Table("column", "issue", "rows")
     for col, issues in report["columns"].items():
         for issue, n in issues.items():
-            t.add_row(col, issue.replace("_", " "), str(n if not isinstance(n, dict) else sum(n.values())) +
-                      (f"  {dict(list(n.items())[:5])}" if isinstance(n, dict) else ""))
+            t.add_row(
+                col,
+                issue.replace("_", " "),
+                str(n if not isinstance(n, dict) else sum(n.values()))
+                + (f"  {dict(list(n.items())[:5])}" if isinstance(n, dict) else ""),
+            )
     if report["columns"]:
         out.print(t)
     else:
@@ -79,9 +93,14 @@ def data_split(
     input: Annotated[Path, typer.Option("--input", help="The whole table to split.")],
     regions: Annotated[str, typer.Option(help="Comma-separated region names, e.g. eu,us,apac.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for one file per region and manifest.json.")],
-    by: Annotated[str, typer.Option(help="hash (seeded hash of the customer id), column:NAME (the value of a "
-                                    "column names the region), or dirichlet:ALPHA (label-skewed; small ALPHA = "
-                                    "more skew).")] = "hash",
+    by: Annotated[
+        str,
+        typer.Option(
+            help="hash (seeded hash of the customer id), column:NAME (the value of a "
+            "column names the region), or dirichlet:ALPHA (label-skewed; small ALPHA = "
+            "more skew)."
+        ),
+    ] = "hash",
     seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
 ) -> None:
     """Split one customer table into regions, reproducibly; no customer lands in two regions."""
@@ -89,9 +108,14 @@ def data_split(
     from fedcrm.data.split import SplitMethod, split_table
 
     try:
-        manifest = split_table(schema=load_schema(schema), input_path=input,
-                               regions=[r.strip() for r in regions.split(",") if r.strip()],
-                               method=SplitMethod.parse(by), seed=seed, out_dir=out_dir)
+        manifest = split_table(
+            schema=load_schema(schema),
+            input_path=input,
+            regions=[r.strip() for r in regions.split(",") if r.strip()],
+            method=SplitMethod.parse(by),
+            seed=seed,
+            out_dir=out_dir,
+        )
     except FedcrmError as e:
         _fail(e)
     for name, r in manifest["regions"].items():
@@ -114,15 +138,18 @@ def data_synth(
         manifest = generate(regions=names, customers=counts, seed=seed, out_dir=out_dir)
     except FedcrmError as e:
         _fail(e)
-    out.print(f"{manifest.rows} customers in {len(manifest.regions)} regions, churn rate "
-              f"{manifest.label_rate:.3f} -> {out_dir}")
+    out.print(
+        f"{manifest.rows} customers in {len(manifest.regions)} regions, churn rate "
+        f"{manifest.label_rate:.3f} -> {out_dir}"
+    )
 
 
 @app.command("run")
 def run(
     config: Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/churn_telco_dp.yaml.")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: OUTPUT_DIR/NAME from the "
-                                                "config).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: OUTPUT_DIR/NAME from the config).")
+    ] = None,
     state: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Train a model across regions in simulation (one virtual Flower SuperNode per region).
@@ -131,14 +158,18 @@ def run(
     under --state; the run folder gets the metrics per round, checkpoints, the model and summary.json.
     """
     from fedcrm.config import load_config
+    from fedcrm.experiment import materialise_regions
     from fedcrm.fl.simulation import run_simulated
 
     try:
         cfg = load_config(config)
         run_dir = out_dir or cfg.output_dir / cfg.name
-        console.print(f"[bold]fedcrm run[/] {cfg.name}: {len(cfg.regions)} regions, {cfg.training.rounds} rounds, "
-                      f"privacy {cfg.privacy.mode}" + (f" ε={cfg.privacy.target_epsilon:g}" if
-                                                       cfg.privacy.mode == "sample_dp" else ""))
+        cfg = materialise_regions(cfg, data_dir=run_dir / "regions")
+        console.print(
+            f"[bold]fedcrm run[/] {cfg.name}: {len(cfg.regions)} regions, {cfg.training.rounds} rounds, "
+            f"privacy {cfg.privacy.mode}"
+            + (f" ε={cfg.privacy.target_epsilon:g}" if cfg.privacy.mode == "sample_dp" else "")
+        )
         summary = run_simulated(cfg, run_dir=run_dir, state_root=state, report=lambda s: console.print(s))
     except FedcrmError as e:
         _fail(e)
@@ -147,14 +178,21 @@ def run(
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     m = summary["final_metrics"]
-    out.print(f"\n[bold]Served model[/] (pooled hold-out of {int(m.get('customers', 0))} customers): "
-              f"AUC {m.get('auc', float('nan')):.4f}, log-loss {m.get('log_loss', float('nan')):.4f}, "
-              f"accuracy {m.get('accuracy', float('nan')):.4f}, Brier {m.get('brier', float('nan')):.4f}")
+    out.print(
+        f"\n[bold]Served model[/] (pooled hold-out of {int(m.get('customers', 0))} customers): "
+        f"AUC {m.get('auc', float('nan')):.4f}, log-loss {m.get('log_loss', float('nan')):.4f}, "
+        f"accuracy {m.get('accuracy', float('nan')):.4f}, Brier {m.get('brier', float('nan')):.4f}"
+    )
     t = Table("region", "ε spent (all history)", "δ", "budget", "refused")
     for r, p in summary["privacy"].items():
         eps = p.get("epsilon")
-        t.add_row(r, "-" if eps is None else f"{eps:.3f}", f"{p['delta']:.1e}",
-                  "-" if p.get("budget") is None else f"{p['budget']:g}", p.get("refused") or "")
+        t.add_row(
+            r,
+            "-" if eps is None else f"{eps:.3f}",
+            f"{p['delta']:.1e}",
+            "-" if p.get("budget") is None else f"{p['budget']:g}",
+            p.get("refused") or "",
+        )
     out.print(t)
     for w in summary.get("warnings", []):
         out.print(f"[yellow]warning:[/] {w}")
@@ -190,11 +228,22 @@ def budget(
         return
     t = Table("id", "time", "run", "round", "shard", "σ", "q", "steps", "outcome")
     for ev in s["events"]:
-        t.add_row(str(ev["id"]), ev["time"][:19], ev["run_id"], str(ev["round"]), str(ev["shard"]),
-                  f"{ev['noise_multiplier']:.3f}", f"{ev['sample_rate']:.4f}", str(ev["steps"]), str(ev["outcome"]))
+        t.add_row(
+            str(ev["id"]),
+            ev["time"][:19],
+            ev["run_id"],
+            str(ev["round"]),
+            str(ev["shard"]),
+            f"{ev['noise_multiplier']:.3f}",
+            f"{ev['sample_rate']:.4f}",
+            str(ev["steps"]),
+            str(ev["status"]),
+        )
     out.print(t)
-    out.print(f"region [bold]{region}[/]: ε spent {s['epsilon_spent']:.3f} (δ={delta:g}, {accountant}), "
-              f"budget {s['budget']:g}, remaining {s['remaining']:.3f}")
+    out.print(
+        f"region [bold]{region}[/]: ε spent {s['epsilon_spent']:.3f} (δ={delta:g}, {accountant}), "
+        f"budget {s['budget']:g}, remaining {s['remaining']:.3f}"
+    )
     if len(s["epsilon_by_shard"]) > 1:
         out.print("per shard: " + ", ".join(f"shard {k}: {v:.3f}" for k, v in s["epsilon_by_shard"].items()))
 

@@ -70,11 +70,21 @@ class UnlearningConfig(_Section):
     slices: int = Field(1, ge=1, le=64)
 
 
+class SplitConfig(_Section):
+    """Simulation convenience: make the regions by splitting one table (``fedcrm data split``)."""
+
+    input: Path
+    regions: tuple[str, ...] = Field(min_length=1)
+    by: str = "hash"
+    seed: int = 0
+
+
 class ExperimentConfig(_Section):
     name: str
     task: Literal["churn", "propensity"]
     schema_path: Path = Field(alias="schema")
-    regions: dict[str, Path] = Field(min_length=1, description="region name -> its data file (simulation)")
+    regions: dict[str, Path] = Field(default_factory=dict, description="region name -> its data file (simulation)")
+    split: SplitConfig | None = None
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -89,6 +99,11 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
+        if not self.regions and self.split is None:
+            raise ValueError("give `regions` (name -> data file) or `split` (one table split into regions)")
+        if self.split is not None and not self.regions:
+            # Placeholder paths until the split is made; see fedcrm.experiment.materialise_regions.
+            object.__setattr__(self, "regions", {r: Path(f"<split>/{r}.csv") for r in self.split.regions})
         bad = [r for r in self.regions if not r.replace("-", "").replace("_", "").isalnum()]
         if bad:
             raise ValueError(f"region names must be letters, digits, - or _, got {bad}")
@@ -103,10 +118,12 @@ class ExperimentConfig(_Section):
         def fix(p: Path) -> Path:
             return p if p.is_absolute() else (base / p).resolve()
 
-        return self.model_copy(update={
-            "schema_path": fix(self.schema_path),
-            "regions": {k: fix(v) for k, v in self.regions.items()},
-        })
+        update: dict[str, Any] = {"schema_path": fix(self.schema_path), "output_dir": fix(self.output_dir)}
+        if self.split is None:
+            update["regions"] = {k: fix(v) for k, v in self.regions.items()}
+        else:
+            update["split"] = self.split.model_copy(update={"input": fix(self.split.input)})
+        return self.model_copy(update=update)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json(by_alias=True))

@@ -8,7 +8,6 @@ summarises its hold-out in aggregates. The Flower ClientApp only unpacks message
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ class NodeSettings:
         if missing:
             raise DataError(
                 f"this node's config lacks {missing}: start the SuperNode with "
-                "--node-config 'region=\"eu\" data-path=\"/data/eu.csv\" state-dir=\"/var/lib/fedcrm/eu\"'"
+                '--node-config \'region="eu" data-path="/data/eu.csv" state-dir="/var/lib/fedcrm/eu"\''
             )
         policy = node_config.get("policy-path")
         return cls(
@@ -94,9 +93,7 @@ class Region:
 
     def check_request(self, cfg: ExperimentConfig, schema: Schema) -> None:
         columns = [c.name for c in schema.model_columns]
-        self.policy.check_request(
-            region=self.name, purpose=cfg.task, columns=columns, privacy_mode=cfg.privacy.mode
-        )
+        self.policy.check_request(region=self.name, purpose=cfg.task, columns=columns, privacy_mode=cfg.privacy.mode)
 
     def load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
         table = load_table(self.settings.data_path, schema)
@@ -120,24 +117,34 @@ class Region:
         shard = shard_of(table.ids, shards=cfg.unlearning.shards, secret=region_secret(self.settings.state_dir))
         counts["train"] = int((~holdout).sum())
         counts["holdout"] = int(holdout.sum())
-        return RegionData(x=x, y=table.labels, ids=table.ids, holdout=holdout, shard=shard,
-                          sensitive=table.sensitive, counts=counts)
+        return RegionData(
+            x=x, y=table.labels, ids=table.ids, holdout=holdout, shard=shard, sensitive=table.sensitive, counts=counts
+        )
 
     # -- training ----------------------------------------------------------------------------------
 
     def noise_multiplier(self, cfg: ExperimentConfig, *, n: int, delta: float) -> float:
         """σ planned once for the whole run (rounds × local epochs) so the run ends at its target ε."""
         assert cfg.privacy.target_epsilon is not None
-        q, steps_per_round = sampling_plan(n=n, batch_size=cfg.training.batch_size,
-                                           epochs=cfg.training.local_epochs)
+        q, steps_per_round = sampling_plan(n=n, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs)
         return plan_noise_multiplier(
-            target_epsilon=cfg.privacy.target_epsilon, delta=delta, sample_rate=q,
-            steps=steps_per_round * cfg.training.rounds, accountant=cfg.privacy.accountant,
+            target_epsilon=cfg.privacy.target_epsilon,
+            delta=delta,
+            sample_rate=q,
+            steps=steps_per_round * cfg.training.rounds,
+            accountant=cfg.privacy.accountant,
         )
 
     def train(
-        self, cfg: ExperimentConfig, schema: Schema, *, weights: Weights, shard: int, round_: int,
-        run_id: str, delta: float,
+        self,
+        cfg: ExperimentConfig,
+        schema: Schema,
+        *,
+        weights: Weights,
+        shard: int,
+        round_: int,
+        run_id: str,
+        delta: float,
     ) -> tuple[Weights, dict[str, float]]:
         """One round of local training on ``shard``; raises PolicyError / PrivacyBudgetError to refuse."""
         self.check_request(cfg, schema)
@@ -162,21 +169,30 @@ class Region:
         elif cfg.privacy.mode == "client_dp":
             # The whole region's update, clipped and noised by Flower's DP-FedAvg wrapper once per round.
             self.policy.check_noise(region=self.name, noise_multiplier=cfg.privacy.client_noise_multiplier)
-            release = GaussianRelease(noise_multiplier=cfg.privacy.client_noise_multiplier, sample_rate=1.0,
-                                      steps=1)
+            release = GaussianRelease(noise_multiplier=cfg.privacy.client_noise_multiplier, sample_rate=1.0, steps=1)
             note = "client_dp: noise added by the server to the aggregate"
         event_id = None
         if release is not None:
-            self.ledger.check_budget(budget=self.policy.privacy_budget, delta=delta,
-                                     accountant=cfg.privacy.accountant, shard=shard, next_release=release)
+            self.ledger.check_budget(
+                budget=self.policy.privacy_budget,
+                delta=delta,
+                accountant=cfg.privacy.accountant,
+                shard=shard,
+                next_release=release,
+            )
             # Write-ahead: the spend is durable before the update can leave the region.
-            event_id = self.ledger.record_release(shard=shard, purpose=cfg.task, run_id=run_id, round=round_,
-                                                  release=release, delta=delta, note=note)
+            event_id = self.ledger.record_release(
+                shard=shard, purpose=cfg.task, run_id=run_id, round=round_, release=release, delta=delta, note=note
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 result = train_locally(
-                    model, x=x, y=y, training=cfg.training, dp=dp,
+                    model,
+                    x=x,
+                    y=y,
+                    training=cfg.training,
+                    dp=dp,
                     seed=release_seed(seed=cfg.seed, region=self.name, shard=shard, round_=round_),
                     proximal_mu=cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
                 )
@@ -201,9 +217,7 @@ class Region:
 
     # -- evaluation --------------------------------------------------------------------------------
 
-    def evaluate(
-        self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights]
-    ) -> ScoreSummary | None:
+    def evaluate(self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights]) -> ScoreSummary | None:
         """Hold-out summary of the served model (mean of constituents); None when too few customers."""
         data = self.load(cfg, schema)
         x, y = data.x[data.holdout], data.y[data.holdout]
@@ -230,7 +244,3 @@ class Region:
             "min-customers": float(self.policy.min_customers),
             "n-features": float(data.x.shape[1]),
         }
-
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)

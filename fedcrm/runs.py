@@ -48,7 +48,7 @@ def code_version() -> str:
 def save_weights(path: Path, weights: Weights) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **weights)
+        np.savez(f, **weights)  # type: ignore[arg-type]
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

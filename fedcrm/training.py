@@ -61,8 +61,8 @@ def train_locally(
     sampler = torch.Generator().manual_seed(seed)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     opt_cls = torch.optim.Adam if training.optimizer == "adam" else torch.optim.SGD
-    optimizer = opt_cls(model.parameters(), lr=training.learning_rate)
-    criterion = nn.BCEWithLogitsLoss()
+    optimizer: torch.optim.Optimizer = opt_cls(model.parameters(), lr=training.learning_rate)
+    criterion: nn.Module = nn.BCEWithLogitsLoss()
     trainable = model
     if dp is not None:
         trainable, optimizer, criterion = _make_private(

@@ -33,7 +33,8 @@ def check_outgoing(content: RecordDict) -> RecordDict:
         if name not in wire.REPLY_RECORDS:
             raise BlockedReply(f"record `{name}` is not in the wire vocabulary")
         allowed: frozenset[str] | None = {
-            wire.METRICS: wire.METRIC_KEYS, wire.STATUS: wire.STATUS_KEYS,
+            wire.METRICS: wire.METRIC_KEYS,
+            wire.STATUS: wire.STATUS_KEYS,
         }.get(name)
         if allowed is not None:
             extra = set(record.keys()) - allowed
@@ -52,26 +53,39 @@ def _train(region: Region, msg: Message) -> RecordDict:
     config = msg.content[wire.CONFIG]
     cfg, schema, run_id, delta = read_plan(config)  # type: ignore[arg-type]
     weights, metrics = region.train(
-        cfg, schema, weights=from_record(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
-        shard=int(config.get(wire.SHARD, 0)), round_=int(config[wire.ROUND]),  # type: ignore[arg-type]
-        run_id=run_id, delta=delta,
+        cfg,
+        schema,
+        weights=from_record(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
+        shard=int(config.get(wire.SHARD, 0)),
+        round_=int(config[wire.ROUND]),  # type: ignore[arg-type]
+        run_id=run_id,
+        delta=delta,
     )
-    return RecordDict({
-        wire.ARRAYS: to_record(weights), wire.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
-        wire.STATUS: status(region.name, wire.OUTCOME_OK),
-    })
+    return RecordDict(
+        {
+            wire.ARRAYS: to_record(weights),
+            wire.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
+            wire.STATUS: status(region.name, wire.OUTCOME_OK),
+        }
+    )
 
 
 def _evaluate(region: Region, msg: Message) -> RecordDict:
     cfg, schema, _, delta = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
     region.check_request(cfg, schema)
     summary = region.evaluate(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]))  # type: ignore[arg-type]
-    metrics: dict[str, Any] = {wire.EPSILON: region.epsilon(cfg, delta=delta), wire.BUDGET: region.policy.privacy_budget}
+    metrics: dict[str, Any] = {
+        wire.EPSILON: region.epsilon(cfg, delta=delta),
+        wire.BUDGET: region.policy.privacy_budget,
+    }
     if summary is not None:
         metrics |= {
-            wire.HIST_POS: summary.hist_pos.tolist(), wire.HIST_NEG: summary.hist_neg.tolist(),
-            wire.SUM_LOG_LOSS: summary.sum_log_loss, wire.SUM_BRIER: summary.sum_brier,
-            wire.CORRECT: summary.correct, wire.NUM_EXAMPLES: summary.n,
+            wire.HIST_POS: summary.hist_pos.tolist(),
+            wire.HIST_NEG: summary.hist_neg.tolist(),
+            wire.SUM_LOG_LOSS: summary.sum_log_loss,
+            wire.SUM_BRIER: summary.sum_brier,
+            wire.CORRECT: summary.correct,
+            wire.NUM_EXAMPLES: summary.n,
         }
     reason = "" if summary is not None else "hold-out below the policy's minimum of customers: suppressed"
     return RecordDict({wire.METRICS: MetricRecord(metrics), wire.STATUS: status(region.name, wire.OUTCOME_OK, reason)})
@@ -94,8 +108,16 @@ def _serve(handler: Handler, msg: Message, context: Context) -> Message:
         region = Region(settings)
     except FedcrmError as e:
         log.error("region %s cannot start: %s", settings.region, e)
-        content = RecordDict({wire.STATUS: status(settings.region, wire.OUTCOME_FAILED, f"{type(e).__name__}: "
-                                                  "the region's state or policy could not be read", type(e).__name__)})
+        content = RecordDict(
+            {
+                wire.STATUS: status(
+                    settings.region,
+                    wire.OUTCOME_FAILED,
+                    f"{type(e).__name__}: the region's state or policy could not be read",
+                    type(e).__name__,
+                )
+            }
+        )
         return Message(content=content, reply_to=msg)
     try:
         content = handler(region, msg)
@@ -105,16 +127,27 @@ def _serve(handler: Handler, msg: Message, context: Context) -> Message:
     except FedcrmError as e:
         # The full message may quote a cell of the table: it stays in the region's log.
         log.error("region %s: %s", region.name, e)
-        content = RecordDict({wire.STATUS: status(
-            region.name, wire.OUTCOME_FAILED,
-            f"region {region.name}: {type(e).__name__} while preparing its data (details in the region's log)",
-            type(e).__name__)})
+        content = RecordDict(
+            {
+                wire.STATUS: status(
+                    region.name,
+                    wire.OUTCOME_FAILED,
+                    f"region {region.name}: {type(e).__name__} while preparing its data (details in the region's log)",
+                    type(e).__name__,
+                )
+            }
+        )
     try:
         return Message(content=check_outgoing(content), reply_to=msg)
     except BlockedReply as e:
         log.error("region %s: reply blocked by the outgoing check: %s", region.name, e)
-        blocked = RecordDict({wire.STATUS: status(region.name, wire.OUTCOME_FAILED, "reply blocked by the "
-                                                  "region's outgoing check", "BlockedReply")})
+        blocked = RecordDict(
+            {
+                wire.STATUS: status(
+                    region.name, wire.OUTCOME_FAILED, "reply blocked by the region's outgoing check", "BlockedReply"
+                )
+            }
+        )
         return Message(content=blocked, reply_to=msg)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import Schema, schema_from_text
+from fedcrm.yamlio import validate_mapping
 
 Weights = dict[str, np.ndarray]
 
@@ -40,17 +43,21 @@ def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str, delta: 
     """What the server tells every region about the run: no path, no customer, only the plan."""
     public = cfg.to_dict()
     public["regions"] = {name: "(set by the region's data owner)" for name in cfg.regions}
+    public["split"] = None
     public["schema"] = "(sent as text)"
     public["output_dir"] = "(server side)"
-    import json
-
-    return ConfigRecord({
-        wire.EXPERIMENT: json.dumps(public), wire.SCHEMA: schema_text, wire.RUN_ID: run_id, wire.DELTA: delta,
-    })
+    return ConfigRecord(
+        {
+            wire.EXPERIMENT: json.dumps(public),
+            wire.SCHEMA: schema_text,
+            wire.RUN_ID: run_id,
+            wire.DELTA: delta,
+        }
+    )
 
 
 def read_plan(config: ConfigRecord) -> tuple[ExperimentConfig, Schema, str, float]:
-    cfg = ExperimentConfig.model_validate_json(str(config[wire.EXPERIMENT]))
+    cfg = validate_mapping(ExperimentConfig, json.loads(str(config[wire.EXPERIMENT])), source="plan sent by the server")
     schema = schema_from_text(str(config[wire.SCHEMA]), source="schema sent by the server")
     return cfg, schema, str(config[wire.RUN_ID]), float(config[wire.DELTA])  # type: ignore[arg-type]
 

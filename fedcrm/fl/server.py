@@ -40,32 +40,46 @@ def _wait_for_nodes(grid: Grid, *, expected: int, timeout: float) -> list[int]:
         time.sleep(0.2)
 
 
-def _query(grid: Grid, nodes: list[int], config: ConfigRecord, *, arrays: ArrayRecord | None = None,
-           timeout: float) -> list[Message]:
+def _query(
+    grid: Grid, nodes: list[int], config: ConfigRecord, *, arrays: ArrayRecord | None = None, timeout: float
+) -> list[Message]:
     content = {wire.CONFIG: config} | ({wire.ARRAYS: arrays} if arrays is not None else {})
-    msgs = [Message(content=RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY)  # type: ignore[arg-type]
-            for n in nodes]
+    msgs = [
+        Message(content=RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY)  # type: ignore[arg-type]
+        for n in nodes
+    ]
     return list(grid.send_and_receive(msgs, timeout=timeout))
 
 
 def privacy_warnings(cfg: ExperimentConfig, *, regions: int) -> list[str]:
     out = []
     if cfg.privacy.mode == "none":
-        out.append("privacy.mode is none: the models are trained without differential privacy; model "
-                   "updates can reveal individual customers.")
+        out.append(
+            "privacy.mode is none: the models are trained without differential privacy; model "
+            "updates can reveal individual customers."
+        )
     if cfg.privacy.mode == "client_dp" and regions < CLIENT_DP_FEW_REGIONS:
-        out.append(f"client-level DP with only {regions} regions protects little: noise is calibrated to hide "
-                   "a whole region, so with few regions it either drowns the model or gives a large ε; and the "
-                   "server sees each region's clipped update before adding noise. Prefer sample_dp here.")
+        out.append(
+            f"client-level DP with only {regions} regions protects little: noise is calibrated to hide "
+            "a whole region, so with few regions it either drowns the model or gives a large ε; and the "
+            "server sees each region's clipped update before adding noise. Prefer sample_dp here."
+        )
     if cfg.privacy.mode == "sample_dp":
-        out.append("DP noise comes from a seeded pseudo-random generator (so runs and erasure retrains repeat "
-                   "exactly); it is not a cryptographically secure source. The ε figures assume ideal noise.")
+        out.append(
+            "DP noise comes from a seeded pseudo-random generator (so runs and erasure retrains repeat "
+            "exactly); it is not a cryptographically secure source. The ε figures assume ideal noise."
+        )
     return out
 
 
 def run_federation(
-    grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, report: Report = print,
-    shards: list[int] | None = None, initial: dict[int, dict[str, np.ndarray]] | None = None,
+    grid: Grid,
+    cfg: ExperimentConfig,
+    *,
+    run_dir: Path,
+    report: Report = print,
+    shards: list[int] | None = None,
+    initial: dict[int, dict[str, np.ndarray]] | None = None,
     model_version: int = 1,
 ) -> dict[str, Any]:
     """Train (the given constituents of) the served model federatedly; return the run summary."""
@@ -80,12 +94,20 @@ def run_federation(
 
     nodes = _wait_for_nodes(grid, expected=n_regions, timeout=min(timeout, 120))
     if len(nodes) < cfg.federation.min_regions:
-        raise FederationError(f"only {len(nodes)} region node(s) connected, need federation.min_regions = "
-                              f"{cfg.federation.min_regions}")
+        raise FederationError(
+            f"only {len(nodes)} region node(s) connected, need federation.min_regions = {cfg.federation.min_regions}"
+        )
     # Pre-flight: every region checks the plan against its policy and data, all at once.
     probe_delta = cfg.privacy.delta or 1e-5
-    replies = _query(grid, nodes, extend(plan_config(cfg, schema_text=schema_text, run_id=run_id, delta=probe_delta),
-                            {wire.ACTION: wire.ACTION_DESCRIBE}), timeout=timeout)
+    replies = _query(
+        grid,
+        nodes,
+        extend(
+            plan_config(cfg, schema_text=schema_text, run_id=run_id, delta=probe_delta),
+            {wire.ACTION: wire.ACTION_DESCRIBE},
+        ),
+        timeout=timeout,
+    )
     described: dict[str, dict[str, float]] = {}
     refused: dict[str, str] = {}
     excluded: set[int] = set(nodes)
@@ -122,25 +144,40 @@ def run_federation(
     all_events: dict[str, dict[str, str]] = {"refused": dict(refused), "failed": {}, "rejected": {}}
 
     for k in shards:
-        def on_round(rnd: int, ev: RoundEvents, per_region: dict[str, dict[str, float]],
-                     pooled: dict[str, float], shard: int = k) -> None:
+
+        def on_round(
+            rnd: int, ev: RoundEvents, per_region: dict[str, dict[str, float]], pooled: dict[str, float], shard: int = k
+        ) -> None:
             eps = {r: m["epsilon"] for r, m in ev.train.items()}
-            row = {"round": rnd, "shard": shard, "time_s": round(time.time() - t0, 3), "pooled": pooled,
-                   "regions": per_region, "epsilon": eps, "refused": ev.refused, "failed": ev.failed,
-                   "rejected": ev.rejected}
+            row = {
+                "round": rnd,
+                "shard": shard,
+                "time_s": round(time.time() - t0, 3),
+                "pooled": pooled,
+                "regions": per_region,
+                "epsilon": eps,
+                "refused": ev.refused,
+                "failed": ev.failed,
+                "rejected": ev.rejected,
+            }
             run.append_metrics(row)
             rounds_log.append(row)
             for kind in ("refused", "failed", "rejected"):
                 all_events[kind].update(getattr(ev, kind))
             eps_text = ", ".join(f"{r} {e:.2f}" for r, e in sorted(eps.items()))
             shard_text = f" shard {shard + 1}/{cfg.unlearning.shards}" if cfg.unlearning.shards > 1 else ""
-            report(f"round {rnd:>3}/{cfg.training.rounds}{shard_text}: pooled AUC {pooled.get('auc', float('nan')):.4f}"
-                   f"  log-loss {pooled.get('log_loss', float('nan')):.4f}  ε spent: {eps_text or '-'}"
-                   f"  ({time.time() - t0:.1f}s)")
+            report(
+                f"round {rnd:>3}/{cfg.training.rounds}{shard_text}: pooled AUC {pooled.get('auc', float('nan')):.4f}"
+                f"  log-loss {pooled.get('log_loss', float('nan')):.4f}  ε spent: {eps_text or '-'}"
+                f"  ({time.time() - t0:.1f}s)"
+            )
 
-        strategy = GuardedStrategy(build_strategy(cfg, regions=len(described)),
-                                   min_regions=cfg.federation.min_regions, excluded_nodes=excluded,
-                                   on_round=on_round)
+        strategy = GuardedStrategy(
+            build_strategy(cfg, regions=len(described)),
+            min_regions=cfg.federation.min_regions,
+            excluded_nodes=excluded,
+            on_round=on_round,
+        )
         init = build_model(cfg.model, n_features=len(feature_names), seed=cfg.seed * 1000 + k)
 
         def checkpoint(rnd: int, arrays: ArrayRecord, shard: int = k) -> None:
@@ -148,17 +185,25 @@ def run_federation(
                 run.save_checkpoint(round_=rnd, shard=shard, weights=from_record(arrays))
 
         result = strategy.start(
-            grid=grid, initial_arrays=to_record(get_weights(init)), num_rounds=cfg.training.rounds,
-            timeout=timeout, train_config=extend(plan, {wire.SHARD: k}), evaluate_config=plan,
+            grid=grid,
+            initial_arrays=to_record(get_weights(init)),
+            num_rounds=cfg.training.rounds,
+            timeout=timeout,
+            train_config=extend(plan, {wire.SHARD: k}),
+            evaluate_config=plan,
             evaluate_fn=checkpoint,  # type: ignore[arg-type]
         )
         constituents[k] = from_record(result.arrays)
 
     run.save_model(constituents=constituents, feature_names=feature_names, version=model_version)
     ordered = [constituents[k] for k in sorted(constituents)]
-    final = _query(grid, sorted(set(nodes) - excluded),
-                   extend(plan, {wire.ACTION: wire.ACTION_EVALUATE_SERVED}),
-                   arrays=pack_constituents(ordered), timeout=timeout)
+    final = _query(
+        grid,
+        sorted(set(nodes) - excluded),
+        extend(plan, {wire.ACTION: wire.ACTION_EVALUATE_SERVED}),
+        arrays=pack_constituents(ordered),
+        timeout=timeout,
+    )
     per_region, pooled, skipped = pooled_evaluation(final)
     privacy = {}
     for region in cfg.regions:
@@ -172,13 +217,22 @@ def run_federation(
             "refused": refused.get(region) or all_events["refused"].get(region),
         }
     summary = {
-        "name": cfg.name, "run_id": run_id, "task": cfg.task, "privacy_mode": cfg.privacy.mode,
+        "name": cfg.name,
+        "run_id": run_id,
+        "task": cfg.task,
+        "privacy_mode": cfg.privacy.mode,
         "final_metrics": {k: pooled[k] for k in ("auc", "log_loss", "accuracy", "brier", "customers") if k in pooled},
         "final_metrics_by_region": {r: m for r, m in per_region.items() if "auc" in m},
         "suppressed_regions": skipped,
         "privacy": privacy,
-        "regions": {r: {k: d[k] for k in ("customers_in_table", "excluded_no_consent", "forgotten", "train", "holdout")
-                        if k in d} for r, d in described.items()},
+        "regions": {
+            r: {
+                k: d[k]
+                for k in ("customers_in_table", "excluded_no_consent", "forgotten", "train", "holdout")
+                if k in d
+            }
+            for r, d in described.items()
+        },
         "events": all_events,
         "warnings": notes,
         "shards": cfg.unlearning.shards,

@@ -49,7 +49,11 @@ def _quiet_flower() -> None:
 
 
 def run_simulated(
-    cfg: ExperimentConfig, *, run_dir: Path, state_root: Path, report: Report = print,
+    cfg: ExperimentConfig,
+    *,
+    run_dir: Path,
+    state_root: Path,
+    report: Report = print,
     **federation_kwargs: Any,
 ) -> dict[str, Any]:
     """Run the experiment in simulation; returns the run summary. Leaves no process behind."""
@@ -75,11 +79,16 @@ def run_simulated(
     cpus = max(1, min(os.cpu_count() or 1, len(nodes)))
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": logging.ERROR},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.ERROR,
+        },
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(nodes),
-                   backend_config=backend_config)
+    run_simulation(
+        server_app=server_app, client_app=client_app, num_supernodes=len(nodes), backend_config=backend_config
+    )
     _stop_ray()
     if "error" in outcome:
         raise outcome["error"]
@@ -97,4 +106,3 @@ def _stop_ray() -> None:
             ray.shutdown()
     except ImportError:
         pass
-

@@ -44,8 +44,11 @@ class RoundEvents:
 def build_strategy(cfg: ExperimentConfig, *, regions: int) -> Strategy:
     fed = cfg.federation
     common: dict[str, Any] = dict(
-        fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_train_nodes=min(fed.min_regions, regions),
-        min_evaluate_nodes=min(fed.min_regions, regions), min_available_nodes=regions,
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=min(fed.min_regions, regions),
+        min_evaluate_nodes=min(fed.min_regions, regions),
+        min_available_nodes=regions,
     )
     inner: Strategy
     if fed.strategy == "fedprox":
@@ -56,8 +59,10 @@ def build_strategy(cfg: ExperimentConfig, *, regions: int) -> Strategy:
         inner = FedAvg(**common)
     if cfg.privacy.mode == "client_dp":
         inner = DifferentialPrivacyServerSideFixedClipping(
-            inner, noise_multiplier=cfg.privacy.client_noise_multiplier,
-            clipping_norm=cfg.privacy.clipping_norm, num_sampled_clients=regions,
+            inner,
+            noise_multiplier=cfg.privacy.client_noise_multiplier,
+            clipping_norm=cfg.privacy.clipping_norm,
+            num_sampled_clients=regions,
         )
     return inner
 
@@ -87,7 +92,9 @@ def _status(msg: Message) -> tuple[str, str, str]:
     return str(st[wire.REGION]), str(st[wire.OUTCOME]), str(st.get(wire.REASON, ""))
 
 
-def pooled_evaluation(replies: Iterable[Message]) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:
+def pooled_evaluation(
+    replies: Iterable[Message],
+) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:
     """Per-region metrics, pooled metrics (from summed histograms) and regions that sent none."""
     per_region: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
@@ -104,8 +111,10 @@ def pooled_evaluation(replies: Iterable[Message]) -> tuple[dict[str, dict[str, f
             skipped[region] = reason or "no hold-out metrics"
             continue
         s = ScoreSummary(
-            hist_pos=np.asarray(m[wire.HIST_POS], dtype=np.int64), hist_neg=np.asarray(m[wire.HIST_NEG], dtype=np.int64),
-            sum_log_loss=float(m[wire.SUM_LOG_LOSS]), sum_brier=float(m[wire.SUM_BRIER]),  # type: ignore[arg-type]
+            hist_pos=np.asarray(m[wire.HIST_POS], dtype=np.int64),
+            hist_neg=np.asarray(m[wire.HIST_NEG], dtype=np.int64),
+            sum_log_loss=float(m[wire.SUM_LOG_LOSS]),
+            sum_brier=float(m[wire.SUM_BRIER]),  # type: ignore[arg-type]
             correct=int(m[wire.CORRECT]),  # type: ignore[arg-type]
         )
         per_region[region] = s.metrics() | eps
@@ -117,7 +126,11 @@ class GuardedStrategy(Strategy):
     """Wraps a Flower strategy: screens replies before the inner strategy aggregates them."""
 
     def __init__(
-        self, inner: Strategy, *, min_regions: int, excluded_nodes: set[int],
+        self,
+        inner: Strategy,
+        *,
+        min_regions: int,
+        excluded_nodes: set[int],
         on_round: Callable[[int, RoundEvents, dict[str, dict[str, float]], dict[str, float]], None],
     ) -> None:
         self.inner = inner
