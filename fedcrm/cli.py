@@ -171,6 +171,12 @@ def run(
             + (f" ε={cfg.privacy.target_epsilon:g}" if cfg.privacy.mode == "sample_dp" else "")
         )
         summary = run_simulated(cfg, run_dir=run_dir, state_root=state, report=lambda s: console.print(s))
+        if cfg.tracking.kind != "none":
+            from fedcrm.report import write_run_report
+            from fedcrm.tracking import log_run
+
+            write_run_report(run_dir)
+            console.print(f"tracked in MLflow run {log_run(cfg, run_dir, summary)}")
     except FedcrmError as e:
         _fail(e)
     _print_summary(summary, run_dir)
@@ -246,6 +252,23 @@ def budget(
     )
     if len(s["epsilon_by_shard"]) > 1:
         out.print("per shard: " + ", ".join(f"shard {k}: {v:.3f}" for k, v in s["epsilon_by_shard"].items()))
+
+
+# command modules: each registers its own commands on `app`.
+from fedcrm.commands import governance as _governance_commands  # noqa: E402
+
+_governance_commands.register(app)
+from fedcrm.commands import trust as _trust_commands  # noqa: E402
+
+_trust_commands.register(app)
+from fedcrm.commands import report as _report_commands  # noqa: E402
+from fedcrm.commands import sweep as _sweep_commands  # noqa: E402
+
+_sweep_commands.register(app)
+_report_commands.register(app)
+from fedcrm.commands import unlearning as _unlearning_commands  # noqa: E402
+
+_unlearning_commands.register(app)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedcrm.errors import ConfigError
 from fedcrm.yamlio import read_yaml_mapping, validate_mapping
@@ -65,9 +65,29 @@ class EvaluationConfig(_Section):
     min_customers: int = Field(20, ge=1, description="fewest customers behind any reported metric")
 
 
+class TrackingConfig(_Section):
+    """Optional experiment tracking (server side only). mlflow: uri None = a file store in the run folder."""
+
+    kind: Literal["none", "mlflow"] = "none"
+    uri: str | None = None
+    experiment: str | None = None
+
+
 class UnlearningConfig(_Section):
     shards: int = Field(1, ge=1, le=64)
     slices: int = Field(1, ge=1, le=64)
+
+    @field_validator("slices")
+    @classmethod
+    def _no_slicing_yet(cls, slices: int) -> int:
+        if slices != 1:
+            # See docs/erasure.md: for these model sizes a retrain is dominated by fixed per-round costs,
+            # so restarting from a mid-shard checkpoint would save little; not implemented.
+            raise ValueError(
+                f"unlearning.slices = {slices} is not supported yet (SISA slicing); use slices: 1 and "
+                "more shards (unlearning.shards) to make erasures cheaper"
+            )
+        return slices
 
 
 class SplitConfig(_Section):
@@ -85,12 +105,16 @@ class ExperimentConfig(_Section):
     schema_path: Path = Field(alias="schema")
     regions: dict[str, Path] = Field(default_factory=dict, description="region name -> its data file (simulation)")
     split: SplitConfig | None = None
+    policies: dict[str, Path] = Field(
+        default_factory=dict, description="simulation only: region name -> that data owner's policy file"
+    )
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     unlearning: UnlearningConfig = UnlearningConfig()
+    tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
     output_dir: Path = Path("runs")
     budget: float | None = Field(None, gt=0, description="default region budget when no policy is given")
@@ -104,6 +128,9 @@ class ExperimentConfig(_Section):
         if self.split is not None and not self.regions:
             # Placeholder paths until the split is made; see fedcrm.experiment.materialise_regions.
             object.__setattr__(self, "regions", {r: Path(f"<split>/{r}.csv") for r in self.split.regions})
+        unknown = sorted(set(self.policies) - set(self.regions))
+        if unknown:
+            raise ValueError(f"policies given for unknown regions {unknown}")
         bad = [r for r in self.regions if not r.replace("-", "").replace("_", "").isalnum()]
         if bad:
             raise ValueError(f"region names must be letters, digits, - or _, got {bad}")
@@ -119,6 +146,7 @@ class ExperimentConfig(_Section):
             return p if p.is_absolute() else (base / p).resolve()
 
         update: dict[str, Any] = {"schema_path": fix(self.schema_path), "output_dir": fix(self.output_dir)}
+        update["policies"] = {k: fix(v) for k, v in self.policies.items()}
         if self.split is None:
             update["regions"] = {k: fix(v) for k, v in self.regions.items()}
         else:

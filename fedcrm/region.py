@@ -19,8 +19,12 @@ from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.io import load_table
 from fedcrm.data.schema import Schema
-from fedcrm.errors import DataError, PolicyError
+from fedcrm.errors import DataError, PolicyError, PrivacyBudgetError
 from fedcrm.evaluation.metrics import ScoreSummary
+from fedcrm.evaluation.trust import TrustSummary
+from fedcrm.governance.audit_log import AuditAction
+from fedcrm.governance.audit_trail import finite, node_actor, record_policy_if_changed, region_audit_log
+from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, ensemble_proba, get_weights, set_weights
 from fedcrm.privacy.accountant import GaussianRelease, plan_noise_multiplier
@@ -88,12 +92,28 @@ class Region:
         self.policy: RegionPolicy = load_policy(settings.policy_path, default_budget=default_budget)
         self.ledger = PrivacyLedger.open(settings.state_dir, region=self.name)
         self.tombstones = Tombstones(settings.state_dir)
+        self.consent_withdrawals = ConsentWithdrawals(settings.state_dir)
+        self.audit = region_audit_log(settings.state_dir)
+        record_policy_if_changed(self.audit, region=self.name, policy=self.policy, path=settings.policy_path)
+
+    def _audit_refusal(self, error: Exception, **context: Any) -> None:
+        self.audit.append(
+            actor=node_actor(self.name),
+            action=AuditAction.REFUSAL,
+            details=finite({"reason": str(error), "kind": type(error).__name__, **context}),
+        )
 
     # -- data --------------------------------------------------------------------------------------
 
     def check_request(self, cfg: ExperimentConfig, schema: Schema) -> None:
         columns = [c.name for c in schema.model_columns]
-        self.policy.check_request(region=self.name, purpose=cfg.task, columns=columns, privacy_mode=cfg.privacy.mode)
+        try:
+            self.policy.check_request(
+                region=self.name, purpose=cfg.task, columns=columns, privacy_mode=cfg.privacy.mode
+            )
+        except PolicyError as e:
+            self._audit_refusal(e, purpose=cfg.task, config_sha256=cfg.digest())
+            raise
 
     def load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
         table = load_table(self.settings.data_path, schema)
@@ -106,6 +126,11 @@ class Region:
             granted = table.consent[cfg.task].to_numpy(dtype=bool)
             counts["excluded_no_consent"] = int((~granted).sum())
             table = table.subset(granted)
+        # Withdrawn consent holds even when a re-imported table still says yes (fedcrm consent withdraw).
+        withdrawn = self.consent_withdrawals.mask(table.ids, purpose=cfg.task)
+        if withdrawn.any():
+            counts["excluded_no_consent"] = counts.get("excluded_no_consent", 0) + int(withdrawn.sum())
+            table = table.subset(~withdrawn)
         if len(table) == 0:
             raise DataError(
                 f"region {self.name}: no customer can be used for purpose `{cfg.task}` "
@@ -146,7 +171,30 @@ class Region:
         run_id: str,
         delta: float,
     ) -> tuple[Weights, dict[str, float]]:
-        """One round of local training on ``shard``; raises PolicyError / PrivacyBudgetError to refuse."""
+        """One round of local training on ``shard``; raises PolicyError / PrivacyBudgetError to refuse.
+
+        Every refusal and every release that left goes into the region's audit log.
+        """
+        self.check_request(cfg, schema)  # audits its own refusal
+        try:
+            return self._train_round(
+                cfg, schema, weights=weights, shard=shard, round_=round_, run_id=run_id, delta=delta
+            )
+        except (PolicyError, PrivacyBudgetError) as e:
+            self._audit_refusal(e, purpose=cfg.task, run_id=run_id, round=round_, shard=shard)
+            raise
+
+    def _train_round(
+        self,
+        cfg: ExperimentConfig,
+        schema: Schema,
+        *,
+        weights: Weights,
+        shard: int,
+        round_: int,
+        run_id: str,
+        delta: float,
+    ) -> tuple[Weights, dict[str, float]]:
         self.check_request(cfg, schema)
         data = self.load(cfg, schema)
         x, y = data.train_shard(shard)
@@ -210,6 +258,18 @@ class Region:
             "epsilon": self.epsilon(cfg, delta=delta),
             "budget": self.policy.privacy_budget,
         }
+        if release is not None:
+            self.audit.append(
+                actor=node_actor(self.name),
+                action=AuditAction.PRIVACY_SPENT,
+                details=finite({
+                    "run_id": run_id, "purpose": cfg.task, "round": round_, "shard": shard,
+                    "ledger_event": event_id, "noise_multiplier": release.noise_multiplier,
+                    "sample_rate": release.sample_rate, "steps": release.steps, "delta": delta,
+                    "epsilon_spent_total": metrics["epsilon"], "budget": self.policy.privacy_budget,
+                    "mode": cfg.privacy.mode,
+                }),
+            )
         return new_weights, metrics
 
     def epsilon(self, cfg: ExperimentConfig, *, delta: float) -> float:
@@ -232,6 +292,33 @@ class Region:
         if not np.all(np.isfinite(scores)):
             raise DataError(f"region {self.name}: the model produced non-finite scores")
         return ScoreSummary.of(scores=scores, labels=y)
+
+    def trust_summary(
+        self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights]
+    ) -> TrustSummary | None:
+        """Fairness histograms per sensitive group and summed |contributions| per column, on the hold-out.
+
+        None when the hold-out is below the policy's minimum; groups below it are suppressed inside.
+        """
+        from fedcrm.evaluation.explain import importance_sums
+        from fedcrm.evaluation.fairness import summarise_groups
+
+        data = self.load(cfg, schema)
+        x, y = data.x[data.holdout], data.y[data.holdout]
+        if len(x) < self.policy.min_customers:
+            return None
+        models = []
+        for w in constituents:
+            m = build_model(cfg.model, n_features=x.shape[1], seed=0)
+            set_weights(m, w)
+            models.append(m)
+        sensitive = data.sensitive.iloc[np.flatnonzero(data.holdout)].reset_index(drop=True)
+        groups = summarise_groups(
+            scores=ensemble_proba(models, x), labels=y, sensitive=sensitive, schema=schema,
+            min_customers=self.policy.min_customers,
+        )
+        return TrustSummary(groups=groups, importance_sum=importance_sums(models, schema=schema, x=x),
+                            customers=len(x))
 
     def describe(self, cfg: ExperimentConfig, schema: Schema) -> dict[str, float]:
         """Aggregate counts the server needs to plan (δ below 1/N of the smallest region)."""

@@ -51,9 +51,22 @@ DESCRIBE_KEYS: Final = (
     "min-customers", "n-features",
 )
 
+# Trust metrics of the served model (fedcrm.evaluation.trust): per-group hold-out histograms of every
+# sensitive attribute, flattened in the schema's attribute and group order (groups below the policy's
+# minimum sent as zeros and flagged), and per source column the summed |contribution| to the scores.
+FAIR_HIST_POS: Final = "fair-hist-pos"
+FAIR_HIST_NEG: Final = "fair-hist-neg"
+FAIR_SUM_SCORE: Final = "fair-sum-score"
+FAIR_SUPPRESSED: Final = "fair-suppressed"
+IMPORTANCE_SUM: Final = "importance-sum"
+IMPORTANCE_CUSTOMERS: Final = "importance-customers"
+TRUST_KEYS: Final = (
+    FAIR_HIST_POS, FAIR_HIST_NEG, FAIR_SUM_SCORE, FAIR_SUPPRESSED, IMPORTANCE_SUM, IMPORTANCE_CUSTOMERS
+)
+
 METRIC_KEYS: Final = frozenset(
     {NUM_EXAMPLES, TRAIN_LOSS, NOISE_MULTIPLIER, EPSILON, BUDGET, HIST_POS, HIST_NEG, SUM_LOG_LOSS,
-     SUM_BRIER, CORRECT, *DESCRIBE_KEYS}
+     SUM_BRIER, CORRECT, *DESCRIBE_KEYS, *TRUST_KEYS}
 )
 STATUS_KEYS: Final = frozenset({REGION, OUTCOME, REASON, KIND})
 REPLY_RECORDS: Final = frozenset({ARRAYS, METRICS, STATUS})

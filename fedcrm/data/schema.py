@@ -61,6 +61,9 @@ class CategoricalColumn(_Strict):
             raise ValueError(f"column {self.name}: vocabulary has duplicates")
         if self.missing == "fill" and self.fill not in self.vocabulary:
             raise ValueError(f"column {self.name}: missing: fill needs a `fill` value from the vocabulary")
+        reserved = {"(other)", "(missing)"} & set(self.vocabulary)
+        if reserved:
+            raise ValueError(f"column {self.name}: {sorted(reserved)} is reserved for the loader's own buckets")
         return self
 
 
@@ -124,6 +127,14 @@ class SensitiveAttribute(_Strict):
     bands: tuple[float, ...] = ()
     use_as_feature: bool = False
 
+    @model_validator(mode="after")
+    def _check(self) -> SensitiveAttribute:
+        if self.bands and not isinstance(self.column, NumericColumn):
+            raise ValueError(f"sensitive column {self.column.name}: `bands` are only for numeric columns")
+        if any(hi <= lo for lo, hi in zip(self.bands, self.bands[1:], strict=False)):
+            raise ValueError(f"sensitive column {self.column.name}: `bands` must increase, got {list(self.bands)}")
+        return self
+
 
 class Schema(_Strict):
     name: str
@@ -143,6 +154,12 @@ class Schema(_Strict):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"columns declared twice: {sorted(dupes)}")
+        reserved = {self.label.column} | ({self.id.column} if self.id.column else set())
+        if reserved & set(names):
+            raise ValueError(
+                f"columns {sorted(reserved & set(names))} are the id or the label and cannot be features "
+                "or sensitive attributes"
+            )
         excluded = {e.name for e in self.excluded}
         if excluded & set(names):
             raise ValueError(f"columns both used and excluded: {sorted(excluded & set(names))}")

@@ -43,9 +43,7 @@ __all__ = ["CertificateBundle", "create_certificates", "supernode_key_paths"]
 _CURVE = ec.SECP384R1
 _HASH = hashes.SHA384
 _REGION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_DNS_RE = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_-]{1,63})*$"
-)
+_DNS_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_-]{1,63})*$")
 _ORG = "fedcrm"
 
 

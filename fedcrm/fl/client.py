@@ -91,10 +91,21 @@ def _evaluate(region: Region, msg: Message) -> RecordDict:
     return RecordDict({wire.METRICS: MetricRecord(metrics), wire.STATUS: status(region.name, wire.OUTCOME_OK, reason)})
 
 
+def _with_trust(region: Region, msg: Message, content: RecordDict) -> RecordDict:
+    """The served model's evaluation plus fairness per group and feature importance (aggregates only)."""
+    cfg, schema, _, _ = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
+    trust = region.trust_summary(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]))  # type: ignore[arg-type]
+    if trust is not None:
+        metrics = content[wire.METRICS]
+        for key, value in trust.to_metrics(schema=schema).items():
+            metrics[key] = value  # type: ignore[index]
+    return content
+
+
 def _query(region: Region, msg: Message) -> RecordDict:
     config = msg.content[wire.CONFIG]
     if config.get(wire.ACTION) == wire.ACTION_EVALUATE_SERVED:
-        return _evaluate(region, msg)
+        return _with_trust(region, msg, _evaluate(region, msg))
     cfg, schema, _, delta = read_plan(config)  # type: ignore[arg-type]
     region.check_request(cfg, schema)
     described = region.describe(cfg, schema)

@@ -44,6 +44,7 @@ def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str, delta: 
     public = cfg.to_dict()
     public["regions"] = {name: "(set by the region's data owner)" for name in cfg.regions}
     public["split"] = None
+    public["policies"] = {}
     public["schema"] = "(sent as text)"
     public["output_dir"] = "(server side)"
     return ConfigRecord(

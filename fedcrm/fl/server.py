@@ -22,7 +22,15 @@ from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.schema import load_schema
 from fedcrm.errors import FederationError
 from fedcrm.fl.codec import extend, from_record, pack_constituents, plan_config, to_record
-from fedcrm.fl.strategy import GuardedStrategy, RoundEvents, _status, build_strategy, pooled_evaluation
+from fedcrm.fl.strategy import (
+    GuardedStrategy,
+    RoundEvents,
+    _status,
+    build_strategy,
+    pooled_evaluation,
+    pooled_trust,
+)
+from fedcrm.governance.audit_trail import audited_run
 from fedcrm.models import build_model, get_weights
 from fedcrm.runs import RunDir, code_version
 
@@ -72,6 +80,7 @@ def privacy_warnings(cfg: ExperimentConfig, *, regions: int) -> list[str]:
     return out
 
 
+@audited_run  # run_started / run_finished / run_failed in RUN_DIR/audit.log
 def run_federation(
     grid: Grid,
     cfg: ExperimentConfig,
@@ -242,5 +251,6 @@ def run_federation(
         "code_version": code_version(),
         "wall_time_s": round(time.time() - t0, 2),
     }
+    summary |= pooled_trust(final, schema=schema)  # fairness per group, feature importance
     run.write_summary(summary)
     return summary

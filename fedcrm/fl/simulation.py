@@ -26,10 +26,12 @@ NodeConfigs = dict[int, dict[str, str]]
 
 def simulated_nodes(cfg: ExperimentConfig, *, state_root: Path) -> NodeConfigs:
     """What each region's data owner would put in ``--node-config`` on a real SuperNode."""
-    return {
-        i: {"region": name, "data-path": str(path), "state-dir": str(state_root / name)}
-        for i, (name, path) in enumerate(cfg.regions.items())
-    }
+    nodes: NodeConfigs = {}
+    for i, (name, path) in enumerate(cfg.regions.items()):
+        nodes[i] = {"region": name, "data-path": str(path), "state-dir": str((state_root / name).resolve())}
+        if name in cfg.policies:
+            nodes[i]["policy-path"] = str(cfg.policies[name])
+    return nodes
 
 
 def simulated_node_config(nodes: NodeConfigs) -> Callable[[Message, Context, Callable[..., Message]], Message]:

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (
 
 from fedcrm import wire
 from fedcrm.config import ExperimentConfig
+from fedcrm.data.schema import Schema
 from fedcrm.errors import FederationError
 from fedcrm.evaluation.metrics import ScoreSummary
 
@@ -120,6 +121,27 @@ def pooled_evaluation(
         per_region[region] = s.metrics() | eps
         total = total + s
     return per_region, total.metrics(), skipped
+
+
+def pooled_trust(replies: Iterable[Message], *, schema: Schema) -> dict[str, Any]:
+    """Fairness per group and feature importance of the served model, summed over the regions' replies.
+
+    A reply whose trust metrics do not fit the schema is left out with a warning, not fatal: the
+    accuracy metrics of the run stand without it.
+    """
+    from fedcrm.evaluation.trust import PooledTrust
+
+    pooled = PooledTrust(groups={})
+    for msg in replies:
+        region, outcome, _ = _status(msg)
+        m = msg.content.get(wire.METRICS) if not msg.has_error() else None
+        if outcome != wire.OUTCOME_OK or m is None:
+            continue
+        try:
+            pooled.add_metrics(dict(m.items()), schema=schema)
+        except ValueError as e:
+            log.warning("region %s: trust metrics left out: %s", region, e)
+    return pooled.report(schema=schema)
 
 
 class GuardedStrategy(Strategy):

@@ -1,0 +1,1 @@
+"""CLI commands grouped by topic; each module has register(app)."""

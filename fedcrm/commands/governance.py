@@ -1,0 +1,147 @@
+"""Data owners' commands: `consent withdraw`, `export`, and `audit verify`.
+
+They run at the region, next to its data and state; each request is recorded in the region's audit
+log under the operator's name (``--operator``, else the login name).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedcrm.commands.audit import audit_app
+from fedcrm.errors import FedcrmError
+
+consent_app = typer.Typer(help="Consent per purpose: withdraw a customer's consent to one purpose.",
+                          no_args_is_help=True)
+
+StateOpt = Annotated[
+    Path, typer.Option("--state", help="Folder holding every region's state; the region's is STATE/REGION.")
+]
+OperatorOpt = Annotated[
+    str | None, typer.Option("--operator", help="Who asks, for the audit log (default: the login name).")
+]
+RegionOpt = Annotated[str, typer.Option("--region", help="The region holding the customer.")]
+CustomerOpt = Annotated[str, typer.Option("--customer-id", help="The customer's id as the region's table spells it.")]
+
+
+def _fail(e: Exception) -> None:
+    from fedcrm.cli import console
+
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@consent_app.command("withdraw")
+def consent_withdraw(
+    region: RegionOpt,
+    customer_id: CustomerOpt,
+    purpose: Annotated[str, typer.Option("--purpose", help="The purpose consent is withdrawn from, e.g. churn.")],
+    state: StateOpt = Path("state"),
+    operator: OperatorOpt = None,
+    run: Annotated[
+        list[Path] | None,
+        typer.Option("--run", help="Run folder whose constituent(s) trained on the customer (repeatable)."),
+    ] = None,
+) -> None:
+    """Withdraw a customer's consent to one purpose: served like an erasure for that purpose's models.
+
+    The withdrawal is recorded durably at the region (a keyed hash, never the id) and excludes the
+    customer from every later training and evaluation for that purpose, even if a re-imported table
+    still says yes. The constituents of the given runs that trained on them are marked stale for the
+    next retrain; a receipt is written under STATE/REGION/receipts/.
+    """
+    from fedcrm.cli import out
+    from fedcrm.governance.audit_trail import operator_actor
+    from fedcrm.governance.requests import withdraw_consent
+
+    try:
+        receipt = withdraw_consent(
+            state_dir=state / region,
+            region=region,
+            customer_id=customer_id,
+            purpose=purpose,
+            actor=operator_actor(operator),
+            runs=tuple(run or ()),
+        )
+    except FedcrmError as e:
+        _fail(e)
+    stale = ", ".join(f"shard {s['shard']} of {s['run_dir']}" for s in receipt["stale_constituents"]) or "none given"
+    out.print(
+        f"consent to `{purpose}` withdrawn at region {region} (request {receipt['request_id']}); "
+        f"stale constituents: {stale}; receipt in {state / region / 'receipts'}"
+    )
+
+
+def export(
+    region: RegionOpt,
+    customer_id: CustomerOpt,
+    data: Annotated[Path, typer.Option("--data", help="The region's customer table.")],
+    schema: Annotated[Path, typer.Option("--schema", help="Its declared schema (YAML).")],
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the export.")],
+    run: Annotated[
+        list[Path] | None, typer.Option("--run", help="Run folder whose served model scores the customer (repeatable).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json (default) or csv (the JSON flattened).")] = "json",
+    state: StateOpt = Path("state"),
+    operator: OperatorOpt = None,
+) -> None:
+    """Write a customer's copy of their data (portability), format fedcrm-customer-export v1.
+
+    Holds their record as stored, the encoded features, consent states, which models and shards their
+    data trained, their current score from each run's served model with an explanation, and the
+    erasure/consent history. Schema: schemas/export-v1.schema.json. An unknown or forgotten customer is
+    an error and no file is written.
+    """
+    from fedcrm.cli import out
+    from fedcrm.data.schema import load_schema
+    from fedcrm.governance.audit_trail import operator_actor
+    from fedcrm.governance.export import ExportRequest
+    from fedcrm.governance.requests import serve_export
+
+    try:
+        request = ExportRequest(
+            region=region,
+            customer_id=customer_id,
+            data_path=data,
+            schema=load_schema(schema),
+            schema_path=schema,
+            state_dir=state / region,
+            runs=tuple(run or ()),
+        )
+        document = serve_export(request, out=out_file, fmt=fmt, actor=operator_actor(operator))
+    except FedcrmError as e:
+        _fail(e)
+    n = len(document["models"])
+    out.print(f"export of customer {customer_id} at region {region} ({n} model(s)) -> {out_file}")
+
+
+def audit_verify(
+    log: Annotated[Path, typer.Argument(help="An audit log (STATE/REGION/audit.log, RUN_DIR/audit.log).")],
+) -> None:
+    """Check an audit log's hash chain: prints OK, or the first entry altered, removed or reordered (exit 1)."""
+    from fedcrm.cli import out
+    from fedcrm.governance.audit_log import verify
+
+    if not log.is_file():
+        _fail(FedcrmError(f"{log}: no audit log there (regions keep STATE/REGION/audit.log, runs RUN_DIR/audit.log)"))
+    try:
+        report = verify(log)
+    except FedcrmError as e:
+        _fail(e)
+    if report.ok:
+        out.print(f"OK: {log}: {report.entries} entries, chain intact")
+        return
+    out.print(f"BAD: {report.problem}", highlight=False)
+    raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(consent_app, name="consent")
+    app.command("export")(export)
+    audit_app.command("verify")(audit_verify)
+    # The `audit` group is shared with other modules (fedcrm.commands.audit); attach it once.
+    if not any(g.typer_instance is audit_app for g in app.registered_groups):
+        app.add_typer(audit_app, name="audit")

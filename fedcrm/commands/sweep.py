@@ -1,0 +1,59 @@
+"""``fedcrm sweep``: run every cell of a sweep file, resumable, and write the results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fedcrm.errors import FedcrmError
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("sweep")
+    def sweep(
+        spec_path: Annotated[Path, typer.Argument(help="Sweep file (YAML), e.g. experiments/epsilon_sweep_telco.yaml.")],
+        out_dir: Annotated[
+            Path | None, typer.Option("--out", help="Sweep folder (default: OUTPUT_DIR/NAME from the sweep file).")
+        ] = None,
+        engine: Annotated[
+            str | None,
+            typer.Option(help="shared: one simulation engine runs many cells (start-up paid once); per_cell: "
+                         "a fresh engine per cell. Default: the sweep file's `engine`."),
+        ] = None,
+        report: Annotated[bool, typer.Option(help="Write the sweep report (HTML + Markdown) at the end.")] = True,
+    ) -> None:
+        """Run a grid of experiments × seeds: one run folder and one state folder per cell.
+
+        Complete cells (summary.json with the cell's config digest) are not rerun; a failing cell is
+        recorded with its error and the sweep goes on. Results: results.csv and results.parquet.
+        """
+        from fedcrm.sweep import load_sweep, run_sweep
+
+        if engine not in (None, "shared", "per_cell"):
+            console.print(f"[bold red]error:[/] --engine must be shared or per_cell, got {engine}")
+            raise typer.Exit(2)
+        try:
+            spec = load_sweep(spec_path)
+            sweep_dir = (out_dir or spec.output_dir / spec.name).resolve()
+            df = run_sweep(spec, out_dir=sweep_dir, engine=engine, report=lambda s: console.print(escape(s)))  # type: ignore[arg-type]
+            if report:
+                from fedcrm.report import write_sweep_report
+
+                html_path, _ = write_sweep_report(sweep_dir)
+                console.print(f"report: {html_path}")
+        except FedcrmError as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+        failed = df[df["status"] == "failed"]
+        out.print(f"{len(df)} cells, {len(df) - len(failed)} done, {len(failed)} failed -> {sweep_dir}/results.csv")
+        for _, row in failed.iterrows():
+            out.print(f"  [red]failed[/] {escape(str(row['cell']))}: {escape(str(row['error']))}")
+        if len(failed):
+            raise typer.Exit(1)

@@ -1,0 +1,483 @@
+"""Serving erasures on a run: retrain only the stale constituents, then publish, shred and give receipts.
+
+The retrain is an ordinary federated run of the stale shards (same config, same seeds: constituent k
+starts from ``seed*1000+k`` and every region trains with its per-(region, shard, round) seed), written
+into a staging folder ``RUN_DIR/.retrain-vN`` while the old model stays served. Only when it has
+finished with every region taking part is it committed: the new constituents and checkpoints replace the
+old ones (whose bytes are overwritten, not just unlinked), ``model/model.json`` gets version N, and each
+request gets its receipt. Every commit step is idempotent, so a crash at any point leaves the requests
+pending and ``fedcrm retrain RUN_DIR`` again finishes the job (from the staged result, when complete).
+
+A retrain is a new DP release over the shard's remaining customers: each region charges it to its
+ledger as it trains. Before anything starts, every region's budget is checked against the whole retrain
+(all its rounds), so a retrain that a region would refuse half-way is refused up front instead.
+
+This module has no Flower in it: the federated run is passed in (``simulate``, normally
+:func:`fedcrm.fl.simulation.run_simulated`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcrm.config import ExperimentConfig, default_delta, load_config
+from fedcrm.data.schema import load_schema
+from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError, StorageError, UnlearningError
+from fedcrm.privacy.accountant import GaussianRelease
+from fedcrm.region import NodeSettings, Region
+from fedcrm.runs import load_weights
+from fedcrm.training import sampling_plan
+from fedcrm.unlearning.erasure import (
+    HISTORY_FILE,
+    PENDING,
+    RUN_MARKER,
+    SERVED,
+    ErasureStore,
+    RunView,
+    append_line,
+    atomic_write_json,
+    now,
+    read_json,
+    read_marker,
+    record_receipt,
+    run_key,
+)
+
+Simulate = Callable[..., dict[str, Any]]
+Report = Callable[[str], None]
+READY = "READY.json"
+CONSENT_PENDING_FILE = "pending_requests.jsonl"  # written by fedcrm.governance.requests.withdraw_consent
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise UnlearningError(f"{run_dir}: not a run folder (no config.yaml); give the folder `fedcrm run` wrote")
+    return load_config(path)
+
+
+def model_version(run_dir: Path) -> int:
+    path = Path(run_dir) / "model" / "model.json"
+    if not path.exists():
+        raise UnlearningError(f"{run_dir}: the run has no served model (model/model.json); finish the run first")
+    return int(read_json(path)["version"])
+
+
+def node_settings(cfg: ExperimentConfig, *, region: str, state_root: Path) -> NodeSettings:
+    """What the region's data owner would set on its node, as the simulation sets it."""
+    policies: dict[str, Path] = getattr(cfg, "policies", {}) or {}
+    return NodeSettings(region=region, data_path=Path(cfg.regions[region]), state_dir=Path(state_root) / region,
+                        policy_path=policies.get(region))
+
+
+def run_view(run_dir: Path, *, region: str, state_root: Path) -> RunView:
+    """Which of the region's customers a run trained on, and in which shard (read before tombstoning)."""
+    cfg = load_run_config(run_dir)
+    if region not in cfg.regions:
+        raise UnlearningError(f"{run_dir}: region {region} is not one of the run's regions {sorted(cfg.regions)}")
+    data = Region(node_settings(cfg, region=region, state_root=state_root)).load(cfg, load_schema(cfg.schema_path))
+    trained = {str(i): int(s) for i, s, h in zip(data.ids, data.shard, data.holdout, strict=True) if not h}
+    return RunView(run_dir=Path(run_dir), shards=cfg.unlearning.shards, model_version=model_version(run_dir),
+                   trained=trained)
+
+
+@dataclass
+class Pending:
+    """A request waiting on this run: an erasure (ours) or a consent withdrawal (governance)."""
+
+    region: str
+    request_id: str
+    shard: int
+    kind: str = "erasure"
+    customer_ref: str = ""
+
+
+@dataclass
+class RetrainPlan:
+    run_dir: Path
+    state_root: Path
+    cfg: ExperimentConfig
+    stale: list[int]
+    pending: list[Pending]
+    base_version: int
+    target_version: int
+    delta: float
+    epsilon_before: dict[str, dict[int, float]]
+    warnings: list[str] = field(default_factory=list)
+    staged: bool = False
+
+    @property
+    def staging(self) -> Path:
+        return self.run_dir / f".retrain-v{self.target_version}"
+
+
+def _served_ids(run_dir: Path) -> set[str]:
+    path = run_dir / HISTORY_FILE
+    out: set[str] = set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("status") == SERVED:
+                out.add(row["request_id"])
+    return out
+
+
+def _pending(run_dir: Path, cfg: ExperimentConfig, state_root: Path) -> list[Pending]:
+    """The run's marker, plus (in simulation, where the region folders are here) the regions' own records."""
+    key = run_key(run_dir)
+    served = _served_ids(run_dir)
+    found: dict[tuple[str, str], Pending] = {}
+    for e in read_marker(run_dir)["stale"]:
+        found[(e["region"], e["request_id"])] = Pending(e["region"], e["request_id"], int(e["shard"]))
+    for region in cfg.regions:
+        state_dir = Path(state_root) / region
+        if not state_dir.exists():
+            continue
+        for req in ErasureStore(state_dir, region=region).pending_for(run_dir):
+            shard = req.runs[key].shard
+            if shard is not None:
+                found[(region, req.request_id)] = Pending(region, req.request_id, shard, "erasure", req.customer_ref)
+        consent = state_dir / CONSENT_PENDING_FILE
+        if consent.exists():
+            for line in consent.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                for c in row.get("stale_constituents", []):
+                    if c.get("run_dir") == key and c.get("shards") == cfg.unlearning.shards:
+                        found[(region, row["request_id"])] = Pending(
+                            region, row["request_id"], int(c["shard"]), row.get("kind", "consent_withdrawal"),
+                            row.get("customer_ref", ""))
+    return [p for (_, rid), p in sorted(found.items()) if rid not in served]
+
+
+def _run_delta(run_dir: Path, cfg: ExperimentConfig) -> float:
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        for p in read_json(summary).get("privacy", {}).values():
+            if p.get("delta"):
+                return float(p["delta"])
+    return cfg.privacy.delta or 1e-5
+
+
+def epsilon_by_region(plan: RetrainPlan) -> dict[str, dict[int, float]]:
+    """ε of each stale shard at each region, from its ledger, at the run's δ (empty without DP)."""
+    if plan.cfg.privacy.mode == "none":
+        return {}
+    from fedcrm.privacy.ledger import PrivacyLedger
+
+    out: dict[str, dict[int, float]] = {}
+    for region in plan.cfg.regions:
+        state_dir = plan.state_root / region
+        if not state_dir.exists():
+            continue
+        by_shard = PrivacyLedger.open(state_dir, region=region).epsilon_by_shard(
+            delta=plan.delta, accountant=plan.cfg.privacy.accountant)
+        out[region] = {k: by_shard.get(k, 0.0) for k in plan.stale}
+    return out
+
+
+def plan_retrain(run_dir: Path, *, state_root: Path) -> RetrainPlan:
+    """What a retrain of ``run_dir`` would do now: which shards, which requests, which versions."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    pending = _pending(run_dir, cfg, Path(state_root))
+    stale = sorted({p.shard for p in pending})
+    bad = [k for k in stale if not 0 <= k < cfg.unlearning.shards]
+    if bad:
+        raise UnlearningError(f"{run_dir / RUN_MARKER}: shards {bad} do not exist in a run of "
+                              f"{cfg.unlearning.shards} shard(s); the marker does not belong to this run")
+    marker = read_marker(run_dir)
+    attempt = marker.get("attempt") or {}
+    base = int(attempt.get("base_version") or model_version(run_dir))
+    plan = RetrainPlan(run_dir=run_dir, state_root=Path(state_root), cfg=cfg, stale=stale, pending=pending,
+                       base_version=base, target_version=base + 1, delta=_run_delta(run_dir, cfg),
+                       epsilon_before={})
+    before = attempt.get("epsilon_before")
+    if before and attempt.get("stale") == stale:
+        plan.epsilon_before = {r: {int(k): v for k, v in e.items()} for r, e in before.items()}
+        plan.staged = (plan.staging / READY).exists()
+    else:
+        plan.epsilon_before = epsilon_by_region(plan)
+    if stale and cfg.unlearning.shards == 1:
+        plan.warnings.append(
+            "this run has a single shard (unlearning.shards = 1): serving the erasure retrains the WHOLE "
+            "model, as long as the original training, and charges a full run's ε to every customer of "
+            "every region. Train with unlearning.shards > 1 so that an erasure retrains one constituent."
+        )
+    if stale and len(stale) == cfg.unlearning.shards > 1:
+        plan.warnings.append(f"every one of the {len(stale)} shards is stale: this retrain is a full retrain")
+    if stale and cfg.privacy.mode == "none":
+        plan.warnings.append("privacy.mode is none: the retrain releases its models without differential privacy")
+    return plan
+
+
+def check_retrain_budget(plan: RetrainPlan) -> None:
+    """Refuse, before anything is trained or spent, a retrain that a region's policy or budget would refuse.
+
+    Each region plans σ exactly as it will when training (σ depends only on its shard's size, the batch
+    size, the rounds and the target ε) and checks the whole retrain, all rounds, against its ledger.
+    """
+    cfg = plan.cfg
+    schema = load_schema(cfg.schema_path)
+    loaded: dict[str, tuple[Region, Any]] = {}
+    for region in cfg.regions:
+        try:
+            r = Region(node_settings(cfg, region=region, state_root=plan.state_root))
+            r.check_request(cfg, schema)
+            loaded[region] = (r, r.load(cfg, schema))
+        except PolicyError as e:
+            raise UnlearningError(f"region {region} refuses the erasure retrain: {e}") from e
+        except FedcrmError as e:
+            raise UnlearningError(f"region {region} cannot take part in the erasure retrain: {e}") from e
+    smallest = min(int(d.counts["train"]) for _, d in loaded.values())
+    delta = cfg.privacy.delta or default_delta(smallest)
+    for region, (r, data) in loaded.items():
+        for k in plan.stale:
+            n = int((~data.holdout & (data.shard == k)).sum())
+            if n < r.policy.min_customers:
+                raise UnlearningError(
+                    f"region {region} refuses the erasure retrain: shard {k} keeps {n} training customers, fewer "
+                    f"than its policy's minimum {r.policy.min_customers} behind any update")
+            if cfg.privacy.mode == "none":
+                continue
+            if cfg.privacy.mode == "sample_dp":
+                q, steps = sampling_plan(n=n, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs)
+                release = GaussianRelease(r.noise_multiplier(cfg, n=n, delta=delta), q, steps * cfg.training.rounds)
+            else:
+                release = GaussianRelease(cfg.privacy.client_noise_multiplier, 1.0, cfg.training.rounds)
+            try:
+                r.ledger.check_budget(budget=r.policy.privacy_budget, delta=delta, accountant=cfg.privacy.accountant,
+                                      shard=k, next_release=release)
+            except PrivacyBudgetError as e:
+                raise PrivacyBudgetError(
+                    f"region {region} refuses the erasure retrain of shard {k}: its {cfg.training.rounds} rounds "
+                    f"would exceed the region's privacy budget. {e} The old model (version {plan.base_version}) "
+                    "stays served and the request(s) stay pending; the customers are already tombstoned, so no "
+                    "new training uses them. Reserve budget for erasures (README: 'Right to erasure')."
+                ) from None
+
+
+# -- files: move in, overwrite out -------------------------------------------------------------------
+
+
+def destroy(path: Path) -> None:
+    """Overwrite a file's bytes with zeros, then unlink it (best effort against recovery from disk).
+
+    On copy-on-write or journalling file systems and SSDs the old blocks may survive an overwrite; the
+    file is gone from the run folder either way.
+    """
+    if not path.exists():
+        return
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.write(b"\0" * size)
+        f.flush()
+        os.fsync(f.fileno())
+    path.unlink()
+
+
+def swap_in(src: Path, dst: Path) -> None:
+    """Move ``src`` over ``dst`` atomically, then overwrite the old ``dst``'s bytes. Skips a moved ``src``."""
+    if not src.exists():
+        return
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    with open(dst, "r+b") as old:
+        size = os.fstat(old.fileno()).st_size
+        os.replace(src, dst)  # readers now see the new file; the old one lives on only through this handle
+        old.write(b"\0" * size)
+        old.flush()
+        os.fsync(old.fileno())
+
+
+def discard_staging(staging: Path) -> None:
+    if not staging.exists():
+        return
+    for p in staging.rglob("*.npz"):
+        destroy(p)
+    shutil.rmtree(staging)
+
+
+# -- the retrain -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrainResult:
+    run_dir: Path
+    stale: list[int]
+    model_version: int
+    receipts: list[dict[str, Any]]
+    warnings: list[str]
+    summary: dict[str, Any] | None
+    resumed: bool = False
+
+
+def retrain(run_dir: Path, *, state_root: Path, simulate: Simulate, report: Report = print) -> RetrainResult:
+    """Retrain the run's stale constituents and serve its pending erasures (see the module docstring)."""
+    plan = plan_retrain(run_dir, state_root=state_root)
+    for w in plan.warnings:
+        report(f"[warning] {w}")
+        warnings.warn(w, stacklevel=2)
+    if not plan.stale:
+        return RetrainResult(Path(run_dir), [], model_version(run_dir), [], plan.warnings, None)
+    resumed = plan.staged
+    if not plan.staged:
+        check_retrain_budget(plan)
+        discard_staging(plan.staging)  # a crashed attempt's partial output
+        s = plan.cfg.unlearning.shards
+        initial = {k: load_weights(plan.run_dir / "model" / f"constituent-{k}.npz") for k in range(s)
+                   if k not in plan.stale}
+        marker = read_marker(plan.run_dir)
+        marker["attempt"] = {"base_version": plan.base_version, "target_version": plan.target_version,
+                             "stale": plan.stale, "epsilon_before": plan.epsilon_before, "started_at": now()}
+        atomic_write_json(plan.run_dir / RUN_MARKER, marker)
+        report(f"retraining shard(s) {plan.stale} of {s} for {len(plan.pending)} request(s): "
+               f"model version {plan.base_version} -> {plan.target_version}")
+        try:
+            summary = simulate(plan.cfg, run_dir=plan.staging, state_root=plan.state_root, report=report,
+                               shards=plan.stale, initial=initial, model_version=plan.target_version)
+        except Exception as e:
+            raise UnlearningError(
+                f"the retrain of {plan.run_dir} failed ({type(e).__name__}: {e}). The old model (version "
+                f"{plan.base_version}) is still served and the request(s) stay pending: fix the cause and run "
+                f"`fedcrm retrain {plan.run_dir}` again."
+            ) from e
+        _check_complete(plan, summary)
+        atomic_write_json(plan.staging / READY, {"target_version": plan.target_version, "stale": plan.stale,
+                                                 "finished_at": now()})
+    receipts = commit(plan)
+    summary = read_json(plan.run_dir / "summary.json")
+    return RetrainResult(plan.run_dir, plan.stale, plan.target_version, receipts, plan.warnings, summary, resumed)
+
+
+def _check_complete(plan: RetrainPlan, summary: dict[str, Any]) -> None:
+    """An erasure retrain must be the same federation as the original: every region, every round."""
+    events = summary.get("events", {})
+    problems = {**events.get("refused", {}), **events.get("failed", {}), **events.get("rejected", {})}
+    problems |= {r: p["refused"] for r, p in summary.get("privacy", {}).items() if p.get("refused")}
+    if problems:
+        kind = PrivacyBudgetError if any("budget" in str(v) for v in problems.values()) else UnlearningError
+        raise kind(
+            "the erasure retrain did not complete with every region: "
+            + "; ".join(f"{r}: {why}" for r, why in sorted(problems.items()))
+            + f". Its result is discarded: the old model (version {plan.base_version}) stays served and the "
+            "request(s) stay pending."
+        )
+
+
+def commit(plan: RetrainPlan) -> list[dict[str, Any]]:
+    """Publish the staged retrain; every step can run again after a crash without harm."""
+    run_dir, staging = plan.run_dir, plan.staging
+    if not (staging / READY).exists():
+        raise StorageError(f"{staging}: no finished retrain to commit")
+    for k in plan.stale:
+        swap_in(staging / "model" / f"constituent-{k}.npz", run_dir / "model" / f"constituent-{k}.npz")
+        for new in sorted((staging / "checkpoints").glob(f"round-*-shard-{k}.npz")):
+            swap_in(new, run_dir / "checkpoints" / new.name)
+        fresh = {f"round-{r:04d}-shard-{k}.npz" for r in range(1, plan.cfg.training.rounds + 1)}
+        for old in sorted((run_dir / "checkpoints").glob(f"round-*-shard-{k}.npz")):
+            if old.name not in fresh:  # an old checkpoint the retrain did not overwrite
+                destroy(old)
+    _append_metrics(plan)
+    swap_in(staging / "model" / "model.json", run_dir / "model" / "model.json")  # the new version is served
+    staged_summary = staging / "summary.json"
+    if staged_summary.exists():
+        summary = read_json(staged_summary)
+        summary["retrained_shards"] = plan.stale
+        atomic_write_json(run_dir / "summary.json", summary)
+        staged_summary.unlink()
+    if (staging / "audit.log").exists():
+        os.replace(staging / "audit.log", run_dir / f"audit-retrain-v{plan.target_version}.log")
+    receipts = _serve_requests(plan)
+    marker = read_marker(run_dir)
+    done = {(p.region, p.request_id) for p in plan.pending}
+    marker["stale"] = [e for e in marker["stale"] if (e["region"], e["request_id"]) not in done]
+    marker["attempt"] = None
+    if marker["stale"]:
+        atomic_write_json(run_dir / RUN_MARKER, marker)
+    else:
+        (run_dir / RUN_MARKER).unlink(missing_ok=True)
+    discard_staging(staging)
+    return receipts
+
+
+def _append_metrics(plan: RetrainPlan) -> None:
+    staged = plan.staging / "metrics.jsonl"
+    if not staged.exists():
+        return
+    target = plan.run_dir / "metrics.jsonl"
+    for line in staged.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            append_line(target, {**row, "model_version": plan.target_version, "retrain": True})
+    staged.unlink()  # moved: a re-run after a crash does not append twice
+
+
+def _serve_requests(plan: RetrainPlan) -> list[dict[str, Any]]:
+    from fedcrm.governance.audit_log import AuditAction
+    from fedcrm.governance.audit_trail import SERVER_ACTOR, node_actor, region_audit_log, server_audit_log
+
+    eps_after = epsilon_by_region(plan)
+    key = run_key(plan.run_dir)
+    stamp = now()
+    receipts: list[dict[str, Any]] = []
+    for p in plan.pending:
+        before = plan.epsilon_before.get(p.region, {}).get(p.shard)
+        after = eps_after.get(p.region, {}).get(p.shard)
+        state_dir = plan.state_root / p.region
+        if p.kind == "erasure" and (state_dir / "erasures" / f"{p.request_id}.json").exists():
+            store = ErasureStore(state_dir, region=p.region)
+            req = store.get(p.request_id)
+            entry = req.runs[key]
+            first = entry.status == PENDING
+            if first:
+                entry.status = SERVED
+                entry.model_version_before = entry.model_version_before or plan.base_version
+                entry.model_version_after = plan.target_version
+                entry.served_at = stamp
+                entry.epsilon_before, entry.epsilon_after = before, after
+                entry.note = (f"shard {p.shard} retrained without the customer; the old constituent and its "
+                              "checkpoints were overwritten and deleted")
+                store.save(req)
+            receipts.append(record_receipt(plan.run_dir, req))
+            if first:
+                details = {"request_id": req.request_id, "customer": req.customer_ref, "region": p.region,
+                           "run": plan.run_dir.name, "shard": p.shard, "model_version": plan.target_version,
+                           "epsilon_before": before, "epsilon_after": after}
+                region_audit_log(state_dir).append(actor=node_actor(p.region), action=AuditAction.ERASURE_SERVED,
+                                                   details=_finite(details))
+                server_audit_log(plan.run_dir).append(actor=SERVER_ACTOR, action=AuditAction.ERASURE_SERVED,
+                                                      details=_finite({k: v for k, v in details.items()
+                                                                       if k != "customer"}))
+        else:
+            # A consent withdrawal (or a request known only from the marker): the run's history records it.
+            row = {"request_id": p.request_id, "kind": p.kind, "region": p.region, "customer_ref": p.customer_ref,
+                   "run": plan.run_dir.name, "shard": p.shard, "shards": plan.cfg.unlearning.shards,
+                   "status": SERVED, "model_version_before": plan.base_version,
+                   "model_version_after": plan.target_version, "served_at": stamp,
+                   "privacy": {"epsilon_before": before, "epsilon_after": after,
+                               "charge": None if before is None or after is None else after - before}}
+            if p.request_id not in _served_ids(plan.run_dir):
+                append_line(plan.run_dir / HISTORY_FILE, row)
+            receipts.append(row)
+    return receipts
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    from fedcrm.governance.audit_trail import finite
+
+    out: dict[str, Any] = finite(d)
+    return out

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny synthetic federations written to real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def write_tiny_config(
+    tmp_path: Path, *, regions: dict[str, int] | None = None, overrides: dict | None = None, seed: int = 0
+) -> Path:
+    """Synthetic regions (`fedcrm data synth`) and an experiment config pointing at them."""
+    from fedcrm.data.synthetic import generate
+
+    regions = regions or {"eu": 700, "us": 500}
+    data_dir = tmp_path / "data"
+    generate(regions=list(regions), customers=list(regions.values()), seed=seed, out_dir=data_dir)
+    cfg = {
+        "name": "tiny",
+        "task": "churn",
+        "schema": str(REPO / "configs" / "schemas" / "synthetic_crm.yaml"),
+        "regions": {r: str(data_dir / f"{r}.csv") for r in regions},
+        "model": {"kind": "logistic"},
+        "training": {"rounds": 2, "local_epochs": 1, "batch_size": 64, "optimizer": "adam", "learning_rate": 0.05},
+        "privacy": {"mode": "sample_dp", "target_epsilon": 2.0, "delta": 1e-5, "clipping_norm": 1.0},
+        "federation": {"min_regions": 1},
+        "evaluation": {"holdout_fraction": 0.25, "min_customers": 20},
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+    }
+    for key, value in (overrides or {}).items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    return write_tiny_config(tmp_path)
+
+
+def requires_shared_data() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"the public CRM tables are not at {SHARED_DATA}")

@@ -1,0 +1,130 @@
+"""Real Flower simulations on tiny synthetic federations: results, the ledger, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+import yaml
+from conftest import write_tiny_config
+
+from fedcrm.config import load_config
+from fedcrm.fl.simulation import run_simulated
+from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.runs import load_weights, read_metrics
+
+
+def dp_accounting_epsilon(events: list, delta: float) -> float:
+    """ε of the ledger's events by Google's dp_accounting (independent of Opacus)."""
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128, 256, 512, 1024]
+    acct = dp_accounting.rdp.RdpAccountant(orders)
+    for e in events:
+        acct.compose(
+            dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)),
+            e.steps,
+        )
+    return acct.get_epsilon(delta)
+
+
+def _ray_processes() -> list[str]:
+    """Ray processes started by this test process (other programs on the machine may run their own)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [ln.split(None, 2) for ln in out.splitlines() if ln.strip()]
+    children: dict[int, list[int]] = {}
+    args = {}
+    for pid, ppid, *rest in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+        args[int(pid)] = rest[0] if rest else ""
+    mine, todo = set(), [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            mine.add(child)
+            todo.append(child)
+    return [args[p] for p in mine if any(k in args[p] for k in ("raylet", "ray::", "gcs_server"))]
+
+
+def test_dp_run_writes_results_and_ledger_matches_dp_accounting_and_spend_continues(tmp_path: Path) -> None:
+    cfg = load_config(write_tiny_config(tmp_path))
+    state = tmp_path / "state"
+    summary = run_simulated(cfg, run_dir=tmp_path / "run1", state_root=state, report=lambda s: None)
+
+    for key in ("auc", "log_loss", "accuracy", "brier"):
+        assert np.isfinite(summary["final_metrics"][key])
+    assert summary["final_metrics"]["auc"] > 0.6  # the synthetic label depends on the features
+    on_disk = json.loads((tmp_path / "run1" / "summary.json").read_text())
+    assert on_disk["final_metrics"] == summary["final_metrics"]
+    rows = read_metrics(tmp_path / "run1" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert set(rows[-1]["epsilon"]) == {"eu", "us"}
+    assert sorted(p.name for p in (tmp_path / "run1" / "checkpoints").iterdir()) == [
+        "round-0001-shard-0.npz", "round-0002-shard-0.npz"]
+    final = load_weights(tmp_path / "run1" / "model" / "constituent-0.npz")
+    last_ckpt = load_weights(tmp_path / "run1" / "checkpoints" / "round-0002-shard-0.npz")
+    assert all(np.array_equal(final[k], last_ckpt[k]) for k in final)
+    assert yaml.safe_load((tmp_path / "run1" / "config.yaml").read_text())["name"] == "tiny"
+
+    first_eps = {}
+    for region in ("eu", "us"):
+        p = summary["privacy"][region]
+        ledger = PrivacyLedger.open(state / region, region=region)
+        events = ledger.events()
+        assert len(events) == 2 and all(e.status == "sent" for e in events)
+        reference = dp_accounting_epsilon(events, p["delta"])
+        assert p["epsilon"] == pytest.approx(reference, rel=0.01)
+        assert p["epsilon"] <= cfg.privacy.target_epsilon
+        assert p["epsilon"] >= 0.97 * cfg.privacy.target_epsilon  # the run ends at, not short of, the target
+        first_eps[region] = p["epsilon"]
+
+    # A second run on the same regions continues their spend: it does not start from zero.
+    again = run_simulated(cfg, run_dir=tmp_path / "run2", state_root=state, report=lambda s: None)
+    for region in ("eu", "us"):
+        events = PrivacyLedger.open(state / region, region=region).events()
+        assert len(events) == 4
+        eps = again["privacy"][region]["epsilon"]
+        assert eps > first_eps[region] * 1.2
+        assert eps == pytest.approx(dp_accounting_epsilon(events, again["privacy"][region]["delta"]), rel=0.01)
+
+    assert not _ray_processes(), "the simulation left Ray processes running"
+
+
+def test_policy_and_budget_refusals_are_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+    no_churn = tmp_path / "us-policy.yaml"
+    no_churn.write_text("allowed_purposes: [propensity]\n")
+    tight = tmp_path / "apac-policy.yaml"
+    tight.write_text("privacy_budget: 0.5\n")
+    path = write_tiny_config(
+        tmp_path, regions={"eu": 600, "us": 400, "apac": 400},
+        overrides={"policies": {"us": str(no_churn), "apac": str(tight)}},
+    )
+    cfg = load_config(path)
+    lines: list[str] = []
+    summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lines.append)
+
+    assert "purpose `churn` is not allowed" in summary["privacy"]["us"]["refused"]
+    assert "over the budget 0.5" in summary["privacy"]["apac"]["refused"]
+    assert summary["privacy"]["eu"]["refused"] is None
+    assert any("region us will not take part" in ln for ln in lines)
+    # Refused regions spent nothing; the one that trained did.
+    assert not (tmp_path / "state" / "us" / "privacy_ledger.sqlite").exists() or not PrivacyLedger.open(
+        tmp_path / "state" / "us", region="us").events()
+    assert PrivacyLedger.open(tmp_path / "state" / "apac", region="apac").events() == []
+    assert summary["privacy"]["eu"]["epsilon"] > 0
+    assert np.isfinite(summary["final_metrics"]["auc"])
+
+
+def test_a_run_stops_with_the_reasons_when_too_few_regions_can_take_part(tmp_path: Path) -> None:
+    from fedcrm.errors import FederationError
+
+    deny = tmp_path / "deny.yaml"
+    deny.write_text("allowed_purposes: [propensity]\n")
+    path = write_tiny_config(
+        tmp_path, overrides={"policies": {"eu": str(deny), "us": str(deny)}, "federation.min_regions": 1}
+    )
+    with pytest.raises(FederationError, match="purpose `churn` is not allowed"):
+        run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state",
+                      report=lambda s: None)

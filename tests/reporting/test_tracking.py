@@ -1,0 +1,63 @@
+"""MLflow tracking against a real local MLflow store (skipped when MLflow is not installed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import write_tiny_config
+
+from fedcrm.config import load_config
+from fedcrm.errors import ConfigError
+from fedcrm.tracking import flatten, log_run, tracking_uri
+
+mlflow = pytest.importorskip("mlflow", reason="MLflow is optional: pip install 'fedcrm[tracking]'")
+
+
+def _finished_run(tmp_path: Path) -> tuple[Path, dict]:
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "model" / "model.json").write_text("{}")
+    (run_dir / "model_card.md").write_text("# card\n")
+    rows = [{"round": r, "shard": 0, "time_s": r, "pooled": {"auc": 0.6 + 0.1 * r},
+             "regions": {"eu": {"auc": 0.7, "epsilon": 0.5 * r}}, "epsilon": {"eu": 0.5 * r, "us": 0.4 * r}}
+            for r in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"run_id": "tiny-1", "final_metrics": {"auc": 0.8, "customers": 100.0},
+               "privacy": {"eu": {"epsilon": 1.0}, "us": {"epsilon": 0.8}}, "code_version": "abc"}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir, summary
+
+
+def test_run_logged_to_local_store_in_the_run_folder(tmp_path: Path) -> None:
+    cfg = load_config(write_tiny_config(tmp_path, overrides={"tracking": {"kind": "mlflow"}}))
+    run_dir, summary = _finished_run(tmp_path)
+    rid = log_run(cfg, run_dir, summary)
+    assert rid is not None
+    uri = tracking_uri(cfg, run_dir)
+    assert uri.startswith("file://") and (run_dir / "mlruns").is_dir()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["privacy.target_epsilon"] == "2.0" and run.data.params["training.rounds"] == "2"
+    assert run.data.metrics["final_auc"] == 0.8 and run.data.metrics["final_epsilon_us"] == 0.8
+    history = client.get_metric_history(rid, "epsilon_eu")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 1.0)]
+    arts = {a.path for a in client.list_artifacts(rid)}
+    assert {"summary.json", "model_card.md", "model"} <= arts
+
+
+def test_tracking_off_logs_nothing(tmp_path: Path) -> None:
+    cfg = load_config(write_tiny_config(tmp_path))
+    run_dir, summary = _finished_run(tmp_path)
+    assert log_run(cfg, run_dir, summary) is None and not (run_dir / "mlruns").exists()
+
+
+def test_unknown_tracking_kind_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tracking.kind"):
+        load_config(write_tiny_config(tmp_path, overrides={"tracking": {"kind": "wandb"}}))
+
+
+def test_flatten_uses_dotted_keys() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": []}) == {"a.b": "1", "a.c.d": "None", "e": "[]"}
