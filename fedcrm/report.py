@@ -31,6 +31,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.container import ErrorbarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedcrm.errors import StorageError  # noqa: E402
 from fedcrm.runs import read_metrics  # noqa: E402
@@ -147,6 +148,7 @@ def plot_utility_per_round(rows: list[dict[str, Any]]) -> Figure:
                     linestyle="--", alpha=0.8, label=f"region {reg}")
     ax.set_xlabel("round")
     ax.set_ylabel("AUC on the hold-out")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="lower right", fontsize=8)
     return fig
 
@@ -161,16 +163,17 @@ def plot_epsilon_per_round(rows: list[dict[str, Any]], privacy: dict[str, dict[s
     budgets = sorted({p["budget"] for p in privacy.values() if p.get("budget") is not None})
     for b in budgets:
         ax.axhline(b, color="red", linestyle="-", linewidth=1, label=f"_budget {b:g}")
-        ax.annotate(f"budget ε = {b:g}", xy=(x[0] if x else 1, b), xytext=(0, 3), textcoords="offset points",
-                    color="red", fontsize=8)
+        ax.annotate(f"budget ε = {b:g}", xy=(x[-1] if x else 1, b), xytext=(0, 3), textcoords="offset points",
+                    color="red", fontsize=8, ha="right")
     targets = sorted({p["target_epsilon"] for p in privacy.values() if p.get("target_epsilon") is not None})
     for t in targets:
         ax.axhline(t, color="gray", linestyle=":", linewidth=1, label=f"_target {t:g}")
-        ax.annotate(f"target ε = {t:g}", xy=(x[0] if x else 1, t), xytext=(0, 3), textcoords="offset points",
-                    color="gray", fontsize=8)
+        ax.annotate(f"target ε = {t:g}", xy=(x[-1] if x else 1, t), xytext=(0, 3), textcoords="offset points",
+                    color="gray", fontsize=8, ha="right")
     shards = len({int(r.get("shard", 0)) for r in rows})
     ax.set_xlabel("round" if shards <= 1 else "round (constituents trained one after another)")
     ax.set_ylabel("ε spent (δ as in the run)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="upper left", fontsize=8)
     return fig
 
@@ -198,7 +201,7 @@ def baselines(df: pd.DataFrame) -> dict[str, tuple[float, float, int]]:
                                             len(fed))
     cen = d[d["kind"] == "centralised"]["auc"]
     if len(cen):
-        out["centralised (pooled data, no DP)"] = (float(cen.mean()),
+        out["non-private centralised (pooled data)"] = (float(cen.mean()),
                                                    float(cen.std(ddof=1)) if len(cen) > 1 else 0.0, len(cen))
     return out
 
@@ -223,7 +226,7 @@ def plot_privacy_utility(df: pd.DataFrame, *, grid: list[str]) -> Figure | None:
         label = "federated, sample-level DP" if not others else ", ".join(
             f"{k.split('.')[-1]}={v}" for k, v in zip(others, key if isinstance(key, tuple) else (key,), strict=True))
         ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=4, label=label)
-    styles = {"non-private federated": ("green", "--"), "centralised (pooled data, no DP)": ("black", ":")}
+    styles = {"non-private federated": ("green", "--"), "non-private centralised (pooled data)": ("black", ":")}
     for name, (mean, _, _) in baselines(df).items():
         color, ls = styles.get(name, ("gray", "-."))
         ax.axhline(mean, color=color, linestyle=ls, label=name)
@@ -286,7 +289,7 @@ def privacy_utility_table(df: pd.DataFrame, *, grid: list[str]) -> pd.DataFrame:
                     "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a"}
             rows.append(row)
     for name, (mean, std, n) in base.items():
-        rows.append({"ε (target)": "∞ (" + name + ")", "pooled AUC (mean ± std)": _pm(mean, std), "seeds": n,
+        rows.append({"ε (target)": f"none ({name})", "pooled AUC (mean ± std)": _pm(mean, std), "seeds": n,
                      "ε spent (max region, mean)": "—",
                      "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a"})
     return pd.DataFrame(rows)
@@ -440,7 +443,8 @@ def write_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
     failed = df[df["status"] == "failed"]
     if len(failed):
         sections.append(Section("Failed cells", table=failed[["cell", "error"]]))
-    runs = [RunView.load(Path(p)) for p in df.loc[df["status"] == "done", "run_dir"] if (Path(p) / "summary.json").exists()]
+    runs = [RunView.load(Path(p)) for p in df.loc[df["status"] == "done", "run_dir"]
+            if (Path(p) / "summary.json").exists()]
     for v in runs:
         (v.path / "model_card.md").write_text(model_card(v), encoding="utf-8")
     versions = sorted({str(v.summary.get("code_version")) for v in runs})

@@ -332,9 +332,12 @@ def run_sweep(
             runs = [SimulatedRun(cfg=o.cfg, run_dir=o.run_dir, state_root=sweep_dir / "state" / o.cell.id)
                     for o in group if o.cfg is not None]
             timings["engines_started"] += 1
+            def on_done(r: SimulatedRun, result: dict[str, Any] | BaseException,
+                        by_name: dict[str, CellOutcome] = by_name) -> None:
+                done(by_name[r.cfg.name], result)
+
             try:
-                run_many_simulated(runs, report=lambda s: None,
-                                   on_done=lambda r, result: done(by_name[r.cfg.name], result))
+                run_many_simulated(runs, report=lambda s: None, on_done=on_done)
             except Exception as e:
                 for o in group:
                     if o.status == "pending":

@@ -1,7 +1,15 @@
 """fedcrm's Flower ServerApp, for deployment (``flwr run``); simulation uses the same library call.
 
-The experiment config comes from the run config key ``experiment-config`` (a path inside the app),
-and the run folder from ``run-dir``.
+The experiment config comes from the run config key ``experiment-config``: a path inside the app
+(``configs/demo.yaml``), resolved against the installed app directory, or an absolute path on the
+SuperLink's machine. The run folder comes from ``run-dir`` (empty: ``OUTPUT_DIR/NAME`` of the config).
+
+Why the app directory: in deployment the ServerApp runs in a ``flwr-serverapp`` process whose working
+directory is wherever ``flower-superlink`` was started, while the code (and the configs shipped with
+it) is unpacked into ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<hash>/``. Only the region
+*names* of the config matter here: each region's data file is set on its own SuperNode
+(``--node-config``) and never sent by the server, so a config's ``regions`` paths (or ``split:``
+section) are not read on this side.
 """
 
 from pathlib import Path
@@ -12,11 +20,20 @@ from flwr.serverapp import Grid, ServerApp
 from fedcrm.config import load_config
 from fedcrm.fl.server import run_federation
 
+APP_DIR = Path(__file__).resolve().parents[1]
+
 app = ServerApp()
+
+
+def resolve_app_path(value: str, *, app_dir: Path = APP_DIR) -> Path:
+    """An absolute path as given; a relative one against the app directory, not the working directory."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else app_dir / path
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = load_config(Path(str(context.run_config["experiment-config"])))
-    run_dir = Path(str(context.run_config.get("run-dir", "") or cfg.output_dir / cfg.name))
+    cfg = load_config(resolve_app_path(str(context.run_config["experiment-config"])))
+    run_dir_value = str(context.run_config.get("run-dir", "") or "")
+    run_dir = resolve_app_path(run_dir_value) if run_dir_value else cfg.output_dir / cfg.name
     run_federation(grid, cfg, run_dir=run_dir)

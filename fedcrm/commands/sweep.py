@@ -18,7 +18,9 @@ out = Console(soft_wrap=True)
 def register(app: typer.Typer) -> None:
     @app.command("sweep")
     def sweep(
-        spec_path: Annotated[Path, typer.Argument(help="Sweep file (YAML), e.g. experiments/epsilon_sweep_telco.yaml.")],
+        spec_path: Annotated[
+            Path, typer.Argument(help="Sweep file (YAML), e.g. experiments/epsilon_sweep_telco.yaml.")
+        ],
         out_dir: Annotated[
             Path | None, typer.Option("--out", help="Sweep folder (default: OUTPUT_DIR/NAME from the sweep file).")
         ] = None,

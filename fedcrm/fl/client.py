@@ -113,53 +113,37 @@ def _query(region: Region, msg: Message) -> RecordDict:
     return RecordDict({wire.METRICS: MetricRecord(described), wire.STATUS: status(region.name, wire.OUTCOME_OK)})  # type: ignore[arg-type]
 
 
-def _serve(handler: Handler, msg: Message, context: Context) -> Message:
+def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
+    """The reply's content: the handler's result, a refusal, or a failure in general terms."""
     settings = NodeSettings.from_node_config(dict(context.node_config))
     try:
         region = Region(settings)
     except FedcrmError as e:
         log.error("region %s cannot start: %s", settings.region, e)
-        content = RecordDict(
-            {
-                wire.STATUS: status(
-                    settings.region,
-                    wire.OUTCOME_FAILED,
-                    f"{type(e).__name__}: the region's state or policy could not be read",
-                    type(e).__name__,
-                )
-            }
-        )
-        return Message(content=content, reply_to=msg)
+        return RecordDict({wire.STATUS: status(
+            settings.region, wire.OUTCOME_FAILED,
+            f"{type(e).__name__}: the region's state or policy could not be read", type(e).__name__)})
     try:
         content = handler(region, msg)
     except (PolicyError, PrivacyBudgetError) as e:
         log.warning("%s", e)
         content = RecordDict({wire.STATUS: status(region.name, wire.OUTCOME_REFUSED, str(e), type(e).__name__)})
-    except FedcrmError as e:
+    except Exception as e:  # noqa: BLE001 - a region reports, in general terms, every failure
         # The full message may quote a cell of the table: it stays in the region's log.
-        log.error("region %s: %s", region.name, e)
-        content = RecordDict(
-            {
-                wire.STATUS: status(
-                    region.name,
-                    wire.OUTCOME_FAILED,
-                    f"region {region.name}: {type(e).__name__} while preparing its data (details in the region's log)",
-                    type(e).__name__,
-                )
-            }
-        )
+        log.error("region %s: %s: %s", region.name, type(e).__name__, e)
+        content = RecordDict({wire.STATUS: status(
+            region.name, wire.OUTCOME_FAILED,
+            f"region {region.name}: {type(e).__name__} (details in the region's own log)", type(e).__name__)})
     try:
-        return Message(content=check_outgoing(content), reply_to=msg)
+        return check_outgoing(content)
     except BlockedReply as e:
         log.error("region %s: reply blocked by the outgoing check: %s", region.name, e)
-        blocked = RecordDict(
-            {
-                wire.STATUS: status(
-                    region.name, wire.OUTCOME_FAILED, "reply blocked by the region's outgoing check", "BlockedReply"
-                )
-            }
-        )
-        return Message(content=blocked, reply_to=msg)
+        return RecordDict({wire.STATUS: status(
+            region.name, wire.OUTCOME_FAILED, "reply blocked by the region's outgoing check", "BlockedReply")})
+
+
+def _serve(handler: Handler, msg: Message, context: Context) -> Message:
+    return Message(content=answer(handler, msg, context), reply_to=msg)
 
 
 def build_client_app(*, mods: Sequence[Callable[..., Message]] = ()) -> ClientApp:

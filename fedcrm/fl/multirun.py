@@ -48,7 +48,7 @@ OnDone = Callable[[SimulatedRun, Outcome], None]
 
 
 def _experiment_of(msg: Message) -> str:
-    config = msg.content[wire.CONFIG] if wire.CONFIG in msg.content else None
+    config = msg.content.get(wire.CONFIG)
     run_id = str(config.get(wire.RUN_ID, "")) if config is not None else ""  # type: ignore[union-attr]
     return run_id.rsplit("-", 1)[0]
 

@@ -102,20 +102,29 @@ def test_withdrawn_consent_excludes_the_customer_from_that_purpose_only(setup) -
     assert len(receipts) == 1 and cid not in receipts[0].read_text()
 
 
-def test_consent_withdrawal_marks_the_trained_constituent_stale(setup, tmp_path: Path) -> None:
+def test_consent_withdrawal_marks_only_the_constituent_that_trained_on_them_stale(setup, tmp_path: Path) -> None:
     cfg, _, state = setup
     run = _fake_run(tmp_path, cfg, name="sharded", kind="logistic", shards=4)
-    cid = _table(cfg).customer_id.iloc[3]
-    code, out = _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
-                        "--state", str(state), "--run", str(run))
-    assert code == 0, out
-    receipt = json.loads(next((state / "eu" / "receipts").glob("*.json")).read_text())
-    expected = int(shard_of(np.asarray([cid], dtype=object), shards=4, secret=region_secret(state / "eu"))[0])
-    assert receipt["stale_constituents"] == [
-        {"run_dir": str(run.resolve()), "shard": expected, "shards": 4, "model_version": 3}]
-    assert receipt["status"] == "pending_retrain"
+    df = _table(cfg)
+    held = holdout_mask(df.customer_id.to_numpy(dtype=object), fraction=cfg.evaluation.holdout_fraction, seed=cfg.seed)
+    trained = df[~held & (df.consent_churn == "yes")].customer_id.iloc[0]
+    held_out = df[held & (df.consent_churn == "yes")].customer_id.iloc[0]
+    never = df[~held & (df.consent_churn != "yes")].customer_id.iloc[0]
+    for cid in (trained, held_out, never):
+        code, out = _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
+                            "--state", str(state), "--run", str(run))
+        assert code == 0, out
     pending = [json.loads(ln) for ln in (state / "eu" / "pending_requests.jsonl").read_text().splitlines()]
-    assert [p["request_id"] for p in pending] == [receipt["request_id"]]
+    receipts = [json.loads((state / "eu" / "receipts" / f"{p['request_id']}.json").read_text()) for p in pending]
+    assert len(list((state / "eu" / "receipts").glob("*.json"))) == 3
+    expected = int(shard_of(np.asarray([trained], dtype=object), shards=4, secret=region_secret(state / "eu"))[0])
+    assert receipts[0]["stale_constituents"] == [
+        {"run_dir": str(run.resolve()), "shard": expected, "shards": 4, "model_version": 3}]
+    assert receipts[0]["status"] == "pending_retrain"
+    assert [r["stale_constituents"] for r in receipts[1:]] == [[], []]  # never trained: nothing to retrain
+    assert [p["stale_constituents"] for p in pending] == [r["stale_constituents"] for r in receipts]
+    marker = json.loads((run / "erasure_pending.json").read_text())  # the erasure machinery's stale marker
+    assert marker["stale"] == [{"region": "eu", "request_id": receipts[0]["request_id"], "shard": expected}]
 
 
 def test_a_changed_consent_column_on_reimport_is_honoured(setup) -> None:

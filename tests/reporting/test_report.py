@@ -112,7 +112,7 @@ def test_privacy_utility_plot_has_error_bars_and_both_baselines() -> None:
     ax = plot_privacy_utility(df, grid=["privacy.target_epsilon"]).axes[0]
     assert "ε" in ax.get_xlabel() and "AUC" in ax.get_ylabel() and ax.get_xscale() == "log"
     labels = [ln.get_label() for ln in series_lines(ax)]
-    assert labels == ["federated, sample-level DP", "non-private federated", "centralised (pooled data, no DP)"]
+    assert labels == ["federated, sample-level DP", "non-private federated", "non-private centralised (pooled data)"]
     curve = series_lines(ax)[0]
     assert list(curve.get_xdata()) == [0.5, 1.0, 4.0]  # `none` and the failed cell are not points
     assert len(ax.containers) == 1 and ax.containers[0].has_yerr
@@ -221,3 +221,16 @@ def test_results_table_round_trips_through_parquet(tmp_path: Path) -> None:
     back = pd.read_parquet(tmp_path / "results.parquet")
     assert list(back["privacy.target_epsilon"]) == ["1.0", "none"]
     assert back.loc[0, "epsilon_eu"] == 0.9 and back.loc[1, "error"] == "boom"
+
+
+def test_report_command_writes_html_markdown_and_model_card(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+
+    run = _make_run(tmp_path / "run", tmp_path / "eu.csv")
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "report.html").exists() and (run / "report.md").exists() and (run / "model_card.md").exists()
+    bad = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert bad.exit_code == 2 and "neither a run folder" in bad.output

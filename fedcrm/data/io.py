@@ -1,0 +1,484 @@
+"""Loading a customer table through its declared schema: the one validated way data enters fedcrm.
+
+Values are read as text and parsed here, so every problem can be reported with the file, the line as
+an editor shows it (the header is line 1), the column, what was expected and what was found.
+Columns the schema does not name are never read (data minimisation).
+"""
+
+from __future__ import annotations
+
+import csv
+import operator
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedcrm.data.schema import (
+    BooleanColumn,
+    CategoricalColumn,
+    Column,
+    NumericColumn,
+    Schema,
+)
+from fedcrm.errors import DataError
+
+OTHER = "(other)"
+MISSING = "(missing)"
+_MAX_LINES_LISTED = 5
+
+
+@dataclass
+class ColumnIssues:
+    """What was repaired in one column by the declared policy (counted, not fatal)."""
+
+    clipped_low: int = 0
+    clipped_high: int = 0
+    unknown_categories: Counter[str] = field(default_factory=Counter)
+    missing_filled: int = 0
+    missing_indicated: int = 0
+    rows_dropped_missing: int = 0
+
+    def any(self) -> bool:
+        return bool(
+            self.clipped_low
+            or self.clipped_high
+            or self.unknown_categories
+            or self.missing_filled
+            or self.missing_indicated
+            or self.rows_dropped_missing
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "clipped_low": self.clipped_low,
+            "clipped_high": self.clipped_high,
+            "unknown_categories": dict(self.unknown_categories),
+            "missing_filled": self.missing_filled,
+            "missing_indicated": self.missing_indicated,
+            "rows_dropped_missing": self.rows_dropped_missing,
+        }
+        return {k: v for k, v in d.items() if v}
+
+
+@dataclass
+class ValidationReport:
+    path: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    rows_dropped: Counter[str] = field(default_factory=Counter)
+    columns: dict[str, ColumnIssues] = field(default_factory=dict)
+
+    def issues(self, column: str) -> ColumnIssues:
+        return self.columns.setdefault(column, ColumnIssues())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "rows_dropped": dict(self.rows_dropped),
+            "columns": {k: v.as_dict() for k, v in self.columns.items() if v.any()},
+        }
+
+
+@dataclass
+class CustomerTable:
+    """A validated table: one row per customer, values parsed and repaired as the schema declares.
+
+    ``values`` holds the model columns (numeric as float with NaN for an indicated missing value,
+    booleans as 0/1 float, categoricals as text with unknowns mapped to ``(other)``); ``sensitive``
+    the protected attributes (numeric ones in bands); ``consent`` one boolean column per purpose.
+    """
+
+    schema: Schema
+    ids: np.ndarray
+    labels: np.ndarray
+    values: pd.DataFrame
+    sensitive: pd.DataFrame
+    consent: pd.DataFrame
+    lines: np.ndarray
+    report: ValidationReport
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, mask: np.ndarray) -> CustomerTable:
+        """The rows where ``mask`` is true (same schema, same report)."""
+        idx = np.flatnonzero(mask)
+        return CustomerTable(
+            schema=self.schema,
+            ids=self.ids[idx],
+            labels=self.labels[idx],
+            values=self.values.iloc[idx].reset_index(drop=True),
+            sensitive=self.sensitive.iloc[idx].reset_index(drop=True),
+            consent=self.consent.iloc[idx].reset_index(drop=True),
+            lines=self.lines[idx],
+            report=self.report,
+        )
+
+
+def _lines_text(lines: np.ndarray) -> str:
+    shown = ", ".join(str(int(n)) for n in lines[:_MAX_LINES_LISTED])
+    more = f" and {len(lines) - _MAX_LINES_LISTED} more" if len(lines) > _MAX_LINES_LISTED else ""
+    return f"line {shown}{more}" if len(lines) == 1 else f"lines {shown}{more}"
+
+
+def _fail(path: Path, lines: np.ndarray, column: str, message: str) -> DataError:
+    extra = f" (also {_lines_text(lines[1:])})" if len(lines) > 1 else ""
+    return DataError(f"{message}{extra}", path=str(path), line=int(lines[0]), column=column)
+
+
+_DELIMITERS = (",", ";", "\t", "|")
+_SNIFF_BYTES = 64 * 1024
+
+
+def _first_line(text: str) -> str:
+    """The first non-blank line of ``text`` (the header of a CSV)."""
+    return next((ln for ln in text.splitlines() if ln.strip()), "")
+
+
+def _split_header(line: str, delimiter: str) -> list[str]:
+    return [h.strip() for h in next(csv.reader([line], delimiter=delimiter), [])]
+
+
+def _detect_delimiter(header_line: str, schema: Schema) -> str:
+    """The delimiter under which the header names most of the schema's columns (then: most fields).
+
+    Looking for the declared column names is sturdier than a generic sniffer, which guesses from
+    whatever characters happen to be frequent in the first rows.
+    """
+    wanted = set(schema.columns_read())
+
+    def score(d: str) -> tuple[int, int, int]:
+        fields = _split_header(header_line, d)
+        return len(wanted & set(fields)), len(fields), -_DELIMITERS.index(d)
+
+    return max(_DELIMITERS, key=score)
+
+
+def _not_a_table(path: Path, what: str) -> DataError:
+    return DataError(
+        f"not a table: {what}; expected a CSV file (a header line, then one customer per line) or a Parquet file",
+        path=str(path),
+    )
+
+
+def _sniff_kind(path: Path) -> str:
+    """``parquet`` or ``csv`` from the file's bytes; other files are refused before any parsing."""
+    with path.open("rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if path.suffix.lower() in (".parquet", ".pq"):
+        raise _not_a_table(path, "the name says Parquet but the file does not start with Parquet's `PAR1` marker")
+    if b"\x00" in head:
+        raise _not_a_table(path, "the file holds binary bytes (NUL), not text")
+    text = head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
+    if not text:
+        raise DataError("the file is empty: expected a header line and customer rows", path=str(path))
+    if text[0] in "{[":
+        raise _not_a_table(path, f"it looks like JSON (it starts with {text[0]!r})")
+    return "csv"
+
+
+def _read_parquet(path: Path, schema: Schema, *, all_columns: bool) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # pyarrow raises several types for a broken Parquet file
+        raise _not_a_table(path, f"Parquet could not read it ({e})") from None
+    _check_columns(path, schema, names)
+    wanted = names if all_columns else _wanted(schema, names)
+    frame = pq.read_table(path, columns=wanted).to_pandas()
+    out = frame.astype(object).where(frame.notna(), "")
+    out = out.map(lambda v: v if isinstance(v, str) else _num_text(v))
+    # Parquet has no lines; rows are numbered as the same table written as CSV would be (header = 1).
+    out.attrs["lines"] = np.arange(2, len(out) + 2)
+    return out
+
+
+def _wanted(schema: Schema, header: list[str]) -> list[str]:
+    wanted = schema.columns_read()
+    if schema.id.derive and schema.id.derived_column in header:
+        wanted.append(schema.id.derived_column)
+    return wanted
+
+
+def _not_utf8(path: Path) -> DataError:
+    """Where the first byte that is not UTF-8 sits (the text reader decodes in chunks, so find it here)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return DataError(f"expected UTF-8 text, found byte 0x{data[e.start]:02x} that is not UTF-8 (save the "
+                         "table as UTF-8)", path=str(path), line=line)
+    return DataError("expected UTF-8 text", path=str(path))
+
+
+def _picker(keep: list[int]) -> Callable[[list[str]], tuple[str, ...]]:
+    """A fast function taking the kept fields of a record, as a tuple (itemgetter of one is not one)."""
+    if len(keep) == 1:
+        only = keep[0]
+        return lambda record: (record[only],)
+    getter = operator.itemgetter(*keep)
+    return lambda record: getter(record)  # type: ignore[no-any-return]
+
+
+def _read_csv(path: Path, schema: Schema, *, all_columns: bool) -> pd.DataFrame:
+    """Parse the CSV with the standard library, keeping the line every record starts on.
+
+    Blank lines are skipped and quoted cells may span lines, so line numbers are counted here rather
+    than assumed to be ``row + 2``; every later error can then point at the line an editor shows.
+    """
+    with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
+        header_line = _first_line(f.read(_SNIFF_BYTES))
+    delimiter = schema.delimiter or _detect_delimiter(header_line, schema)
+    header: list[str] | None = None
+    header_at = 1
+    keep: list[int] = []
+    width = 0
+    pick: Callable[[list[str]], tuple[str, ...]] = tuple
+    rows: list[tuple[str, ...]] = []
+    lines: list[int] = []
+    start = 1
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter, strict=False)
+            for record in reader:
+                line, start = start, reader.line_num + 1
+                if not record or (len(record) == 1 and not record[0].strip()):
+                    continue  # a blank line
+                if header is None:
+                    header = [h.strip() for h in record]
+                    header_at = line
+                    _check_columns(path, schema, header, line=line, delimiter=delimiter)
+                    keep = (list(range(len(header))) if all_columns
+                            else [header.index(c) for c in _wanted(schema, header)])
+                    pick = _picker(keep)
+                    width = len(header)
+                    continue
+                if len(record) != width:
+                    raise DataError(
+                        f"expected {len(header)} {delimiter!r}-separated fields as in the header (line "
+                        f"{header_at}), found {len(record)} (a stray delimiter, an unclosed quote, or a "
+                        "truncated line?)",
+                        path=str(path), line=line,
+                    )
+                rows.append(pick(record))
+                lines.append(line)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except csv.Error as e:
+        raise DataError(f"not a readable {delimiter!r}-separated table: {e}", path=str(path), line=start) from None
+    if header is None:
+        raise DataError("the file is empty: expected a header line and customer rows", path=str(path))
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(keep)
+    frame = pd.DataFrame({k: np.asarray(c, dtype=object) for k, c in enumerate(columns)},
+                         index=range(len(rows)), dtype=object)
+    frame.columns = [header[i] for i in keep]
+    frame.attrs["lines"] = np.asarray(lines, dtype=np.int64)
+    return frame
+
+
+def read_raw(path: Path, schema: Schema, *, all_columns: bool = False) -> pd.DataFrame:
+    """The schema's columns of the file, as text; nothing else is kept (data minimisation).
+
+    A table whose schema derives ids may carry them in ``id.derived_column`` (written by a split).
+    ``all_columns`` keeps every column (for :func:`fedcrm.data.split.split_table`, which copies rows
+    as they are). ``frame.attrs["lines"]`` holds the line each row starts on (the header is line 1).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path=str(path))
+    if path.is_dir():
+        raise _not_a_table(path, "it is a folder")
+    if path.stat().st_size == 0:
+        raise DataError("the file is empty: expected a header line and customer rows", path=str(path))
+    if _sniff_kind(path) == "parquet":
+        return _read_parquet(path, schema, all_columns=all_columns)
+    return _read_csv(path, schema, all_columns=all_columns)
+
+
+def _num_text(v: object) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _check_columns(
+    path: Path, schema: Schema, found: list[str], *, line: int | None = None, delimiter: str | None = None
+) -> None:
+    dupes = sorted({c for c in found if found.count(c) > 1 and c in schema.columns_read()})
+    if dupes:
+        raise DataError(f"the header names column {dupes[0]!r} twice; which one is meant is ambiguous",
+                        path=str(path), line=line, column=dupes[0])
+    missing = [c for c in schema.columns_read() if c not in found]
+    if not missing:
+        return
+    if len(found) <= 1:
+        how = f" with delimiter {delimiter!r}" if delimiter else ""
+        raise DataError(
+            f"does not look like a table of schema {schema.name}: expected a header with columns such as "
+            f"{schema.columns_read()[:4]}, found {len(found)} field{'s' if len(found) != 1 else ''}{how}: "
+            f"{[f[:40] for f in found[:4]]} (wrong file, or wrong delimiter?)",
+            path=str(path), line=line,
+        )
+    raise DataError(
+        f"expected column{'s' if len(missing) > 1 else ''} {missing} (required by schema {schema.name}), "
+        f"found a header without {'them' if len(missing) > 1 else 'it'}: {found}",
+        path=str(path), line=line if line is not None else 1, column=missing[0],
+    )
+
+
+def _parse_column(
+    raw: pd.Series, col: Column, *, lines: np.ndarray, path: Path, report: ValidationReport
+) -> tuple[pd.Series, np.ndarray]:
+    """Parse one column; returns the values and a mask of rows to drop (missing, policy ``drop``)."""
+    text = raw.astype(str).str.strip()
+    missing = text.isin(col.missing_spellings).to_numpy()
+    issues = report.issues(col.name)
+    drop = np.zeros(len(text), dtype=bool)
+    if missing.any():
+        if col.missing == "error":
+            raise _fail(path, lines[missing], col.name,
+                        f"expected a value, found an empty cell ({text.to_numpy()[missing][0]!r}); declare a "
+                        "`missing` policy in the schema (drop, fill or indicator) if blanks are expected")
+        if col.missing == "drop":
+            drop = missing
+            issues.rows_dropped_missing += int(missing.sum())
+        elif col.missing == "fill":
+            issues.missing_filled += int(missing.sum())
+        else:
+            issues.missing_indicated += int(missing.sum())
+
+    if isinstance(col, NumericColumn):
+        num = pd.to_numeric(text.where(~missing, "nan"), errors="coerce").to_numpy(dtype=float)
+        bad = np.isnan(num) & ~missing | np.isinf(num)
+        if bad.any():
+            first = text.to_numpy()[bad][0]
+            raise _fail(path, lines[bad], col.name, f"expected a number, found {first!r}")
+        if col.missing == "fill":
+            num[missing] = col.fill  # type: ignore[assignment]
+        low, high = num < col.min, num > col.max
+        issues.clipped_low += int(low.sum())
+        issues.clipped_high += int(high.sum())
+        return pd.Series(np.clip(num, col.min, col.max)), drop
+
+    if isinstance(col, BooleanColumn):
+        t = text.isin(col.true_values).to_numpy()
+        f = text.isin(col.false_values).to_numpy()
+        bad = ~(t | f | missing)
+        if bad.any():
+            first = text.to_numpy()[bad][0]
+            raise _fail(path, lines[bad], col.name,
+                        f"expected one of {list(col.true_values + col.false_values)}, found {first!r}")
+        out = np.where(t, 1.0, 0.0)
+        out[missing] = np.nan if col.missing != "fill" else float(bool(col.fill))
+        return pd.Series(out), drop
+
+    assert isinstance(col, CategoricalColumn)
+    values = text.to_numpy(dtype=object)
+    unknown = ~np.isin(values, col.vocabulary) & ~missing
+    if unknown.any():
+        if col.unknown == "error":
+            raise _fail(path, lines[unknown], col.name,
+                        f"expected one of {list(col.vocabulary)}, found {values[unknown][0]!r}")
+        issues.unknown_categories.update(values[unknown].tolist())
+        values[unknown] = OTHER
+    values[missing] = col.fill if col.missing == "fill" else MISSING
+    return pd.Series(values), drop
+
+
+def _band(values: np.ndarray, bands: tuple[float, ...]) -> np.ndarray:
+    edges = list(bands)
+    labels = [f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:], strict=False)]
+    labels.append(f">={edges[-1]:g}")
+    idx = np.searchsorted(np.asarray(edges), values, side="right")
+    return np.asarray(labels, dtype=object)[idx]
+
+
+def load_table(path: str | Path, schema: Schema) -> CustomerTable:
+    """Read and validate a customer table; raises :class:`DataError` naming file, line and column."""
+    path = Path(path)
+    raw = read_raw(path, schema)
+    n = len(raw)
+    if n == 0:
+        raise DataError("expected customer rows after the header, found none (the table has only a header)",
+                        path=str(path), line=1)
+    report = ValidationReport(path=str(path), rows_read=n)
+    lines = np.asarray(raw.attrs.get("lines", np.arange(2, n + 2)), dtype=np.int64)
+
+    id_column = schema.id.column or (schema.id.derived_column if schema.id.derived_column in raw else None)
+    if id_column:
+        ids = raw[id_column].astype(str).str.strip().to_numpy(dtype=object)
+        blank = ids == ""
+        if blank.any():
+            raise _fail(path, lines[blank], id_column, "expected a customer id, found an empty cell")
+    else:
+        ids = np.asarray([f"{schema.id.prefix}{ln:06d}" for ln in lines], dtype=object)
+    dup = pd.Series(ids).duplicated(keep=False).to_numpy()
+    if dup.any():
+        first = ids[dup][0]
+        same = lines[ids == first]
+        raise DataError(
+            f"customer id {first!r} appears {len(same)} times ({_lines_text(same)}); "
+            f"ids must be unique ({int(dup.sum())} rows share an id)",
+            path=str(path), line=int(same[0]), column=id_column,
+        )
+
+    lab = schema.label
+    label_text = raw[lab.column].astype(str).str.strip()
+    pos = label_text.isin(lab.positive).to_numpy()
+    neg = label_text.isin(lab.negative).to_numpy()
+    bad = ~(pos | neg)
+    if bad.any():
+        raise _fail(path, lines[bad], lab.column,
+                    f"expected a label value among {list(lab.positive + lab.negative)}, found "
+                    f"{label_text.to_numpy()[bad][0]!r}")
+
+    drop = np.zeros(n, dtype=bool)
+    values: dict[str, pd.Series] = {}
+    for col in schema.model_columns:
+        values[col.name], d = _parse_column(raw[col.name], col, lines=lines, path=path, report=report)
+        drop |= d
+        if d.any():
+            report.rows_dropped[f"missing {col.name}"] += int(d.sum())
+    sensitive: dict[str, Any] = {}
+    for s in schema.sensitive:
+        parsed = values.get(s.column.name)
+        if parsed is None:
+            parsed, d = _parse_column(raw[s.column.name], s.column, lines=lines, path=path, report=report)
+            drop |= d
+            if d.any():
+                report.rows_dropped[f"missing {s.column.name}"] += int(d.sum())
+        sensitive[s.column.name] = _band(parsed.to_numpy(dtype=float), s.bands) if s.bands else parsed.to_numpy()
+    consent: dict[str, np.ndarray] = {}
+    for c in schema.consent:
+        text = raw[c.column].astype(str).str.strip()
+        granted = text.isin(c.granted).to_numpy()
+        bad = ~(granted | text.isin(c.refused).to_numpy())
+        if bad.any():
+            raise _fail(path, lines[bad], c.column,
+                        f"consent must be one of {list(c.granted + c.refused)}, found {text.to_numpy()[bad][0]!r}")
+        consent[c.purpose] = granted
+
+    keep = ~drop
+    report.rows_kept = int(keep.sum())
+    table = CustomerTable(
+        schema=schema,
+        ids=ids,
+        labels=pos.astype(np.int64),
+        values=pd.DataFrame(values),
+        sensitive=pd.DataFrame(sensitive, index=range(n)),
+        consent=pd.DataFrame(consent, index=range(n)),
+        lines=lines,
+        report=report,
+    )
+    return table if keep.all() else table.subset(keep)

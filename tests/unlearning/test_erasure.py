@@ -1,0 +1,219 @@
+"""Erasure end to end in real Flower simulations: exactness against a from-scratch run, no trace of the
+ids, the ledger charged for the retrain on the stale shard only, crash and resume, budget refusal.
+
+One tiny federation (2 regions x 600 synthetic customers, 2 shards, 2 rounds, DP) is trained once for
+the module; the tests work on copies of its run and state folders.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import write_tiny_config
+
+from fedcrm.commands.unlearning import forget_customers, retrain_run
+from fedcrm.config import load_config
+from fedcrm.errors import PrivacyBudgetError, UnlearningError
+from fedcrm.fl.simulation import run_simulated
+from fedcrm.privacy.accountant import GaussianRelease, epsilon
+from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.runs import load_weights
+from fedcrm.unlearning import retrain as retrain_mod
+from fedcrm.unlearning.erasure import RUN_MARKER, ErasureStore
+from fedcrm.unlearning.retrain import retrain, run_view
+
+SHARDS = 2
+STALE = 1  # the forgotten customers are all in this shard
+
+
+def _copy(src: Path, dst: Path) -> tuple[Path, Path]:
+    """A copy of the trained run and its state: config.yaml's absolute data paths still hold."""
+    shutil.copytree(src / "run", dst / "run")
+    shutil.copytree(src / "state", dst / "state")
+    return dst / "run", dst / "state"
+
+
+def _eps(state: Path, region: str, delta: float) -> dict[int, float]:
+    return PrivacyLedger.open(state / region, region=region).epsilon_by_shard(delta=delta, accountant="rdp")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("trained")
+    cfg = load_config(write_tiny_config(base, regions={"eu": 600, "us": 600},
+                                        overrides={"unlearning.shards": SHARDS}))
+    run_simulated(cfg, run_dir=base / "run", state_root=base / "state", report=lambda s: None)
+    return base
+
+
+@pytest.fixture(scope="module")
+def erased(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Forget 3 customers of eu (shard 1), crash the retrain twice, finish it; keep what each step showed."""
+    base = tmp_path_factory.mktemp("erased")
+    run, state = _copy(trained, base)
+    view = run_view(run, region="eu", state_root=state)
+    victims = [cid for cid, k in view.trained.items() if k == STALE][:3]
+    delta = json.loads((run / "summary.json").read_text())["privacy"]["eu"]["delta"]
+    seen: dict[str, Any] = {
+        "run": run, "state": state, "victims": victims, "delta": delta, "log": [],
+        "old": {k: load_weights(run / "model" / f"constituent-{k}.npz") for k in range(SHARDS)},
+        "old_bytes": {p.relative_to(run): p.read_bytes() for p in run.rglob("*.npz")},
+        "eps_before": {r: _eps(state, r, delta) for r in ("eu", "us")},
+    }
+    requests = forget_customers(region="eu", customer_ids=victims, state_root=state, runs=[run])
+    seen["requests"] = [r.request_id for r in requests]
+
+    # Crash 1: the federated run dies half-way (a partial checkpoint in the staging folder).
+    def dying(cfg: Any, *, run_dir: Path, **kwargs: Any) -> dict[str, Any]:
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / f"round-0001-shard-{STALE}.npz").write_bytes(b"partial")
+        raise RuntimeError("node lost")
+
+    with pytest.raises(UnlearningError, match="old model \\(version 1\\) is still served") as e1:
+        retrain(run, state_root=state, simulate=dying, report=seen["log"].append)
+    seen["crash1"] = {
+        "error": str(e1.value),
+        "bytes_unchanged": all((run / p).read_bytes() == b for p, b in seen["old_bytes"].items()),
+        "version": json.loads((run / "model" / "model.json").read_text())["version"],
+        "status": {r.status for r in ErasureStore(state / "eu", region="eu").all()},
+        "marker": (run / RUN_MARKER).exists(),
+    }
+
+    # Crash 2: the retrain finished, the commit died before the receipts were written.
+    def no_receipts(plan: Any) -> Any:
+        raise OSError("disk full")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(retrain_mod, "_serve_requests", no_receipts)
+    with pytest.raises(OSError, match="disk full"):
+        retrain_run(run, state_root=state, report=seen["log"].append)
+    mp.undo()
+    seen["crash2"] = {
+        "status": {r.status for r in ErasureStore(state / "eu", region="eu").all()},
+        "marker": (run / RUN_MARKER).exists(),
+    }
+
+    # Resume: completes from the finished retrain, without training again.
+    def must_not_train(*a: Any, **k: Any) -> dict[str, Any]:
+        raise AssertionError("the finished retrain should be committed, not run again")
+
+    seen["result"] = retrain(run, state_root=state, simulate=must_not_train, report=seen["log"].append)
+    seen["eps_after"] = {r: _eps(state, r, delta) for r in ("eu", "us")}
+    return seen
+
+
+def test_a_crashed_retrain_leaves_the_old_model_served_and_the_request_pending(erased: dict[str, Any]) -> None:
+    c1 = erased["crash1"]
+    assert c1["bytes_unchanged"] and c1["version"] == 1
+    assert c1["status"] == {"pending"} and c1["marker"]
+    assert "fedcrm retrain" in c1["error"]
+    assert erased["crash2"]["status"] == {"pending"} and erased["crash2"]["marker"]
+    result = erased["result"]
+    assert result.resumed and result.stale == [STALE] and result.model_version == 2
+    assert {r.status for r in ErasureStore(erased["state"] / "eu", region="eu").all()} == {"served"}
+    assert not (erased["run"] / RUN_MARKER).exists()
+    assert not list(erased["run"].glob(".retrain-*")), "the staging folder was not removed"
+
+
+def test_only_the_stale_constituent_changes_and_its_old_weights_are_gone(erased: dict[str, Any]) -> None:
+    run = erased["run"]
+    meta = json.loads((run / "model" / "model.json").read_text())
+    assert meta["version"] == 2 and meta["shards"] == list(range(SHARDS))
+    new = {k: load_weights(run / "model" / f"constituent-{k}.npz") for k in range(SHARDS)}
+    old = erased["old"]
+    assert all(np.array_equal(new[0][n], old[0][n]) for n in old[0])
+    assert not all(np.array_equal(new[STALE][n], old[STALE][n]) for n in old[STALE])
+    old_bytes = erased["old_bytes"]
+    for p, b in old_bytes.items():
+        if f"shard-{STALE}" in p.name or p.name == f"constituent-{STALE}.npz":
+            assert (run / p).read_bytes() != b, f"{p} still holds the pre-erasure weights"
+        else:
+            assert (run / p).read_bytes() == b, f"{p} of an untouched shard changed"
+    stale_old = {b for p, b in old_bytes.items() if f"shard-{STALE}" in p.name or p.name.endswith(f"-{STALE}.npz")}
+    assert not any(p.read_bytes() in stale_old for p in run.rglob("*") if p.is_file())
+
+
+def test_the_retrain_is_charged_to_the_stale_shard_only(erased: dict[str, Any]) -> None:
+    before, after = erased["eps_before"], erased["eps_after"]
+    for region in ("eu", "us"):  # both regions retrained shard 1 without the customers
+        assert after[region][STALE] > before[region][STALE] * 1.1
+        assert after[region][0] == before[region][0]
+    receipts = erased["result"].receipts
+    assert len(receipts) == 3
+    for r in receipts:
+        assert r["status"] == "served" and r["shard"] == STALE and r["region"] == "eu"
+        assert (r["model_version_before"], r["model_version_after"]) == (1, 2)
+        assert r["privacy"]["epsilon_before"] == pytest.approx(before["eu"][STALE])
+        assert r["privacy"]["epsilon_after"] == pytest.approx(after["eu"][STALE])
+        assert r["requested_at"] <= r["served_at"]
+    history = [json.loads(x) for x in (erased["run"] / "erasures.jsonl").read_text().splitlines()]
+    assert sorted(h["request_id"] for h in history) == sorted(erased["requests"])  # once each, despite the crash
+    assert sorted(p.stem for p in (erased["run"] / "receipts").glob("*.json")) == sorted(erased["requests"])
+
+
+def test_forgotten_ids_appear_nowhere_in_the_run_receipts_state_or_logs(erased: dict[str, Any]) -> None:
+    files = [p for p in erased["run"].rglob("*") if p.is_file()]
+    files += [p for p in erased["state"].rglob("*") if p.is_file()]
+    assert any(p.name == "erasures.jsonl" for p in files) and any("audit" in p.name for p in files)
+    for victim in erased["victims"]:
+        needle = victim.encode()
+        assert not [p for p in files if needle in p.read_bytes()], f"{victim} found on disk"
+        assert not any(victim in line for line in erased["log"])
+        assert victim not in json.dumps([r for r in erased["result"].receipts])
+
+
+def test_forget_and_retrain_equals_training_from_scratch_without_the_customers(
+    erased: dict[str, Any], tmp_path: Path
+) -> None:
+    """Bit for bit: same seeds, same shards (the region secrets are copied), rows removed from the files."""
+    cfg = load_config(erased["run"] / "config.yaml")
+    victims = set(erased["victims"])
+    regions = {}
+    for region, path in cfg.regions.items():
+        lines = Path(path).read_text().splitlines(keepends=True)
+        kept = [ln for i, ln in enumerate(lines) if i == 0 or ln.split(",", 1)[0] not in victims]
+        assert len(lines) - len(kept) == (len(victims) if region == "eu" else 0)
+        regions[region] = tmp_path / f"{region}.csv"
+        regions[region].write_text("".join(kept))
+        (tmp_path / "state" / region).mkdir(parents=True)
+        shutil.copy(erased["state"] / region / "region_secret.key", tmp_path / "state" / region)
+    ref_cfg = cfg.model_copy(update={"regions": regions})
+    run_simulated(ref_cfg, run_dir=tmp_path / "ref", state_root=tmp_path / "state", report=lambda s: None)
+    for k in range(SHARDS):
+        got = load_weights(erased["run"] / "model" / f"constituent-{k}.npz")
+        want = load_weights(tmp_path / "ref" / "model" / f"constituent-{k}.npz")
+        assert got.keys() == want.keys()
+        for name in got:
+            assert np.array_equal(got[name], want[name]), f"constituent {k} {name} differs from the from-scratch run"
+
+
+def test_a_retrain_over_budget_is_refused_and_changes_nothing(trained: Path, tmp_path: Path) -> None:
+    run, state = _copy(trained, tmp_path)
+    delta = json.loads((run / "summary.json").read_text())["privacy"]["us"]["delta"]
+    ledger = PrivacyLedger.open(state / "us", region="us")
+    # Another use of the us data has spent nearly all of shard 1's budget (the default, 10).
+    history = ledger.releases(STALE)
+    other = next(GaussianRelease(float(s), 0.2, 60) for s in np.linspace(1.0, 3.0, 201)
+                 if epsilon([*history, GaussianRelease(float(s), 0.2, 60)], delta=delta, accountant="rdp") < 9.9)
+    ledger.record_release(shard=STALE, purpose="churn", run_id="other", round=1, release=other, delta=delta)
+    spent = ledger.epsilon_by_shard(delta=delta, accountant="rdp")[STALE]
+    assert 9.5 < spent < 10
+    victim = next(cid for cid, k in run_view(run, region="us", state_root=state).trained.items() if k == STALE)
+    forget_customers(region="us", customer_ids=[victim], state_root=state, runs=[run])
+    events_before = len(ledger.events())
+
+    def must_not_train(*a: Any, **k: Any) -> dict[str, Any]:
+        raise AssertionError("a refused retrain must not start")
+
+    with pytest.raises(PrivacyBudgetError, match="region us refuses the erasure retrain of shard 1") as e:
+        retrain(run, state_root=state, simulate=must_not_train, report=lambda s: None)
+    assert "stays served" in str(e.value) and "pending" in str(e.value)
+    assert len(ledger.events()) == events_before
+    assert json.loads((run / "model" / "model.json").read_text())["version"] == 1
+    assert [r.status for r in ErasureStore(state / "us", region="us").all()] == ["pending"]
+    assert (run / RUN_MARKER).exists()
