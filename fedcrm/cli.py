@@ -269,6 +269,9 @@ _report_commands.register(app)
 from fedcrm.commands import unlearning as _unlearning_commands  # noqa: E402
 
 _unlearning_commands.register(app)
+from fedcrm.commands import deploy as _deploy_commands  # noqa: E402
+
+_deploy_commands.register(app)
 
 
 def main() -> None:

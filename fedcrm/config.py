@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedcrm.errors import ConfigError
 from fedcrm.yamlio import read_yaml_mapping, validate_mapping
 
+# Data path of a region named without one (``regions: [eu, us]``): set by the data owner's node config.
+NODE_PATH_PLACEHOLDER = "<node-config>"
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -121,6 +124,16 @@ class ExperimentConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _names_only(cls, value: Any) -> Any:
+        """Deployment: ``regions: [eu, us]`` names the regions; each one's file is set on its own node."""
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError("a list of regions must hold region names only")
+            return {name: Path(f"{NODE_PATH_PLACEHOLDER}/{name}") for name in value}
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
         if not self.regions and self.split is None:
@@ -143,6 +156,8 @@ class ExperimentConfig(_Section):
     def resolved(self, base: Path) -> ExperimentConfig:
         """Paths made absolute against ``base`` (the config file's folder)."""
         def fix(p: Path) -> Path:
+            if p.parts and p.parts[0] == NODE_PATH_PLACEHOLDER:
+                return p  # a region named without a path (deployment): its data owner sets the file
             return p if p.is_absolute() else (base / p).resolve()
 
         update: dict[str, Any] = {"schema_path": fix(self.schema_path), "output_dir": fix(self.output_dir)}

@@ -479,7 +479,7 @@ def _plain_epsilon(eps: float, delta: float) -> str:
     return (f"ε = {eps:.2f}, δ = {delta:.0e}: for any one customer, anything computed from this model is at most "
             f"e^ε ≈ {odds:.1f}× more (or less) likely with their record in the training data than without it, "
             f"except with probability δ. An observer who thought it 50–50 that the customer was included can "
-            f"be at most {odds / (1 + odds):.0%} sure after seeing the model.")
+            f"be at most about {odds / (1 + odds):.0%} sure after seeing the model (δ aside).")
 
 
 def model_card(view: RunView) -> str:
@@ -502,7 +502,9 @@ def model_card(view: RunView) -> str:
     model = cfg.get("model", {})
     training = cfg.get("training", {})
     lines += ["## Model", "",
-              f"{model.get('kind', '?')} (hidden layers {model.get('hidden')}), trained for "
+              f"{model.get('kind', '?')}"
+              + (f" (hidden layers {model.get('hidden')})" if model.get("kind") == "mlp" else "")
+              + f", trained for "
               f"{training.get('rounds')} federated rounds × {training.get('local_epochs')} local epoch(s), "
               f"{(cfg.get('federation') or {}).get('strategy', 'fedavg')}, "
               f"{s.get('shards', 1)} SISA shard(s) (served model = mean of the constituents' probabilities).", "",
@@ -530,12 +532,14 @@ def model_card(view: RunView) -> str:
                   "during training, against anyone, the server included."]
         if worst is not None:
             lines += ["", _plain_epsilon(float(worst["epsilon"]), float(worst["delta"])) +
-                      " (the largest ε spent by any region; per region below)."]
+                      " This is the largest ε spent by any region; per region below."]
         lines += ["", "| region | ε spent | δ | budget |", "|---|---|---|---|"]
         lines += [f"| {r} | {p.get('epsilon') if p.get('epsilon') is None else round(p['epsilon'], 3)} | "
                   f"{p.get('delta'):.0e} | {p.get('budget')} |" for r, p in priv.items()]
-        lines += ["", "It does not hide facts true of many customers at once (a region's churn rate), and a "
-                  "customer with several records (e.g. duplicated across regions) is protected per record."]
+        lines += ["", "This is sample-level, not client-level, privacy: it protects each customer's record, not "
+                  "whether a whole region took part; it does not hide facts true of many customers at once (a "
+                  "region's churn rate), and a customer with several records (e.g. in two regions) is protected "
+                  "per record."]
     elif mode == "client_dp":
         lines += ["Client-level differential privacy (DP-FedAvg): the server clips each region's whole update and "
                   "adds noise, so ε bounds what the model reveals about a whole region's participation. The "
@@ -555,12 +559,10 @@ def model_card(view: RunView) -> str:
         lines += [f"| {r} | {d.get('auc', math.nan):.4f} | {d.get('log_loss', math.nan):.4f} | "
                   f"{int(d.get('customers', 0))} |" for r, d in by_region.items()]
     lines += ["", "## Known limits", "",
-              "- AUC is computed from 1/100-wide score histograms (ties within a bin count one half); it may "
-              "differ from the exact AUC in the third decimal.",
+              "- AUC is computed from score histograms of 2,000 bins (ties within a bin count one half); it may "
+              "differ slightly from the exact AUC.",
               "- The hold-out comes from the same regions and period as the training data: drift over time and "
               "new regions are not measured.",
-              "- DP noise comes from a seeded pseudo-random generator (repeatable runs); the ε figures assume "
-              "ideal noise.",
               "- Per-group fairness is not part of this card; check it before any use that affects customers.",
               *[f"- {w}" for w in s.get("warnings", [])],
               "", f"Code version {s.get('code_version', 'unknown')}, config sha256 {s.get('config_sha256')}.", ""]

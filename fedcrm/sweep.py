@@ -250,7 +250,6 @@ def run_sweep(
     out_dir: Path | None = None,
     engine: Literal["shared", "per_cell"] | None = None,
     report: Report = print,
-    only: Callable[[Cell], bool] | None = None,
 ) -> pd.DataFrame:
     """Run every incomplete cell; write the results table after each cell; return it."""
     from fedcrm.baseline import run_centralised
@@ -273,7 +272,7 @@ def run_sweep(
         o = CellOutcome(cell, cfg, run_dir, "pending")
         if is_complete(run_dir, cfg):
             o.status, o.summary = "skipped", json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        elif only is None or only(cell):
+        else:
             todo.append(o)
         outcomes.append(o)
     skipped = sum(o.status == "skipped" for o in outcomes)
@@ -294,7 +293,9 @@ def run_sweep(
         timings["cells_run"] += 1
         write_results(outcomes, sweep_dir)
 
-    for o in todo:  # a fresh start for every incomplete cell: an earlier attempt spent nothing for it
+    # A fresh start for every incomplete cell: the ledger of an interrupted attempt belongs to no result,
+    # and keeping it would charge that attempt's spend to the new one.
+    for o in todo:
         shutil.rmtree(o.run_dir, ignore_errors=True)
         shutil.rmtree(sweep_dir / "state" / o.cell.id, ignore_errors=True)
 

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from fedcrm.commands import audit
 from fedcrm.commands.audit import audit_app
 from fedcrm.errors import FedcrmError
 
@@ -142,6 +143,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(consent_app, name="consent")
     app.command("export")(export)
     audit_app.command("verify")(audit_verify)
-    # The `audit` group is shared with other modules (fedcrm.commands.audit); attach it once.
-    if not any(g.typer_instance is audit_app for g in app.registered_groups):
-        app.add_typer(audit_app, name="audit")
+    audit.register(app)  # the shared `audit` group; attaches once whoever calls first

@@ -120,8 +120,10 @@ def run_federation(
     described: dict[str, dict[str, float]] = {}
     refused: dict[str, str] = {}
     excluded: set[int] = set(nodes)
+    node_regions: dict[int, str] = {}  # node id -> region, to name a region that later goes silent
     for msg in replies:
         region, outcome, reason = _status(msg)
+        node_regions[msg.metadata.src_node_id] = region
         if outcome == wire.OUTCOME_OK:
             described[region] = {k: float(v) for k, v in msg.content[wire.METRICS].items()}  # type: ignore[arg-type]
             excluded.discard(msg.metadata.src_node_id)
@@ -151,6 +153,8 @@ def run_federation(
     constituents: dict[int, dict[str, np.ndarray]] = dict(initial or {})
     rounds_log: list[dict[str, Any]] = []
     all_events: dict[str, dict[str, str]] = {"refused": dict(refused), "failed": {}, "rejected": {}}
+    for node in sorted(set(nodes) - set(node_regions)):
+        all_events["failed"][f"node-{node}"] = "no reply to the pre-flight within the round timeout"
 
     for k in shards:
 
@@ -186,6 +190,7 @@ def run_federation(
             min_regions=cfg.federation.min_regions,
             excluded_nodes=excluded,
             on_round=on_round,
+            node_regions=node_regions,
         )
         init = build_model(cfg.model, n_features=len(feature_names), seed=cfg.seed * 1000 + k)
 

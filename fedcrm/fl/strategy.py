@@ -49,7 +49,9 @@ def build_strategy(cfg: ExperimentConfig, *, regions: int) -> Strategy:
         fraction_evaluate=1.0,
         min_train_nodes=min(fed.min_regions, regions),
         min_evaluate_nodes=min(fed.min_regions, regions),
-        min_available_nodes=regions,
+        # Not `regions`: Flower's sampler waits until that many nodes are online, so one region whose node
+        # dies would stall the whole run; run_federation has already waited for every region to connect.
+        min_available_nodes=min(fed.min_regions, regions),
     )
     inner: Strategy
     if fed.strategy == "fedprox":
@@ -154,8 +156,12 @@ class GuardedStrategy(Strategy):
         min_regions: int,
         excluded_nodes: set[int],
         on_round: Callable[[int, RoundEvents, dict[str, dict[str, float]], dict[str, float]], None],
+        node_regions: dict[int, str] | None = None,
     ) -> None:
         self.inner = inner
+        # node id -> region name (from the pre-flight), to name a region that was asked but never answered.
+        self.node_regions = dict(node_regions or {})
+        self.sent: dict[tuple[str, int], set[int]] = {}
         self.min_regions = min_regions
         self.excluded_nodes = excluded_nodes
         self.on_round = on_round
@@ -170,12 +176,16 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         self.expected = {k: tuple(v.shape) for k, v in arrays.items()}
         msgs = self.inner.configure_train(server_round, arrays, config, grid)
-        return [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
+        out = [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
+        self.sent[("train", server_round)] = {m.metadata.dst_node_id for m in out}
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ev = self.events.setdefault(server_round, RoundEvents())
+        replies = list(replies)
+        self._record_silent(ev, "training", self.sent.get(("train", server_round), set()), replies)
         accepted = []
         for msg in replies:
             region, outcome, reason = _status(msg)
@@ -205,9 +215,27 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         msgs = self.inner.configure_evaluate(server_round, arrays, config, grid)
-        return [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
+        out = [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
+        self.sent[("evaluate", server_round)] = {m.metadata.dst_node_id for m in out}
+        return out
+
+    def _record_silent(self, ev: RoundEvents, phase: str, sent: set[int], replies: list[Message]) -> None:
+        """A node that was sent a message and did not answer within the round's timeout sends nothing at
+        all (Flower passes only replies on): name it here, or the summary would not say it was missing."""
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in sorted(sent - answered):
+            region = self.node_regions.get(node, f"node-{node}")
+            ev.failed.setdefault(region, f"no reply within the round timeout ({phase})")
+            log.warning("region %s: no reply within the round timeout (%s)", region, phase)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._record_silent(
+            self.events.setdefault(server_round, RoundEvents()),
+            "evaluation",
+            self.sent.get(("evaluate", server_round), set()),
+            replies,
+        )
         per_region, pooled, _ = pooled_evaluation(replies)
         self.on_round(server_round, self.events.get(server_round, RoundEvents()), per_region, pooled)
         return MetricRecord(pooled) if pooled else None  # type: ignore[arg-type]

@@ -128,3 +128,14 @@ def test_a_run_stops_with_the_reasons_when_too_few_regions_can_take_part(tmp_pat
     with pytest.raises(FederationError, match="purpose `churn` is not allowed"):
         run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state",
                       report=lambda s: None)
+
+
+def test_client_level_dp_runs_through_flowers_wrapper_and_warns_with_few_regions(tmp_path: Path) -> None:
+    path = write_tiny_config(tmp_path, overrides={"privacy.mode": "client_dp", "privacy.client_noise_multiplier": 1.0,
+                                                  "federation.strategy": "fedmedian"})
+    summary = run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state",
+                            report=lambda s: None)
+    assert any("client-level DP with only 2 regions protects little" in w for w in summary["warnings"])
+    events = PrivacyLedger.open(tmp_path / "state" / "eu", region="eu").events()
+    assert len(events) == 2 and all(e.sample_rate == 1.0 and e.noise_multiplier == 1.0 for e in events)
+    assert np.isfinite(summary["final_metrics"]["log_loss"])

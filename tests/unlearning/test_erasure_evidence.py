@@ -1,0 +1,73 @@
+"""Evidence that an erasure forgets: the forgotten customers' membership signal (their loss under the
+model) falls to that of customers the model never saw.
+
+The run is deliberately overfit and without DP (a wide MLP, many local epochs), so that before the
+erasure the model's loss on its own training customers is clearly lower than on the hold-out: that is
+the signal a membership-inference attack reads. After `forget` + `retrain`, the forgotten customers'
+losses are compared with the hold-out's by a two-sample Kolmogorov-Smirnov test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_tiny_config
+from scipy.stats import ks_2samp
+
+from fedcrm.commands.unlearning import forget_customers, retrain_run
+from fedcrm.config import load_config
+from fedcrm.data.schema import load_schema
+from fedcrm.fl.simulation import run_simulated
+from fedcrm.models import build_model, ensemble_proba, set_weights
+from fedcrm.region import Region
+from fedcrm.runs import load_weights
+from fedcrm.unlearning.retrain import node_settings
+
+SHARD = 0
+N_FORGOTTEN = 60
+
+
+def _losses(cfg, run: Path, x: np.ndarray, y: np.ndarray, *, shards: list[int]) -> np.ndarray:
+    models = []
+    for k in shards:
+        m = build_model(cfg.model, n_features=x.shape[1], seed=0)
+        set_weights(m, load_weights(run / "model" / f"constituent-{k}.npz"))
+        models.append(m)
+    p = np.clip(ensemble_proba(models, x.astype(np.float32)), 1e-7, 1 - 1e-7)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def test_forgotten_customers_lose_their_membership_signal(tmp_path: Path) -> None:
+    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 700, "us": 600}, overrides={
+        "unlearning.shards": 2,
+        "privacy": {"mode": "none"},
+        "model": {"kind": "mlp", "hidden": [128, 128]},
+        "training": {"rounds": 2, "local_epochs": 40, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.005},
+    }))
+    run, state = tmp_path / "run", tmp_path / "state"
+    run_simulated(cfg, run_dir=run, state_root=state, report=lambda s: None)
+
+    data = Region(node_settings(cfg, region="eu", state_root=state)).load(cfg, load_schema(cfg.schema_path))
+    members = np.flatnonzero(~data.holdout & (data.shard == SHARD))
+    forgotten, kept = members[:N_FORGOTTEN], members[N_FORGOTTEN:]
+    holdout = np.flatnonzero(data.holdout)
+    x, y = data.x, data.y.astype(np.float64)
+
+    before = _losses(cfg, run, x, y, shards=[SHARD])
+    assert before[forgotten].mean() < 0.6 * before[holdout].mean(), "the config no longer overfits: no signal"
+    assert ks_2samp(before[forgotten], before[holdout]).pvalue < 1e-3
+
+    forget_customers(region="eu", customer_ids=[str(i) for i in data.ids[forgotten]], state_root=state, runs=[run])
+    result = retrain_run(run, state_root=state, report=lambda s: None)
+    assert result.stale == [SHARD]
+
+    after = _losses(cfg, run, x, y, shards=[SHARD])
+    # The retrained constituent still remembers the customers it kept (the test can see a signal) ...
+    assert ks_2samp(after[kept], after[holdout]).pvalue < 1e-3
+    # ... but the forgotten ones now look like customers it never saw.
+    assert ks_2samp(after[forgotten], after[holdout]).pvalue > 0.05
+    assert after[forgotten].mean() == pytest.approx(after[holdout].mean(), rel=0.35)
+    served = _losses(cfg, run, x, y, shards=[0, 1])
+    assert ks_2samp(served[forgotten], served[holdout]).pvalue > 0.05
