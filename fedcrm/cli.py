@@ -151,6 +151,13 @@ def run(
         Path | None, typer.Option("--out", help="Run folder (default: OUTPUT_DIR/NAME from the config).")
     ] = None,
     state: StateOpt = DEFAULT_STATE,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted run in --out (or the config's run folder) from its last "
+            "completed round, with the same seeds: the result equals an uninterrupted run."
+        ),
+    ] = False,
 ) -> None:
     """Train a model across regions in simulation (one virtual Flower SuperNode per region).
 
@@ -170,7 +177,11 @@ def run(
             f"privacy {cfg.privacy.mode}"
             + (f" ε={cfg.privacy.target_epsilon:g}" if cfg.privacy.mode == "sample_dp" else "")
         )
-        summary = run_simulated(cfg, run_dir=run_dir, state_root=state, report=lambda s: console.print(s))
+        if resume and not (run_dir / "config.yaml").exists():
+            raise FedcrmError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
+        summary = run_simulated(
+            cfg, run_dir=run_dir, state_root=state, report=lambda s: console.print(s), resume=resume
+        )
         if cfg.tracking.kind != "none":
             from fedcrm.report import write_run_report
             from fedcrm.tracking import log_run
@@ -281,3 +292,7 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -85,10 +85,21 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def checkpoint_path(self, *, round_: int, shard: int) -> Path:
+        return self.path / "checkpoints" / f"round-{round_:04d}-shard-{shard}.npz"
+
     def save_checkpoint(self, *, round_: int, shard: int, weights: Weights) -> Path:
-        p = self.path / "checkpoints" / f"round-{round_:04d}-shard-{shard}.npz"
+        p = self.checkpoint_path(round_=round_, shard=shard)
         save_weights(p, weights)
         return p
+
+    def run_id(self, *, resume: bool, new: str) -> str:
+        """The run's id: kept across a resume (the ledger's events name it), else ``new``."""
+        path = self.path / "run.json"
+        if resume and path.exists():
+            return str(json.loads(path.read_text())["run_id"])
+        _atomic_write(path, json.dumps({"run_id": new}) + "\n")
+        return new
 
     def save_model(self, *, constituents: dict[int, Weights], feature_names: list[str], version: int) -> None:
         model_dir = self.path / "model"
@@ -124,3 +135,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             kind = "torn last line (a crash during the write)" if last else "damaged line"
             raise StorageError(f"{path}:{i}: {kind}; keep a copy, then remove that line to go on") from None
     return rows
+
+
+def completed_rounds(run_dir: Path) -> dict[int, int]:
+    """Last round per shard whose metrics line *and* checkpoint are both on disk."""
+    done: dict[int, int] = {}
+    for row in read_metrics(run_dir / "metrics.jsonl"):
+        shard, rnd = int(row["shard"]), int(row["round"])
+        if (run_dir / "checkpoints" / f"round-{rnd:04d}-shard-{shard}.npz").exists():
+            done[shard] = max(done.get(shard, 0), rnd)
+    return done

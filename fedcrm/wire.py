@@ -19,6 +19,7 @@ ACTION: Final = "action"
 ROUND: Final = "server-round"  # Flower's own strategies inject this key
 RUN_ID: Final = "run-id"
 SHARD: Final = "shard"
+ROUND_OFFSET: Final = "round-offset"  # rounds completed before a resume: ledger and seeds use the true round
 EXPERIMENT: Final = "experiment"  # the run's config as JSON, region paths blanked
 SCHEMA: Final = "schema"  # the declared schema as YAML (public encoding facts)
 DELTA: Final = "delta"
@@ -41,6 +42,7 @@ TRAIN_LOSS: Final = "train-loss"
 NOISE_MULTIPLIER: Final = "noise-multiplier"
 EPSILON: Final = "epsilon"
 BUDGET: Final = "budget"
+RUN_RELEASES: Final = "run-releases"  # ledger events of this run at the region (a resumed round counts twice)
 HIST_POS: Final = "hist-pos"
 HIST_NEG: Final = "hist-neg"
 SUM_LOG_LOSS: Final = "sum-log-loss"
@@ -65,7 +67,7 @@ TRUST_KEYS: Final = (
 )
 
 METRIC_KEYS: Final = frozenset(
-    {NUM_EXAMPLES, TRAIN_LOSS, NOISE_MULTIPLIER, EPSILON, BUDGET, HIST_POS, HIST_NEG, SUM_LOG_LOSS,
+    {NUM_EXAMPLES, TRAIN_LOSS, NOISE_MULTIPLIER, EPSILON, BUDGET, RUN_RELEASES, HIST_POS, HIST_NEG, SUM_LOG_LOSS,
      SUM_BRIER, CORRECT, *DESCRIBE_KEYS, *TRUST_KEYS}
 )
 STATUS_KEYS: Final = frozenset({REGION, OUTCOME, REASON, KIND})

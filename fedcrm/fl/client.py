@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedcrm import wire
 from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError
-from fedcrm.fl.codec import from_record, plan_config, read_plan, to_record, unpack_constituents
+from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
 from fedcrm.region import NodeSettings, Region
 
 log = logging.getLogger("fedcrm.region")
@@ -56,8 +56,8 @@ def _train(region: Region, msg: Message) -> RecordDict:
         cfg,
         schema,
         weights=from_record(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
-        shard=int(config.get(wire.SHARD, 0)),
-        round_=int(config[wire.ROUND]),  # type: ignore[arg-type]
+        shard=int(number(config, wire.SHARD, 0)),
+        round_=int(number(config, wire.ROUND) + number(config, wire.ROUND_OFFSET, 0)),
         run_id=run_id,
         delta=delta,
     )
@@ -71,12 +71,13 @@ def _train(region: Region, msg: Message) -> RecordDict:
 
 
 def _evaluate(region: Region, msg: Message) -> RecordDict:
-    cfg, schema, _, delta = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
+    cfg, schema, run_id, delta = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
     region.check_request(cfg, schema)
     summary = region.evaluate(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]))  # type: ignore[arg-type]
     metrics: dict[str, Any] = {
         wire.EPSILON: region.epsilon(cfg, delta=delta),
         wire.BUDGET: region.policy.privacy_budget,
+        wire.RUN_RELEASES: sum(1 for e in region.ledger.events() if e.run_id == run_id),
     }
     if summary is not None:
         metrics |= {

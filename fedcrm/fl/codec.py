@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -66,3 +67,15 @@ def read_plan(config: ConfigRecord) -> tuple[ExperimentConfig, Schema, str, floa
 def extend(config: ConfigRecord, extra: dict[str, str | int | float]) -> ConfigRecord:
     """A copy of ``config`` with ``extra`` keys added (each message gets its own record)."""
     return ConfigRecord({**dict(config.items()), **extra})  # type: ignore[dict-item]
+
+
+def number(record: Any, key: str, default: float | None = None) -> float:
+    """A numeric value of a record, checked: a peer that sends text where a number belongs is refused."""
+    if key not in record:
+        if default is None:
+            raise ValueError(f"record lacks `{key}`")
+        return default
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{key}` must be a number, got {type(value).__name__}")
+    return float(value)

@@ -32,7 +32,7 @@ from fedcrm.fl.strategy import (
 )
 from fedcrm.governance.audit_trail import audited_run
 from fedcrm.models import build_model, get_weights
-from fedcrm.runs import RunDir, code_version
+from fedcrm.runs import RunDir, code_version, completed_rounds, load_weights
 
 log = logging.getLogger("fedcrm.server")
 Report = Callable[[str], None]
@@ -90,14 +90,21 @@ def run_federation(
     shards: list[int] | None = None,
     initial: dict[int, dict[str, np.ndarray]] | None = None,
     model_version: int = 1,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train (the given constituents of) the served model federatedly; return the run summary."""
+    """Train (the given constituents of) the served model federatedly; return the run summary.
+
+    With ``resume``, rounds already completed in ``run_dir`` (metrics.jsonl + checkpoints) are not
+    trained again: each constituent continues from its last checkpoint, with the same run id and the
+    same per-round seeds, so the result equals an uninterrupted run.
+    """
     t0 = time.time()
     schema_text = cfg.schema_path.read_text(encoding="utf-8")
     schema = load_schema(cfg.schema_path)
     feature_names = FeatureEncoder(schema).feature_names
+    done_rounds = completed_rounds(run_dir) if resume else {}
     run = RunDir.create(run_dir, cfg)
-    run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+    run_id = run.run_id(resume=resume, new=f"{cfg.name}-{uuid.uuid4().hex[:8]}")
     timeout = cfg.federation.round_timeout_s
     n_regions = len(cfg.regions)
 
@@ -157,10 +164,23 @@ def run_federation(
         all_events["failed"][f"node-{node}"] = "no reply to the pre-flight within the round timeout"
 
     for k in shards:
+        offset = done_rounds.get(k, 0)
+        if offset >= cfg.training.rounds:
+            constituents[k] = load_weights(run.checkpoint_path(round_=offset, shard=k))
+            report(f"shard {k}: all {offset} rounds already completed, not trained again")
+            continue
+        if offset:
+            report(f"resuming shard {k} after round {offset} from its checkpoint")
 
         def on_round(
-            rnd: int, ev: RoundEvents, per_region: dict[str, dict[str, float]], pooled: dict[str, float], shard: int = k
+            rnd: int,
+            ev: RoundEvents,
+            per_region: dict[str, dict[str, float]],
+            pooled: dict[str, float],
+            shard: int = k,
+            offset: int = offset,
         ) -> None:
+            rnd += offset
             eps = {r: m["epsilon"] for r, m in ev.train.items()}
             row = {
                 "round": rnd,
@@ -194,16 +214,17 @@ def run_federation(
         )
         init = build_model(cfg.model, n_features=len(feature_names), seed=cfg.seed * 1000 + k)
 
-        def checkpoint(rnd: int, arrays: ArrayRecord, shard: int = k) -> None:
+        def checkpoint(rnd: int, arrays: ArrayRecord, shard: int = k, offset: int = offset) -> None:
             if rnd > 0:
-                run.save_checkpoint(round_=rnd, shard=shard, weights=from_record(arrays))
+                run.save_checkpoint(round_=rnd + offset, shard=shard, weights=from_record(arrays))
 
+        start = load_weights(run.checkpoint_path(round_=offset, shard=k)) if offset else get_weights(init)
         result = strategy.start(
             grid=grid,
-            initial_arrays=to_record(get_weights(init)),
-            num_rounds=cfg.training.rounds,
+            initial_arrays=to_record(start),
+            num_rounds=cfg.training.rounds - offset,
             timeout=timeout,
-            train_config=extend(plan, {wire.SHARD: k}),
+            train_config=extend(plan, {wire.SHARD: k, wire.ROUND_OFFSET: offset}),
             evaluate_config=plan,
             evaluate_fn=checkpoint,  # type: ignore[arg-type]
         )
@@ -229,6 +250,8 @@ def run_federation(
             "accountant": cfg.privacy.accountant,
             "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.mode == "sample_dp" else None,
             "refused": refused.get(region) or all_events["refused"].get(region),
+            # Every release of this run that the ledger holds, a round retried after a crash included.
+            "releases_this_run": per_region.get(region, {}).get("releases_this_run"),
         }
     summary = {
         "name": cfg.name,

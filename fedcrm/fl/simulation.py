@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,14 @@ def run_simulated(
     run_dir: Path,
     state_root: Path,
     report: Report = print,
+    client_mods: Sequence[Callable[..., Message]] = (),
     **federation_kwargs: Any,
 ) -> dict[str, Any]:
-    """Run the experiment in simulation; returns the run summary. Leaves no process behind."""
+    """Run the experiment in simulation; returns the run summary. Leaves no process behind.
+
+    ``client_mods`` are extra Flower client mods (e.g. fault injection in tests), applied inside the
+    node-config mod so they see the region's settings.
+    """
     from flwr.simulation import run_simulation
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +82,7 @@ def run_simulated(
         except BaseException as e:  # re-raised below, in the caller's thread
             outcome["error"] = e
 
-    client_app = build_client_app(mods=[simulated_node_config(nodes)])
+    client_app = build_client_app(mods=[simulated_node_config(nodes), *client_mods])
     cpus = max(1, min(os.cpu_count() or 1, len(nodes)))
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

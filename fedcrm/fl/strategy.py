@@ -28,6 +28,7 @@ from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import Schema
 from fedcrm.errors import FederationError
 from fedcrm.evaluation.metrics import ScoreSummary
+from fedcrm.fl.codec import number
 
 log = logging.getLogger("fedcrm.server")
 
@@ -108,7 +109,9 @@ def pooled_evaluation(
         if outcome != wire.OUTCOME_OK or m is None:
             skipped[region] = reason or outcome
             continue
-        eps = {"epsilon": float(m[wire.EPSILON])} if wire.EPSILON in m else {}  # type: ignore[arg-type]
+        eps = {"epsilon": number(m, wire.EPSILON)} if wire.EPSILON in m else {}
+        if wire.RUN_RELEASES in m:
+            eps["releases_this_run"] = number(m, wire.RUN_RELEASES)
         if wire.HIST_POS not in m:
             per_region[region] = eps
             skipped[region] = reason or "no hold-out metrics"
@@ -116,9 +119,9 @@ def pooled_evaluation(
         s = ScoreSummary(
             hist_pos=np.asarray(m[wire.HIST_POS], dtype=np.int64),
             hist_neg=np.asarray(m[wire.HIST_NEG], dtype=np.int64),
-            sum_log_loss=float(m[wire.SUM_LOG_LOSS]),
-            sum_brier=float(m[wire.SUM_BRIER]),  # type: ignore[arg-type]
-            correct=int(m[wire.CORRECT]),  # type: ignore[arg-type]
+            sum_log_loss=number(m, wire.SUM_LOG_LOSS),
+            sum_brier=number(m, wire.SUM_BRIER),
+            correct=int(number(m, wire.CORRECT)),
         )
         per_region[region] = s.metrics() | eps
         total = total + s

@@ -114,10 +114,7 @@ def epsilon(releases: Sequence[GaussianRelease], *, delta: float, accountant: Ac
         # At tiny ε the optimum sits on the largest order (1024, as in dp_accounting): the bound stays
         # valid, merely loose, so Opacus's advice to add orders is noise to a user.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        if isinstance(acct, RDPAccountant):
-            eps = acct.get_epsilon(delta, alphas=RDP_ORDERS)
-        else:
-            eps = acct.get_epsilon(delta)
+        eps = acct.get_epsilon(delta, alphas=RDP_ORDERS) if isinstance(acct, RDPAccountant) else acct.get_epsilon(delta)
     eps = float(eps)
     if math.isnan(eps):
         return math.inf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ def test_summary_fairness_matches_fairlearn_on_pooled_hold_out_predictions(run: 
             assert fair[a]["equalized_odds_difference"] == pytest.approx(eod, abs=1e-9)
     imp = on_disk["feature_importance"]
     assert imp["customers"] == len(s) and imp["regions"] == 2
-    assert set(imp["mean_abs_contribution_points"]) == {c.name for c in load_schema(run["cfg"].schema_path).model_columns}
+    columns = {c.name for c in load_schema(run["cfg"].schema_path).model_columns}
+    assert set(imp["mean_abs_contribution_points"]) == columns
 
 
 def test_explain_cli_scores_and_explains_one_customer_and_refuses_a_forgotten_one(run: dict[str, Any]) -> None:
@@ -115,16 +117,18 @@ def test_audit_privacy_cli_is_consistent_for_the_dp_run_and_fails_loudly_for_a_l
 
     # A model that memorised region us's training customers, placed in a copy of the run: as if the
     # DP path had been broken. The audit must refute the claim and exit non-zero.
-    import shutil
-
     leaky_run = tmp_path / "leaky"
     shutil.copytree(run["run"], leaky_run, ignore=shutil.ignore_patterns(".flwr"))
     data = _holdout(run, "us")
     served = ServedModel.load(leaky_run)
     model = served.models[0]
-    torch.set_num_threads(1)
-    train_locally(model, x=data.x[~data.holdout], y=data.y[~data.holdout],
-                  training=TrainingConfig(local_epochs=150, batch_size=32, learning_rate=0.01), dp=None, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small model trains faster on one thread
+    try:
+        train_locally(model, x=data.x[~data.holdout], y=data.y[~data.holdout],
+                      training=TrainingConfig(local_epochs=150, batch_size=32, learning_rate=0.01), dp=None, seed=0)
+    finally:
+        torch.set_num_threads(threads)
     save_weights(leaky_run / "model" / "constituent-0.npz", get_weights(model))
     res = runner.invoke(app, ["audit", "privacy", str(leaky_run), "--state", str(run["state"]), "--region", "us",
                               "--claimed-epsilon", "0.05"])

@@ -1,0 +1,203 @@
+"""Fast checks of the deployment pieces that need no SuperLink: the app bundle, the ServerApp's paths,
+names-only configs, node configs, the process supervisor, the outgoing check and the GuardedStrategy's
+record of silent regions."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, write_tiny_config
+
+from fedcrm import wire
+from fedcrm.config import NODE_PATH_PLACEHOLDER, load_config
+from fedcrm.deploy.local import Component, free_port, node_config_arg, region_nodes
+from fedcrm.errors import ConfigError
+
+
+def test_fab_holds_code_and_configs_only() -> None:
+    """What `flwr run` ships: small, no data, no run folders, no state, no tests (data/ etc. are gitignored)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(REPO)
+    assert len(fab) < 2_000_000, f"FAB is {len(fab)} bytes"
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert "server/server_app.py" in names and "clients/client_app.py" in names
+    assert "fedcrm/fl/client.py" in names and "configs/schemas/synthetic_crm.yaml" in names
+    top = {n.split("/")[0] for n in names}
+    assert top <= {"fedcrm", "server", "clients", "configs", "pyproject.toml", ".info"}, top
+    assert not [n for n in names if n.endswith((".csv", ".parquet", ".db", ".npz", ".key"))]
+
+
+def test_server_app_resolves_the_config_against_the_app_dir_not_the_cwd(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from server.server_app import APP_DIR, resolve_app_path
+
+    monkeypatch.chdir(tmp_path)  # in deployment the cwd is wherever the SuperLink was started
+    assert APP_DIR == REPO
+    assert resolve_app_path("configs/demo.yaml") == REPO / "configs" / "demo.yaml"
+    assert resolve_app_path("configs/demo.yaml", app_dir=tmp_path / "app") == tmp_path / "app" / "configs" / "demo.yaml"
+    assert resolve_app_path(str(tmp_path / "x.yaml")) == tmp_path / "x.yaml"
+    load_config(resolve_app_path("configs/demo.yaml"))  # the default run config loads from anywhere
+
+
+def test_pyproject_declares_every_run_config_key_the_server_reads() -> None:
+    import tomllib
+
+    conf = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert conf["experiment-config"] == "configs/demo.yaml"
+    assert conf["run-dir"] == ""
+
+
+def test_a_config_may_name_its_regions_without_paths(tmp_path: Path) -> None:
+    raw = yaml.safe_load(write_tiny_config(tmp_path).read_text())
+    raw["regions"] = ["eu", "us"]
+    (tmp_path / "names.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "names.yaml")
+    assert list(cfg.regions) == ["eu", "us"]
+    assert all(p.parts[0] == NODE_PATH_PLACEHOLDER for p in cfg.regions.values())  # not made absolute
+    # ... but one host cannot play the data owners without files:
+    with pytest.raises(ConfigError, match="have no data file"):
+        region_nodes(cfg, state_root=tmp_path / "state", data_dir=tmp_path / "d")
+
+
+def test_region_nodes_carry_each_owners_settings(tmp_path: Path) -> None:
+    policy = tmp_path / "eu-policy.yaml"
+    policy.write_text("min_customers: 30\n")
+    cfg = load_config(write_tiny_config(tmp_path, overrides={"policies": {"eu": str(policy)}}))
+    nodes = {n.region: n for n in region_nodes(cfg, state_root=tmp_path / "state", data_dir=tmp_path / "d")}
+    assert nodes["eu"].node_config() == {
+        "region": "eu",
+        "data-path": str((tmp_path / "data" / "eu.csv").resolve()),
+        "state-dir": str((tmp_path / "state" / "eu").resolve()),
+        "policy-path": str(policy.resolve()),
+    }
+    assert "policy-path" not in nodes["us"].node_config()
+
+
+def test_node_config_argument_is_valid_toml_for_odd_paths() -> None:
+    import tomllib
+
+    values = {"region": "eu", "data-path": '/d/with space/"q"\\x.csv'}
+    text = node_config_arg(values)
+    parsed = tomllib.loads(text.replace('" ', '"\n'))  # Flower splits on spaces between pairs
+    assert parsed == values
+    with pytest.raises(ConfigError):
+        node_config_arg({"bad key": "x"})
+
+
+def test_free_port_is_bindable() -> None:
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_component_stop_reaches_a_grandchild_in_its_own_session(tmp_path: Path) -> None:
+    """As the SuperLink's SuperExec does: a child started with start_new_session escapes the group."""
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+        "time.sleep(300)\n"
+    )
+    log = tmp_path / "x.log"
+    popen = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL)
+    comp = Component(name="x", popen=popen, log_path=log, groups={popen.pid})
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        comp.refresh_groups()
+        if len(comp.groups) == 2:
+            break
+        time.sleep(0.2)
+    assert len(comp.groups) == 2, "the grandchild's own session was not found"
+    members = comp.members()
+    assert len(members) == 2
+    assert comp.stop(grace_s=5) == []
+    assert comp.members() == []
+
+
+def test_a_forbidden_key_is_blocked_not_sent_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The outgoing check on the real reply path (`_serve`): a handler tries to send a per-customer score."""
+    from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+
+    from fedcrm.data.synthetic import generate
+    from fedcrm.fl import client as client_module
+
+    generate(regions=["eu"], customers=[60], seed=0, out_dir=tmp_path)
+
+    def leaky(region, msg):  # type: ignore[no-untyped-def]
+        return RecordDict(
+            {
+                wire.METRICS: MetricRecord({"customer-eu-0000007-score": 0.93, wire.NUM_EXAMPLES: 60.0}),
+                wire.STATUS: client_module.status(region.name, wire.OUTCOME_OK),
+            }
+        )
+
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"region": "eu", "data-path": str(tmp_path / "eu.csv"), "state-dir": str(tmp_path / "st")},
+        state=RecordDict(),
+        run_config={},
+    )
+    incoming = Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
+    with caplog.at_level(logging.ERROR, logger="fedcrm.region"):
+        reply = client_module._serve(leaky, incoming, ctx)
+    assert set(reply.content.keys()) == {wire.STATUS}  # the metrics record did not go out at all
+    st = reply.content[wire.STATUS]
+    assert st[wire.OUTCOME] == wire.OUTCOME_FAILED and st[wire.KIND] == "BlockedReply"
+    assert "0.93" not in str(reply.content) and "customer-eu-0000007-score" not in str(reply.content)
+    assert "customer-eu-0000007-score" in caplog.text and "blocked" in caplog.text
+
+
+def test_a_region_that_never_replies_is_named_in_the_round_events() -> None:
+    """Flower passes on only the replies that came: the guard names the nodes that were asked and stayed silent."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedcrm.fl.strategy import GuardedStrategy, RoundEvents
+
+    seen: list[RoundEvents] = []
+    guard = GuardedStrategy(
+        FedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
+        min_regions=1,
+        excluded_nodes=set(),
+        on_round=lambda rnd, ev, per_region, pooled: seen.append(ev),
+        node_regions={11: "eu", 22: "us"},
+    )
+
+    class FakeGrid:
+        def get_node_ids(self) -> list[int]:
+            return [11, 22]
+
+    import numpy as np
+
+    from fedcrm.fl.codec import to_record
+
+    arrays: ArrayRecord = to_record({"w": np.zeros((2,), dtype=np.float32)})
+    sent = list(guard.configure_train(1, arrays, ConfigRecord({}), FakeGrid()))  # type: ignore[arg-type]
+    assert sorted(m.metadata.dst_node_id for m in sent) == [11, 22]
+    reply = Message(
+        content=RecordDict(
+            {
+                wire.ARRAYS: to_record({"w": np.ones((2,), dtype=np.float32)}),
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 50.0}),
+                wire.STATUS: ConfigRecord({wire.REGION: "us", wire.OUTCOME: wire.OUTCOME_OK}),
+            }
+        ),
+        reply_to=sent[[m.metadata.dst_node_id for m in sent].index(22)],
+    )
+    reply.metadata.src_node_id = 22  # type: ignore[misc]
+    guard.aggregate_train(1, [reply])
+    guard.configure_evaluate(1, arrays, ConfigRecord({}), FakeGrid())  # type: ignore[arg-type]
+    guard.aggregate_evaluate(1, [])
+    assert seen and seen[0].failed == {"eu": "no reply within the round timeout (training)", "us": (
+        "no reply within the round timeout (evaluation)")}
+    _ = MessageType  # imported for readers: replies are matched by node id, not type

@@ -1,0 +1,52 @@
+"""One of five regions sends scaled-up updates: plain FedAvg breaks, FedMedian holds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from conftest import write_tiny_config
+from flwr.app import Array, ArrayRecord, Context, Message
+
+from fedcrm import wire
+from fedcrm.config import load_config
+from fedcrm.fl.simulation import run_simulated
+
+REGIONS = {f"r{i}": 400 for i in range(5)}
+
+
+def scaled_updates_from(region: str, factor: float) -> Callable[[Message, Context, Callable[..., Message]], Message]:
+    """A test-only client mod: the region's real update, multiplied by ``factor`` (a faulty or hostile client)."""
+
+    def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+        reply = call_next(msg, context)
+        if context.node_config.get("region") == region and msg.metadata.message_type == "train" \
+                and wire.ARRAYS in reply.content:
+            arrays = reply.content[wire.ARRAYS]
+            reply.content[wire.ARRAYS] = ArrayRecord.from_array_dict(
+                {k: Array((v.numpy() * factor).astype(np.float32)) for k, v in arrays.items()})
+        return reply
+
+    return mod
+
+
+def _run(tmp_path: Path, strategy: str, *, poisoned: bool) -> dict:
+    path = write_tiny_config(tmp_path / strategy / str(poisoned), regions=REGIONS, overrides={
+        "federation.strategy": strategy, "privacy.mode": "none", "training.rounds": 3, "federation.min_regions": 3})
+    mods = [scaled_updates_from("r0", -40.0)] if poisoned else []
+    return run_simulated(load_config(path), run_dir=tmp_path / strategy / f"run-{poisoned}",
+                         state_root=tmp_path / strategy / f"state-{poisoned}", report=lambda s: None,
+                         client_mods=mods)
+
+
+def test_scaled_updates_break_fedavg_but_not_fedmedian(tmp_path: Path) -> None:
+    clean = _run(tmp_path, "fedavg", poisoned=False)["final_metrics"]
+    fedavg = _run(tmp_path, "fedavg", poisoned=True)["final_metrics"]
+    median = _run(tmp_path, "fedmedian", poisoned=True)["final_metrics"]
+    assert clean["auc"] > 0.65
+    # FedAvg follows the hostile region: the model is worse than the clean one by a wide margin.
+    assert fedavg["auc"] < clean["auc"] - 0.15 or fedavg["log_loss"] > 3 * clean["log_loss"]
+    # The coordinate-wise median ignores one outlier among five.
+    assert median["auc"] > clean["auc"] - 0.05
+    assert median["log_loss"] < 1.5 * clean["log_loss"]
