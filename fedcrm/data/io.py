@@ -401,7 +401,9 @@ def _band(values: np.ndarray, bands: tuple[float, ...]) -> np.ndarray:
     labels = [f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:], strict=False)]
     labels.append(f">={edges[-1]:g}")
     idx = np.searchsorted(np.asarray(edges), values, side="right")
-    return np.asarray(labels, dtype=object)[idx]
+    banded = np.asarray(labels, dtype=object)[idx]
+    banded[np.isnan(values)] = MISSING  # searchsorted would put NaN in the top band
+    return banded
 
 
 def load_table(path: str | Path, schema: Schema) -> CustomerTable:

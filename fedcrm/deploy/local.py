@@ -611,13 +611,15 @@ def deploy_local(
     app_dir: Path | None = None,
     report: Report = print,
     run_timeout_s: float = 3600.0,
+    during_run: Callable[[LocalDeployment], None] | None = None,
 ) -> DeploymentResult:
     """Run ``config`` on a real SuperLink + one SuperNode per region, all on loopback, then stop them.
 
     Certificates are made (once) in ``WORKDIR/certs``; the SuperLink's and SuperNodes' Flower homes and
     logs go under ``WORKDIR``; each region's state (ledger, tombstones, audit log) under
     ``STATE_ROOT/<region>``, kept across runs. The ServerApp writes the run folder (``summary.json``,
-    ``metrics.jsonl``, the model) on this machine.
+    ``metrics.jsonl``, the model) on this machine. ``during_run`` is called once right after the run is
+    submitted, with the live deployment (tests start misbehaving SuperNodes from it).
     """
     config = Path(config).resolve()
     cfg = load_config(config)
@@ -640,6 +642,8 @@ def deploy_local(
         submitted = time.time()
         run_id = dep.submit(app_dir=app, run_config={"experiment-config": str(config), "run-dir": str(run_dir)})
         report(f"run {run_id} submitted; streaming its log")
+        if during_run is not None:
+            during_run(dep)
         status = dep.wait_run(run_id, timeout=run_timeout_s, on_line=report)
     summary_path = run_dir / "summary.json"
     fresh = summary_path.exists() and summary_path.stat().st_mtime >= submitted - 1  # not an older run's

@@ -22,6 +22,15 @@ from fedcrm.deploy.local import Component, free_port, node_config_arg, region_no
 from fedcrm.errors import ConfigError
 
 
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps new messages with the process's task identity (set by the SuperLink/SuperNode)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
 def test_fab_holds_code_and_configs_only() -> None:
     """What `flwr run` ships: small, no data, no run folders, no state, no tests (data/ etc. are gitignored)."""
     from flwr.cli.build import build_fab_from_disk
@@ -123,6 +132,7 @@ def test_component_stop_reaches_a_grandchild_in_its_own_session(tmp_path: Path) 
     assert comp.members() == []
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_a_forbidden_key_is_blocked_not_sent_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The outgoing check on the real reply path (`_serve`): a handler tries to send a per-customer score."""
     from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
@@ -157,9 +167,10 @@ def test_a_forbidden_key_is_blocked_not_sent_and_logged(tmp_path: Path, caplog: 
     assert "customer-eu-0000007-score" in caplog.text and "blocked" in caplog.text
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_a_region_that_never_replies_is_named_in_the_round_events() -> None:
     """Flower passes on only the replies that came: the guard names the nodes that were asked and stayed silent."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg
 
     from fedcrm.fl.strategy import GuardedStrategy, RoundEvents
@@ -194,10 +205,9 @@ def test_a_region_that_never_replies_is_named_in_the_round_events() -> None:
         ),
         reply_to=sent[[m.metadata.dst_node_id for m in sent].index(22)],
     )
-    reply.metadata.src_node_id = 22  # type: ignore[misc]
+    assert reply.metadata.src_node_id == 22  # a reply comes from the node the message was sent to
     guard.aggregate_train(1, [reply])
     guard.configure_evaluate(1, arrays, ConfigRecord({}), FakeGrid())  # type: ignore[arg-type]
     guard.aggregate_evaluate(1, [])
     assert seen and seen[0].failed == {"eu": "no reply within the round timeout (training)", "us": (
         "no reply within the round timeout (evaluation)")}
-    _ = MessageType  # imported for readers: replies are matched by node id, not type

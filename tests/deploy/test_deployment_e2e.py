@@ -1,0 +1,348 @@
+"""Real deployments on loopback: flower-superlink + one flower-supernode per region, started and stopped
+by these tests (every process, checked: LocalDeployment.stop raises if anything survives).
+
+Each test costs a full Flower deployment (a fresh `flwr-clientapp` process per message, each importing
+torch): about 1-3 minutes on an idle 2-core machine, far more on a loaded one. They are marked
+`deployment` (``make test-deployment``) and `slow` (not in the default run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import write_tiny_config
+
+from fedcrm.config import load_config
+from fedcrm.deploy.certs import create_certificates
+from fedcrm.deploy.local import COMPLETED, LocalDeployment, default_app_dir, deploy_local, region_nodes
+from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.runs import read_metrics
+
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+
+# Generous: every message starts a fresh flwr-clientapp process that imports torch and opacus.
+RUN_TIMEOUT_S = 1800
+
+
+def _policy(path: Path, **fields: object) -> Path:
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+# --- 1. TLS + authentication, 3 SuperNodes; rogue nodes are refused; quality = simulation --------------
+
+
+def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path: Path) -> None:
+    from fedcrm.fl.simulation import run_simulated
+    from fedcrm.runs import load_weights
+
+    cfg_path = write_tiny_config(tmp_path, regions={"eu": 500, "us": 400, "apac": 400})
+    foreign = create_certificates(out_dir=tmp_path / "foreign-ca", regions=["eu"])  # same region name, other CA
+    rogue = create_certificates(out_dir=tmp_path / "rogue", regions=["rogue"])  # key never registered
+    outcomes: dict[str, tuple[int | None, str]] = {}
+
+    def start_rogues(dep: LocalDeployment) -> None:
+        unregistered = dep.start_supernode("rogue", private_key=rogue.supernode_private_keys["rogue"])
+        wrong_ca = dep.start_supernode(
+            "foreign-ca", private_key=foreign.supernode_private_keys["eu"], root_certificates=foreign.ca_cert
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline and (unregistered.alive() or wrong_ca.alive()):
+            time.sleep(1)
+        for name, comp in (("rogue", unregistered), ("foreign-ca", wrong_ca)):
+            outcomes[name] = (comp.popen.poll(), comp.log_path.read_text(errors="replace"))
+
+    lines: list[str] = []
+    t0 = time.time()
+    result = deploy_local(
+        cfg_path,
+        workdir=tmp_path / "work",
+        state_root=tmp_path / "state",
+        run_dir=tmp_path / "run-deployed",
+        report=lines.append,
+        run_timeout_s=RUN_TIMEOUT_S,
+        during_run=start_rogues,
+    )
+    deployed_s = time.time() - t0
+    assert result.completed, (result.status, "\n".join(lines[-40:]))
+    assert any("round   2/2" in ln for ln in lines), "progress was not streamed"
+
+    # The SuperNode whose key was never registered is refused; the one trusting another CA fails TLS.
+    code, log = outcomes["rogue"]
+    assert code not in (None, 0) and "Failed to activate SuperNode" in log, log[-2000:]
+    code, log = outcomes["foreign-ca"]
+    assert code not in (None, 0) and "CERTIFICATE_VERIFY_FAILED" in log, log[-2000:]
+    # ... and neither touched the run: the three regions trained in every round, nothing failed.
+    summary = result.summary
+    assert summary is not None
+    assert summary["events"] == {"refused": {}, "failed": {}, "rejected": {}}
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(set(r["epsilon"]) == {"eu", "us", "apac"} for r in rows)
+    assert set(summary["final_metrics_by_region"]) == {"eu", "us", "apac"}
+
+    # The same config in simulation. Both paths seed everything (initial model, Poisson sampling, DP noise
+    # per region and round) and run the same code, so they differ only by float rounding (summation order
+    # in FedAvg, thread counts in torch): weights within 1e-3, pooled AUC within 0.01 (1 % of the AUC
+    # scale; one customer pair's rank flip among 282 hold-out customers moves it by far less).
+    t1 = time.time()
+    sim = run_simulated(
+        load_config(cfg_path), run_dir=tmp_path / "run-sim", state_root=tmp_path / "state-sim", report=lambda s: None
+    )
+    sim_s = time.time() - t1
+    dep_auc, sim_auc = summary["final_metrics"]["auc"], sim["final_metrics"]["auc"]
+    print(f"deployed AUC {dep_auc:.5f} in {deployed_s:.0f}s; simulated AUC {sim_auc:.5f} in {sim_s:.0f}s")
+    assert abs(dep_auc - sim_auc) <= 0.01
+    assert abs(summary["final_metrics"]["log_loss"] - sim["final_metrics"]["log_loss"]) <= 0.01
+    w_dep = load_weights(result.run_dir / "model" / "constituent-0.npz")
+    w_sim = load_weights(tmp_path / "run-sim" / "model" / "constituent-0.npz")
+    assert max(float(np.max(np.abs(w_dep[k] - w_sim[k]))) for k in w_dep) <= 1e-3
+    for region in ("eu", "us", "apac"):
+        assert summary["privacy"][region]["epsilon"] == pytest.approx(sim["privacy"][region]["epsilon"], rel=1e-6)
+
+
+# --- 2. a SuperNode killed mid-round, then restarted -------------------------------------------------
+
+
+def _ledger(state: Path, region: str) -> list[tuple[int, int, str]]:
+    return [(e.id, e.round, e.status) for e in PrivacyLedger.open(state / region, region=region).events()]
+
+
+def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledger(tmp_path: Path) -> None:
+    # 2 regions, min_regions 1: the run may go on with `us` alone. The timeout bounds the wait for the dead
+    # node; it must still let a live node answer (a message costs a process start importing torch).
+    cfg_path = write_tiny_config(
+        tmp_path,
+        regions={"eu": 500, "us": 400},
+        overrides={"training.rounds": 3, "federation.min_regions": 1, "federation.round_timeout_s": 150},
+    )
+    cfg = load_config(cfg_path)
+    state = tmp_path / "state"
+    workdir = tmp_path / "work"
+    nodes = {n.region: n for n in region_nodes(cfg, state_root=state, data_dir=workdir / "data")}
+    certs = create_certificates(out_dir=workdir / "certs", regions=list(nodes))
+    seen: dict[str, object] = {}
+    with LocalDeployment(workdir=workdir, certs=certs, report=lambda s: None) as dep:
+        dep.start_superlink()
+        ids = {r: dep.register(certs.supernode_public_keys[r]) for r in nodes}
+
+        def start(region: str) -> None:
+            dep.start_supernode(
+                region, private_key=certs.supernode_private_keys[region], node_config=nodes[region].node_config()
+            )
+
+        for region in nodes:
+            start(region)
+        dep.wait_nodes(list(ids.values()), status="online")
+        run_id = dep.submit(
+            app_dir=default_app_dir(),
+            run_config={"experiment-config": str(cfg_path), "run-dir": str(tmp_path / "run")},
+        )
+
+        def chaos() -> None:
+            eu = dep.supernodes["eu"]
+            if "killed" not in seen:
+                # Mid-round: eu has received its round-2 training message and started its ClientApp.
+                log = eu.log_path.read_text(errors="replace")
+                if log.count("Receiving: train message") >= 2 and log.rfind("Start `flwr-clientapp`") > log.rfind(
+                    "Receiving: train message"
+                ):
+                    eu.kill()  # SIGKILL the SuperNode, its SuperExec and the running ClientApp at once
+                    seen["killed"] = time.time()
+                    seen["ledger_after_kill"] = _ledger(state, "eu")
+            # The SuperLink refuses a node id it still thinks online: restart once the heartbeat expired.
+            elif "restarted" not in seen and dep.node_status().get(ids["eu"]) == "offline":
+                seen["ledger_before_restart"] = _ledger(state, "eu")
+                start("eu")
+                dep.wait_nodes([ids["eu"]], status="online", timeout=240)
+                seen["restarted"] = time.time()
+                seen["ledger_after_rejoin"] = _ledger(state, "eu")
+
+        status = dep.wait_run(run_id, timeout=RUN_TIMEOUT_S, poll_s=20, while_waiting=chaos)
+    assert status["status"] == COMPLETED, status
+    assert "killed" in seen and "restarted" in seen, seen
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3
+    assert "no reply within the round timeout" in summary["events"]["failed"]["eu"]
+    rows = {r["round"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
+    assert set(rows[1]["epsilon"]) == {"eu", "us"}
+    assert "eu" in rows[2]["failed"] and set(rows[2]["epsilon"]) == {"us"}
+    assert set(rows[3]["epsilon"]) == {"eu", "us"}  # it rejoined and trained again
+
+    after_kill = seen["ledger_after_kill"]
+    assert isinstance(after_kill, list) and len(after_kill) >= 1  # round 1's release is on disk
+    # Nothing of the ledger was lost or reset by the crash and the restart (it is on disk, not in Flower's
+    # in-memory node state) ...
+    assert seen["ledger_before_restart"] == after_kill
+    assert seen["ledger_after_rejoin"] == after_kill
+    # ... and it grows again when the region trains in round 3.
+    final = _ledger(state, "eu")
+    assert len(final) > len(after_kill) and final[: len(after_kill)] == after_kill
+    assert any(rnd == 3 and st == "sent" for _, rnd, st in final)
+
+
+# --- 3. plaintext wire audit + a policy refusal ----------------------------------------------------
+
+
+class RecordingProxy:
+    """A loopback TCP proxy that keeps every byte the SuperNodes send to the SuperLink."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.captured = bytearray()
+        self.lock = threading.Lock()
+        self.closed = False
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if record:
+                    with self.lock:
+                        self.captured += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.closed = True
+        self.server.close()
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.fixture
+def proxy_factory() -> Iterator[list[RecordingProxy]]:
+    made: list[RecordingProxy] = []
+    yield made
+    for p in made:
+        p.close()
+
+
+def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: list[RecordingProxy]) -> None:
+    """PLAINTEXT ON PURPOSE: this one deployment runs without TLS so the bytes the regions send can be
+    read; a proxy between the SuperNodes and the SuperLink records all of them. Everything else (node
+    authentication, isolation, the apps) is as in the TLS deployments."""
+    from fedcrm.data.encode import FeatureEncoder
+    from fedcrm.data.schema import load_schema
+    from fedcrm.models import build_model, predict_proba, set_weights
+    from fedcrm.region import NodeSettings, Region
+    from fedcrm.runs import load_weights
+
+    min_customers = 40
+    policies = {
+        "eu": _policy(tmp_path / "eu.yaml", min_customers=min_customers),
+        "us": _policy(tmp_path / "us.yaml", min_customers=min_customers),
+        "apac": _policy(tmp_path / "apac.yaml", min_customers=min_customers, denied_columns={"churn": ["nps_score"]}),
+    }
+    cfg_path = write_tiny_config(
+        tmp_path,
+        regions={"eu": 500, "us": 400, "apac": 300},
+        overrides={"policies": {r: str(p) for r, p in policies.items()}, "federation.min_regions": 1},
+    )
+    cfg = load_config(cfg_path)
+    workdir = tmp_path / "work"
+    nodes = region_nodes(cfg, state_root=tmp_path / "state", data_dir=workdir / "data")
+    keys = create_certificates(out_dir=workdir / "keys", regions=[n.region for n in nodes])  # auth keys only
+    with LocalDeployment(workdir=workdir, certs=keys, tls=False, report=lambda s: None) as dep:
+        dep.start_superlink()
+        proxy = RecordingProxy(dep.port)
+        proxy_factory.append(proxy)
+        ids = [dep.register(keys.supernode_public_keys[n.region]) for n in nodes]
+        for n in nodes:
+            dep.start_supernode(
+                n.region,
+                private_key=keys.supernode_private_keys[n.region],
+                node_config=n.node_config(),
+                superlink=f"127.0.0.1:{proxy.port}",
+            )
+        dep.wait_nodes(ids, status="online")
+        run_id = dep.submit(
+            app_dir=default_app_dir(),
+            run_config={"experiment-config": str(cfg_path), "run-dir": str(tmp_path / "run")},
+        )
+        status = dep.wait_run(run_id, timeout=RUN_TIMEOUT_S)
+    assert status["status"] == COMPLETED, status
+    with proxy.lock:
+        wire_bytes = bytes(proxy.captured)
+
+    # -- the policy refusal, recorded in summary.json; the run went on without apac ------------------
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    reason = "region apac: column `nps_score` is not allowed for purpose `churn`"
+    assert summary["events"]["refused"] == {"apac": reason}
+    assert summary["privacy"]["apac"]["refused"] == reason
+    assert set(summary["final_metrics_by_region"]) == {"eu", "us"}
+    assert PrivacyLedger.open(tmp_path / "state" / "apac", region="apac").events() == []
+
+    # -- positive controls: the capture is readable and holds what the regions did send ----------------
+    assert len(wire_bytes) > 10_000
+    for expected in (b"hist-pos", b"num-examples", reason.encode(), b"/v1/fleet/push-messages"):
+        assert expected in wire_bytes, expected
+    train_counts = {r: summary["regions"][r]["train"] for r in ("eu", "us")}
+    for r, n in train_counts.items():
+        assert struct.pack("<d", float(n)) in wire_bytes, f"{r}'s num-examples as a double is not in the capture"
+
+    # -- every num-examples on the wire aggregates at least the policy's minimum of customers ---------
+    sent_counts = [struct.unpack("<d", m)[0] for m in re.findall(rb"num-examples\x12\x09\x09(.{8})", wire_bytes, re.S)]
+    # eu and us: 2 training + 2 evaluation replies + the final evaluation each
+    assert len(sent_counts) >= 10, sent_counts
+    assert min(sent_counts) >= min_customers, sent_counts
+    for row in read_metrics(tmp_path / "run" / "metrics.jsonl"):
+        for r, m in row["regions"].items():
+            assert m["customers"] >= min_customers, (row["round"], r, m)
+
+    # -- no customer id, no raw row, no encoded feature row, no per-customer score ------------------
+    assert re.search(rb"(eu|us|apac)-\d{7}", wire_bytes) is None
+    schema = load_schema(cfg.schema_path)
+    n_features = len(FeatureEncoder(schema).feature_names)
+    models = []
+    for path in sorted((tmp_path / "run" / "checkpoints").glob("*.npz")):  # every round's global model
+        m = build_model(cfg.model, n_features=n_features, seed=0)
+        set_weights(m, load_weights(path))
+        models.append(m)
+    assert models
+    for n in nodes:
+        for line in n.data_path.read_text().splitlines()[1:]:
+            row = line.split(",", 1)[1]  # the customer's values without the id
+            assert row.encode() not in wire_bytes
+        scratch_state = tmp_path / "scratch" / n.region  # a throwaway ledger: this only reads the table
+        scratch = Region(NodeSettings(region=n.region, data_path=n.data_path, state_dir=scratch_state))
+        x = scratch.load(cfg, schema).x.astype(np.float32)
+        for i in range(len(x)):
+            assert x[i].tobytes() not in wire_bytes and x[i].astype(np.float64).tobytes() not in wire_bytes
+        for model in models:
+            scores = predict_proba(model, x).astype(np.float64)
+            for i, s in enumerate(scores):
+                assert struct.pack("<d", s) not in wire_bytes and repr(float(s)).encode() not in wire_bytes
+                if i + 1 < len(scores):  # a vector of scores as float32
+                    assert scores[i : i + 2].astype(np.float32).tobytes() not in wire_bytes
