@@ -271,10 +271,12 @@ def _pm(mean: float, std: float) -> str:
 
 
 def privacy_utility_table(df: pd.DataFrame, *, grid: list[str]) -> pd.DataFrame:
-    """One row per ε (and baselines): mean ± std pooled AUC, seeds, ε spent, cost of privacy in AUC points."""
+    """One row per ε (and baselines): mean ± std pooled AUC, seeds, ε spent, and in AUC points (×100) the cost
+    of privacy (non-private federated minus this) and the gap to the centralised baseline."""
     d = _done(df[df["kind"] == "federated"])
     base = baselines(df)
     ref = base.get("non-private federated")
+    cen = base.get("non-private centralised (pooled data)")
     rows: list[dict[str, Any]] = []
     if EPSILON_KEY in d:
         others = other_grid_keys(d, grid)
@@ -286,12 +288,14 @@ def privacy_utility_table(df: pd.DataFrame, *, grid: list[str]) -> pd.DataFrame:
             row: dict[str, Any] = {k.split(".")[-1]: v for k, v in zip(others, key_t[:-1], strict=True)}
             row |= {"ε (target)": f"{key_t[-1]:g}", "pooled AUC (mean ± std)": _pm(mean, std), "seeds": len(g),
                     "ε spent (max region, mean)": f"{g['epsilon_max'].mean():.3f}",
-                    "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a"}
+                    "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a",
+                    "gap to centralised (AUC points)": f"{(cen[0] - mean) * 100:+.2f}" if cen else "n/a"}
             rows.append(row)
     for name, (mean, std, n) in base.items():
         rows.append({"ε (target)": f"none ({name})", "pooled AUC (mean ± std)": _pm(mean, std), "seeds": n,
                      "ε spent (max region, mean)": "—",
-                     "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a"})
+                     "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a",
+                     "gap to centralised (AUC points)": f"{(cen[0] - mean) * 100:+.2f}" if cen else "n/a"})
     return pd.DataFrame(rows)
 
 

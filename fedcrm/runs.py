@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def load_weights(path: Path) -> Weights:
     try:
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise StorageError(f"{path}: model weights are damaged ({e}); retrain or restore the file") from None
 
 

@@ -63,6 +63,9 @@ def main() -> None:
 
     from flwr.simulation import run_simulation
 
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
     from baseline_flower_opacus.client_app import app as client_app
     from baseline_flower_opacus.server_app import app as server_app
 

@@ -27,7 +27,8 @@ class LoggedFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         agg = super().aggregate_evaluate(server_round, replies)
-        row = {"round": server_round, "time_s": round(time.time() - self.t0, 3), "pooled": dict(agg or {})}
+        now = time.time()
+        row = {"round": server_round, "time_s": round(now - self.t0, 3), "t": now, "pooled": dict(agg or {})}
         with self.log_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         return agg

@@ -35,6 +35,24 @@ pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 RUN_TIMEOUT_S = 1800
 
 
+def flower_processes_of(workdir: Path) -> list[str]:
+    """Live processes whose FLWR_HOME lies under ``workdir``: every Flower process a deployment starts
+    (SuperLink, SuperNodes, their SuperExecs, ServerApp/ClientApp processes) inherits one."""
+    marker = f"FLWR_HOME={workdir.resolve()}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes():
+                stat = (entry / "stat").read_text()
+                if stat[stat.rfind(")") + 2] != "Z":
+                    found.append(f"{entry.name} {(entry / 'cmdline').read_bytes()[:200]!r}")
+        except OSError:
+            continue
+    return found
+
+
 def _policy(path: Path, **fields: object) -> Path:
     path.write_text(yaml.safe_dump(fields))
     return path
@@ -75,6 +93,7 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
         during_run=start_rogues,
     )
     deployed_s = time.time() - t0
+    assert flower_processes_of(tmp_path / "work") == []
     assert result.completed, (result.status, "\n".join(lines[-40:]))
     assert any("round   2/2" in ln for ln in lines), "progress was not streamed"
 
@@ -162,7 +181,10 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
                     seen["killed"] = time.time()
                     seen["ledger_after_kill"] = _ledger(state, "eu")
             # The SuperLink refuses a node id it still thinks online: restart once the heartbeat expired.
-            elif "restarted" not in seen and dep.node_status().get(ids["eu"]) == "offline":
+            elif "restarted" not in seen and time.time() - float(seen.get("polled", 0.0)) > 10:  # type: ignore[arg-type]
+                seen["polled"] = time.time()
+                if dep.node_status().get(ids["eu"]) != "offline":
+                    return
                 seen["ledger_before_restart"] = _ledger(state, "eu")
                 start("eu")
                 dep.wait_nodes([ids["eu"]], status="online", timeout=240)
@@ -170,6 +192,7 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
                 seen["ledger_after_rejoin"] = _ledger(state, "eu")
 
         status = dep.wait_run(run_id, timeout=RUN_TIMEOUT_S, poll_s=20, while_waiting=chaos)
+    assert flower_processes_of(workdir) == []
     assert status["status"] == COMPLETED, status
     assert "killed" in seen and "restarted" in seen, seen
 
@@ -292,6 +315,7 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
             run_config={"experiment-config": str(cfg_path), "run-dir": str(tmp_path / "run")},
         )
         status = dep.wait_run(run_id, timeout=RUN_TIMEOUT_S)
+    assert flower_processes_of(workdir) == []
     assert status["status"] == COMPLETED, status
     with proxy.lock:
         wire_bytes = bytes(proxy.captured)
@@ -346,3 +370,41 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
                 assert struct.pack("<d", s) not in wire_bytes and repr(float(s)).encode() not in wire_bytes
                 if i + 1 < len(scores):  # a vector of scores as float32
                     assert scores[i : i + 2].astype(np.float32).tobytes() not in wire_bytes
+
+
+# --- 4. Ctrl-C stops everything ---------------------------------------------------------------------
+
+
+def test_ctrl_c_during_a_run_stops_every_process(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg_path = write_tiny_config(tmp_path, regions={"eu": 300, "us": 300})
+    workdir = tmp_path / "work"
+    cmd = [sys.executable, "-m", "fedcrm.cli", "deploy", "local", "--config", str(cfg_path),
+           "--workdir", str(workdir), "--state", str(tmp_path / "state"), "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"}
+    )
+    out: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if "submitted" in line:
+                break
+        else:
+            pytest.fail("the deployment ended before the run was submitted:\n" + "".join(out))
+        assert len(flower_processes_of(workdir)) >= 5  # SuperLink, 2 SuperNodes and their SuperExecs at least
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+        out.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(out)[-3000:]
+    assert "every process of the deployment was stopped" in "".join(out)
+    assert flower_processes_of(workdir) == []

@@ -128,6 +128,7 @@ def test_cost_of_privacy_table_is_against_the_non_private_federated_mean() -> No
     assert row["seeds"] == 3
     assert row["cost of privacy (AUC points)"] == f"{(ref - at_half.mean()) * 100:+.2f}"
     assert row["pooled AUC (mean ± std)"] == f"{at_half.mean():.4f} ± {at_half.std(ddof=1):.4f}"
+    assert row["gap to centralised (AUC points)"] == f"{(0.82 - at_half.mean()) * 100:+.2f}"
     assert any("centralised" in str(v) for v in t["ε (target)"])
 
 

@@ -1,0 +1,141 @@
+"""Scale: many synthetic tenants (regions) × rounds, wall time per round and memory of all processes.
+
+Each cell (tenants × customers per tenant) runs fedcrm's simulation of ``configs/demo.yaml`` (MLP
+(32, 32), ε = 3, batch 256) in its own process over tenants made by ``fedcrm data synth``; a thread
+samples the PSS of the whole process tree (driver, Ray daemons, ClientApp actors) every 0.5 s. "Flat
+memory" is read from the tree's PSS at the end of round 2 and at the end of the last round.
+
+    python experiments/bench_scale.py [--cells 10x1000,50x1000,100x1000,200x1000] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def _data(root: Path, tenants: int, customers: int) -> Path:
+    """Synthetic tenants, made once and reused (same arguments give the same files)."""
+    from fedcrm.data.synthetic import generate
+
+    d = root / f"data-{tenants}x{customers}"
+    if not (d / "manifest.json").exists():
+        shutil.rmtree(d, ignore_errors=True)
+        generate(regions=tenants, customers=customers, seed=0, out_dir=d)
+    return d
+
+
+def _child(data: Path, rounds: int, out: Path) -> None:
+    """Runs inside the measured process: one fedcrm simulation, logging when each round ended."""
+    from fedcrm.config import load_config
+    from fedcrm.fl.simulation import run_simulated
+
+    regions = {p.stem: p.resolve() for p in sorted(data.glob("*.csv"))}
+    cfg = load_config(CONFIG).with_overrides({"training.rounds": rounds})
+    cfg = cfg.model_copy(update={"regions": regions, "name": f"scale-{len(regions)}"})
+    ends: list[float] = []
+
+    def report(line: str) -> None:
+        if line.startswith("round"):
+            ends.append(time.time())
+
+    summary = run_simulated(cfg, run_dir=out / "run", state_root=out / "state", report=report)
+    (out / "marks.json").write_text(json.dumps({"round_ends": ends, "auc": summary["final_metrics"]["auc"]}))
+
+
+def run_cell(tenants: int, customers: int, *, rounds: int, root: Path, timeout: float) -> dict[str, Any]:
+    from procmem import TreeSampler
+
+    data = _data(root, tenants, customers)
+    out = root / f"run-{tenants}x{customers}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [PY, str(Path(__file__).resolve()), "--child", str(data), "--rounds", str(rounds), "--out", str(out)]
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONWARNINGS="ignore")
+    t0 = time.time()
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        with TreeSampler(proc.pid, interval=0.5) as sampler:
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                rc = proc.wait()
+                rc = rc or -1
+    wall = time.time() - t0
+    row: dict[str, Any] = {"tenants": tenants, "customers": customers, "rounds": rounds, "wall_s": wall,
+                           "ok": rc == 0, "peak_pss_gib": sampler.peak.pss / 2**30,
+                           "processes": sampler.peak.processes, "actor_rss_gib": sampler.peak.actor_rss / 2**30}
+    marks = out / "marks.json"
+    if rc == 0 and marks.exists():
+        ends = json.loads(marks.read_text())["round_ends"]
+        gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        row |= {
+            "to_round1_s": ends[0] - t0,
+            "per_round_s": statistics.median(gaps) if gaps else float("nan"),
+            "first_gap_s": gaps[0] if gaps else float("nan"),
+            "last_gap_s": gaps[-1] if gaps else float("nan"),
+            "pss_round2_gib": _pss_at(sampler.peak.samples, ends[1] if len(ends) > 1 else ends[0]) / 2**30,
+            "pss_last_gib": _pss_at(sampler.peak.samples, ends[-1]) / 2**30,
+        }
+    return row
+
+
+def _pss_at(samples: list[tuple[float, int]], t: float) -> int:
+    before = [p for ts, p in samples if ts <= t]
+    return before[-1] if before else 0
+
+
+PY = sys.executable
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", default="10x1000,50x1000,100x1000,200x1000", help="TENANTSxCUSTOMERS,...")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_scale")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a cell is stopped")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child is not None:
+        _child(args.child, args.rounds, args.out)
+        return
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, str(HERE))
+    print(f"Scale: synthetic tenants × {args.rounds} rounds, demo model, ε = 3 (load average "
+          f"{os.getloadavg()[0]:.1f}); goal 100 × 1k in < 300 s with flat memory")
+    print(f"{'tenants':>7} {'cust':>7} {'wall s':>7} {'to r1 s':>8} {'round s':>8} {'r2→3 s':>7} {'last s':>7} "
+          f"{'PSS peak':>9} {'PSS r2':>7} {'PSS end':>8} {'actor':>6} {'procs':>5}", flush=True)
+    rows = []
+    for cell in args.cells.split(","):
+        tenants, customers = (int(v) for v in cell.lower().split("x"))
+        r = run_cell(tenants, customers, rounds=args.rounds, root=args.out, timeout=args.timeout)
+        rows.append(r)
+        if not r["ok"]:
+            print(f"{tenants:>7} {customers:>7} {r['wall_s']:>7.1f}  FAILED or timed out "
+                  f"(see {args.out}/run-{tenants}x{customers}/log.txt)", flush=True)
+            continue
+        print(f"{tenants:>7} {customers:>7} {r['wall_s']:>7.1f} {r['to_round1_s']:>8.1f} {r['per_round_s']:>8.2f} "
+              f"{r['first_gap_s']:>7.2f} {r['last_gap_s']:>7.2f} {r['peak_pss_gib']:>8.2f}G "
+              f"{r['pss_round2_gib']:>6.2f}G {r['pss_last_gib']:>7.2f}G {r['actor_rss_gib']:>5.2f}G "
+              f"{r['processes']:>5}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

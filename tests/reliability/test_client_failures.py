@@ -1,0 +1,57 @@
+"""A region that crashes mid-round: the round completes with the others, and its ledger stays honest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from conftest import write_tiny_config
+from flwr.app import Context, Message
+
+from fedcrm.config import load_config
+from fedcrm.fl.simulation import run_simulated
+from fedcrm.privacy.ledger import PrivacyLedger
+
+
+def crash_during_training(region: str, round_: int) -> Callable[[Message, Context, Callable[..., Message]], Message]:
+    """Test-only client mod: local training of ``region`` fails in ``round_`` after its spend was recorded."""
+
+    def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+        import fedcrm.region as region_module
+
+        config = msg.content.get("config")
+        hit = (context.node_config.get("region") == region and msg.metadata.message_type == "train"
+               and config is not None and int(config["server-round"]) == round_)
+        if not hit:
+            return call_next(msg, context)
+        real = region_module.train_locally
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise OSError("No space left on device")
+
+        region_module.train_locally = broken  # type: ignore[assignment]
+        try:
+            return call_next(msg, context)
+        finally:
+            region_module.train_locally = real
+
+    return mod
+
+
+def test_a_crash_mid_round_is_survived_reported_and_charged(tmp_path: Path) -> None:
+    path = write_tiny_config(tmp_path, regions={"eu": 500, "us": 500, "apac": 500},
+                             overrides={"training.rounds": 3, "federation.min_regions": 2})
+    state = tmp_path / "state"
+    summary = run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=state, report=lambda s: None,
+                            client_mods=[crash_during_training("us", 2)])
+    assert "OSError" in summary["events"]["failed"]["us"]
+    assert np.isfinite(summary["final_metrics"]["auc"])
+    events = PrivacyLedger.open(state / "us", region="us").events()
+    by_round = {e.round: e for e in events}
+    assert sorted(by_round) == [1, 2, 3]
+    # The write-ahead event of the failed round is kept, marked, and still counted in ε.
+    assert by_round[2].status == "not_sent" and "No space left" in (by_round[2].outcome_reason or "")
+    assert by_round[1].status == by_round[3].status == "sent"
+    eu = PrivacyLedger.open(state / "eu", region="eu").events()
+    assert [e.status for e in eu] == ["sent"] * 3
