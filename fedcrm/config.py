@@ -172,7 +172,9 @@ class ExperimentConfig(_Section):
         return json.loads(self.model_dump_json(by_alias=True))
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """Hash of what the config sets: a setting added to fedcrm later (at its default) keeps old digests."""
+        explicit = json.loads(self.model_dump_json(by_alias=True, exclude_defaults=True))
+        return hashlib.sha256(json.dumps(explicit, sort_keys=True).encode()).hexdigest()
 
     def with_overrides(self, overrides: dict[str, Any], *, source: str = "<overrides>") -> ExperimentConfig:
         """A copy with dotted keys replaced (``{"privacy.target_epsilon": 1.0}``), validated again."""

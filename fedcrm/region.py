@@ -17,7 +17,7 @@ import numpy as np
 
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
-from fedcrm.data.io import load_table
+from fedcrm.data.io import TableCache
 from fedcrm.data.schema import Schema
 from fedcrm.errors import DataError, PolicyError, PrivacyBudgetError
 from fedcrm.evaluation.metrics import ScoreSummary
@@ -86,8 +86,11 @@ def release_seed(*, seed: int, region: str, shard: int, round_: int, salt: str =
 
 
 class Region:
-    def __init__(self, settings: NodeSettings, *, default_budget: float | None = None) -> None:
+    def __init__(
+        self, settings: NodeSettings, *, default_budget: float | None = None, tables: TableCache | None = None
+    ) -> None:
         self.settings = settings
+        self.tables = tables or TableCache(max_tables=1)
         self.name = settings.region
         self.policy: RegionPolicy = load_policy(settings.policy_path, default_budget=default_budget)
         self.ledger = PrivacyLedger.open(settings.state_dir, region=self.name)
@@ -116,7 +119,7 @@ class Region:
             raise
 
     def load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
-        table = load_table(self.settings.data_path, schema)
+        table = self.tables.load(self.settings.data_path, schema)
         counts = {"customers_in_table": len(table)}
         forgotten = self.tombstones.mask(table.ids)
         counts["forgotten"] = int(forgotten.sum())

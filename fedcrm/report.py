@@ -31,7 +31,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.container import ErrorbarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 from fedcrm.errors import StorageError  # noqa: E402
 from fedcrm.runs import read_metrics  # noqa: E402
@@ -231,6 +231,9 @@ def plot_privacy_utility(df: pd.DataFrame, *, grid: list[str]) -> Figure | None:
         color, ls = styles.get(name, ("gray", "-."))
         ax.axhline(mean, color=color, linestyle=ls, label=name)
     ax.set_xscale("log")
+    eps_values = sorted(d["_eps"].unique())
+    ax.set_xticks(eps_values, [f"{v:g}" for v in eps_values])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("target ε per region (log scale)")
     ax.set_ylabel("pooled hold-out AUC")
     ax.legend(loc="lower right", fontsize=8)

@@ -484,3 +484,31 @@ def load_table(path: str | Path, schema: Schema) -> CustomerTable:
         report=report,
     )
     return table if keep.all() else table.subset(keep)
+
+
+class TableCache:
+    """Validated tables kept between rounds by one long-lived client process.
+
+    A region's table is read and validated once, not at every message; the key includes the file's
+    size and modification time and the schema, so a re-imported or edited file is read again.
+    Tombstones, consent and withdrawals are applied after the cache, on every load.
+    """
+
+    def __init__(self, *, max_tables: int = 4) -> None:
+        self.max_tables = max_tables
+        self._tables: dict[tuple[str, int, int, str], CustomerTable] = {}
+
+    def load(self, path: str | Path, schema: Schema) -> CustomerTable:
+        path = Path(path)
+        try:
+            st = path.stat()
+        except OSError:
+            return load_table(path, schema)  # reports the missing file in the usual words
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size, schema.model_dump_json())
+        table = self._tables.get(key)
+        if table is None:
+            table = load_table(path, schema)
+            if len(self._tables) >= self.max_tables:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[key] = table
+        return table

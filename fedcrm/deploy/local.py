@@ -265,8 +265,9 @@ def load_or_create_certificates(out_dir: Path, *, regions: Sequence[str]) -> Cer
 class LocalDeployment:
     """SuperLink, SuperNodes and the ``flwr`` CLI on loopback; a context manager that stops them all.
 
-    ``tls=False`` runs the SuperLink and SuperNodes in plaintext (``--insecure``). That exists for one
-    test only, the wire audit, which must read the bytes the regions send; the CLI never offers it.
+    ``tls=False`` runs the SuperLink and SuperNodes in plaintext (``--insecure``; Flower then allows no
+    SuperNode authentication either). That exists for one test only, the wire audit, which must read
+    the bytes the regions send; the CLI never offers it.
     """
 
     def __init__(
@@ -387,9 +388,9 @@ class LocalDeployment:
                 "--ssl-keyfile", str(self.certs.server_key),
             ]
         else:
-            argv += ["--insecure"]
+            argv += ["--insecure"]  # Flower then refuses --enable-supernode-auth: it needs TLS
         argv += [
-            "--enable-supernode-auth",
+            *(["--enable-supernode-auth"] if self.tls else []),
             "--isolation", "subprocess",
             "--disable-runtime-dependency-installation",
             "--database", str(db),
@@ -407,7 +408,8 @@ class LocalDeployment:
                 raise FederationError(f"the SuperLink did not answer within {ready_timeout:.0f} s")
             time.sleep(0.5)
         self.superlink.refresh_groups()
-        self.report(f"SuperLink up on {self.address} ({'TLS' if self.tls else 'plaintext'}, SuperNode auth on)")
+        mode = "TLS, SuperNode authentication on" if self.tls else "PLAINTEXT, no SuperNode authentication"
+        self.report(f"SuperLink up on {self.address} ({mode})")
 
     def _write_cli_config(self) -> None:
         lines = [
@@ -462,12 +464,14 @@ class LocalDeployment:
         self.supernodes[name] = comp
         return comp
 
-    def wait_nodes(self, node_ids: Sequence[int], *, status: str, timeout: float = 180.0) -> None:
-        """Wait until every node in ``node_ids`` has ``status`` (online/offline) on the SuperLink."""
+    def wait_nodes(
+        self, node_ids: Sequence[int] = (), *, status: str, count: int = 0, timeout: float = 180.0
+    ) -> None:
+        """Wait until every node in ``node_ids`` (and at least ``count`` nodes) has ``status`` (online/offline)."""
         deadline = time.time() + timeout
         while True:
             seen = self.node_status()
-            if all(seen.get(n) == status for n in node_ids):
+            if all(seen.get(n) == status for n in node_ids) and sum(v == status for v in seen.values()) >= count:
                 return
             for name, comp in self.supernodes.items():
                 if status == "online" and not comp.alive():

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from fedcrm import wire
 from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError
 from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
+from fedcrm.data.io import TableCache
 from fedcrm.region import NodeSettings, Region
 
 log = logging.getLogger("fedcrm.region")
@@ -114,11 +115,11 @@ def _query(region: Region, msg: Message) -> RecordDict:
     return RecordDict({wire.METRICS: MetricRecord(described), wire.STATUS: status(region.name, wire.OUTCOME_OK)})  # type: ignore[arg-type]
 
 
-def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
+def answer(handler: Handler, msg: Message, context: Context, *, tables: TableCache | None = None) -> RecordDict:
     """The reply's content: the handler's result, a refusal, or a failure in general terms."""
     settings = NodeSettings.from_node_config(dict(context.node_config))
     try:
-        region = Region(settings)
+        region = Region(settings, tables=tables)
     except FedcrmError as e:
         log.error("region %s cannot start: %s", settings.region, e)
         return RecordDict({wire.STATUS: status(
@@ -143,24 +144,25 @@ def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
             region.name, wire.OUTCOME_FAILED, "reply blocked by the region's outgoing check", "BlockedReply")})
 
 
-def _serve(handler: Handler, msg: Message, context: Context) -> Message:
-    return Message(content=answer(handler, msg, context), reply_to=msg)
+def _serve(handler: Handler, msg: Message, context: Context, tables: TableCache) -> Message:
+    return Message(content=answer(handler, msg, context, tables=tables), reply_to=msg)
 
 
 def build_client_app(*, mods: Sequence[Callable[..., Message]] = ()) -> ClientApp:
     app = ClientApp(mods=list(mods))
+    tables = TableCache()  # one per client process: a region's table is validated once, not every round
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _serve(_train, msg, context)
+        return _serve(_train, msg, context, tables)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _serve(_evaluate, msg, context)
+        return _serve(_evaluate, msg, context, tables)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return _serve(_query, msg, context)
+        return _serve(_query, msg, context, tables)
 
     return app
 

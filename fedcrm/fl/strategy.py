@@ -164,7 +164,7 @@ class GuardedStrategy(Strategy):
         self.inner = inner
         # node id -> region name (from the pre-flight), to name a region that was asked but never answered.
         self.node_regions = dict(node_regions or {})
-        self.sent: dict[tuple[str, int], set[int]] = {}
+        self.sent: dict[tuple[str, int], list[Message]] = {}
         self.min_regions = min_regions
         self.excluded_nodes = excluded_nodes
         self.on_round = on_round
@@ -180,15 +180,14 @@ class GuardedStrategy(Strategy):
         self.expected = {k: tuple(v.shape) for k, v in arrays.items()}
         msgs = self.inner.configure_train(server_round, arrays, config, grid)
         out = [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
-        self.sent[("train", server_round)] = {m.metadata.dst_node_id for m in out}
+        self.sent[("train", server_round)] = out
         return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ev = self.events.setdefault(server_round, RoundEvents())
-        replies = list(replies)
-        self._record_silent(ev, "training", self.sent.get(("train", server_round), set()), replies)
+        replies = self._record_silent(ev, "training", self.sent.get(("train", server_round), []), list(replies))
         accepted = []
         for msg in replies:
             region, outcome, reason = _status(msg)
@@ -219,25 +218,42 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         msgs = self.inner.configure_evaluate(server_round, arrays, config, grid)
         out = [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
-        self.sent[("evaluate", server_round)] = {m.metadata.dst_node_id for m in out}
+        self.sent[("evaluate", server_round)] = out
         return out
 
-    def _record_silent(self, ev: RoundEvents, phase: str, sent: set[int], replies: list[Message]) -> None:
-        """A node that was sent a message and did not answer within the round's timeout sends nothing at
-        all (Flower passes only replies on): name it here, or the summary would not say it was missing."""
-        answered = {m.metadata.src_node_id for m in replies}
-        for node in sorted(sent - answered):
+    def _record_silent(self, ev: RoundEvents, phase: str, sent: list[Message], replies: list[Message]) -> list[Message]:
+        """Name the regions that did not answer; return the replies that came from the regions themselves.
+
+        A node that was sent a message and did not answer within the round's timeout sends nothing at
+        all (Flower passes only replies on), and one whose heartbeat stopped gets an error reply *from the
+        SuperLink* (another source node id): both are named here by region, or the summary would not say
+        which region was missing.
+        """
+        dst = {m.metadata.dst_node_id for m in sent}
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        kept, answered = [], set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node not in dst and msg.has_error() and msg.metadata.reply_to_message_id in by_id:
+                node = by_id[msg.metadata.reply_to_message_id]
+                region = self.node_regions.get(node, f"node-{node}")
+                ev.failed.setdefault(region, f"{str(msg.error.reason)[:300]} ({phase})")
+                answered.add(node)
+                continue
+            answered.add(node)
+            kept.append(msg)
+        for node in sorted(dst - answered):
             region = self.node_regions.get(node, f"node-{node}")
             ev.failed.setdefault(region, f"no reply within the round timeout ({phase})")
             log.warning("region %s: no reply within the round timeout (%s)", region, phase)
+        return kept
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        self._record_silent(
+        replies = self._record_silent(
             self.events.setdefault(server_round, RoundEvents()),
             "evaluation",
-            self.sent.get(("evaluate", server_round), set()),
-            replies,
+            self.sent.get(("evaluate", server_round), []),
+            list(replies),
         )
         per_region, pooled, _ = pooled_evaluation(replies)
         self.on_round(server_round, self.events.get(server_round, RoundEvents()), per_region, pooled)

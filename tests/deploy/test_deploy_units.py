@@ -211,3 +211,57 @@ def test_a_region_that_never_replies_is_named_in_the_round_events() -> None:
     guard.aggregate_evaluate(1, [])
     assert seen and seen[0].failed == {"eu": "no reply within the round timeout (training)", "us": (
         "no reply within the round timeout (evaluation)")}
+
+
+def test_certs_command_writes_the_bundle_and_never_overwrites(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+
+    args = ["certs", "--out", str(tmp_path / "c"), "--regions", "eu,us,apac", "--host", "link.example.org"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert names == sorted(
+        ["ca.key", "ca.crt", "server.key", "server.crt"]
+        + [f"supernode-{r}.{ext}" for r in ("eu", "us", "apac") for ext in ("key", "pub")]
+    )
+    assert "keep it offline" in res.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "refusing to overwrite" in again.output
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_superlinks_node_unavailable_reply_is_named_by_region() -> None:
+    """A node whose heartbeat stopped gets an error reply from the SuperLink (its own node id), not from
+    the node: the guard names the region it was meant for."""
+    import numpy as np
+    from flwr.app import ConfigRecord
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedcrm.fl.codec import to_record
+    from fedcrm.fl.strategy import GuardedStrategy, RoundEvents
+
+    seen: list[RoundEvents] = []
+    guard = GuardedStrategy(
+        FedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
+        min_regions=1,
+        excluded_nodes=set(),
+        on_round=lambda rnd, ev, per_region, pooled: seen.append(ev),
+        node_regions={11: "eu"},
+    )
+
+    class FakeGrid:
+        def get_node_ids(self) -> list[int]:
+            return [11]
+
+    arrays = to_record({"w": np.zeros((2,), dtype=np.float32)})
+    sent = list(guard.configure_evaluate(1, arrays, ConfigRecord({}), FakeGrid()))  # type: ignore[arg-type]
+    for m in sent:  # what Flower's grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = m.object_id
+    error = create_message_error_unavailable_res_message(sent[0].metadata, "node_unavail")
+    assert error.metadata.src_node_id != 11
+    guard.aggregate_evaluate(1, [error])
+    assert list(seen[0].failed) == ["eu"]
+    assert "Node Unavailable" in seen[0].failed["eu"] and "(evaluation)" in seen[0].failed["eu"]

@@ -274,8 +274,9 @@ def proxy_factory() -> Iterator[list[RecordingProxy]]:
 
 def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: list[RecordingProxy]) -> None:
     """PLAINTEXT ON PURPOSE: this one deployment runs without TLS so the bytes the regions send can be
-    read; a proxy between the SuperNodes and the SuperLink records all of them. Everything else (node
-    authentication, isolation, the apps) is as in the TLS deployments."""
+    read; a proxy between the SuperNodes and the SuperLink records all of them. Flower allows SuperNode
+    authentication only over TLS, so it is off here too; everything else (subprocess isolation, no
+    runtime installation, the apps, the node configs and policies) is as in the TLS deployments."""
     from fedcrm.data.encode import FeatureEncoder
     from fedcrm.data.schema import load_schema
     from fedcrm.models import build_model, predict_proba, set_weights
@@ -296,20 +297,15 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
     cfg = load_config(cfg_path)
     workdir = tmp_path / "work"
     nodes = region_nodes(cfg, state_root=tmp_path / "state", data_dir=workdir / "data")
-    keys = create_certificates(out_dir=workdir / "keys", regions=[n.region for n in nodes])  # auth keys only
-    with LocalDeployment(workdir=workdir, certs=keys, tls=False, report=lambda s: None) as dep:
+    with LocalDeployment(workdir=workdir, certs=None, tls=False, report=lambda s: None) as dep:
         dep.start_superlink()
         proxy = RecordingProxy(dep.port)
         proxy_factory.append(proxy)
-        ids = [dep.register(keys.supernode_public_keys[n.region]) for n in nodes]
         for n in nodes:
             dep.start_supernode(
-                n.region,
-                private_key=keys.supernode_private_keys[n.region],
-                node_config=n.node_config(),
-                superlink=f"127.0.0.1:{proxy.port}",
+                n.region, private_key=None, node_config=n.node_config(), superlink=f"127.0.0.1:{proxy.port}"
             )
-        dep.wait_nodes(ids, status="online")
+        dep.wait_nodes(status="online", count=len(nodes))
         run_id = dep.submit(
             app_dir=default_app_dir(),
             run_config={"experiment-config": str(cfg_path), "run-dir": str(tmp_path / "run")},

@@ -1,10 +1,12 @@
 """Evidence that an erasure forgets: the forgotten customers' membership signal (their loss under the
 model) falls to that of customers the model never saw.
 
-The run is deliberately overfit and without DP (a wide MLP, many local epochs), so that before the
+The run is deliberately overfit and without DP (a wide MLP, many local epochs, and eu holding most of
+the customers so that FedAvg keeps eu's memorisation rather than averaging it away), so that before the
 erasure the model's loss on its own training customers is clearly lower than on the hold-out: that is
 the signal a membership-inference attack reads. After `forget` + `retrain`, the forgotten customers'
-losses are compared with the hold-out's by a two-sample Kolmogorov-Smirnov test.
+losses are compared with the hold-out's by a loss-threshold membership attack (Fisher's exact test)
+and a two-sample Kolmogorov-Smirnov test.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import write_tiny_config
-from scipy.stats import ks_2samp
+from scipy.stats import fisher_exact, ks_2samp
 
 from fedcrm.commands.unlearning import forget_customers, retrain_run
 from fedcrm.config import load_config
@@ -26,7 +27,7 @@ from fedcrm.runs import load_weights
 from fedcrm.unlearning.retrain import node_settings
 
 SHARD = 0
-N_FORGOTTEN = 60
+N_FORGOTTEN = 100
 
 
 def _losses(cfg, run: Path, x: np.ndarray, y: np.ndarray, *, shards: list[int]) -> np.ndarray:
@@ -39,14 +40,28 @@ def _losses(cfg, run: Path, x: np.ndarray, y: np.ndarray, *, shards: list[int]) 
     return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
+def _attack_p(loss: np.ndarray, group: np.ndarray, reference: np.ndarray, alternative: str) -> float:
+    """Yeom et al.'s loss-threshold membership attack at the threshold ln 2 (a wrong prediction): the
+    p-value of Fisher's exact test that the group is called "member" (loss below it) more often than the
+    reference customers. Losses are heavy-tailed (most near 0, a few confident mistakes), so the signal is
+    in how often a customer is gotten wrong, which this test reads and a mean or KS test barely does.
+    """
+    wrong_g, wrong_r = int((loss[group] > np.log(2)).sum()), int((loss[reference] > np.log(2)).sum())
+    table = [[len(group) - wrong_g, wrong_g], [len(reference) - wrong_r, wrong_r]]
+    return float(fisher_exact(table, alternative=alternative).pvalue)
+
+
 def test_forgotten_customers_lose_their_membership_signal(tmp_path: Path) -> None:
-    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 700, "us": 600}, overrides={
+    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 800, "us": 150}, overrides={
         "unlearning.shards": 2,
         "privacy": {"mode": "none"},
-        "model": {"kind": "mlp", "hidden": [128, 128]},
-        "training": {"rounds": 2, "local_epochs": 40, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.005},
+        "model": {"kind": "mlp", "hidden": [256, 256]},
+        "training": {"rounds": 2, "local_epochs": 60, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.01},
     }))
     run, state = tmp_path / "run", tmp_path / "state"
+    for r in ("eu", "us"):  # fixed region secrets: the same shards, so the same numbers, on every run
+        (state / r).mkdir(parents=True)
+        (state / r / "region_secret.key").write_text(f"{r}-test-secret-0123456789abcdef\n")
     run_simulated(cfg, run_dir=run, state_root=state, report=lambda s: None)
 
     data = Region(node_settings(cfg, region="eu", state_root=state)).load(cfg, load_schema(cfg.schema_path))
@@ -57,7 +72,7 @@ def test_forgotten_customers_lose_their_membership_signal(tmp_path: Path) -> Non
 
     before = _losses(cfg, run, x, y, shards=[SHARD])
     assert before[forgotten].mean() < 0.6 * before[holdout].mean(), "the config no longer overfits: no signal"
-    assert ks_2samp(before[forgotten], before[holdout]).pvalue < 1e-3
+    assert _attack_p(before, forgotten, holdout, "greater") < 0.01
 
     forget_customers(region="eu", customer_ids=[str(i) for i in data.ids[forgotten]], state_root=state, runs=[run])
     result = retrain_run(run, state_root=state, report=lambda s: None)
@@ -65,9 +80,9 @@ def test_forgotten_customers_lose_their_membership_signal(tmp_path: Path) -> Non
 
     after = _losses(cfg, run, x, y, shards=[SHARD])
     # The retrained constituent still remembers the customers it kept (the test can see a signal) ...
-    assert ks_2samp(after[kept], after[holdout]).pvalue < 1e-3
-    # ... but the forgotten ones now look like customers it never saw.
+    assert _attack_p(after, kept, holdout, "greater") < 0.01
+    # ... but the forgotten ones now look like customers it never saw, to the attack and to a KS test.
+    assert _attack_p(after, forgotten, holdout, "two-sided") > 0.05
     assert ks_2samp(after[forgotten], after[holdout]).pvalue > 0.05
-    assert after[forgotten].mean() == pytest.approx(after[holdout].mean(), rel=0.35)
     served = _losses(cfg, run, x, y, shards=[0, 1])
-    assert ks_2samp(served[forgotten], served[holdout]).pvalue > 0.05
+    assert _attack_p(served, forgotten, holdout, "two-sided") > 0.05

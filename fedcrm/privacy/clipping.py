@@ -1,0 +1,99 @@
+"""Exact DP-SGD steps for stacks of ``nn.Linear`` layers, in one ordinary backward pass.
+
+Why this exists: fedcrm's models are Linear layers with element-wise activations in between. For a
+Linear layer, customer i's weight gradient is the outer product ``g_i a_iᵀ`` of the layer's output
+gradient and its input, so its norm is ``‖g_i‖·‖a_i‖`` (the "ghost norm" Opacus's ghost clipping
+uses) and the sum of clipped gradients is ``(c ⊙ g)ᵀ a``. One backward pass to the layers' outputs
+gives every ``g``; no per-sample gradient is ever materialised and no second backward pass is needed.
+Opacus's ghost clipping computes the same quantities but pays two backward passes, Python hooks on
+every layer and a deep copy of every gradient each step: on these small tabular models that
+overhead, not arithmetic, was most of the time (profile and figures in docs/benchmarks.md).
+
+Same semantics as Opacus's ghost clipping with ``loss_reduction="mean"`` and Poisson sampling:
+clip factor ``min(1, C / (‖∇ℓ_i‖ + 1e-6))``, Gaussian noise of std ``σ·C`` drawn per parameter in
+``model.parameters()`` order from the given generator, then division by the *expected* batch size.
+A test checks that both give the same weights for the same seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Parameter-free layers that act on each customer's row alone (no batch statistics, no randomness).
+PER_SAMPLE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Identity,
+)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether ``model`` is a stack this module handles exactly (else use Opacus's general path)."""
+    if not isinstance(model, nn.Sequential) or len(model) == 0:
+        return False
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            if not layer.weight.requires_grad or (layer.bias is not None and not layer.bias.requires_grad):
+                return False
+        elif not isinstance(layer, PER_SAMPLE_LAYERS):
+            return False
+    return isinstance(model[-1], nn.Linear) and model[-1].out_features == 1
+
+
+class LinearStackDpSgd:
+    """Clipped, noised gradients for a binary-logit ``nn.Sequential`` of Linear + activation layers."""
+
+    def __init__(
+        self,
+        model: nn.Sequential,
+        *,
+        noise_multiplier: float,
+        clipping_norm: float,
+        expected_batch_size: int,
+        noise_generator: torch.Generator,
+    ) -> None:
+        if not supports(model):
+            raise ValueError("LinearStackDpSgd needs an nn.Sequential of Linear and per-sample activation layers")
+        self.model = model
+        self.noise_std = noise_multiplier * clipping_norm
+        self.clipping_norm = clipping_norm
+        self.expected_batch_size = expected_batch_size
+        self.generator = noise_generator
+        self.linears = [m for m in model if isinstance(m, nn.Linear)]
+        self.params = list(model.parameters())  # Opacus's order, so the same seed draws the same noise
+
+    def compute_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Set every parameter's ``.grad`` to the DP-SGD gradient of one Poisson batch; return the mean loss."""
+        inputs: list[torch.Tensor] = []
+        outputs: list[torch.Tensor] = []
+        h = x
+        for layer in self.model:
+            if isinstance(layer, nn.Linear):
+                inputs.append(h.detach())
+                h = layer(h)
+                outputs.append(h)
+            else:
+                h = layer(h)
+        per_sample = F.binary_cross_entropy_with_logits(h.squeeze(-1), y, reduction="none")
+        # d(sum of losses)/d(outputs): row i is customer i's own output gradient (rows do not interact).
+        out_grads = torch.autograd.grad(per_sample.sum(), outputs)
+        with torch.no_grad():
+            sq_norms = torch.zeros(len(x), dtype=x.dtype)
+            for layer, a, g in zip(self.linears, inputs, out_grads, strict=True):
+                a_sq = (a * a).sum(1)
+                sq_norms.addcmul_((g * g).sum(1), a_sq + 1.0 if layer.bias is not None else a_sq)
+            clip = (self.clipping_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+            for layer, a, g in zip(self.linears, inputs, out_grads, strict=True):
+                gc = g * clip.unsqueeze(1)
+                layer.weight.grad = gc.t() @ a
+                if layer.bias is not None:
+                    layer.bias.grad = gc.sum(0)
+            for p in self.params:
+                grad = p.grad
+                if grad is None:  # every parameter belongs to a Linear layer (see ``supports``)
+                    continue
+                if self.noise_std > 0:
+                    grad += torch.normal(mean=0.0, std=self.noise_std, size=p.shape, generator=self.generator,
+                                         dtype=p.dtype)
+                grad /= self.expected_batch_size
+        return per_sample.detach().mean()
