@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedcrm-installed
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo test test-slow test-deployment lint bench clean
+.PHONY: setup demo test test-slow test-deployment lint bench bench-scale clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,15 @@ test-slow: $(STAMP)
 test-deployment: $(STAMP)
 	$(BIN)/python -m pytest -q -m deployment
 
+# Benchmarks that fit in a few minutes, each printing its table (docs/benchmarks.md has the figures).
 bench: $(STAMP)
-	$(BIN)/python experiments/bench_local_training.py
+	$(BIN)/python experiments/bench_local_training.py --reps 3
+	$(BIN)/python experiments/bench_end_to_end.py --rounds 20
+	$(BIN)/python experiments/bench_scale.py --cells 10x1000,100x1000 --rounds 10
+
+# The whole scale grid (tens of minutes on 2 cores).
+bench-scale: $(STAMP)
+	$(BIN)/python experiments/bench_scale.py --cells 10x1000,50x1000,100x1000,200x1000,10x10000,10x100000
 
 clean:
 	rm -rf runs state data/demo .pytest_cache .mypy_cache .ruff_cache

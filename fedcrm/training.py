@@ -70,7 +70,9 @@ def poisson_sample(n: int, *, q: float, generator: torch.Generator) -> torch.Ten
         last = int(idx[-1])
 
 
-def _optimizer(cls: type[torch.optim.Optimizer], model: nn.Module, *, lr: float) -> torch.optim.Optimizer:
+def _optimizer(
+    cls: type[torch.optim.Adam] | type[torch.optim.SGD], model: nn.Module, *, lr: float
+) -> torch.optim.Optimizer:
     """The fused (one kernel for all parameters) variant where torch has it: it was a third of a step."""
     try:
         return cls(model.parameters(), lr=lr, fused=True)  # type: ignore[call-arg]

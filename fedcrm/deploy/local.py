@@ -528,7 +528,7 @@ class LocalDeployment:
             while time.time() < deadline:
                 if while_waiting is not None:
                     while_waiting()
-                if not stream.alive() or time.time() - last_poll > poll_s:
+                if time.time() - last_poll > (2.0 if not stream.alive() else poll_s):
                     last_poll = time.time()
                     status = self.run_status(run_id)
                     if str(status.get("status", "")).startswith(FINISHED):

@@ -53,6 +53,21 @@ def flower_processes_of(workdir: Path) -> list[str]:
     return found
 
 
+def metric_values(wire_bytes: bytes, key: bytes) -> list[float]:
+    """Every value of metric ``key`` in serialized Flower MetricRecords (protobuf items: the key, then a
+    value message holding a double (tag 0x09), a zigzag sint64 (0x10) or a uint64 (0x18))."""
+    out: list[float] = []
+    for m in re.finditer(re.escape(key) + rb"\x12", wire_bytes):
+        body = wire_bytes[m.end() + 1 : m.end() + 1 + wire_bytes[m.end()]]
+        tag, rest = body[:1], body[1:]
+        if tag == b"\x09" and len(rest) == 8:
+            out.append(struct.unpack("<d", rest)[0])
+        elif tag in (b"\x10", b"\x18"):
+            n = sum((b & 0x7F) << (7 * i) for i, b in enumerate(rest))
+            out.append(float((n >> 1) ^ -(n & 1)) if tag == b"\x10" else float(n))
+    return out
+
+
 def _policy(path: Path, **fields: object) -> Path:
     path.write_text(yaml.safe_dump(fields))
     return path
@@ -333,7 +348,7 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
         assert struct.pack("<d", float(n)) in wire_bytes, f"{r}'s num-examples as a double is not in the capture"
 
     # -- every num-examples on the wire aggregates at least the policy's minimum of customers ---------
-    sent_counts = [struct.unpack("<d", m)[0] for m in re.findall(rb"num-examples\x12\x09\x09(.{8})", wire_bytes, re.S)]
+    sent_counts = metric_values(wire_bytes, b"num-examples")
     # eu and us: 2 training + 2 evaluation replies + the final evaluation each
     assert len(sent_counts) >= 10, sent_counts
     assert min(sent_counts) >= min_customers, sent_counts
