@@ -151,10 +151,23 @@ class Region:
 
     # -- training ----------------------------------------------------------------------------------
 
-    def noise_multiplier(self, cfg: ExperimentConfig, *, n: int, delta: float) -> float:
-        """σ planned once for the whole run (rounds × local epochs) so the run ends at its target ε."""
+    def noise_multiplier(
+        self, cfg: ExperimentConfig, *, n: int, delta: float, run_id: str | None = None, shard: int = 0
+    ) -> float:
+        """σ planned once for the whole run (rounds × local epochs) so the run ends at its target ε.
+
+        With ``run_id``, a σ this run already planned for the same shard, rate, steps and δ is read back
+        from the ledger instead of re-planned: the bisection over the accountant was most of a round's
+        work on a small region (docs/benchmarks.md), and its answer cannot have changed.
+        """
         assert cfg.privacy.target_epsilon is not None
         q, steps_per_round = sampling_plan(n=n, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs)
+        if run_id is not None:
+            for event in self.ledger.events(shard):
+                if (event.run_id, event.sample_rate, event.steps, event.delta, event.purpose) == (
+                    run_id, q, steps_per_round, delta, cfg.task
+                ):
+                    return event.noise_multiplier
         return plan_noise_multiplier(
             target_epsilon=cfg.privacy.target_epsilon,
             delta=delta,
@@ -213,7 +226,7 @@ class Region:
         release: GaussianRelease | None = None
         note = ""
         if cfg.privacy.mode == "sample_dp":
-            sigma = self.noise_multiplier(cfg, n=len(x), delta=delta)
+            sigma = self.noise_multiplier(cfg, n=len(x), delta=delta, run_id=run_id, shard=shard)
             self.policy.check_noise(region=self.name, noise_multiplier=sigma)
             dp = DpSgd(noise_multiplier=sigma, clipping_norm=cfg.privacy.clipping_norm)
             release = GaussianRelease(noise_multiplier=sigma, sample_rate=q, steps=steps)

@@ -15,9 +15,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcrm import wire
+from fedcrm.data.io import TableCache
 from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError
 from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
-from fedcrm.data.io import TableCache
 from fedcrm.region import NodeSettings, Region
 
 log = logging.getLogger("fedcrm.region")

@@ -134,7 +134,7 @@ def test_component_stop_reaches_a_grandchild_in_its_own_session(tmp_path: Path) 
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_forbidden_key_is_blocked_not_sent_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The outgoing check on the real reply path (`_serve`): a handler tries to send a per-customer score."""
+    """The outgoing check on the real reply path (`answer`): a handler tries to send a per-customer score."""
     from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
     from fedcrm.data.synthetic import generate
@@ -159,11 +159,11 @@ def test_a_forbidden_key_is_blocked_not_sent_and_logged(tmp_path: Path, caplog: 
     )
     incoming = Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
     with caplog.at_level(logging.ERROR, logger="fedcrm.region"):
-        reply = client_module._serve(leaky, incoming, ctx)
-    assert set(reply.content.keys()) == {wire.STATUS}  # the metrics record did not go out at all
-    st = reply.content[wire.STATUS]
+        reply = client_module.answer(leaky, incoming, ctx)  # what every handler's reply goes through
+    assert set(reply.keys()) == {wire.STATUS}  # the metrics record did not go out at all
+    st = reply[wire.STATUS]
     assert st[wire.OUTCOME] == wire.OUTCOME_FAILED and st[wire.KIND] == "BlockedReply"
-    assert "0.93" not in str(reply.content) and "customer-eu-0000007-score" not in str(reply.content)
+    assert "0.93" not in str(reply) and "customer-eu-0000007-score" not in str(reply)
     assert "customer-eu-0000007-score" in caplog.text and "blocked" in caplog.text
 
 
