@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import write_tiny_config
 from flwr.app import Array, ArrayRecord, Context, Message
 
@@ -40,6 +41,7 @@ def _run(tmp_path: Path, strategy: str, *, poisoned: bool) -> dict:
                          client_mods=mods)
 
 
+@pytest.mark.slow  # three 5-region simulations
 def test_scaled_updates_break_fedavg_but_not_fedmedian(tmp_path: Path) -> None:
     clean = _run(tmp_path, "fedavg", poisoned=False)["final_metrics"]
     fedavg = _run(tmp_path, "fedavg", poisoned=True)["final_metrics"]

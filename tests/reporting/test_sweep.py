@@ -61,6 +61,7 @@ def test_sweep_spec_rejects_unknown_keys(tmp_path: Path) -> None:
     assert SweepSpec(name="x", base=Path("b")).engine == "shared"
 
 
+@pytest.mark.slow  # several sweep cells and two engine start-ups
 def test_failed_cell_is_recorded_and_resume_reruns_only_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One engine for all cells; a cell whose region data vanished fails, the others finish; after the
     data is back, a second invocation runs only the failed cell and leaves the done ones untouched."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import write_tiny_config
 from scipy.stats import fisher_exact, ks_2samp
 
@@ -51,6 +52,7 @@ def _attack_p(loss: np.ndarray, group: np.ndarray, reference: np.ndarray, altern
     return float(fisher_exact(table, alternative=alternative).pvalue)
 
 
+@pytest.mark.slow  # an overfit model on a larger region: minutes on 2 cores
 def test_forgotten_customers_lose_their_membership_signal(tmp_path: Path) -> None:
     cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 800, "us": 150}, overrides={
         "unlearning.shards": 2,
