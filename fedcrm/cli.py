@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedcrm.errors import FedcrmError
@@ -40,8 +41,13 @@ StateOpt = Annotated[
 ]
 
 
+def _progress(line: str) -> None:
+    """A progress line as written: region names or reasons are not rich markup."""
+    console.print(line, markup=False, highlight=False)
+
+
 def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
+    console.print(f"[bold red]error:[/] {escape(str(e))}")
     raise typer.Exit(2)
 
 
@@ -180,7 +186,7 @@ def run(
         if resume and not (run_dir / "config.yaml").exists():
             raise FedcrmError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
         summary = run_simulated(
-            cfg, run_dir=run_dir, state_root=state, report=lambda s: console.print(s), resume=resume
+            cfg, run_dir=run_dir, state_root=state, report=_progress, resume=resume
         )
         if cfg.tracking.kind != "none":
             from fedcrm.report import write_run_report

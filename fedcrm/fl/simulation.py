@@ -46,8 +46,11 @@ def simulated_node_config(nodes: NodeConfigs) -> Callable[[Message, Context, Cal
 
 
 def _quiet_flower() -> None:
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Flower's per-round INFO lines and its notice that `run_simulation` is deprecated are not the user's
+    concern here: fedcrm prints its own progress. Errors still show."""
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def run_simulated(
