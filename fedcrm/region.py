@@ -211,8 +211,7 @@ class Region:
         run_id: str,
         delta: float,
     ) -> tuple[Weights, dict[str, float]]:
-        self.check_request(cfg, schema)
-        data = self.load(cfg, schema)
+        data = self.load(cfg, schema)  # train() has checked the request against the policy
         x, y = data.train_shard(shard)
         if len(x) < self.policy.min_customers:
             raise PolicyError(
