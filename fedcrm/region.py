@@ -235,8 +235,9 @@ class Region:
             release = GaussianRelease(noise_multiplier=cfg.privacy.client_noise_multiplier, sample_rate=1.0, steps=1)
             note = "client_dp: noise added by the server to the aggregate"
         event_id = None
+        shard_epsilon: dict[int, float] = {}  # this shard's ε once the release is recorded, composed once
         if release is not None:
-            self.ledger.check_budget(
+            shard_epsilon[shard] = self.ledger.check_budget(
                 budget=self.policy.privacy_budget,
                 delta=delta,
                 accountant=cfg.privacy.accountant,
@@ -270,7 +271,7 @@ class Region:
             "num-examples": float(len(x)),
             "train-loss": result.mean_loss,
             "noise-multiplier": dp.noise_multiplier if dp else 0.0,
-            "epsilon": self.epsilon(cfg, delta=delta),
+            "epsilon": self.ledger.epsilon(delta=delta, accountant=cfg.privacy.accountant, known=shard_epsilon),
             "budget": self.policy.privacy_budget,
         }
         if release is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -381,24 +381,33 @@ class PrivacyLedger:
         """Every release on ``shard``, pending, sent and not sent alike: all of them count in ε."""
         return [event.release for event in self.events(shard)]
 
-    def epsilon_by_shard(self, *, delta: float, accountant: AccountantName | str) -> dict[int, float]:
-        """ε of each shard's full history, at the query's ``delta``."""
+    def epsilon_by_shard(
+        self, *, delta: float, accountant: AccountantName | str, known: Mapping[int, float] | None = None
+    ) -> dict[int, float]:
+        """ε of each shard's full history, at the query's ``delta``.
+
+        ``known`` holds shards whose ε the caller has just composed at the same δ and accountant (e.g. the
+        value :meth:`check_budget` returned before the release was recorded): they are not composed again.
+        """
+        known = known or {}
         by_shard: dict[int, list[GaussianRelease]] = {}
         for event in self.events():
             by_shard.setdefault(event.shard, []).append(event.release)
         return {
-            shard: epsilon(releases, delta=delta, accountant=accountant)
+            shard: known[shard] if shard in known else epsilon(releases, delta=delta, accountant=accountant)
             for shard, releases in sorted(by_shard.items())
         }
 
-    def epsilon(self, *, delta: float, accountant: AccountantName | str) -> float:
+    def epsilon(
+        self, *, delta: float, accountant: AccountantName | str, known: Mapping[int, float] | None = None
+    ) -> float:
         """The region's ε: the largest over its shards, by parallel composition.
 
         Every customer lies in exactly one shard and a release on shard k reads only shard k's
         customers, so a customer's privacy loss is their own shard's ε. Summing over shards would
         charge each customer for releases that never touched them.
         """
-        per_shard = self.epsilon_by_shard(delta=delta, accountant=accountant)
+        per_shard = self.epsilon_by_shard(delta=delta, accountant=accountant, known=known)
         return max(per_shard.values(), default=0.0)
 
     def check_budget(
