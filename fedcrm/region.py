@@ -90,7 +90,7 @@ class Region:
         self, settings: NodeSettings, *, default_budget: float | None = None, tables: TableCache | None = None
     ) -> None:
         self.settings = settings
-        self.tables = tables or TableCache(max_tables=1)
+        self.tables = tables or TableCache(max_rows=0)  # keeps only the last table
         self.name = settings.region
         self.policy: RegionPolicy = load_policy(settings.policy_path, default_budget=default_budget)
         self.ledger = PrivacyLedger.open(settings.state_dir, region=self.name)

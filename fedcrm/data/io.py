@@ -492,10 +492,14 @@ class TableCache:
     A region's table is read and validated once, not at every message; the key includes the file's
     size and modification time and the schema, so a re-imported or edited file is read again.
     Tombstones, consent and withdrawals are applied after the cache, on every load.
+
+    Bounded by rows, not by tables: in simulation one process serves many small regions in turn, and a
+    cache of a few tables would miss on every message. The oldest tables go first; the table just
+    loaded always stays, however large.
     """
 
-    def __init__(self, *, max_tables: int = 4) -> None:
-        self.max_tables = max_tables
+    def __init__(self, *, max_rows: int = 2_000_000) -> None:
+        self.max_rows = max_rows
         self._tables: dict[tuple[str, int, int, str], CustomerTable] = {}
 
     def load(self, path: str | Path, schema: Schema) -> CustomerTable:
@@ -508,7 +512,7 @@ class TableCache:
         table = self._tables.get(key)
         if table is None:
             table = load_table(path, schema)
-            if len(self._tables) >= self.max_tables:
-                self._tables.pop(next(iter(self._tables)))
             self._tables[key] = table
+            while len(self._tables) > 1 and sum(len(t) for t in self._tables.values()) > self.max_rows:
+                self._tables.pop(next(iter(self._tables)))
         return table

@@ -398,3 +398,31 @@ def test_bank_loads_with_derived_ids_and_never_reads_duration() -> None:
     assert cols["campaign"].get("clipped_high", 0) == int((reference["campaign"] > 60).sum())
     assert t.values["balance"].max() <= 100_000
     assert set(t.sensitive["age"]) == {"<30", "30-45", "45-60", ">=60"}
+
+
+# --- the per-process table cache --------------------------------------------------------------------
+
+
+def test_table_cache_reuses_reloads_on_change_and_evicts_oldest_by_rows(tmp_path: Path, schema: Schema) -> None:
+    import os
+
+    from fedcrm.data.io import TableCache
+
+    a = write(tmp_path, GOOD_ROWS, name="a.csv")
+    b = write(tmp_path, GOOD_ROWS[:2], name="b.csv")
+    cache = TableCache(max_rows=5)
+    first = cache.load(a, schema)
+    assert cache.load(a, schema) is first  # served from the cache, not read again
+    cache.load(b, schema)  # 3 + 2 rows: both fit
+    assert cache.load(a, schema) is first
+    # An edited file (new size and mtime) is read again: a re-import is never hidden by the cache.
+    write(tmp_path, GOOD_ROWS[:1], name="a.csv")
+    os.utime(a, ns=(1, 1))
+    edited = cache.load(a, schema)
+    assert list(edited.ids) == ["c1"]
+    # Over the row bound, the oldest table goes; the one just loaded always stays.
+    tiny = TableCache(max_rows=2)
+    t_a = tiny.load(write(tmp_path, GOOD_ROWS, name="c.csv"), schema)
+    assert tiny.load(tmp_path / "c.csv", schema) is t_a  # 3 rows > bound, still kept as the only table
+    tiny.load(b, schema)
+    assert tiny.load(tmp_path / "c.csv", schema) is not t_a  # evicted by b, read again

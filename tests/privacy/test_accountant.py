@@ -199,3 +199,40 @@ def test_planning_refuses_invalid_inputs(kwargs: dict, message: str) -> None:
     args = {"target_epsilon": 3.0, "delta": DELTA, "sample_rate": 0.01, "steps": 100, "accountant": "rdp"}
     with pytest.raises(ValueError, match=message):
         plan_noise_multiplier(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("name", sorted(HISTORIES))
+def test_cached_rdp_is_bit_for_bit_opacus_rdp_accountant(name: str) -> None:
+    # The per-(σ, q) cache must not change a single bit of what Opacus's own accountant reports.
+    from opacus.accountants import RDPAccountant
+
+    from fedcrm.privacy.accountant import RDP_ORDERS
+
+    releases = HISTORIES[name]
+    acct = RDPAccountant()
+    acct.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in releases]
+    reference = acct.get_epsilon(DELTA, alphas=RDP_ORDERS)
+    first = epsilon(releases, delta=DELTA, accountant="rdp")
+    again = epsilon(releases, delta=DELTA, accountant="rdp")  # served from the cache
+    assert first == again == reference
+
+
+def test_cache_keys_on_every_parameter() -> None:
+    # A cache keyed too coarsely would return a stale ε for a different history or δ.
+    base = [GaussianRelease(1.0, 0.01, 500)]
+    e = epsilon(base, delta=DELTA, accountant="rdp")
+    assert epsilon(base, delta=DELTA / 10, accountant="rdp") > e
+    assert epsilon([GaussianRelease(1.0, 0.01, 501)], delta=DELTA, accountant="rdp") > e
+    assert epsilon([GaussianRelease(1.0, 0.011, 500)], delta=DELTA, accountant="rdp") > e
+    assert epsilon([GaussianRelease(0.99, 0.01, 500)], delta=DELTA, accountant="rdp") > e
+    assert epsilon([*base, GaussianRelease(2.0, 0.01, 1)], delta=DELTA, accountant="rdp") > e
+    p = epsilon(base, delta=DELTA, accountant="prv")
+    assert epsilon([GaussianRelease(1.0, 0.01, 600)], delta=DELTA, accountant="prv") > p
+
+
+def test_repeated_planning_returns_the_same_sigma_and_honours_the_prior() -> None:
+    kwargs = dict(target_epsilon=2.0, delta=DELTA, sample_rate=0.02, steps=400, accountant="rdp")
+    a = plan_noise_multiplier(**kwargs)
+    assert plan_noise_multiplier(**kwargs) == a
+    with_prior = plan_noise_multiplier(**kwargs, prior=[GaussianRelease(2.0, 0.02, 200)])
+    assert with_prior > a
