@@ -61,6 +61,12 @@ class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_regions: int = Field(1, ge=1, description="fewest regions a round may aggregate")
     round_timeout_s: float = Field(600.0, gt=0)
+    max_update_norm: float | None = Field(
+        None, gt=0, description="reject an update that moves the model farther than this (L2 norm of the change)"
+    )
+    outlier_norm_ratio: float | None = Field(
+        10.0, gt=1, description="reject an update whose change is this many times the round's median (3+ regions)"
+    )
 
 
 class EvaluationConfig(_Section):

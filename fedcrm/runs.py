@@ -23,18 +23,18 @@ from typing import Any
 import numpy as np
 
 from fedcrm.config import ExperimentConfig, dump_yaml
+from fedcrm.durable import append_to, storage_error, write_atomically, write_text_atomically
 from fedcrm.errors import StorageError
 
 Weights = dict[str, np.ndarray]
 
 
+def _resume_hint(path: Path) -> str:
+    return f"go on with `fedcrm run CONFIG --resume {path}`"
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomically(path, text, what="write the run's record", then=_resume_hint(path.parent))
 
 
 def code_version() -> str:
@@ -46,13 +46,8 @@ def code_version() -> str:
         return "unknown"
 
 
-def save_weights(path: Path, weights: Weights) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **weights)  # type: ignore[arg-type]
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def save_weights(path: Path, weights: Weights, *, then: str = "") -> None:
+    write_atomically(path, lambda f: np.savez(f, **weights), what="save model weights", then=then)  # type: ignore[arg-type]
 
 
 def load_weights(path: Path) -> Weights:
@@ -73,25 +68,33 @@ class RunDir:
 
     @classmethod
     def create(cls, path: Path, config: ExperimentConfig) -> RunDir:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "checkpoints").mkdir(exist_ok=True)
-        (path / "model").mkdir(exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "checkpoints").mkdir(exist_ok=True)
+            (path / "model").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise storage_error(path, "create the run folder", exc) from None
         _atomic_write(path / "config.yaml", dump_yaml(config))
         return cls(path=path, config=config)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        path = self.path / "metrics.jsonl"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                append_to(fd, line.encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise storage_error(path, "append the round's metrics", exc, then=_resume_hint(self.path)) from None
 
     def checkpoint_path(self, *, round_: int, shard: int) -> Path:
         return self.path / "checkpoints" / f"round-{round_:04d}-shard-{shard}.npz"
 
     def save_checkpoint(self, *, round_: int, shard: int, weights: Weights) -> Path:
         p = self.checkpoint_path(round_=round_, shard=shard)
-        save_weights(p, weights)
+        save_weights(p, weights, then=_resume_hint(self.path))
         return p
 
     def run_id(self, *, resume: bool, new: str) -> str:

@@ -5,6 +5,7 @@ model's evaluation, and the run directory. The Flower ServerApp in ``server/`` o
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 import uuid
 import warnings
@@ -78,6 +79,15 @@ def privacy_warnings(cfg: ExperimentConfig, *, regions: int) -> list[str]:
             "exactly); it is not a cryptographically secure source. The ε figures assume ideal noise."
         )
     return out
+
+
+def _epsilon_text(eps: dict[str, float], *, listed: int = 8) -> str:
+    """ε per region for a progress line; with many regions, their range (metrics.jsonl has each)."""
+    if len(eps) <= listed:
+        return ", ".join(f"{r} {e:.2f}" for r, e in sorted(eps.items()))
+    lowest, highest = min(eps, key=eps.__getitem__), max(eps, key=eps.__getitem__)
+    return (f"{len(eps)} regions, {eps[lowest]:.2f} ({lowest}) to {eps[highest]:.2f} ({highest}), "
+            f"median {statistics.median(eps.values()):.2f}")
 
 
 @audited_run  # run_started / run_finished / run_failed in RUN_DIR/audit.log
@@ -197,7 +207,7 @@ def run_federation(
             rounds_log.append(row)
             for kind in ("refused", "failed", "rejected"):
                 all_events[kind].update(getattr(ev, kind))
-            eps_text = ", ".join(f"{r} {e:.2f}" for r, e in sorted(eps.items()))
+            eps_text = _epsilon_text(eps)
             shard_text = f" shard {shard + 1}/{cfg.unlearning.shards}" if cfg.unlearning.shards > 1 else ""
             report(
                 f"round {rnd:>3}/{cfg.training.rounds}{shard_text}: pooled AUC {pooled.get('auc', float('nan')):.4f}"
@@ -208,6 +218,8 @@ def run_federation(
         strategy = GuardedStrategy(
             build_strategy(cfg, regions=len(described)),
             min_regions=cfg.federation.min_regions,
+            max_update_norm=cfg.federation.max_update_norm,
+            outlier_norm_ratio=cfg.federation.outlier_norm_ratio,
             excluded_nodes=excluded,
             on_round=on_round,
             node_regions=node_regions,

@@ -1,13 +1,17 @@
 """Flower strategies for fedcrm, and a guard that wraps any of them.
 
 The guard drops refusals and failures, rejects malformed updates (keys, shapes, dtype, non-finite
-values) with a logged reason, enforces the minimum number of regions per round, and turns the
-regions' hold-out histograms into pooled metrics. Aggregation itself stays Flower's.
+values), replayed updates (bit-for-bit equal to one already received) and updates that move the model
+too far (an absolute bound, or many times the round's median), each with a logged reason; it enforces
+the minimum number of regions per round, and turns the regions' hold-out histograms into pooled
+metrics. Aggregation itself stays Flower's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +91,22 @@ def check_update(update: ArrayRecord, *, expected: dict[str, tuple[int, ...]]) -
     return None
 
 
+def update_digest(update: ArrayRecord) -> str:
+    """A fingerprint of an update's values: equal digests mean a replayed (or copied) update."""
+    h = hashlib.sha256()
+    for k in sorted(update.keys()):
+        arr = np.ascontiguousarray(update[k].numpy())
+        h.update(k.encode() + b"\0" + str(arr.shape).encode() + b"\0" + arr.tobytes())
+    return h.hexdigest()
+
+
+def update_norm(update: ArrayRecord, sent: dict[str, np.ndarray]) -> float:
+    """L2 norm of the change an update makes to the model the server sent."""
+    return float(np.sqrt(sum(
+        float(np.sum((update[k].numpy().astype(np.float64) - sent[k]) ** 2)) for k in sent
+    )))
+
+
 def _status(msg: Message) -> tuple[str, str, str]:
     if msg.has_error():
         return f"node-{msg.metadata.src_node_id}", wire.OUTCOME_FAILED, str(msg.error.reason)[:300]
@@ -160,8 +180,15 @@ class GuardedStrategy(Strategy):
         excluded_nodes: set[int],
         on_round: Callable[[int, RoundEvents, dict[str, dict[str, float]], dict[str, float]], None],
         node_regions: dict[int, str] | None = None,
+        max_update_norm: float | None = None,
+        outlier_norm_ratio: float | None = None,
     ) -> None:
         self.inner = inner
+        self.max_update_norm = max_update_norm
+        self.outlier_norm_ratio = outlier_norm_ratio
+        # digest -> (region, round) of every update accepted so far: a replay is refused, naming the original.
+        self.seen: dict[str, tuple[str, int]] = {}
+        self.global_weights: dict[str, np.ndarray] = {}
         # node id -> region name (from the pre-flight), to name a region that was asked but never answered.
         self.node_regions = dict(node_regions or {})
         self.sent: dict[tuple[str, int], list[Message]] = {}
@@ -178,6 +205,7 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.expected = {k: tuple(v.shape) for k, v in arrays.items()}
+        self.global_weights = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
         msgs = self.inner.configure_train(server_round, arrays, config, grid)
         out = [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
         self.sent[("train", server_round)] = out
@@ -197,11 +225,15 @@ class GuardedStrategy(Strategy):
                 ev.failed[region] = reason
             elif wire.ARRAYS not in msg.content or wire.METRICS not in msg.content:
                 ev.rejected[region] = "reply without weights or metrics"
-            elif (why := check_update(msg.content[wire.ARRAYS], expected=self.expected)) is not None:  # type: ignore[arg-type]
+            elif (why := self._malformed_or_replayed(msg.content[wire.ARRAYS])) is not None:  # type: ignore[arg-type]
                 ev.rejected[region] = why
             else:
                 accepted.append(msg)
-                ev.train[region] = {k: float(v) for k, v in msg.content[wire.METRICS].items()}  # type: ignore[arg-type]
+        accepted = self._screen_norms(ev, accepted)
+        for msg in accepted:
+            region = _status(msg)[0]
+            self.seen[update_digest(msg.content[wire.ARRAYS])] = (region, server_round)  # type: ignore[arg-type]
+            ev.train[region] = {k: float(v) for k, v in msg.content[wire.METRICS].items()}  # type: ignore[arg-type]
         for kind, items in (("refused", ev.refused), ("failed", ev.failed), ("rejected", ev.rejected)):
             for region, reason in items.items():
                 log.warning("round %d: region %s %s: %s", server_round, region, kind, reason)
@@ -212,6 +244,37 @@ class GuardedStrategy(Strategy):
                 f"{ev.failed or 'none'}; rejected: {ev.rejected or 'none'}"
             )
         return self.inner.aggregate_train(server_round, accepted)
+
+    def _malformed_or_replayed(self, update: ArrayRecord) -> str | None:
+        if (why := check_update(update, expected=self.expected)) is not None:
+            return why
+        earlier = self.seen.get(update_digest(update))
+        if earlier is None:
+            return None
+        region, rnd = earlier
+        return (f"replayed update: bit-for-bit equal to the update region {region} sent in round {rnd}; "
+                "a fresh round of training never repeats an update")
+
+    def _screen_norms(self, ev: RoundEvents, accepted: list[Message]) -> list[Message]:
+        """Reject updates that move the model farther than the absolute bound or the outlier ratio allow."""
+        if not accepted or (self.max_update_norm is None and self.outlier_norm_ratio is None):
+            return accepted
+        norms = {id(m): update_norm(m.content[wire.ARRAYS], self.global_weights) for m in accepted}  # type: ignore[arg-type]
+        median = statistics.median(norms.values())
+        kept = []
+        for msg in accepted:
+            norm, region = norms[id(msg)], _status(msg)[0]
+            if self.max_update_norm is not None and norm > self.max_update_norm:
+                ev.rejected[region] = (f"update norm {norm:.4g} exceeds federation.max_update_norm = "
+                                       f"{self.max_update_norm:g}")
+            elif (self.outlier_norm_ratio is not None and len(accepted) >= 3 and median > 0
+                  and norm > self.outlier_norm_ratio * median):
+                ev.rejected[region] = (f"update norm {norm:.4g} is {norm / median:.1f}x the round's median "
+                                       f"{median:.4g}, over federation.outlier_norm_ratio = "
+                                       f"{self.outlier_norm_ratio:g}")
+            else:
+                kept.append(msg)
+        return kept
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -32,6 +32,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from fedcrm.durable import append_to, storage_error
 from fedcrm.errors import StorageError
 
 
@@ -401,10 +402,9 @@ class AuditLog:
                 "prev": prev,
             }
             entry = AuditEntry(**fields, hash=entry_hash(fields))
-            _write_all(fd, canonical_json(entry.as_dict()) + b"\n")
-            os.fsync(fd)
+            append_to(fd, canonical_json(entry.as_dict()) + b"\n")  # cut back if the disk is full
         except OSError as exc:
-            raise StorageError(f"{self.path}: cannot append to the audit log: {exc}") from exc
+            raise storage_error(self.path, "append to the audit log", exc) from exc
         finally:
             os.close(fd)
         return entry

@@ -18,6 +18,7 @@ nothing meaningful.
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from fedcrm.errors import PrivacyBudgetError, StorageError
 from fedcrm.privacy.accountant import AccountantName, GaussianRelease, epsilon
@@ -214,6 +216,12 @@ class PrivacyLedger:
         except sqlite3.DatabaseError as exc:
             if "append-only" in str(exc):
                 raise
+            if isinstance(exc, sqlite3.OperationalError) and self._disk_full(exc):
+                raise StorageError(
+                    f"{self.path}: cannot write to the privacy ledger: the disk is full ({exc}). SQLite "
+                    "rolled the write back, so every release recorded before is intact, and an update "
+                    "whose release could not be recorded is never sent. Free space on that disk, then retry."
+                ) from exc
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise StorageError(
                     f"{self.path}: the privacy ledger stayed locked by another process for 30 s ({exc}); "
@@ -222,6 +230,39 @@ class PrivacyLedger:
             raise self._damaged(f"is not a readable privacy ledger ({exc})") from exc
         finally:
             conn.close()
+
+    @contextmanager
+    def _connect_for_reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection for queries, which still reads when the disk is full.
+
+        WAL mode needs room for its shared-memory file even to read. When the disk has none and no
+        write-ahead log is left over (the last writer checkpointed it into the main file on closing),
+        the main file alone is the whole ledger and is read as immutable; otherwise the error stands.
+        """
+        try:
+            with self._connect() as conn:
+                yield conn
+            return
+        except StorageError:
+            wal = self.path.with_name(self.path.name + "-wal")
+            if not self._no_space() or (wal.exists() and wal.stat().st_size > 0):
+                raise
+        conn = sqlite3.connect(f"file:{quote(str(self.path))}?immutable=1", uri=True)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _no_space(self) -> bool:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 1 << 20
+
+    def _disk_full(self, exc: sqlite3.Error) -> bool:
+        # In WAL mode SQLite reports a full disk as "disk I/O error" as often as "database or disk is full".
+        return "full" in str(exc) or ("I/O error" in str(exc) and self._no_space())
 
     def _create_or_check(self) -> None:
         with self._connect() as conn:
@@ -366,7 +407,7 @@ class PrivacyLedger:
         if shard is not None:
             query += " AND e.shard = ?"
             params += (shard,)
-        with self._connect() as conn:
+        with self._connect_for_reading() as conn:
             rows = conn.execute(query + " ORDER BY e.id", params).fetchall()
         return [
             LedgerEvent(

@@ -32,23 +32,29 @@ def scaled_updates_from(region: str, factor: float) -> Callable[[Message, Contex
     return mod
 
 
-def _run(tmp_path: Path, strategy: str, *, poisoned: bool) -> dict:
-    path = write_tiny_config(tmp_path / strategy / str(poisoned), regions=REGIONS, overrides={
-        "federation.strategy": strategy, "privacy.mode": "none", "training.rounds": 3, "federation.min_regions": 3})
+def _run(tmp_path: Path, strategy: str, *, poisoned: bool, guard: bool = False) -> dict:
+    # guard=False switches off the norm screen, to see what the aggregation rule alone does.
+    name = f"{strategy}-{poisoned}-{guard}"
+    path = write_tiny_config(tmp_path / name, regions=REGIONS, overrides={
+        "federation.strategy": strategy, "privacy.mode": "none", "training.rounds": 3, "federation.min_regions": 3,
+        "federation.outlier_norm_ratio": 10.0 if guard else None})
     mods = [scaled_updates_from("r0", -40.0)] if poisoned else []
-    return run_simulated(load_config(path), run_dir=tmp_path / strategy / f"run-{poisoned}",
-                         state_root=tmp_path / strategy / f"state-{poisoned}", report=lambda s: None,
-                         client_mods=mods)
+    return run_simulated(load_config(path), run_dir=tmp_path / name / "run",
+                         state_root=tmp_path / name / "state", report=lambda s: None, client_mods=mods)
 
 
-@pytest.mark.slow  # three 5-region simulations
-def test_scaled_updates_break_fedavg_but_not_fedmedian(tmp_path: Path) -> None:
+@pytest.mark.slow  # four 5-region simulations
+def test_scaled_updates_break_fedavg_but_not_fedmedian_nor_the_norm_guard(tmp_path: Path) -> None:
     clean = _run(tmp_path, "fedavg", poisoned=False)["final_metrics"]
     fedavg = _run(tmp_path, "fedavg", poisoned=True)["final_metrics"]
     median = _run(tmp_path, "fedmedian", poisoned=True)["final_metrics"]
+    guarded = _run(tmp_path, "fedavg", poisoned=True, guard=True)
     assert clean["auc"] > 0.65
     # FedAvg follows the hostile region: the model is worse than the clean one by a wide margin.
     assert fedavg["auc"] < clean["auc"] - 0.15 or fedavg["log_loss"] > 3 * clean["log_loss"]
     # The coordinate-wise median ignores one outlier among five.
     assert median["auc"] > clean["auc"] - 0.05
     assert median["log_loss"] < 1.5 * clean["log_loss"]
+    # The default norm screen (10x the round's median) rejects the outlier before FedAvg sees it.
+    assert "x the round's median" in guarded["events"]["rejected"]["r0"]
+    assert guarded["final_metrics"]["auc"] > clean["auc"] - 0.05

@@ -1,0 +1,68 @@
+"""Writing files so that a crash or a full disk never leaves half a record behind.
+
+Two shapes cover every file fedcrm writes: whole files replaced atomically (config, summary, weights:
+write a temporary file, fsync, rename) and append-only logs (metrics, audit log: append, fsync, and on
+failure cut the file back to its length before the write). Either way, what was recorded before a
+failed write is intact, and the error says which file, why, and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from fedcrm.errors import StorageError
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def storage_error(path: Path, what: str, exc: OSError, *, then: str = "") -> StorageError:
+    """A StorageError naming the file, the cause in plain words, and what to do next."""
+    if exc.errno in _NO_SPACE:
+        cause = "the disk is full (or the file size limit is reached)"
+        advice = "free space on that disk" + (f", then {then}" if then else ", then retry")
+    else:
+        cause = exc.strerror or str(exc)
+        advice = then or "check the path and its permissions, then retry"
+    return StorageError(f"{path}: cannot {what}: {cause}. Nothing recorded before was lost; {advice}.")
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], object], *, what: str, then: str = "") -> None:
+    """Replace ``path`` with what ``write`` puts in a file: all of it, or (on failure) none of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, what, exc, then=then) from None
+
+
+def write_text_atomically(path: Path, text: str, *, what: str, then: str = "") -> None:
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")), what=what, then=then)
+
+
+def append_to(fd: int, data: bytes) -> None:
+    """Append ``data`` to the open file and fsync; on failure, cut the file back and re-raise.
+
+    A write that fails half-way (no space left) would otherwise leave a torn last line, which every
+    later reader and writer of an append-only log must refuse.
+    """
+    size = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except OSError:
+        with contextlib.suppress(OSError):  # if even that fails, readers report the torn last line
+            os.ftruncate(fd, size)
+        raise
