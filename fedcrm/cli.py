@@ -164,6 +164,13 @@ def run(
             "completed round, with the same seeds: the result equals an uninterrupted run."
         ),
     ] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes", min=1, help="Client processes the simulation runs (each ~0.45 GB). Default: one per "
+            "8 regions, at most one per core; more only pays off when regions have large tables."
+        ),
+    ] = None,
 ) -> None:
     """Train a model across regions in simulation (one virtual Flower SuperNode per region).
 
@@ -186,7 +193,7 @@ def run(
         if resume and not (run_dir / "config.yaml").exists():
             raise FedcrmError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
         summary = run_simulated(
-            cfg, run_dir=run_dir, state_root=state, report=_progress, resume=resume
+            cfg, run_dir=run_dir, state_root=state, report=_progress, resume=resume, processes=processes
         )
         if cfg.tracking.kind != "none":
             from fedcrm.report import write_run_report

@@ -63,8 +63,29 @@ def forget_customers(
         schema = schema or cfg.schema_path
     table_ids = load_table(data, load_schema(schema)).ids
     views = [run_view(r, region=region, state_root=state_root) for r in runs]
-    return forget(state_dir=state_root / region, region=region, customer_ids=customer_ids, table_ids=table_ids,
-                  runs=views, actor=operator_actor(actor))
+    requests = forget(state_dir=state_root / region, region=region, customer_ids=customer_ids,
+                      table_ids=table_ids, runs=views, actor=operator_actor(actor))
+    _remove_from_run_copies(region=region, customer_ids=customer_ids, runs=runs)
+    return requests
+
+
+def _remove_from_run_copies(*, region: str, customer_ids: list[str], runs: list[Path]) -> None:
+    """Delete the customers' rows from region files that fedcrm itself made inside a run folder.
+
+    A ``split:`` config writes the regions' tables into RUN_DIR/regions/; those copies are fedcrm's,
+    not the data owner's, and a forgotten customer's row must not stay in the run folder. Tables the
+    data owner keeps elsewhere are theirs to edit: tombstones keep the customer out of training.
+    """
+    from fedcrm.data.schema import load_schema
+    from fedcrm.data.split import remove_customers
+    from fedcrm.unlearning.retrain import load_run_config
+
+    ids = {str(i).strip() for i in customer_ids}
+    for run in runs:
+        cfg = load_run_config(run)
+        path = Path(cfg.regions[region]).resolve()
+        if cfg.split is not None and path.is_relative_to(Path(run).resolve()) and path.exists():
+            remove_customers(path, schema=load_schema(cfg.schema_path), customer_ids=ids)
 
 
 def retrain_run(run_dir: Path, *, state_root: Path, report: Any = print) -> Any:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from fedcrm.data.io import load_table, read_raw
 from fedcrm.data.schema import Schema
@@ -138,3 +139,35 @@ def split_table(
         }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def remove_customers(path: Path, *, schema: Schema, customer_ids: set[str]) -> int:
+    """Rewrite a region file made by :func:`split_table` without the given customers; return rows removed.
+
+    Used when a customer is forgotten: the region files a ``split:`` config makes live inside the run
+    folder, and the customer's row must not stay there. The other rows are written back as they were
+    (text in, text out); the manifest's row count follows. All or nothing: a failed write leaves the
+    old file.
+    """
+    from fedcrm.durable import write_text_atomically
+
+    sep = schema.delimiter or ","
+    id_column = schema.id.column or schema.id.derived_column
+    raw = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    if id_column not in raw:
+        raise DataError(f"expected an id column {id_column!r} in a region file made by `fedcrm data split`, "
+                        f"found {list(raw.columns)}", path=str(path), line=1)
+    gone = raw[id_column].str.strip().isin(customer_ids).to_numpy()
+    if not gone.any():
+        return 0
+    write_text_atomically(path, raw[~gone].to_csv(index=False, sep=sep, lineterminator="\n"),
+                          what="remove forgotten customers from the region file")
+    manifest_path = path.parent / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        entry = manifest.get("regions", {}).get(path.stem)
+        if entry is not None:
+            entry["rows"] = int((~gone).sum())
+            write_text_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n",
+                                  what="update the split's manifest")
+    return int(gone.sum())

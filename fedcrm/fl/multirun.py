@@ -29,7 +29,7 @@ from fedcrm.config import ExperimentConfig
 from fedcrm.errors import FederationError
 from fedcrm.fl.client import build_client_app
 from fedcrm.fl.server import Report, run_federation
-from fedcrm.fl.simulation import NodeConfigs, simulated_nodes
+from fedcrm.fl.simulation import NodeConfigs, client_processes, simulated_nodes
 
 log = logging.getLogger("fedcrm.sweep")
 
@@ -122,10 +122,9 @@ def run_many_simulated(
                 on_done(r, outcome)
 
     client_app = build_client_app(mods=[cell_node_config(tables)])
-    cpus = max(1, min(os.cpu_count() or 1, n_nodes))
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+        "init_args": {"num_cpus": client_processes(n_nodes), "include_dashboard": False, "log_to_driver": False,
                       "logging_level": logging.ERROR},
     }
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes,

@@ -45,6 +45,35 @@ def simulated_node_config(nodes: NodeConfigs) -> Callable[[Message, Context, Cal
     return mod
 
 
+# Regions one client process serves per round before a second process pays for its ~0.45 GB.
+REGIONS_PER_PROCESS = 8
+
+
+def client_processes(regions: int, *, cpus: int | None = None) -> int:
+    """How many ClientApp processes (Ray actors) the simulation runs.
+
+    A process costs ~0.45 GB (torch, pandas, Opacus, Flower), while a region's round on a CRM table of
+    up to ~100k customers takes tens of milliseconds: messaging, not training, sets the pace. So one
+    process serves up to REGIONS_PER_PROCESS regions, and more are started only for more regions, up
+    to one per core. docs/benchmarks.md has the measurements behind this.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(cpus, -(-regions // REGIONS_PER_PROCESS)))
+
+
+def _poll_often(grid: Grid) -> None:
+    """Look for replies every 10 ms, not every 100 ms (Flower's default for the in-memory grid).
+
+    In simulation a reply is a queue away, and each of a round's two phases waited half a poll on
+    average: ~0.1 s of a 0.6 s Telco round. Polling an in-process dict costs next to nothing.
+    """
+    if getattr(grid, "pull_interval", 0) > SIMULATION_POLL_S:
+        grid.pull_interval = SIMULATION_POLL_S  # type: ignore[attr-defined]
+
+
+SIMULATION_POLL_S = 0.01
+
+
 def _quiet_flower() -> None:
     """Flower's per-round INFO lines and its notice that `run_simulation` is deprecated are not the user's
     concern here: fedcrm prints its own progress. Errors still show."""
@@ -60,12 +89,14 @@ def run_simulated(
     state_root: Path,
     report: Report = print,
     client_mods: Sequence[Callable[..., Message]] = (),
+    processes: int | None = None,
     **federation_kwargs: Any,
 ) -> dict[str, Any]:
     """Run the experiment in simulation; returns the run summary. Leaves no process behind.
 
     ``client_mods`` are extra Flower client mods (e.g. fault injection in tests), applied inside the
-    node-config mod so they see the region's settings.
+    node-config mod so they see the region's settings. ``processes``: ClientApp processes to run
+    (default: :func:`client_processes`).
     """
     from flwr.simulation import run_simulation
 
@@ -80,17 +111,21 @@ def run_simulated(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _poll_often(grid)
         try:
             outcome["summary"] = run_federation(grid, cfg, run_dir=run_dir, report=report, **federation_kwargs)
         except BaseException as e:  # re-raised below, in the caller's thread
             outcome["error"] = e
 
     client_app = build_client_app(mods=[simulated_node_config(nodes), *client_mods])
-    cpus = max(1, min(os.cpu_count() or 1, len(nodes)))
+    # Ray starts as many actors as the CPUs it is given allow at 1 CPU each.
+    actors = processes or client_processes(len(nodes))
+    if actors < 1:
+        raise ValueError(f"processes must be >= 1, got {actors}")
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
-            "num_cpus": cpus,
+            "num_cpus": actors,
             "include_dashboard": False,
             "log_to_driver": False,
             "logging_level": logging.ERROR,
