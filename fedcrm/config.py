@@ -56,8 +56,12 @@ class PrivacyConfig(_Section):
 
 
 class FederationConfig(_Section):
-    strategy: Literal["fedavg", "fedprox", "fedmedian"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0)
+    trimmed_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="fedtrimmedavg: share of regions cut at each end, per coordinate"
+    )
+    hostile_regions: int = Field(1, ge=0, description="krum: how many regions may send hostile updates")
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_regions: int = Field(1, ge=1, description="fewest regions a round may aggregate")
     round_timeout_s: float = Field(600.0, gt=0)

@@ -17,7 +17,7 @@ import numpy as np
 
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
-from fedcrm.data.io import TableCache
+from fedcrm.data.io import TableCache, file_version, load_table
 from fedcrm.data.schema import Schema
 from fedcrm.errors import DataError, PolicyError, PrivacyBudgetError
 from fedcrm.evaluation.metrics import ScoreSummary
@@ -30,7 +30,7 @@ from fedcrm.models import build_model, ensemble_proba, get_weights, set_weights
 from fedcrm.privacy.accountant import GaussianRelease, plan_noise_multiplier
 from fedcrm.privacy.ledger import PrivacyLedger
 from fedcrm.training import DpSgd, sampling_plan, train_locally
-from fedcrm.unlearning.shards import holdout_mask, region_secret, shard_of
+from fedcrm.unlearning.shards import holdout_mask, region_secret, region_secret_path, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
 
 Weights = dict[str, np.ndarray]
@@ -119,7 +119,27 @@ class Region:
             raise
 
     def load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
-        table = self.tables.load(self.settings.data_path, schema)
+        """The region's customers for ``cfg.task``, encoded; kept by the client process between messages.
+
+        The cache key names every input: the table file, the tombstones, the consent withdrawals and
+        the region's secret (each by modification time and size), the schema and the settings that
+        pick the hold-out and the shards. Any change to one of them builds the data again.
+        """
+        state = self.settings.state_dir
+        key = (
+            "region-data", self.name, str(self.settings.data_path.resolve()), file_version(self.settings.data_path),
+            file_version(self.tombstones.path), file_version(self.consent_withdrawals.path),
+            str(state.resolve()), file_version(region_secret_path(state)), schema.model_dump_json(), cfg.task,
+            cfg.evaluation.holdout_fraction, cfg.seed, cfg.unlearning.shards,
+        )
+        if key[3] is None:
+            return self._load(cfg, schema)  # the missing file is reported in the usual words
+        return self.tables.remember(key, lambda: self._load(cfg, schema), rows=lambda d: len(d.ids))
+
+    def _load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
+        # Not through the table cache: the encoded result is what is kept, and keeping the table too
+        # would double the rows held for each region and evict sooner.
+        table = load_table(self.settings.data_path, schema)
         counts = {"customers_in_table": len(table)}
         forgotten = self.tombstones.mask(table.ids)
         counts["forgotten"] = int(forgotten.sum())

@@ -10,10 +10,10 @@ from __future__ import annotations
 import csv
 import operator
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ from fedcrm.errors import DataError
 OTHER = "(other)"
 MISSING = "(missing)"
 _MAX_LINES_LISTED = 5
+T = TypeVar("T")
 
 
 @dataclass
@@ -486,33 +487,39 @@ def load_table(path: str | Path, schema: Schema) -> CustomerTable:
     return table if keep.all() else table.subset(keep)
 
 
+def file_version(path: Path) -> tuple[int, int] | None:
+    """(modification time, size) of a file, or None if it does not exist: changes when it is written."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 class TableCache:
-    """Validated tables kept between rounds by one long-lived client process.
+    """What a region derives from its table, kept between messages by one client process.
 
-    A region's table is read and validated once, not at every message; the key includes the file's
-    size and modification time and the schema, so a re-imported or edited file is read again.
-    Tombstones, consent and withdrawals are applied after the cache, on every load.
+    A region's table is read, validated and encoded once, not at every message: values are kept with
+    :meth:`remember` under a key that names every file they were derived from (by modification time
+    and size) and every setting that shaped them, so an edited table, a new tombstone or a consent
+    withdrawal builds them again (see ``Region.load``).
 
-    Bounded by rows, not by tables: in simulation one process serves many small regions in turn, and a
-    cache of a few tables would miss on every message. The oldest tables go first; the table just
-    loaded always stays, however large.
+    Bounded by rows, not by entries: in simulation one process serves many small regions in turn, and
+    a cache of a few tables would miss on every message. The least recently used go first; the one just
+    added always stays, however large.
     """
 
     def __init__(self, *, max_rows: int = 2_000_000) -> None:
         self.max_rows = max_rows
-        self._tables: dict[tuple[str, int, int, str], CustomerTable] = {}
+        self._entries: dict[Hashable, tuple[Any, int]] = {}
 
-    def load(self, path: str | Path, schema: Schema) -> CustomerTable:
-        path = Path(path)
-        try:
-            st = path.stat()
-        except OSError:
-            return load_table(path, schema)  # reports the missing file in the usual words
-        key = (str(path.resolve()), st.st_mtime_ns, st.st_size, schema.model_dump_json())
-        table = self._tables.get(key)
-        if table is None:
-            table = load_table(path, schema)
-            self._tables[key] = table
-            while len(self._tables) > 1 and sum(len(t) for t in self._tables.values()) > self.max_rows:
-                self._tables.pop(next(iter(self._tables)))
-        return table
+    def remember(self, key: Hashable, build: Callable[[], T], *, rows: Callable[[T], int]) -> T:
+        """The value cached under ``key``, or ``build()``'s, cached as ``rows(value)`` rows."""
+        if key in self._entries:
+            self._entries[key] = self._entries.pop(key)  # most recently used goes last, evicted last
+            return cast(T, self._entries[key][0])
+        value = build()
+        self._entries[key] = (value, rows(value))
+        while len(self._entries) > 1 and sum(n for _, n in self._entries.values()) > self.max_rows:
+            self._entries.pop(next(iter(self._entries)))
+        return value

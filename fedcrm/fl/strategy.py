@@ -24,6 +24,8 @@ from flwr.serverapp.strategy import (
     FedAvg,
     FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
     Strategy,
 )
 
@@ -63,6 +65,10 @@ def build_strategy(cfg: ExperimentConfig, *, regions: int) -> Strategy:
         inner = FedProx(proximal_mu=fed.proximal_mu, **common)
     elif fed.strategy == "fedmedian":
         inner = FedMedian(**common)
+    elif fed.strategy == "fedtrimmedavg":
+        inner = FedTrimmedAvg(beta=fed.trimmed_fraction, **common)
+    elif fed.strategy == "krum":
+        inner = Krum(num_malicious_nodes=fed.hostile_regions, **common)
     else:
         inner = FedAvg(**common)
     if cfg.privacy.mode == "client_dp":

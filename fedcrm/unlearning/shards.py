@@ -17,9 +17,13 @@ from fedcrm.data.split import hash_buckets
 _KEY_FILE = "region_secret.key"
 
 
+def region_secret_path(state_dir: Path) -> Path:
+    return Path(state_dir) / _KEY_FILE
+
+
 def region_secret(state_dir: Path) -> str:
     """The region's secret key, created once (0600) in its state folder."""
-    path = state_dir / _KEY_FILE
+    path = region_secret_path(state_dir)
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -403,26 +403,25 @@ def test_bank_loads_with_derived_ids_and_never_reads_duration() -> None:
 # --- the per-process table cache --------------------------------------------------------------------
 
 
-def test_table_cache_reuses_reloads_on_change_and_evicts_oldest_by_rows(tmp_path: Path, schema: Schema) -> None:
-    import os
-
+def test_table_cache_keeps_values_by_key_and_evicts_the_least_recently_used_by_rows() -> None:
     from fedcrm.data.io import TableCache
 
-    a = write(tmp_path, GOOD_ROWS, name="a.csv")
-    b = write(tmp_path, GOOD_ROWS[:2], name="b.csv")
+    built: list[str] = []
+
+    def build(name: str, n: int):
+        return lambda: built.append(name) or list(range(n))
+
     cache = TableCache(max_rows=5)
-    first = cache.load(a, schema)
-    assert cache.load(a, schema) is first  # served from the cache, not read again
-    cache.load(b, schema)  # 3 + 2 rows: both fit
-    assert cache.load(a, schema) is first
-    # An edited file (new size and mtime) is read again: a re-import is never hidden by the cache.
-    write(tmp_path, GOOD_ROWS[:1], name="a.csv")
-    os.utime(a, ns=(1, 1))
-    edited = cache.load(a, schema)
-    assert list(edited.ids) == ["c1"]
-    # Over the row bound, the oldest table goes; the one just loaded always stays.
+    a = cache.remember("a", build("a", 3), rows=len)
+    assert cache.remember("a", build("a", 3), rows=len) is a and built == ["a"]  # kept, not built again
+    cache.remember("b", build("b", 2), rows=len)  # 3 + 2 rows: both fit
+    cache.remember("a", build("a", 3), rows=len)  # a used last: b is now the least recent
+    cache.remember("c", build("c", 1), rows=len)  # 6 rows > 5: b goes, a stays
+    assert built == ["a", "b", "c"]
+    cache.remember("a", build("a", 3), rows=len)
+    cache.remember("b", build("b", 2), rows=len)
+    assert built == ["a", "b", "c", "b"]
+    # The value just added always stays, even over the bound on its own.
     tiny = TableCache(max_rows=2)
-    t_a = tiny.load(write(tmp_path, GOOD_ROWS, name="c.csv"), schema)
-    assert tiny.load(tmp_path / "c.csv", schema) is t_a  # 3 rows > bound, still kept as the only table
-    tiny.load(b, schema)
-    assert tiny.load(tmp_path / "c.csv", schema) is not t_a  # evicted by b, read again
+    big = tiny.remember("big", build("big", 10), rows=len)
+    assert tiny.remember("big", build("big", 10), rows=len) is big

@@ -1,4 +1,5 @@
-"""One of five regions sends scaled-up updates: plain FedAvg breaks, FedMedian holds."""
+"""One of five regions sends scaled-up updates: plain FedAvg breaks; FedMedian, FedTrimmedAvg, Krum and
+fedcrm's norm screen each hold."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def _run(tmp_path: Path, strategy: str, *, poisoned: bool, guard: bool = False) 
                          state_root=tmp_path / name / "state", report=lambda s: None, client_mods=mods)
 
 
-@pytest.mark.slow  # four 5-region simulations
-def test_scaled_updates_break_fedavg_but_not_fedmedian_nor_the_norm_guard(tmp_path: Path) -> None:
+@pytest.mark.slow  # six 5-region simulations
+def test_scaled_updates_break_fedavg_but_not_robust_rules_nor_the_norm_guard(tmp_path: Path) -> None:
     clean = _run(tmp_path, "fedavg", poisoned=False)["final_metrics"]
     fedavg = _run(tmp_path, "fedavg", poisoned=True)["final_metrics"]
     median = _run(tmp_path, "fedmedian", poisoned=True)["final_metrics"]
@@ -55,6 +56,11 @@ def test_scaled_updates_break_fedavg_but_not_fedmedian_nor_the_norm_guard(tmp_pa
     # The coordinate-wise median ignores one outlier among five.
     assert median["auc"] > clean["auc"] - 0.05
     assert median["log_loss"] < 1.5 * clean["log_loss"]
+    # Trimming 20 % at each end of five drops the outlier coordinate-wise; Krum picks an honest update.
+    for rule in ("fedtrimmedavg", "krum"):
+        held = _run(tmp_path, rule, poisoned=True)["final_metrics"]
+        assert held["auc"] > clean["auc"] - 0.05, rule
+        assert held["log_loss"] < 1.5 * clean["log_loss"], rule
     # The default norm screen (10x the round's median) rejects the outlier before FedAvg sees it.
     assert "x the round's median" in guarded["events"]["rejected"]["r0"]
     assert guarded["final_metrics"]["auc"] > clean["auc"] - 0.05

@@ -1,0 +1,45 @@
+"""A client process keeps each region's encoded customers between messages, and never serves stale ones:
+a tombstone, a consent withdrawal or an edited table is seen by the next message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import write_tiny_config
+
+from fedcrm.config import load_config
+from fedcrm.data.io import TableCache
+from fedcrm.data.schema import load_schema
+from fedcrm.governance.consent import ConsentWithdrawals
+from fedcrm.region import NodeSettings, Region
+from fedcrm.unlearning.tombstones import Tombstones
+
+
+def test_region_data_is_reused_until_any_input_changes(tmp_path: Path) -> None:
+    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 300}))
+    schema = load_schema(cfg.schema_path)
+    settings = NodeSettings(region="eu", data_path=cfg.regions["eu"], state_dir=tmp_path / "state" / "eu")
+    cache = TableCache()
+
+    def load():  # a fresh Region per message, as the ClientApp does, sharing the process's cache
+        return Region(settings, tables=cache).load(cfg, schema)
+
+    first = load()
+    assert load() is first  # nothing changed: served from the cache
+    other = Region(settings, tables=cache).load(cfg.with_overrides({"seed": 1}), schema)
+    assert other is not first and not (other.holdout == first.holdout).all()  # another seed, another hold-out
+
+    a, b = (str(i) for i in first.ids[:2])
+    Tombstones(settings.state_dir).add([a])
+    after_forget = load()
+    assert a not in set(after_forget.ids) and len(after_forget.ids) == len(first.ids) - 1
+
+    ConsentWithdrawals(settings.state_dir).add(b, purpose=cfg.task)
+    after_withdrawal = load()
+    assert b not in set(after_withdrawal.ids) and len(after_withdrawal.ids) == len(first.ids) - 2
+
+    path = Path(cfg.regions["eu"])
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-10]))  # the data owner re-imports a shorter table
+    reimported = load()
+    assert reimported.counts["customers_in_table"] == first.counts["customers_in_table"] - 10
