@@ -263,9 +263,14 @@ def explain_customer(
 def importance_sums(
     models: list[nn.Module], *, schema: Schema, x: np.ndarray, steps: int = 32
 ) -> np.ndarray:
-    """Sum over customers of |contribution| per source column (probability units): adds up across regions."""
+    """Sum over customers of |contribution| per source column (probability units): adds up across regions.
+
+    Over a whole hold-out the midpoint rule is used, not Captum: Captum's gradient step unbinds the
+    output into one scalar per customer and step, 24x slower here (1.34 vs 0.056 s for one MLP on 2,300
+    customers); `test_captum_and_own_integrated_gradients_agree` checks the two agree.
+    """
     enc = FeatureEncoder(schema)
-    attr, _ = attributions(models, x, ref=reference_customer(schema), steps=steps)
+    attr, _ = attributions(models, x, ref=reference_customer(schema), method="riemann", steps=steps)
     _, per_col = by_column(attr, enc)
     return np.abs(per_col).sum(axis=0)
 
