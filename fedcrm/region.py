@@ -85,12 +85,18 @@ def release_seed(*, seed: int, region: str, shard: int, round_: int, salt: str =
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
+# What this process has derived from regions' tables, shared by every Region object it makes: the
+# client process between messages, and the data owner's commands (forget, retrain) between their steps.
+# Keyed by every input file, so it is never stale (see Region.load).
+PROCESS_CACHE = TableCache()
+
+
 class Region:
     def __init__(
         self, settings: NodeSettings, *, default_budget: float | None = None, tables: TableCache | None = None
     ) -> None:
         self.settings = settings
-        self.tables = tables or TableCache(max_rows=0)  # keeps only the last table
+        self.tables = tables or PROCESS_CACHE
         self.name = settings.region
         self.policy: RegionPolicy = load_policy(settings.policy_path, default_budget=default_budget)
         self.ledger = PrivacyLedger.open(settings.state_dir, region=self.name)

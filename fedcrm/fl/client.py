@@ -18,7 +18,7 @@ from fedcrm import wire
 from fedcrm.data.io import TableCache
 from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError
 from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
-from fedcrm.region import NodeSettings, Region
+from fedcrm.region import PROCESS_CACHE, NodeSettings, Region
 
 log = logging.getLogger("fedcrm.region")
 Handler = Callable[[Region, Message], RecordDict]
@@ -144,15 +144,12 @@ def answer(handler: Handler, msg: Message, context: Context, *, tables: TableCac
             region.name, wire.OUTCOME_FAILED, "reply blocked by the region's outgoing check", "BlockedReply")})
 
 
-# One per client process, kept by this module (imported once per process). Not held by the ClientApp:
-# the simulation pickles the app, closures and all, to its actors with every message, so a cache the
-# app held would start empty each time (measured: every message re-read and re-encoded its table,
-# ~2 s per message on a 100k-customer region). Module-level functions pickle by reference.
-PROCESS_TABLES = TableCache()
-
-
 def _serve(handler: Handler, msg: Message, context: Context) -> Message:
-    return Message(content=answer(handler, msg, context, tables=PROCESS_TABLES), reply_to=msg)
+    # The process-wide cache (fedcrm.region.PROCESS_CACHE), not one held by the ClientApp: the simulation
+    # pickles the app, closures and all, to its actors with every message, so a cache the app held would
+    # start empty each time (measured: every message re-read and re-encoded its table, ~2 s per message
+    # on a 100k-customer region). Module-level names are looked up in the process, not pickled.
+    return Message(content=answer(handler, msg, context, tables=PROCESS_CACHE), reply_to=msg)
 
 
 def build_client_app(*, mods: Sequence[Callable[..., Message]] = ()) -> ClientApp:

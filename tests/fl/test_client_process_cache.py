@@ -21,10 +21,10 @@ from fedcrm.fl.simulation import run_simulated
 
 def record_cache_size(log: Path) -> Callable[[Message, Context, Callable[..., Message]], Message]:
     def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
-        from fedcrm.fl import client
+        from fedcrm.region import PROCESS_CACHE
 
         with open(log, "a") as f:
-            f.write(f"{os.getpid()} {msg.metadata.message_type} {len(client.PROCESS_TABLES._entries)}\n")
+            f.write(f"{os.getpid()} {msg.metadata.message_type} {len(PROCESS_CACHE._entries)}\n")
         return call_next(msg, context)
 
     return mod
