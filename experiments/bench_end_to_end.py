@@ -36,20 +36,13 @@ PY = sys.executable
 
 def _child_fedcrm(config: Path, rounds: int, out: Path) -> None:
     """Runs inside the measured process: a fedcrm simulation, logging when each round ended."""
+    from procmem import simulate_marking_rounds
+
     from fedcrm.config import load_config
     from fedcrm.experiment import materialise_regions
-    from fedcrm.fl.simulation import run_simulated
 
     cfg = load_config(config).with_overrides({"training.rounds": rounds})
-    cfg = materialise_regions(cfg, data_dir=out / "regions")
-    ends: list[float] = []
-
-    def report(line: str) -> None:
-        if line.startswith("round"):
-            ends.append(time.time())
-
-    summary = run_simulated(cfg, run_dir=out / "run", state_root=out / "state", report=report)
-    (out / "marks.json").write_text(json.dumps({"round_ends": ends, "auc": summary["final_metrics"]["auc"]}))
+    simulate_marking_rounds(materialise_regions(cfg, data_dir=out / "regions"), out)
 
 
 def _launch(system: str, *, config: Path, rounds: int, out: Path) -> dict[str, Any]:

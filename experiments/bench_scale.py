@@ -40,20 +40,13 @@ def _data(root: Path, tenants: int, customers: int) -> Path:
 
 def _child(data: Path, rounds: int, out: Path) -> None:
     """Runs inside the measured process: one fedcrm simulation, logging when each round ended."""
+    from procmem import simulate_marking_rounds
+
     from fedcrm.config import load_config
-    from fedcrm.fl.simulation import run_simulated
 
     regions = {p.stem: p.resolve() for p in sorted(data.glob("*.csv"))}
     cfg = load_config(CONFIG).with_overrides({"training.rounds": rounds})
-    cfg = cfg.model_copy(update={"regions": regions, "name": f"scale-{len(regions)}"})
-    ends: list[float] = []
-
-    def report(line: str) -> None:
-        if line.startswith("round"):
-            ends.append(time.time())
-
-    summary = run_simulated(cfg, run_dir=out / "run", state_root=out / "state", report=report)
-    (out / "marks.json").write_text(json.dumps({"round_ends": ends, "auc": summary["final_metrics"]["auc"]}))
+    simulate_marking_rounds(cfg.model_copy(update={"regions": regions, "name": f"scale-{len(regions)}"}), out)
 
 
 def run_cell(tenants: int, customers: int, *, rounds: int, root: Path, timeout: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ACTOR_MARKERS = ("ClientAppActor", "flwr-clientapp")
@@ -113,3 +114,20 @@ class TreeSampler:
 
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def simulate_marking_rounds(cfg: object, out: Path) -> None:
+    """Runs inside a measured process: one fedcrm simulation, writing when each round ended to
+    ``out/marks.json`` (with the final AUC) for the parent to split the wall time."""
+    import json
+
+    from fedcrm.fl.simulation import run_simulated
+
+    ends: list[float] = []
+
+    def report(line: str) -> None:
+        if line.startswith("round"):
+            ends.append(time.time())
+
+    summary = run_simulated(cfg, run_dir=out / "run", state_root=out / "state", report=report)  # type: ignore[arg-type]
+    (out / "marks.json").write_text(json.dumps({"round_ends": ends, "auc": summary["final_metrics"]["auc"]}))
