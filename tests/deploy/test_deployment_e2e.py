@@ -396,7 +396,8 @@ def test_ctrl_c_during_a_run_stops_every_process(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    cfg_path = write_tiny_config(tmp_path, regions={"eu": 300, "us": 300})
+    # Many rounds, so that the run is still going when Ctrl-C comes (2 rounds can finish first).
+    cfg_path = write_tiny_config(tmp_path, regions={"eu": 300, "us": 300}, overrides={"training.rounds": 200})
     workdir = tmp_path / "work"
     cmd = [sys.executable, "-m", "fedcrm.cli", "deploy", "local", "--config", str(cfg_path),
            "--workdir", str(workdir), "--state", str(tmp_path / "state"), "--out", str(tmp_path / "run")]
