@@ -128,7 +128,7 @@ class Region:
         """The region's customers for ``cfg.task``, encoded; kept by the client process between messages.
 
         The cache key names every input: the table file, the tombstones, the consent withdrawals and
-        the region's secret (each by modification time and size), the schema and the settings that
+        the region's secret (each by inode, modification time and size), the schema and the settings that
         pick the hold-out and the shards. Any change to one of them builds the data again.
         """
         state = self.settings.state_dir

@@ -487,20 +487,24 @@ def load_table(path: str | Path, schema: Schema) -> CustomerTable:
     return table if keep.all() else table.subset(keep)
 
 
-def file_version(path: Path) -> tuple[int, int] | None:
-    """(modification time, size) of a file, or None if it does not exist: changes when it is written."""
+def file_version(path: Path) -> tuple[int, int, int] | None:
+    """(inode, modification time, size) of a file, or None if it does not exist.
+
+    Changes when the file is written in place or replaced (a re-import, rsync and most copy tools write
+    a new file, hence a new inode, even when they keep the modification time).
+    """
     try:
         st = Path(path).stat()
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class TableCache:
     """What a region derives from its table, kept between messages by one client process.
 
     A region's table is read, validated and encoded once, not at every message: values are kept with
-    :meth:`remember` under a key that names every file they were derived from (by modification time
+    :meth:`remember` under a key that names every file they were derived from (by inode, modification time
     and size) and every setting that shaped them, so an edited table, a new tombstone or a consent
     withdrawal builds them again (see ``Region.load``).
 

@@ -3,6 +3,7 @@ a tombstone, a consent withdrawal or an edited table is seen by the next message
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from conftest import write_tiny_config
@@ -43,3 +44,17 @@ def test_region_data_is_reused_until_any_input_changes(tmp_path: Path) -> None:
     path.write_text("".join(lines[:-10]))  # the data owner re-imports a shorter table
     reimported = load()
     assert reimported.counts["customers_in_table"] == first.counts["customers_in_table"] - 10
+
+    # A copy tool that keeps size and modification time still writes a new file (new inode): seen.
+    old_stat = path.stat()
+    text = path.read_text()
+    last = text.rstrip("\n").rsplit("\n", 1)[1]
+    flipped = last[:-1] + ("1" if last[-1] == "0" else "0")  # the last column is the label
+    replacement = path.with_name("incoming.csv")
+    replacement.write_text(text[: text.rindex(last)] + flipped + "\n")
+    os.utime(replacement, ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
+    os.replace(replacement, path)
+    assert path.stat().st_size == old_stat.st_size and path.stat().st_mtime_ns == old_stat.st_mtime_ns
+    relabelled = load()
+    assert relabelled is not reimported
+    assert int(relabelled.y.sum()) != int(reimported.y.sum()) or len(relabelled.ids) != len(reimported.ids)
