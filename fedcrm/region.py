@@ -17,7 +17,7 @@ import numpy as np
 
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
-from fedcrm.data.io import TableCache, file_version, load_table
+from fedcrm.data.io import RowBoundedCache, file_version, load_table
 from fedcrm.data.schema import Schema
 from fedcrm.errors import DataError, PolicyError, PrivacyBudgetError
 from fedcrm.evaluation.metrics import ScoreSummary
@@ -88,15 +88,15 @@ def release_seed(*, seed: int, region: str, shard: int, round_: int, salt: str =
 # What this process has derived from regions' tables, shared by every Region object it makes: the
 # client process between messages, and the data owner's commands (forget, retrain) between their steps.
 # Keyed by every input file, so it is never stale (see Region.load).
-PROCESS_CACHE = TableCache()
+PROCESS_CACHE = RowBoundedCache()
 
 
 class Region:
     def __init__(
-        self, settings: NodeSettings, *, default_budget: float | None = None, tables: TableCache | None = None
+        self, settings: NodeSettings, *, default_budget: float | None = None, cache: RowBoundedCache | None = None
     ) -> None:
         self.settings = settings
-        self.tables = tables or PROCESS_CACHE
+        self.cache = cache or PROCESS_CACHE
         self.name = settings.region
         self.policy: RegionPolicy = load_policy(settings.policy_path, default_budget=default_budget)
         self.ledger = PrivacyLedger.open(settings.state_dir, region=self.name)
@@ -131,20 +131,21 @@ class Region:
         the region's secret (each by inode, modification time and size), the schema and the settings that
         pick the hold-out and the shards. Any change to one of them builds the data again.
         """
+        table_version = file_version(self.settings.data_path)
+        if table_version is None:
+            return self._load(cfg, schema)  # the missing file is reported in the usual words
         state = self.settings.state_dir
         key = (
-            "region-data", self.name, str(self.settings.data_path.resolve()), file_version(self.settings.data_path),
+            "region-data", self.name, str(self.settings.data_path.resolve()), table_version,
             file_version(self.tombstones.path), file_version(self.consent_withdrawals.path),
             str(state.resolve()), file_version(region_secret_path(state)), schema.model_dump_json(), cfg.task,
             cfg.evaluation.holdout_fraction, cfg.seed, cfg.unlearning.shards,
         )
-        if key[3] is None:
-            return self._load(cfg, schema)  # the missing file is reported in the usual words
-        return self.tables.remember(key, lambda: self._load(cfg, schema), rows=lambda d: len(d.ids))
+        return self.cache.remember(key, lambda: self._load(cfg, schema), rows=lambda d: len(d.ids))
 
     def _load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
-        # Not through the table cache: the encoded result is what is kept, and keeping the table too
-        # would double the rows held for each region and evict sooner.
+        # The table itself is not cached: the encoded result is what is kept, and keeping the table
+        # too would double the rows held for each region and evict sooner.
         table = load_table(self.settings.data_path, schema)
         counts = {"customers_in_table": len(table)}
         forgotten = self.tombstones.mask(table.ids)

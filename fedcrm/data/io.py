@@ -500,7 +500,7 @@ def file_version(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-class TableCache:
+class RowBoundedCache:
     """What a region derives from its table, kept between messages by one client process.
 
     A region's table is read, validated and encoded once, not at every message: values are kept with

@@ -15,10 +15,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcrm import wire
-from fedcrm.data.io import TableCache
 from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError
 from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
-from fedcrm.region import PROCESS_CACHE, NodeSettings, Region
+from fedcrm.region import NodeSettings, Region
 
 log = logging.getLogger("fedcrm.region")
 Handler = Callable[[Region, Message], RecordDict]
@@ -115,11 +114,11 @@ def _query(region: Region, msg: Message) -> RecordDict:
     return RecordDict({wire.METRICS: MetricRecord(described), wire.STATUS: status(region.name, wire.OUTCOME_OK)})  # type: ignore[arg-type]
 
 
-def answer(handler: Handler, msg: Message, context: Context, *, tables: TableCache | None = None) -> RecordDict:
+def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
     """The reply's content: the handler's result, a refusal, or a failure in general terms."""
     settings = NodeSettings.from_node_config(dict(context.node_config))
     try:
-        region = Region(settings, tables=tables)
+        region = Region(settings)  # its data cache is the process's: see _serve
     except FedcrmError as e:
         log.error("region %s cannot start: %s", settings.region, e)
         return RecordDict({wire.STATUS: status(
@@ -145,11 +144,11 @@ def answer(handler: Handler, msg: Message, context: Context, *, tables: TableCac
 
 
 def _serve(handler: Handler, msg: Message, context: Context) -> Message:
-    # The process-wide cache (fedcrm.region.PROCESS_CACHE), not one held by the ClientApp: the simulation
-    # pickles the app, closures and all, to its actors with every message, so a cache the app held would
-    # start empty each time (measured: every message re-read and re-encoded its table, ~2 s per message
-    # on a 100k-customer region). Module-level names are looked up in the process, not pickled.
-    return Message(content=answer(handler, msg, context, tables=PROCESS_CACHE), reply_to=msg)
+    # Regions keep their encoded data in the process-wide cache (fedcrm.region.PROCESS_CACHE), not in one
+    # held by the ClientApp: the simulation pickles the app, closures and all, to its actors with every
+    # message, so a cache the app held would start empty each time (measured: every message re-read and
+    # re-encoded its table, ~2 s per message on a 100k-customer region).
+    return Message(content=answer(handler, msg, context), reply_to=msg)
 
 
 def build_client_app(*, mods: Sequence[Callable[..., Message]] = ()) -> ClientApp:

@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import write_tiny_config
 
 from fedcrm.config import load_config
-from fedcrm.data.io import TableCache
+from fedcrm.data.io import RowBoundedCache
 from fedcrm.data.schema import load_schema
 from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.region import NodeSettings, Region
@@ -20,14 +20,14 @@ def test_region_data_is_reused_until_any_input_changes(tmp_path: Path) -> None:
     cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 300}))
     schema = load_schema(cfg.schema_path)
     settings = NodeSettings(region="eu", data_path=cfg.regions["eu"], state_dir=tmp_path / "state" / "eu")
-    cache = TableCache()
+    cache = RowBoundedCache()
 
     def load():  # a fresh Region per message, as the ClientApp does, sharing the process's cache
-        return Region(settings, tables=cache).load(cfg, schema)
+        return Region(settings, cache=cache).load(cfg, schema)
 
     first = load()
     assert load() is first  # nothing changed: served from the cache
-    other = Region(settings, tables=cache).load(cfg.with_overrides({"seed": 1}), schema)
+    other = Region(settings, cache=cache).load(cfg.with_overrides({"seed": 1}), schema)
     assert other is not first and not (other.holdout == first.holdout).all()  # another seed, another hold-out
 
     a, b = (str(i) for i in first.ids[:2])

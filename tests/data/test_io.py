@@ -404,14 +404,14 @@ def test_bank_loads_with_derived_ids_and_never_reads_duration() -> None:
 
 
 def test_table_cache_keeps_values_by_key_and_evicts_the_least_recently_used_by_rows() -> None:
-    from fedcrm.data.io import TableCache
+    from fedcrm.data.io import RowBoundedCache
 
     built: list[str] = []
 
     def build(name: str, n: int):
         return lambda: built.append(name) or list(range(n))
 
-    cache = TableCache(max_rows=5)
+    cache = RowBoundedCache(max_rows=5)
     a = cache.remember("a", build("a", 3), rows=len)
     assert cache.remember("a", build("a", 3), rows=len) is a and built == ["a"]  # kept, not built again
     cache.remember("b", build("b", 2), rows=len)  # 3 + 2 rows: both fit
@@ -422,6 +422,6 @@ def test_table_cache_keeps_values_by_key_and_evicts_the_least_recently_used_by_r
     cache.remember("b", build("b", 2), rows=len)
     assert built == ["a", "b", "c", "b"]
     # The value just added always stays, even over the bound on its own.
-    tiny = TableCache(max_rows=2)
+    tiny = RowBoundedCache(max_rows=2)
     big = tiny.remember("big", build("big", 10), rows=len)
     assert tiny.remember("big", build("big", 10), rows=len) is big
