@@ -167,22 +167,30 @@ def test_a_forbidden_key_is_blocked_not_sent_and_logged(tmp_path: Path, caplog: 
     assert "customer-eu-0000007-score" in caplog.text and "blocked" in caplog.text
 
 
-@pytest.mark.usefixtures("task_identity")
-def test_a_region_that_never_replies_is_named_in_the_round_events() -> None:
-    """Flower passes on only the replies that came: the guard names the nodes that were asked and stayed silent."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+def _guard(seen: list, *, node_regions: dict[int, str]):  # noqa: ANN202
+    """fedcrm's guard around plain FedAvg, recording each round's events in ``seen``."""
     from flwr.serverapp.strategy import FedAvg
 
-    from fedcrm.fl.strategy import GuardedStrategy, RoundEvents
+    from fedcrm.fl.strategy import GuardedStrategy
 
-    seen: list[RoundEvents] = []
-    guard = GuardedStrategy(
+    return GuardedStrategy(
         FedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
         min_regions=1,
         excluded_nodes=set(),
         on_round=lambda rnd, ev, per_region, pooled: seen.append(ev),
-        node_regions={11: "eu", 22: "us"},
+        node_regions=node_regions,
     )
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_region_that_never_replies_is_named_in_the_round_events() -> None:
+    """Flower passes on only the replies that came: the guard names the nodes that were asked and stayed silent."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedcrm.fl.strategy import RoundEvents
+
+    seen: list[RoundEvents] = []
+    guard = _guard(seen, node_regions={11: "eu", 22: "us"})
 
     class FakeGrid:
         def get_node_ids(self) -> list[int]:
@@ -238,19 +246,12 @@ def test_the_superlinks_node_unavailable_reply_is_named_by_region() -> None:
     import numpy as np
     from flwr.app import ConfigRecord
     from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-    from flwr.serverapp.strategy import FedAvg
 
     from fedcrm.fl.codec import to_record
-    from fedcrm.fl.strategy import GuardedStrategy, RoundEvents
+    from fedcrm.fl.strategy import RoundEvents
 
     seen: list[RoundEvents] = []
-    guard = GuardedStrategy(
-        FedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
-        min_regions=1,
-        excluded_nodes=set(),
-        on_round=lambda rnd, ev, per_region, pooled: seen.append(ev),
-        node_regions={11: "eu"},
-    )
+    guard = _guard(seen, node_regions={11: "eu"})
 
     class FakeGrid:
         def get_node_ids(self) -> list[int]:
