@@ -47,6 +47,8 @@ def simulated_node_config(nodes: NodeConfigs) -> Callable[[Message, Context, Cal
 
 # Regions one client process serves per round before a second process pays for its ~0.45 GB.
 REGIONS_PER_PROCESS = 8
+# How often the server looks for replies in simulation (Flower's in-memory grid default: 0.1 s).
+SIMULATION_POLL_S = 0.01
 
 
 def client_processes(regions: int, *, cpus: int | None = None) -> int:
@@ -69,9 +71,6 @@ def _poll_often(grid: Grid) -> None:
     """
     if getattr(grid, "pull_interval", 0) > SIMULATION_POLL_S:
         grid.pull_interval = SIMULATION_POLL_S  # type: ignore[attr-defined]
-
-
-SIMULATION_POLL_S = 0.01
 
 
 def _quiet_flower() -> None:
@@ -119,7 +118,7 @@ def run_simulated(
 
     client_app = build_client_app(mods=[simulated_node_config(nodes), *client_mods])
     # Ray starts as many actors as the CPUs it is given allow at 1 CPU each.
-    actors = processes or client_processes(len(nodes))
+    actors = client_processes(len(nodes)) if processes is None else processes
     if actors < 1:
         raise ValueError(f"processes must be >= 1, got {actors}")
     backend_config: Any = {

@@ -149,8 +149,7 @@ def load_or_create_salt(log_path: str | os.PathLike[str]) -> bytes:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _write_all(fd, secrets.token_bytes(SALT_BYTES).hex().encode("ascii") + b"\n")
-            os.fsync(fd)
+            append_to(fd, secrets.token_bytes(SALT_BYTES).hex().encode("ascii") + b"\n")
         finally:
             os.close(fd)
         try:
@@ -480,13 +479,6 @@ def _count_newlines(fd: int, size: int) -> int:
         count += chunk.count(b"\n")
         pos += len(chunk)
     return count
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _fsync_dir(directory: Path) -> None:

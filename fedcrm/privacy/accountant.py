@@ -151,9 +151,6 @@ def epsilon(releases: Sequence[GaussianRelease], *, delta: float, accountant: Ac
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         # q = 1 makes PRV take log(0) on a branch np.where then discards; the result is right.
         warnings.simplefilter("ignore", RuntimeWarning)
-        # At tiny ε the optimum sits on the largest order (1024, as in dp_accounting): the bound stays
-        # valid, merely loose, so Opacus's advice to add orders is noise to a user.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         eps = _rdp_epsilon(history, delta) if accountant == "rdp" else _prv_epsilon(tuple(history), float(delta))
     if math.isnan(eps):
         return math.inf
@@ -209,23 +206,21 @@ def _plan(
     def release(sigma: float) -> list[GaussianRelease]:
         return [*prior, GaussianRelease(sigma, sample_rate, int(steps))]
 
-    def too_small(what: str) -> PrivacyBudgetError:
-        return PrivacyBudgetError(
-            f"even σ = {MAX_NOISE_MULTIPLIER:g} brings ε past the target {target_epsilon:g} "
-            f"(already spent {spent:.4g}{what}): the remaining budget is too small for {steps} more "
-            "steps. Raise the budget, or train fewer steps."
-        )
-
+    too_small = PrivacyBudgetError(
+        f"even σ = {MAX_NOISE_MULTIPLIER:g} brings ε past the target {target_epsilon:g} "
+        f"(already spent {spent:.4g}): the remaining budget is too small for {steps} more "
+        "steps. Raise the budget, or train fewer steps."
+    )
     if accountant != "rdp":
         return _search(lambda s: epsilon(release(s), delta=delta, accountant=accountant), target_epsilon,
-                       start=1.0, factor=2.0, too_small=too_small(""))
+                       start=1.0, factor=2.0, too_small=too_small)
     # RDP: first on the integer orders alone, ~20x cheaper (the fractional orders' series is the cost).
     # ε over all orders is a minimum over more orders, so it is at most the integer orders' ε: the σ
     # found is already within the target, and the search on all orders starts right next to it.
     coarse = _search(lambda s: _rdp_epsilon(_history(release(s)), delta, orders=INTEGER_ORDERS),
-                     target_epsilon, start=1.0, factor=2.0, too_small=too_small(""))
+                     target_epsilon, start=1.0, factor=2.0, too_small=too_small)
     return _search(lambda s: epsilon(release(s), delta=delta, accountant="rdp"), target_epsilon,
-                   start=coarse, factor=1.05, too_small=too_small(""))
+                   start=coarse, factor=1.05, too_small=too_small)
 
 
 def _search(
