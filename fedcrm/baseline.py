@@ -22,6 +22,7 @@ from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import load_schema
 from fedcrm.evaluation.metrics import ScoreSummary
 from fedcrm.models import build_model, predict_proba
+from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.region import NodeSettings, Region
 from fedcrm.runs import RunDir, code_version
 from fedcrm.training import train_locally
@@ -47,7 +48,8 @@ def run_centralised(cfg: ExperimentConfig, *, run_dir: Path) -> dict[str, Any]:
     model = build_model(cfg.model, n_features=x.shape[1], seed=cfg.seed * 1000)
     epochs = cfg.training.rounds * cfg.training.local_epochs
     training = cfg.training.model_copy(update={"local_epochs": epochs})
-    result = train_locally(model, x=x, y=y, training=training, dp=None, seed=cfg.seed)
+    result = train_locally(model, x=x, y=y, training=training, dp=None,
+                           randomness=ReleaseRandomness.public_seed(cfg.seed))
     holdout_x, holdout_y = np.concatenate(hx), np.concatenate(hy)
     metrics = ScoreSummary.of(scores=predict_proba(model, holdout_x), labels=holdout_y).metrics()
     summary = {

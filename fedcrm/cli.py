@@ -233,14 +233,16 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 def budget(
     region: Annotated[str, typer.Option(help="Region name.")],
     state: StateOpt = DEFAULT_STATE,
-    delta: Annotated[float, typer.Option(help="δ at which to report ε.")] = 1e-5,
     accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
-    policy: Annotated[Path | None, typer.Option(help="The region's policy file (for its budget).")] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="The region's policy file (its budget and δ); default: the default policy.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a region's privacy ledger: every release, ε spent over the whole history, budget, remaining.
 
-    ε is per customer: every customer is in exactly one shard, so it is the largest ε over the shards.
+    ε is per customer, at the δ the region's policy fixes: that of the worst-off customer, composing every
+    release whose shard held them, under every shard count (S) the region's runs used.
     """
     from fedcrm.governance.policy import load_policy
     from fedcrm.privacy.ledger import PrivacyLedger
@@ -250,32 +252,43 @@ def budget(
         if not (state_dir / "privacy_ledger.sqlite").exists():
             raise FedcrmError(f"no privacy ledger for region {region} under {state} (nothing released yet?)")
         ledger = PrivacyLedger.open(state_dir, region=region)
-        s = ledger.summary(delta=delta, accountant=accountant, budget=load_policy(policy).privacy_budget)
+        rules = load_policy(policy)
+        s = ledger.summary(delta=rules.delta, accountant=accountant, budget=rules.privacy_budget)
     except FedcrmError as e:
         _fail(e)
     if as_json:
-        out.print_json(json.dumps(s))
+        out.print_json(json.dumps(s, default=str))
         return
-    t = Table("id", "time", "run", "round", "shard", "σ", "q", "steps", "outcome")
+    t = Table("id", "time", "run", "round", "shard", "σ", "q", "steps", "noise", "outcome")
     for ev in s["events"]:
         t.add_row(
             str(ev["id"]),
             ev["time"][:19],
             ev["run_id"],
             str(ev["round"]),
-            str(ev["shard"]),
-            f"{ev['noise_multiplier']:.3f}",
+            f"{ev['shard']}/{ev['shards'] or '?'}",
+            "none (no DP)" if ev["mechanism"] == "non_private" else f"{ev['noise_multiplier']:.3f}",
             f"{ev['sample_rate']:.4f}",
             str(ev["steps"]),
+            ev["noise"],
             str(ev["status"]),
         )
     out.print(t)
     out.print(
-        f"region [bold]{region}[/]: ε spent {s['epsilon_spent']:.3f} (δ={delta:g}, {accountant}), "
-        f"budget {s['budget']:g}, remaining {s['remaining']:.3f}"
+        f"region [bold]{region}[/]: ε spent {s['epsilon_spent']:.3f} (worst-off customer, δ={rules.delta:g} from "
+        f"the policy, {accountant}), budget {s['budget']:g}, remaining {s['remaining']:.3f}"
     )
-    if len(s["epsilon_by_shard"]) > 1:
-        out.print("per shard: " + ", ".join(f"shard {k}: {v:.3f}" for k, v in s["epsilon_by_shard"].items()))
+    for size, per_shard in s["epsilon_by_shard"].items():
+        if size != "1":
+            out.print(f"shards of S={size}: " + ", ".join(f"{k}: {v:.3f}" for k, v in per_shard.items()))
+    out.print("releases by noise: " + (", ".join(f"{k} {v}" for k, v in s["releases_by_noise"].items()) or "-"))
+    if s["releases_by_noise"].get("seeded"):
+        out.print("[yellow]warning:[/] releases marked `seeded` were made by fedcrm < 0.2 with noise derived from the "
+                  "run's config: whoever wrote that config could predict their noise, so their ε does not hold "
+                  "against the server.")
+    if s["non_private_releases"]:
+        out.print(f"[yellow]warning:[/] {s['non_private_releases']} release(s) without DP: ε is infinite for the "
+                  "customers they read.")
 
 
 # command modules: each registers its own commands on `app`.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +41,12 @@ class TrainingConfig(_Section):
 class PrivacyConfig(_Section):
     mode: Literal["none", "sample_dp", "client_dp"] = "sample_dp"
     target_epsilon: float | None = Field(3.0, gt=0, description="per region, over the whole run")
-    delta: float | None = Field(None, gt=0, lt=1)
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="leave out: each region's policy fixes δ; a different value is refused"
+    )
+    # secure: fresh keys from the OS for every release; reproducible: keys the region derives from its
+    # secret (research and tests; only where the region's policy allows it). See fedcrm.privacy.randomness.
+    noise: Literal["secure", "reproducible"] = "secure"
     clipping_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
     # client_dp only: the Gaussian noise multiplier of Flower's DP-FedAvg wrapper.
@@ -157,6 +161,11 @@ class ExperimentConfig(_Section):
         bad = [r for r in self.regions if not r.replace("-", "").replace("_", "").isalnum()]
         if bad:
             raise ValueError(f"region names must be letters, digits, - or _, got {bad}")
+        if self.privacy.mode == "client_dp" and self.federation.strategy != "fedavg":
+            raise ValueError(
+                f"privacy.mode client_dp needs federation.strategy fedavg (uniform average of clipped updates, "
+                f"sensitivity C/m), got {self.federation.strategy}: robust rules break that sensitivity"
+            )
         if self.federation.min_regions > len(self.regions):
             raise ValueError(
                 f"federation.min_regions is {self.federation.min_regions} but only {len(self.regions)} regions"
@@ -210,21 +219,6 @@ def load_config(path: str | Path) -> ExperimentConfig:
     if not cfg.schema_path.exists():
         raise ConfigError(f"{path}: `schema`: file {cfg.schema_path} not found")
     return cfg
-
-
-def default_delta(smallest_region: int) -> float:
-    """A δ well below 1/N of the smallest region (the usual rule: δ ≪ 1/N)."""
-    return min(1e-5, 0.1 / max(smallest_region, 1))
-
-
-def check_delta(delta: float, *, smallest_region: int, source: str = "privacy.delta") -> None:
-    if delta >= 1.0 / max(smallest_region, 1):
-        warnings.warn(
-            f"{source} = {delta:g} is at or above 1/N = {1 / smallest_region:g} for the smallest region "
-            f"({smallest_region} customers): a mechanism could then reveal one customer's record outright "
-            "with that probability. Use δ well below 1/N.",
-            stacklevel=2,
-        )
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:

@@ -7,7 +7,6 @@ summarises its hold-out in aggregates. The Flower ClientApp only unpacks message
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,10 @@ from fedcrm.governance.audit_trail import finite, node_actor, record_policy_if_c
 from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, ensemble_proba, get_weights, set_weights
-from fedcrm.privacy.accountant import GaussianRelease, plan_noise_multiplier
-from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
+from fedcrm.privacy.clipping import clip_update
+from fedcrm.privacy.ledger import NOISE_REPRODUCIBLE, PrivacyLedger
+from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.training import DpSgd, sampling_plan, train_locally
 from fedcrm.unlearning.shards import holdout_mask, region_secret, region_secret_path, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
@@ -79,12 +80,6 @@ class RegionData:
         return self.x[m], self.y[m]
 
 
-def release_seed(*, seed: int, region: str, shard: int, round_: int, salt: str = "train") -> int:
-    """A per-(region, shard, round) seed, the same on every machine, so runs and retrains repeat."""
-    text = f"{salt}|{seed}|{region}|{shard}|{round_}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
-
-
 # What this process has derived from regions' tables, shared by every Region object it makes: the
 # client process between messages, and the data owner's commands (forget, retrain) between their steps.
 # Keyed by every input file, so it is never stale (see Region.load).
@@ -118,7 +113,8 @@ class Region:
         columns = [c.name for c in schema.model_columns]
         try:
             self.policy.check_request(
-                region=self.name, purpose=cfg.task, columns=columns, privacy_mode=cfg.privacy.mode
+                region=self.name, purpose=cfg.task, columns=columns, privacy_mode=cfg.privacy.mode,
+                noise=cfg.privacy.noise, delta=cfg.privacy.delta,
             )
         except PolicyError as e:
             self._audit_refusal(e, purpose=cfg.task, config_sha256=cfg.digest())
@@ -178,26 +174,31 @@ class Region:
 
     # -- training ----------------------------------------------------------------------------------
 
-    def noise_multiplier(
-        self, cfg: ExperimentConfig, *, n: int, delta: float, run_id: str | None = None, shard: int = 0
-    ) -> float:
+    @property
+    def delta(self) -> float:
+        """δ of every release of this region's data: the policy's, never the run's."""
+        return self.policy.delta
+
+    def noise_multiplier(self, cfg: ExperimentConfig, *, n: int, run_id: str | None = None, shard: int = 0) -> float:
         """σ planned once for the whole run (rounds × local epochs) so the run ends at its target ε.
 
-        With ``run_id``, a σ this run already planned for the same shard, rate, steps and δ is read back
-        from the ledger instead of re-planned: the bisection over the accountant was most of a round's
-        work on a small region (docs/benchmarks.md), and its answer cannot have changed.
+        ``n`` is the region's declared (public) training size: q and the steps are functions of it.
+        With ``run_id``, a σ this run already planned for the same shard, rate and steps is read back
+        from the ledger instead of re-planned: the search over the accountant was most of a round's work
+        on a small region (docs/benchmarks.md), and its answer cannot have changed.
         """
-        assert cfg.privacy.target_epsilon is not None
+        if cfg.privacy.target_epsilon is None:
+            raise PolicyError(f"region {self.name}: privacy.target_epsilon is required to plan the noise")
         q, steps_per_round = sampling_plan(n=n, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs)
         if run_id is not None:
             for event in self.ledger.events(shard):
-                if (event.run_id, event.sample_rate, event.steps, event.delta, event.purpose) == (
-                    run_id, q, steps_per_round, delta, cfg.task
+                if (event.run_id, event.sample_rate, event.steps, event.delta, event.purpose, event.shards) == (
+                    run_id, q, steps_per_round, self.delta, cfg.task, cfg.unlearning.shards
                 ):
                     return event.noise_multiplier
         return plan_noise_multiplier(
             target_epsilon=cfg.privacy.target_epsilon,
-            delta=delta,
+            delta=self.delta,
             sample_rate=q,
             steps=steps_per_round * cfg.training.rounds,
             accountant=cfg.privacy.accountant,
@@ -212,7 +213,6 @@ class Region:
         shard: int,
         round_: int,
         run_id: str,
-        delta: float,
     ) -> tuple[Weights, dict[str, float]]:
         """One round of local training on ``shard``; raises PolicyError / PrivacyBudgetError to refuse.
 
@@ -220,12 +220,32 @@ class Region:
         """
         self.check_request(cfg, schema)  # audits its own refusal
         try:
-            return self._train_round(
-                cfg, schema, weights=weights, shard=shard, round_=round_, run_id=run_id, delta=delta
-            )
+            return self._train_round(cfg, schema, weights=weights, shard=shard, round_=round_, run_id=run_id)
         except (PolicyError, PrivacyBudgetError) as e:
             self._audit_refusal(e, purpose=cfg.task, run_id=run_id, round=round_, shard=shard)
             raise
+
+    def _release(self, cfg: ExperimentConfig, *, n_declared: int, run_id: str, shard: int) -> tuple[
+        Release, DpSgd | None
+    ]:
+        """What this round releases, as the ledger will record it, and the DP-SGD settings for it."""
+        q, steps = sampling_plan(n=n_declared, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs)
+        if cfg.privacy.mode == "sample_dp":
+            sigma = self.noise_multiplier(cfg, n=n_declared, run_id=run_id, shard=shard)
+            self.policy.check_noise(region=self.name, noise_multiplier=sigma)
+            dp = DpSgd(noise_multiplier=sigma, clipping_norm=cfg.privacy.clipping_norm)
+            return GaussianRelease(sigma, q, steps), dp
+        if cfg.privacy.mode == "client_dp":
+            # The region's whole update, clipped here; the server adds the noise to the uniform average of
+            # the updates it aggregates (fedcrm.fl.strategy), so one region's share has sensitivity C/m
+            # against noise σ·C/m: σ as stated. Against the server itself, which sees the clipped update
+            # before noising, this protects nothing.
+            sigma = cfg.privacy.client_noise_multiplier
+            self.policy.check_noise(region=self.name, noise_multiplier=sigma)
+            if sigma <= 0:
+                return NonPrivateRelease(), None
+            return GaussianRelease(sigma, 1.0, 1), None
+        return NonPrivateRelease(), None
 
     def _train_round(
         self,
@@ -236,7 +256,6 @@ class Region:
         shard: int,
         round_: int,
         run_id: str,
-        delta: float,
     ) -> tuple[Weights, dict[str, float]]:
         data = self.load(cfg, schema)  # train() has checked the request against the policy
         x, y = data.train_shard(shard)
@@ -245,78 +264,72 @@ class Region:
                 f"region {self.name}: shard {shard} has {len(x)} training customers, fewer than the "
                 f"policy's minimum {self.policy.min_customers} behind any update"
             )
+        if self.delta >= 1.0 / len(x):
+            raise PolicyError(
+                f"region {self.name}: the policy's δ = {self.delta:g} is not below 1/N = {1 / len(x):.3g} for "
+                f"shard {shard}'s {len(x)} customers: a release could then reveal a customer outright; lower δ"
+            )
+        n_declared = self.policy.declared_size(len(x))
+        release, dp = self._release(cfg, n_declared=n_declared, run_id=run_id, shard=shard)
+        shards = cfg.unlearning.shards
+        if isinstance(release, GaussianRelease):  # a non-private release was allowed by the policy as such
+            self.ledger.check_budget(
+                budget=self.policy.privacy_budget, delta=self.delta, accountant=cfg.privacy.accountant,
+                shard=shard, shards=shards, next_release=release,
+            )
+        # Write-ahead: the spend is durable before the update can leave the region.
+        event_id = self.ledger.record_release(
+            shard=shard, shards=shards, purpose=cfg.task, run_id=run_id, round=round_, release=release,
+            delta=self.delta, noise=cfg.privacy.noise, note=f"mode {cfg.privacy.mode}",
+        )
+        randomness = (
+            ReleaseRandomness.reproducible(region_secret=region_secret(self.settings.state_dir),
+                                           nonce=self.ledger.nonce(event_id))
+            if cfg.privacy.noise == NOISE_REPRODUCIBLE else ReleaseRandomness.secure()
+        )
         model = build_model(cfg.model, n_features=x.shape[1], seed=0)
         set_weights(model, weights)
-        q, steps = sampling_plan(n=len(x), batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs)
-        dp: DpSgd | None = None
-        release: GaussianRelease | None = None
-        note = ""
-        if cfg.privacy.mode == "sample_dp":
-            sigma = self.noise_multiplier(cfg, n=len(x), delta=delta, run_id=run_id, shard=shard)
-            self.policy.check_noise(region=self.name, noise_multiplier=sigma)
-            dp = DpSgd(noise_multiplier=sigma, clipping_norm=cfg.privacy.clipping_norm)
-            release = GaussianRelease(noise_multiplier=sigma, sample_rate=q, steps=steps)
-        elif cfg.privacy.mode == "client_dp":
-            # The whole region's update, clipped and noised by Flower's DP-FedAvg wrapper once per round.
-            self.policy.check_noise(region=self.name, noise_multiplier=cfg.privacy.client_noise_multiplier)
-            release = GaussianRelease(noise_multiplier=cfg.privacy.client_noise_multiplier, sample_rate=1.0, steps=1)
-            note = "client_dp: noise added by the server to the aggregate"
-        event_id = None
-        shard_epsilon: dict[int, float] = {}  # this shard's ε once the release is recorded, composed once
-        if release is not None:
-            shard_epsilon[shard] = self.ledger.check_budget(
-                budget=self.policy.privacy_budget,
-                delta=delta,
-                accountant=cfg.privacy.accountant,
-                shard=shard,
-                next_release=release,
-            )
-            # Write-ahead: the spend is durable before the update can leave the region.
-            event_id = self.ledger.record_release(
-                shard=shard, purpose=cfg.task, run_id=run_id, round=round_, release=release, delta=delta, note=note
-            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                result = train_locally(
-                    model,
-                    x=x,
-                    y=y,
-                    training=cfg.training,
-                    dp=dp,
-                    seed=release_seed(seed=cfg.seed, region=self.name, shard=shard, round_=round_),
+                train_locally(
+                    model, x=x, y=y, training=cfg.training, dp=dp, randomness=randomness,
                     proximal_mu=cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
+                    planned_customers=n_declared,
                 )
         except BaseException as e:
-            if event_id is not None:
-                self.ledger.mark_outcome(event_id, "not_sent", reason=f"training failed: {e}")
+            self.ledger.mark_outcome(event_id, "not_sent", reason=f"training failed: {e}")
             raise
         new_weights = get_weights(model)
-        if event_id is not None:
-            self.ledger.mark_outcome(event_id, "sent")
+        if cfg.privacy.mode == "client_dp":
+            new_weights = clip_update(new_weights, start=weights, norm=cfg.privacy.clipping_norm)
+        self.ledger.mark_outcome(event_id, "sent")
+        epsilon = self.ledger.epsilon(delta=self.delta, accountant=cfg.privacy.accountant)
+        # Only public figures: the declared size (or 1: client-level DP averages regions uniformly), σ
+        # (a function of public values) and the ledger's ε. The training loss, computed on customers
+        # from weights the server chose, is not sent.
         metrics = {
-            "num-examples": float(len(x)),
-            "train-loss": result.mean_loss,
+            "num-examples": 1.0 if cfg.privacy.mode == "client_dp" else float(n_declared),
             "noise-multiplier": dp.noise_multiplier if dp else 0.0,
-            "epsilon": self.ledger.epsilon(delta=delta, accountant=cfg.privacy.accountant, known=shard_epsilon),
+            "epsilon": epsilon,
             "budget": self.policy.privacy_budget,
         }
-        if release is not None:
-            self.audit.append(
-                actor=node_actor(self.name),
-                action=AuditAction.PRIVACY_SPENT,
-                details=finite({
-                    "run_id": run_id, "purpose": cfg.task, "round": round_, "shard": shard,
-                    "ledger_event": event_id, "noise_multiplier": release.noise_multiplier,
-                    "sample_rate": release.sample_rate, "steps": release.steps, "delta": delta,
-                    "epsilon_spent_total": metrics["epsilon"], "budget": self.policy.privacy_budget,
-                    "mode": cfg.privacy.mode,
-                }),
-            )
+        self.audit.append(
+            actor=node_actor(self.name),
+            action=AuditAction.PRIVACY_SPENT,
+            details=finite({
+                "run_id": run_id, "purpose": cfg.task, "round": round_, "shard": shard, "shards": shards,
+                "ledger_event": event_id, "delta": self.delta, "noise": cfg.privacy.noise,
+                "epsilon_spent_total": epsilon, "budget": self.policy.privacy_budget,
+                "mode": cfg.privacy.mode, "customers": len(x), "declared_customers": n_declared,
+                **({"noise_multiplier": release.noise_multiplier, "sample_rate": release.sample_rate,
+                    "steps": release.steps} if isinstance(release, GaussianRelease) else {}),
+            }),
+        )
         return new_weights, metrics
 
-    def epsilon(self, cfg: ExperimentConfig, *, delta: float) -> float:
-        return self.ledger.epsilon(delta=delta, accountant=cfg.privacy.accountant)
+    def epsilon(self, cfg: ExperimentConfig) -> float:
+        return self.ledger.epsilon(delta=self.delta, accountant=cfg.privacy.accountant)
 
     # -- evaluation --------------------------------------------------------------------------------
 
@@ -364,13 +377,25 @@ class Region:
                             customers=len(x))
 
     def describe(self, cfg: ExperimentConfig, schema: Schema) -> dict[str, float]:
-        """Aggregate counts the server needs to plan (δ below 1/N of the smallest region)."""
+        """What the server learns before a run: public figures only.
+
+        The training size as the policy declares it (rounded by default), the smallest shard's likewise,
+        and the policy's own public settings. The exact counts (customers, forgotten, without consent,
+        hold-out) stay in the region's audit log: a +1 in "forgotten" between two runs would tell the
+        server that someone asked to be erased.
+        """
         data = self.load(cfg, schema)
         shard_sizes = [int((~data.holdout & (data.shard == k)).sum()) for k in range(cfg.unlearning.shards)]
+        self.audit.append(
+            actor=node_actor(self.name), action=AuditAction.PREFLIGHT,
+            details={"purpose": cfg.task, "config_sha256": cfg.digest(), "counts": data.counts,
+                     "shard_sizes": shard_sizes},
+        )
         return {
-            **{k: float(v) for k, v in data.counts.items()},
-            "smallest-shard": float(min(shard_sizes)),
+            "train": float(self.policy.declared_size(data.counts["train"])),
+            "smallest-shard": float(self.policy.declared_size(min(shard_sizes))),
             "budget": self.policy.privacy_budget,
+            "delta": self.delta,
             "min-customers": float(self.policy.min_customers),
             "n-features": float(data.x.shape[1]),
         }

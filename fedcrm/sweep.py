@@ -82,7 +82,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
     spec = validate_mapping(SweepSpec, read_yaml_mapping(path), source=str(path))
     base = spec.base if spec.base.is_absolute() else (path.parent / spec.base).resolve()
     out = spec.output_dir if spec.output_dir.is_absolute() else (path.parent / spec.output_dir).resolve()
-    return spec.model_copy(update={"base": base, "output_dir": out})
+    fixed = dict(spec.fixed)
+    if isinstance(fixed.get("policies"), dict):
+        # The regions' policy files (a sweep with a non-private cell needs policies that allow it),
+        # relative to the sweep file like `base`.
+        fixed["policies"] = {r: str((path.parent / p).resolve()) for r, p in fixed["policies"].items()}
+    return spec.model_copy(update={"base": base, "output_dir": out, "fixed": fixed})
 
 
 # -- cells -------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torch import nn
 
 from fedcrm.config import TrainingConfig
 from fedcrm.privacy.clipping import LinearStackDpSgd, supports
+from fedcrm.privacy.randomness import ReleaseRandomness
 
 
 @dataclass(frozen=True)
@@ -46,30 +47,6 @@ def sampling_plan(*, n: int, batch_size: int, epochs: int) -> tuple[float, int]:
     return q, epochs * math.ceil(n / batch_size)
 
 
-def poisson_sample(n: int, *, q: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a Poisson sample of ``range(n)``: each customer in independently with probability ``q``.
-
-    Drawn as geometric gaps between the chosen customers (P(gap > k) = (1 - q)^k), which is the same
-    distribution as a coin per customer but costs O(q·n) instead of O(n) per step: on a large region
-    with a small batch, one random number per customer per step was most of a step's time.
-    """
-    if q >= 1.0:
-        return torch.arange(n)
-    log_keep = math.log1p(-q)
-    chunk = int(q * n + 6 * math.sqrt(q * n) + 16)  # almost always one draw
-    parts: list[torch.Tensor] = []
-    last = -1
-    while True:
-        u = torch.rand(chunk, generator=generator, dtype=torch.float64)
-        gaps = torch.floor(torch.log1p(-u) / log_keep).long() + 1
-        idx = last + torch.cumsum(gaps, 0)
-        inside = idx[idx < n]
-        parts.append(inside)
-        if len(inside) < chunk:
-            return torch.cat(parts)
-        last = int(idx[-1])
-
-
 def _optimizer(
     cls: type[torch.optim.Adam] | type[torch.optim.SGD], model: nn.Module, *, lr: float
 ) -> torch.optim.Optimizer:
@@ -87,14 +64,20 @@ def train_locally(
     y: np.ndarray,
     training: TrainingConfig,
     dp: DpSgd | None,
-    seed: int,
+    randomness: ReleaseRandomness,
     proximal_mu: float = 0.0,
+    planned_customers: int | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``training.local_epochs`` epochs."""
+    """Train ``model`` in place for ``training.local_epochs`` epochs.
+
+    ``randomness`` draws every Poisson sample and all the noise: for a DP release it must be the
+    region's own (:mod:`fedcrm.privacy.randomness`). ``planned_customers`` is the public size the
+    sampling rate and the number of steps were planned from (the region's declared size), when it
+    differs from the true number of rows.
+    """
     n = len(x)
-    q, steps = sampling_plan(n=n, batch_size=training.batch_size, epochs=training.local_epochs)
+    q, steps = sampling_plan(n=planned_customers or n, batch_size=training.batch_size, epochs=training.local_epochs)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.float32))
-    sampler = torch.Generator().manual_seed(seed)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     opt_cls = torch.optim.Adam if training.optimizer == "adam" else torch.optim.SGD
     optimizer: torch.optim.Optimizer = _optimizer(opt_cls, model, lr=training.learning_rate)
@@ -107,21 +90,32 @@ def train_locally(
         fast = LinearStackDpSgd(
             model,  # type: ignore[arg-type]
             noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
-            expected_batch_size=training.batch_size, noise_generator=torch.Generator().manual_seed(seed + 1),
+            expected_batch_size=training.batch_size, randomness=randomness,
         )
     elif dp is not None:
         trainable, optimizer, criterion = _make_private(
             model, optimizer=optimizer, criterion=criterion, x=xt, y=yt, dp=dp,
-            batch_size=training.batch_size, seed=seed,
+            batch_size=training.batch_size, randomness=randomness,
         )
     trainable.train()
     losses: list[float] = []
     empty = 0
     for _ in range(steps):
-        idx = poisson_sample(n, q=q, generator=sampler)
+        idx = randomness.poisson_sample(n, q=q)
         if len(idx) == 0:
-            # An empty Poisson batch releases nothing; the ledger still charges the step (conservative).
             empty += 1
+            if dp is None:
+                continue
+            # An empty Poisson batch still takes a noisy step: the accountant charges a noisy step, and
+            # skipping it would tell whoever sees the update that this step's sample was empty.
+            if fast is not None:
+                fast.noise_only_step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                for p in trainable.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+            optimizer.step()
             continue
         xb, yb = xt.index_select(0, idx), yt.index_select(0, idx)
         if fast is not None:
@@ -153,7 +147,7 @@ def _make_private(
     y: torch.Tensor,
     dp: DpSgd,
     batch_size: int,
-    seed: int,
+    randomness: ReleaseRandomness,
 ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
     from opacus import PrivacyEngine
 
@@ -172,7 +166,23 @@ def _make_private(
             max_grad_norm=dp.clipping_norm,
             poisson_sampling=True,
             grad_sample_mode="ghost",
-            noise_generator=torch.Generator().manual_seed(seed + 1),
         )
     private_opt.expected_batch_size = batch_size
+    _draw_noise_from(randomness, optimizer=private_opt)
     return private_model, private_opt, private_criterion
+
+
+def _draw_noise_from(randomness: ReleaseRandomness, *, optimizer: torch.optim.Optimizer) -> None:
+    """Make Opacus's optimizer draw its noise from the region's randomness, not a torch generator.
+
+    Opacus's own source is a ``torch.Generator`` (32-bit seeds on CPU) or, in secure mode, the
+    deprecated torchcsprng; its clipping and scaling stay as they are.
+    """
+    std = optimizer.noise_multiplier * optimizer.max_grad_norm  # type: ignore[attr-defined]
+
+    def add_noise() -> None:
+        for p in optimizer.params:  # type: ignore[attr-defined]
+            summed = p.summed_grad
+            p.grad = (summed + randomness.normal(summed.shape, std=std, dtype=summed.dtype)).view_as(p)
+
+    optimizer.add_noise = add_noise  # type: ignore[attr-defined]

@@ -22,7 +22,6 @@ SHARD: Final = "shard"
 ROUND_OFFSET: Final = "round-offset"  # rounds completed before a resume: ledger and seeds use the true round
 EXPERIMENT: Final = "experiment"  # the run's config as JSON, region paths blanked
 SCHEMA: Final = "schema"  # the declared schema as YAML (public encoding facts)
-DELTA: Final = "delta"
 
 ACTION_DESCRIBE: Final = "describe"
 ACTION_EVALUATE_SERVED: Final = "evaluate-served"
@@ -36,22 +35,21 @@ OUTCOME_OK: Final = "ok"
 OUTCOME_REFUSED: Final = "refused"
 OUTCOME_FAILED: Final = "failed"
 
-# METRICS keys (region -> server): every one aggregates at least the policy's minimum of customers.
-NUM_EXAMPLES: Final = "num-examples"  # Flower's FedAvg weights updates by this key
-TRAIN_LOSS: Final = "train-loss"
+# METRICS keys (region -> server): public figures (declared in the region's policy) and aggregates over
+# at least the policy's minimum of customers. No training loss: computed on customers from weights the
+# server chose, it would be an un-noised statistic of the data.
+NUM_EXAMPLES: Final = "num-examples"  # Flower's FedAvg weights updates by this key: the declared size
 NOISE_MULTIPLIER: Final = "noise-multiplier"
 EPSILON: Final = "epsilon"
 BUDGET: Final = "budget"
+DELTA: Final = "delta"  # the region's δ, fixed by its policy
 RUN_RELEASES: Final = "run-releases"  # ledger events of this run at the region (a resumed round counts twice)
 HIST_POS: Final = "hist-pos"
 HIST_NEG: Final = "hist-neg"
 SUM_LOG_LOSS: Final = "sum-log-loss"
 SUM_BRIER: Final = "sum-brier"
 CORRECT: Final = "correct"
-DESCRIBE_KEYS: Final = (
-    "customers_in_table", "forgotten", "excluded_no_consent", "train", "holdout", "smallest-shard",
-    "min-customers", "n-features",
-)
+DESCRIBE_KEYS: Final = ("train", "smallest-shard", "min-customers", "n-features")  # public: Region.describe
 
 # Trust metrics of the served model (fedcrm.evaluation.trust): per-group hold-out histograms of every
 # sensitive attribute, flattened in the schema's attribute and group order (groups below the policy's
@@ -67,7 +65,7 @@ TRUST_KEYS: Final = (
 )
 
 METRIC_KEYS: Final = frozenset(
-    {NUM_EXAMPLES, TRAIN_LOSS, NOISE_MULTIPLIER, EPSILON, BUDGET, RUN_RELEASES, HIST_POS, HIST_NEG, SUM_LOG_LOSS,
+    {NUM_EXAMPLES, NOISE_MULTIPLIER, EPSILON, BUDGET, DELTA, RUN_RELEASES, HIST_POS, HIST_NEG, SUM_LOG_LOSS,
      SUM_BRIER, CORRECT, *DESCRIBE_KEYS, *TRUST_KEYS}
 )
 STATUS_KEYS: Final = frozenset({REGION, OUTCOME, REASON, KIND})

@@ -147,7 +147,7 @@ def audit_region(
     result = loss_threshold_attack(
         losses[~data.holdout], losses[data.holdout], delta=delta, confidence=confidence
     )
-    theoretical = math.inf if cfg.privacy.mode == "none" else r.epsilon(cfg, delta=delta)
+    theoretical = math.inf if cfg.privacy.mode == "none" else r.epsilon(cfg)
     return {
         **result.as_dict(),
         "privacy_mode": cfg.privacy.mode,

@@ -51,7 +51,7 @@ def status(region: str, outcome: str, reason: str = "", kind: str = "") -> Confi
 
 def _train(region: Region, msg: Message) -> RecordDict:
     config = msg.content[wire.CONFIG]
-    cfg, schema, run_id, delta = read_plan(config)  # type: ignore[arg-type]
+    cfg, schema, run_id = read_plan(config)  # type: ignore[arg-type]
     weights, metrics = region.train(
         cfg,
         schema,
@@ -59,7 +59,6 @@ def _train(region: Region, msg: Message) -> RecordDict:
         shard=int(number(config, wire.SHARD, 0)),
         round_=int(number(config, wire.ROUND) + number(config, wire.ROUND_OFFSET, 0)),
         run_id=run_id,
-        delta=delta,
     )
     return RecordDict(
         {
@@ -71,11 +70,12 @@ def _train(region: Region, msg: Message) -> RecordDict:
 
 
 def _evaluate(region: Region, msg: Message) -> RecordDict:
-    cfg, schema, run_id, delta = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
+    cfg, schema, run_id = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
     region.check_request(cfg, schema)
     summary = region.evaluate(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]))  # type: ignore[arg-type]
     metrics: dict[str, Any] = {
-        wire.EPSILON: region.epsilon(cfg, delta=delta),
+        wire.EPSILON: region.epsilon(cfg),
+        wire.DELTA: region.delta,
         wire.BUDGET: region.policy.privacy_budget,
         wire.RUN_RELEASES: sum(1 for e in region.ledger.events() if e.run_id == run_id),
     }
@@ -94,7 +94,7 @@ def _evaluate(region: Region, msg: Message) -> RecordDict:
 
 def _with_trust(region: Region, msg: Message, content: RecordDict) -> RecordDict:
     """The served model's evaluation plus fairness per group and feature importance (aggregates only)."""
-    cfg, schema, _, _ = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
+    cfg, schema, _ = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
     trust = region.trust_summary(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]))  # type: ignore[arg-type]
     if trust is not None:
         metrics = content[wire.METRICS]
@@ -107,10 +107,10 @@ def _query(region: Region, msg: Message) -> RecordDict:
     config = msg.content[wire.CONFIG]
     if config.get(wire.ACTION) == wire.ACTION_EVALUATE_SERVED:
         return _with_trust(region, msg, _evaluate(region, msg))
-    cfg, schema, _, delta = read_plan(config)  # type: ignore[arg-type]
+    cfg, schema, _ = read_plan(config)  # type: ignore[arg-type]
     region.check_request(cfg, schema)
     described = region.describe(cfg, schema)
-    described[wire.EPSILON] = region.epsilon(cfg, delta=delta)
+    described[wire.EPSILON] = region.epsilon(cfg)
     return RecordDict({wire.METRICS: MetricRecord(described), wire.STATUS: status(region.name, wire.OUTCOME_OK)})  # type: ignore[arg-type]
 
 

@@ -40,7 +40,7 @@ def unpack_constituents(record: ArrayRecord) -> list[Weights]:
     return [out[k] for k in sorted(out)]
 
 
-def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str, delta: float) -> ConfigRecord:
+def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str) -> ConfigRecord:
     """What the server tells every region about the run: no path, no customer, only the plan."""
     public = cfg.to_dict()
     public["regions"] = {name: "(set by the region's data owner)" for name in cfg.regions}
@@ -54,15 +54,14 @@ def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str, delta: 
             wire.EXPERIMENT: json.dumps(public),
             wire.SCHEMA: schema_text,
             wire.RUN_ID: run_id,
-            wire.DELTA: delta,
         }
     )
 
 
-def read_plan(config: ConfigRecord) -> tuple[ExperimentConfig, Schema, str, float]:
+def read_plan(config: ConfigRecord) -> tuple[ExperimentConfig, Schema, str]:
     cfg = validate_mapping(ExperimentConfig, json.loads(str(config[wire.EXPERIMENT])), source="plan sent by the server")
     schema = schema_from_text(str(config[wire.SCHEMA]), source="schema sent by the server")
-    return cfg, schema, str(config[wire.RUN_ID]), float(config[wire.DELTA])  # type: ignore[arg-type]
+    return cfg, schema, str(config[wire.RUN_ID])
 
 
 def extend(config: ConfigRecord, extra: dict[str, str | int | float]) -> ConfigRecord:

@@ -8,7 +8,6 @@ import logging
 import statistics
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedcrm import wire
-from fedcrm.config import ExperimentConfig, check_delta, default_delta
+from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.schema import load_schema
 from fedcrm.errors import FederationError
@@ -73,10 +72,17 @@ def privacy_warnings(cfg: ExperimentConfig, *, regions: int) -> list[str]:
             "a whole region, so with few regions it either drowns the model or gives a large ε; and the "
             "server sees each region's clipped update before adding noise. Prefer sample_dp here."
         )
-    if cfg.privacy.mode == "sample_dp":
+    if cfg.privacy.mode == "client_dp":
         out.append(
-            "DP noise comes from a seeded pseudo-random generator (so runs and erasure retrains repeat "
-            "exactly); it is not a cryptographically secure source. The ε figures assume ideal noise."
+            "client-level DP: the server adds the noise, so each region's clipped update reaches the server "
+            "un-noised. ε here protects a region against other regions and the model's users, not against "
+            "the server or its operator."
+        )
+    if cfg.privacy.mode != "none" and cfg.privacy.noise == "reproducible":
+        out.append(
+            "privacy.noise is reproducible: each region derives its noise from its own secret and a "
+            "per-release nonce (research and tests). The server still cannot predict it, but anyone holding "
+            "a region's state folder can regenerate that region's noise."
         )
     return out
 
@@ -124,16 +130,8 @@ def run_federation(
             f"only {len(nodes)} region node(s) connected, need federation.min_regions = {cfg.federation.min_regions}"
         )
     # Pre-flight: every region checks the plan against its policy and data, all at once.
-    probe_delta = cfg.privacy.delta or 1e-5
-    replies = _query(
-        grid,
-        nodes,
-        extend(
-            plan_config(cfg, schema_text=schema_text, run_id=run_id, delta=probe_delta),
-            {wire.ACTION: wire.ACTION_DESCRIBE},
-        ),
-        timeout=timeout,
-    )
+    plan = plan_config(cfg, schema_text=schema_text, run_id=run_id)
+    replies = _query(grid, nodes, extend(plan, {wire.ACTION: wire.ACTION_DESCRIBE}), timeout=timeout)
     described: dict[str, dict[str, float]] = {}
     refused: dict[str, str] = {}
     excluded: set[int] = set(nodes)
@@ -153,19 +151,10 @@ def run_federation(
             f"pre-flight: {len(described)} region(s) can take part, fewer than federation.min_regions = "
             f"{cfg.federation.min_regions}: " + "; ".join(f"{r}: {why}" for r, why in refused.items())
         )
-    smallest = int(min(d["train"] for d in described.values()))
-    delta = cfg.privacy.delta or default_delta(smallest)
-    if cfg.privacy.delta is not None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            check_delta(cfg.privacy.delta, smallest_region=smallest)
-        for w in caught:
-            report(f"[warning] {w.message}")
     notes = privacy_warnings(cfg, regions=len(described))
     for note in notes:
         report(f"[warning] {note}")
 
-    plan = plan_config(cfg, schema_text=schema_text, run_id=run_id, delta=delta)
     shards = list(range(cfg.unlearning.shards)) if shards is None else shards
     constituents: dict[int, dict[str, np.ndarray]] = dict(initial or {})
     rounds_log: list[dict[str, Any]] = []
@@ -257,7 +246,7 @@ def run_federation(
         d = described.get(region, {})
         privacy[region] = {
             "epsilon": per_region.get(region, {}).get("epsilon", d.get("epsilon")),
-            "delta": delta,
+            "delta": per_region.get(region, {}).get("delta", d.get("delta")),  # the region's, from its policy
             "budget": d.get("budget"),
             "accountant": cfg.privacy.accountant,
             "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.mode == "sample_dp" else None,
@@ -274,14 +263,8 @@ def run_federation(
         "final_metrics_by_region": {r: m for r, m in per_region.items() if "auc" in m},
         "suppressed_regions": skipped,
         "privacy": privacy,
-        "regions": {
-            r: {
-                k: d[k]
-                for k in ("customers_in_table", "excluded_no_consent", "forgotten", "train", "holdout")
-                if k in d
-            }
-            for r, d in described.items()
-        },
+        # As the regions' policies declare them (rounded by default): exact counts never leave a region.
+        "regions": {r: {"train": d["train"]} for r, d in described.items() if "train" in d},
         "events": all_events,
         "warnings": notes,
         "shards": cfg.unlearning.shards,

@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
+    DifferentialPrivacyClientSideFixedClipping,
     FedAvg,
     FedMedian,
     FedProx,
@@ -72,13 +72,27 @@ def build_strategy(cfg: ExperimentConfig, *, regions: int) -> Strategy:
     else:
         inner = FedAvg(**common)
     if cfg.privacy.mode == "client_dp":
-        inner = DifferentialPrivacyServerSideFixedClipping(
+        inner = NoiseForAggregated(
             inner,
             noise_multiplier=cfg.privacy.client_noise_multiplier,
             clipping_norm=cfg.privacy.clipping_norm,
             num_sampled_clients=regions,
         )
     return inner
+
+
+class NoiseForAggregated(DifferentialPrivacyClientSideFixedClipping):
+    """Client-level DP (DP-FedAvg): regions clip their own update, the server noises the uniform average.
+
+    Flower's wrapper scales the noise to the number of clients *configured* (σ·C/m); fedcrm scales it
+    to the updates actually aggregated this round, so a round with fewer regions (refusals, failures,
+    rejected updates) still gives each region's update the noise its ledger charged for.
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Any, Any]:
+        replies = list(replies)
+        self.num_sampled_clients = max(1, sum(1 for r in replies if not r.has_error()))
+        return super().aggregate_train(server_round, replies)
 
 
 def check_update(update: ArrayRecord, *, expected: dict[str, tuple[int, ...]]) -> str | None:

@@ -51,6 +51,7 @@ class AuditAction(str, Enum):
     EXPORT_REQUESTED = "export_requested"
     EXPORT_SERVED = "export_served"
     MODEL_PUBLISHED = "model_published"
+    PREFLIGHT = "preflight"  # a run's pre-flight: the exact counts behind the public figures sent
 
 
 ACTIONS: frozenset[str] = frozenset(a.value for a in AuditAction)

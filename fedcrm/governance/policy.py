@@ -15,6 +15,10 @@ from fedcrm.errors import PolicyError
 from fedcrm.yamlio import load_yaml_model
 
 DEFAULT_BUDGET = 10.0
+# δ of every release from the region's data. One fixed value, so the whole history composes at one δ;
+# 1e-6 is at most 1/(10·N) for regions up to 100,000 customers, and the region warns above that.
+DEFAULT_DELTA = 1e-6
+PublicSize = Literal["rounded", "exact"]
 
 
 class RegionPolicy(BaseModel):
@@ -27,11 +31,30 @@ class RegionPolicy(BaseModel):
     )
     privacy_budget: float = Field(DEFAULT_BUDGET, gt=0, description="total ε this region's data may spend")
     min_customers: int = Field(20, ge=1, description="fewest customers behind any reported metric")
-    required_privacy: Literal["any", "sample_dp", "client_dp"] = "any"
+    required_privacy: Literal["any", "sample_dp", "client_dp"] = Field(
+        "sample_dp", description="any: either DP mode; training without DP needs allow_non_private as well"
+    )
     min_noise_multiplier: float = Field(0.0, ge=0)
+    delta: float = Field(DEFAULT_DELTA, gt=0, lt=1e-3, description="δ of every release of this region's data")
+    allow_non_private: bool = Field(
+        False, description="let runs with privacy.mode none train here: their customers' ε becomes ∞"
+    )
+    allow_reproducible_noise: bool = Field(
+        False, description="let runs ask for privacy.noise reproducible (keys derived from the region's secret)"
+    )
+    public_size: PublicSize = Field(
+        "rounded", description="what the server may learn of the region's size: rounded to 2 significant digits"
+    )
 
     def check_request(
-        self, *, region: str, purpose: str, columns: list[str], privacy_mode: str
+        self,
+        *,
+        region: str,
+        purpose: str,
+        columns: list[str],
+        privacy_mode: str,
+        noise: str = "secure",
+        delta: float | None = None,
     ) -> None:
         """Raise :class:`PolicyError` with the first reason this region must refuse the request."""
         if self.allowed_purposes is not None and purpose not in self.allowed_purposes:
@@ -48,10 +71,26 @@ class RegionPolicy(BaseModel):
                 f"region {region}: column `{bad[0]}` is not allowed for purpose `{purpose}`"
                 + (f" (nor {bad[1:]})" if len(bad) > 1 else "")
             )
-        if self.required_privacy != "any" and privacy_mode != self.required_privacy:
+        if privacy_mode == "none":
+            if not self.allow_non_private:
+                raise PolicyError(
+                    f"region {region}: the run asks for privacy mode `none` (no DP), and the region's policy "
+                    "does not allow it (allow_non_private: false)"
+                )
+        elif self.required_privacy != "any" and privacy_mode != self.required_privacy:
             raise PolicyError(
                 f"region {region}: the policy requires privacy mode `{self.required_privacy}`, "
                 f"the run asks for `{privacy_mode}`"
+            )
+        if noise == "reproducible" and not self.allow_reproducible_noise:
+            raise PolicyError(
+                f"region {region}: the run asks for privacy.noise `reproducible`, and the region's policy does "
+                "not allow it (allow_reproducible_noise: false); leave privacy.noise at `secure`"
+            )
+        if delta is not None and delta != self.delta:
+            raise PolicyError(
+                f"region {region}: δ is the region's: its policy fixes δ = {self.delta:g}, the run asks for "
+                f"privacy.delta = {delta:g}; leave privacy.delta out of the config"
             )
 
     def check_noise(self, *, region: str, noise_multiplier: float) -> None:
@@ -62,7 +101,19 @@ class RegionPolicy(BaseModel):
             )
 
 
+    def declared_size(self, n: int) -> int:
+        """A count as the policy lets the server learn it: the sampling rate and steps are planned from it.
+
+        ``rounded`` (2 significant digits) hides small changes: one erasure or withdrawal moves it only
+        when the count crosses a rounding boundary. The policy declares this figure public.
+        """
+        if self.public_size == "exact" or n < 100:
+            return n
+        return int(round(n, -(len(str(n)) - 2)))
+
+
 def load_policy(path: str | Path | None, *, default_budget: float | None = None) -> RegionPolicy:
+    """The region's policy file; without one, the defaults: sample-level DP required, δ = 1e-6."""
     if path:
         return load_yaml_model(RegionPolicy, Path(path))
     return RegionPolicy(privacy_budget=default_budget or DEFAULT_BUDGET)

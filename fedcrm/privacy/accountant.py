@@ -81,6 +81,14 @@ class GaussianRelease:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
 
 
+@dataclass(frozen=True)
+class NonPrivateRelease:
+    """A release made without DP (``privacy.mode: none``, where a region's policy allows it): ε = ∞."""
+
+
+Release = GaussianRelease | NonPrivateRelease
+
+
 def _check_delta(delta: float) -> None:
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0 < delta < 1):
         raise ValueError(f"delta must be in (0, 1), typically below 1 / number of customers, got {delta!r}")
@@ -124,10 +132,12 @@ def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
     return float(acct.get_epsilon(delta))
 
 
-def _history(releases: Sequence[GaussianRelease]) -> list[tuple[float, float, int]]:
+def _history(releases: Sequence[Release]) -> list[tuple[float, float, int]]:
     """Merge identical (σ, q) releases and drop zero-step ones; composition order does not matter."""
     steps_by_mechanism: dict[tuple[float, float], int] = {}
     for release in releases:
+        if isinstance(release, NonPrivateRelease):
+            raise ValueError("a non-private release has no finite ε; epsilon() reports it as inf")
         if not isinstance(release, GaussianRelease):
             raise ValueError(f"releases must be GaussianRelease values, got {type(release).__name__}")
         if release.steps == 0:
@@ -137,14 +147,16 @@ def _history(releases: Sequence[GaussianRelease]) -> list[tuple[float, float, in
     return [(sigma, q, steps) for (sigma, q), steps in steps_by_mechanism.items()]
 
 
-def epsilon(releases: Sequence[GaussianRelease], *, delta: float, accountant: AccountantName | str) -> float:
-    """ε at ``delta`` of the composition of *all* ``releases``.
+def epsilon(releases: Sequence[Release], *, delta: float, accountant: AccountantName | str) -> float:
+    """ε at ``delta`` of the composition of *all* ``releases`` (∞ once any of them was not private).
 
     One call over the whole history, never a sum of per-release ε: composing the mechanisms is much
     tighter than adding their ε, and a fresh accountant per round under-reports the total.
     """
     _check_delta(delta)
     _check_accountant(accountant)
+    if any(isinstance(release, NonPrivateRelease) for release in releases):
+        return math.inf
     history = _history(releases)
     if not history:
         return 0.0

@@ -11,15 +11,18 @@ overhead, not arithmetic, was most of the time (profile and figures in docs/benc
 
 Same semantics as Opacus's ghost clipping with ``loss_reduction="mean"`` and Poisson sampling:
 clip factor ``min(1, C / (‖∇ℓ_i‖ + 1e-6))``, Gaussian noise of std ``σ·C`` drawn per parameter in
-``model.parameters()`` order from the given generator, then division by the *expected* batch size.
-A test checks that both give the same weights for the same seed.
+``model.parameters()`` order from the release's randomness, then division by the *expected* batch
+size. A test checks that both give the same weights for the same noise.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedcrm.privacy.randomness import ReleaseRandomness
 
 # Parameter-free layers that act on each customer's row alone (no batch statistics, no randomness).
 PER_SAMPLE_LAYERS: tuple[type[nn.Module], ...] = (
@@ -50,7 +53,7 @@ class LinearStackDpSgd:
         noise_multiplier: float,
         clipping_norm: float,
         expected_batch_size: int,
-        noise_generator: torch.Generator,
+        randomness: ReleaseRandomness,
     ) -> None:
         if not supports(model):
             raise ValueError("LinearStackDpSgd needs an nn.Sequential of Linear and per-sample activation layers")
@@ -58,7 +61,7 @@ class LinearStackDpSgd:
         self.noise_std = noise_multiplier * clipping_norm
         self.clipping_norm = clipping_norm
         self.expected_batch_size = expected_batch_size
-        self.generator = noise_generator
+        self.randomness = randomness
         self.linears = [m for m in model if isinstance(m, nn.Linear)]
         self.params = list(model.parameters())  # Opacus's order, so the same seed draws the same noise
 
@@ -88,12 +91,35 @@ class LinearStackDpSgd:
                 layer.weight.grad = gc.t() @ a
                 if layer.bias is not None:
                     layer.bias.grad = gc.sum(0)
-            for p in self.params:
-                grad = p.grad
-                if grad is None:  # every parameter belongs to a Linear layer (see ``supports``)
-                    continue
-                if self.noise_std > 0:
-                    grad += torch.normal(mean=0.0, std=self.noise_std, size=p.shape, generator=self.generator,
-                                         dtype=p.dtype)
-                grad /= self.expected_batch_size
+            self._noise_and_scale()
         return per_sample.detach().mean()
+
+    def noise_only_step(self) -> None:
+        """The gradient of an empty Poisson batch: the noise alone (the step must not be skipped)."""
+        with torch.no_grad():
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+            self._noise_and_scale()
+
+    def _noise_and_scale(self) -> None:
+        for p in self.params:
+            grad = p.grad
+            if grad is None:  # every parameter belongs to a Linear layer (see ``supports``)
+                continue
+            if self.noise_std > 0:
+                grad += self.randomness.normal(p.shape, std=self.noise_std, dtype=p.dtype)
+            grad /= self.expected_batch_size
+
+
+def clip_update(
+    weights: dict[str, np.ndarray], *, start: dict[str, np.ndarray], norm: float
+) -> dict[str, np.ndarray]:
+    """``weights`` moved back towards ``start`` so that the whole update has L2 norm at most ``norm``.
+
+    Client-level DP's clipping, done at the region before its update leaves (the same rule as Flower's
+    ``fixedclipping_mod``, here in the library so the region, not the server, decides it).
+    """
+    deltas = {k: weights[k].astype(np.float64) - start[k].astype(np.float64) for k in weights}
+    total = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas.values())))
+    scale = min(1.0, norm / total) if total > 0 else 1.0
+    return {k: (start[k] + scale * deltas[k]).astype(weights[k].dtype) for k in weights}

@@ -6,21 +6,30 @@ never of one run. Events are immutable rows (SQLite triggers refuse UPDATE and D
 *before* an update leaves the region (write-ahead): a crash between training and sending can only
 over-count, never under-count.
 
-Each event is a DP-SGD release on one SISA shard. Every customer lies in exactly one shard, so by
-parallel composition a customer's ε is that of their shard's history alone, and the region's ε is the
-largest over its shards, not their sum.
+Each event is a release on one SISA shard ``k`` of a partition into ``S`` shards (the event records
+both). The server picks S per run, so one region's history holds releases made under several
+partitions. A customer's ε is the composition of every event whose shard contained them: the
+customers with the same shard index under every partition used (a *cell*) share one history, and the
+region's ε, and every budget check, is that of the worst cell. With one partition this is the usual
+parallel composition over shards (the region's ε is the largest shard's, not the sum).
 
-Each event stores the δ its run targeted, for the audit trail, but a query always composes at the δ it
-is given: the same δ must be used for every release of a budget, so mixing the stored ones would say
-nothing meaningful.
+Each event stores the δ it was made at and how its randomness was drawn (``secure`` or
+``reproducible``, see :mod:`fedcrm.privacy.randomness`; ``seeded`` for releases recorded by fedcrm
+before 0.2, whose noise the server could predict). A query composes at the δ it is given: the region's
+policy fixes one δ for its whole history.
+
+Layout 2 added the partition and the randomness; a layout-1 file is migrated when opened, its events
+counted against every customer (their partition was not recorded) and marked ``seeded``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import secrets
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -29,11 +38,18 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from fedcrm.errors import PrivacyBudgetError, StorageError
-from fedcrm.privacy.accountant import AccountantName, GaussianRelease, epsilon
+from fedcrm.privacy.accountant import AccountantName, GaussianRelease, NonPrivateRelease, Release, epsilon
 
 LEDGER_FILENAME = "privacy_ledger.sqlite"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 MECHANISM_DP_SGD = "dp_sgd"
+MECHANISM_NON_PRIVATE = "non_private"  # a release without DP, allowed only by the policy: ε = ∞
+NOISE_SECURE = "secure"
+NOISE_REPRODUCIBLE = "reproducible"
+NOISE_SEEDED = "seeded"  # layout-1 events: noise from a seed the server could derive
+# Beyond this many cells the worst cell is bounded by composing every event (each customer's history
+# is a subset of all events): looser, never lower.
+MAX_CELLS = 4096
 OUTCOME_SENT = "sent"
 OUTCOME_NOT_SENT = "not_sent"
 STATUS_PENDING = "pending"
@@ -53,14 +69,12 @@ _EVENT_COLUMNS = (
     "steps",
     "delta",
     "note",
+    "shards",
+    "noise",
 )
 _OUTCOME_COLUMNS = ("event_id", "time", "outcome", "reason")
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
+_EVENTS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time TEXT NOT NULL,
@@ -69,13 +83,23 @@ CREATE TABLE IF NOT EXISTS events (
     purpose TEXT NOT NULL,
     run_id TEXT NOT NULL,
     round INTEGER NOT NULL CHECK (round >= 0),
-    mechanism TEXT NOT NULL CHECK (mechanism = '{MECHANISM_DP_SGD}'),
-    noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
+    mechanism TEXT NOT NULL CHECK (mechanism IN ('{MECHANISM_DP_SGD}', '{MECHANISM_NON_PRIVATE}')),
+    noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0 OR mechanism = '{MECHANISM_NON_PRIVATE}'),
     sample_rate REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
     steps INTEGER NOT NULL CHECK (steps >= 0),
     delta REAL NOT NULL CHECK (delta > 0 AND delta < 1),
-    note TEXT NOT NULL
+    note TEXT NOT NULL,
+    shards INTEGER CHECK (shards IS NULL OR (shards >= 1 AND shard < shards)),
+    noise TEXT NOT NULL CHECK (noise IN ('{NOISE_SECURE}', '{NOISE_REPRODUCIBLE}', '{NOISE_SEEDED}'))
 );
+"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+{_EVENTS_TABLE}
 CREATE INDEX IF NOT EXISTS events_region_shard ON events (region, shard);
 CREATE TABLE IF NOT EXISTS outcomes (
     event_id INTEGER PRIMARY KEY REFERENCES events (id),
@@ -109,6 +133,21 @@ _EXPECTED_TRIGGERS = {
     for verb in ("update", "delete", "replace")
 }
 
+# Layout 1 -> 2, in one transaction: the events table is rebuilt (SQLite cannot change a CHECK), each
+# old event kept with its id, its partition unknown (NULL: counted against every customer) and its
+# noise marked seeded. The append-only triggers are dropped for the copy only and created again.
+_MIGRATE_1_TO_2 = (
+    "".join(f"DROP TRIGGER IF EXISTS {name};" for name in sorted(_EXPECTED_TRIGGERS))
+    + "ALTER TABLE events RENAME TO events_v1;"
+    + _EVENTS_TABLE
+    + "INSERT INTO events SELECT id, time, region, shard, purpose, run_id, round, mechanism, noise_multiplier, "
+    f"sample_rate, steps, delta, note, NULL, '{NOISE_SEEDED}' FROM events_v1;"
+    "DROP TABLE events_v1;"
+    "DELETE FROM meta WHERE key = 'schema_version';"
+    f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"
+    "CREATE INDEX IF NOT EXISTS events_region_shard ON events (region, shard);"
+)
+
 
 @dataclass(frozen=True)
 class LedgerEvent:
@@ -127,6 +166,8 @@ class LedgerEvent:
     steps: int
     delta: float
     note: str
+    shards: int | None  # None: recorded before partitions were (layout 1), counted against everyone
+    noise: str
     outcome: str | None
     outcome_reason: str
 
@@ -136,8 +177,17 @@ class LedgerEvent:
         return self.outcome if self.outcome is not None else STATUS_PENDING
 
     @property
-    def release(self) -> GaussianRelease:
+    def release(self) -> Release:
+        if self.mechanism == MECHANISM_NON_PRIVATE:
+            return NonPrivateRelease()
         return GaussianRelease(self.noise_multiplier, self.sample_rate, self.steps)
+
+    @property
+    def partition(self) -> tuple[int, int] | None:
+        """(S, k): the event read shard k of a partition into S shards; None when it read everyone."""
+        if self.shards is None or self.shards == 1:
+            return None
+        return self.shards, self.shard
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status}
@@ -173,6 +223,7 @@ class PrivacyLedger:
         """Use :meth:`open`, which creates and checks the file; this only stores where it is."""
         self.path = path
         self.region = region
+        self.ledger_id = ""
 
     @classmethod
     def open(cls, state_dir: Path, *, region: str) -> PrivacyLedger:
@@ -265,6 +316,12 @@ class PrivacyLedger:
         return "full" in str(exc) or ("I/O error" in str(exc) and self._no_space())
 
     def _create_or_check(self) -> None:
+        # The ledger's own random identity: part of every reproducible release's nonce, so two ledgers
+        # (a deleted and re-created one included) never derive the same keys.
+        ledger_id = (
+            f"INSERT INTO meta (key, value) SELECT 'ledger_id', '{secrets.token_hex(16)}' "
+            "WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'ledger_id');"
+        )
         with self._connect() as conn:
             tables = self._tables(conn)
             if not tables:
@@ -272,10 +329,34 @@ class PrivacyLedger:
                 conn.executescript(
                     f"BEGIN IMMEDIATE; {_SCHEMA} INSERT INTO meta (key, value) "
                     f"SELECT 'schema_version', '{SCHEMA_VERSION}' "
-                    "WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'schema_version'); COMMIT;"
+                    f"WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'schema_version'); {ledger_id} COMMIT;"
                 )
                 tables = self._tables(conn)
+            elif self._version(conn) == "1" and {"meta", "events", "outcomes"} <= tables:
+                # Keep outcomes' reference to `events` through the rename, and check it after the copy.
+                conn.execute("PRAGMA foreign_keys=OFF")
+                conn.execute("PRAGMA legacy_alter_table=ON")
+                conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_1_TO_2} {_SCHEMA} {ledger_id} COMMIT;")
+                conn.execute("PRAGMA legacy_alter_table=OFF")
+                conn.execute("PRAGMA foreign_keys=ON")
+                tables = self._tables(conn)
             self._check_layout(conn, tables)
+            self.ledger_id = self._meta(conn, "ledger_id") or ""
+
+    @staticmethod
+    def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return None if row is None else str(row[0])
+
+    def _version(self, conn: sqlite3.Connection) -> str | None:
+        return self._meta(conn, "schema_version")
+
+    def nonce(self, event_id: int) -> str:
+        """The release's nonce for reproducible randomness: unique to this ledger and this event."""
+        return f"{self.ledger_id}:{self.region}:{event_id}"
 
     @staticmethod
     def _tables(conn: sqlite3.Connection) -> set[str]:
@@ -317,24 +398,33 @@ class PrivacyLedger:
         self,
         *,
         shard: int,
+        shards: int = 1,
         purpose: str,
         run_id: str,
         round: int,
-        release: GaussianRelease,
+        release: Release,
         delta: float,
+        noise: str = NOISE_SECURE,
         note: str = "",
     ) -> int:
         """Write a release as pending *before* its update leaves the region; return the event id.
 
         Written first so that a crash after sending cannot lose the spend. Call :meth:`check_budget`
         before training, then this before sending, then :meth:`mark_outcome` once the send is known.
+        ``shard`` is the shard read, of a partition into ``shards``; ``noise`` how the randomness was drawn.
         """
+        _check_int("shards", shards, minimum=1)
         _check_int("shard", shard, minimum=0)
+        if shard >= shards:
+            raise ValueError(f"shard must be below shards ({shards}), got {shard}")
         _check_int("round", round, minimum=0)
         _check_text("purpose", purpose)
         _check_text("run_id", run_id)
-        if not isinstance(release, GaussianRelease):
-            raise ValueError(f"release must be a GaussianRelease, got {type(release).__name__}")
+        if noise not in (NOISE_SECURE, NOISE_REPRODUCIBLE):
+            raise ValueError(f"noise must be '{NOISE_SECURE}' or '{NOISE_REPRODUCIBLE}', got {noise!r}")
+        if not isinstance(release, (GaussianRelease, NonPrivateRelease)):
+            raise ValueError(f"release must be a GaussianRelease or NonPrivateRelease, got {type(release).__name__}")
+        gaussian = isinstance(release, GaussianRelease)
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0 < delta < 1):
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
         if not isinstance(note, str):
@@ -342,8 +432,8 @@ class PrivacyLedger:
         with self._connect() as conn:
             cursor = conn.execute(
                 "INSERT INTO events (time, region, shard, purpose, run_id, round, mechanism, "
-                "noise_multiplier, sample_rate, steps, delta, note) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "noise_multiplier, sample_rate, steps, delta, note, shards, noise) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _now(),
                     self.region,
@@ -351,12 +441,14 @@ class PrivacyLedger:
                     purpose,
                     run_id,
                     round,
-                    MECHANISM_DP_SGD,
-                    float(release.noise_multiplier),
-                    float(release.sample_rate),
-                    int(release.steps),
+                    MECHANISM_DP_SGD if gaussian else MECHANISM_NON_PRIVATE,
+                    float(release.noise_multiplier) if gaussian else 0.0,  # type: ignore[union-attr]
+                    float(release.sample_rate) if gaussian else 1.0,  # type: ignore[union-attr]
+                    int(release.steps) if gaussian else 1,  # type: ignore[union-attr]
                     float(delta),
                     note,
+                    shards,
+                    noise,
                 ),
             )
             event_id = cursor.lastrowid
@@ -418,38 +510,72 @@ class PrivacyLedger:
             for row in rows
         ]
 
-    def releases(self, shard: int) -> list[GaussianRelease]:
-        """Every release on ``shard``, pending, sent and not sent alike: all of them count in ε."""
-        return [event.release for event in self.events(shard)]
+    # -- composition over cells ------------------------------------------------------------------
 
-    def epsilon_by_shard(
-        self, *, delta: float, accountant: AccountantName | str, known: Mapping[int, float] | None = None
-    ) -> dict[int, float]:
-        """ε of each shard's full history, at the query's ``delta``.
+    def _cells(self, events: list[LedgerEvent], *, fixed: tuple[int, int] | None = None) -> list[list[Release]]:
+        """The histories of the cells (customers with the same shard under every partition used).
 
-        ``known`` holds shards whose ε the caller has just composed at the same δ and accountant (e.g. the
-        value :meth:`check_budget` returned before the release was recorded): they are not composed again.
+        ``fixed = (S, k)`` keeps only the cells inside shard k of partition S. Beyond :data:`MAX_CELLS`
+        cells, one history of every event bounds them all.
         """
-        known = known or {}
-        by_shard: dict[int, list[GaussianRelease]] = {}
-        for event in self.events():
-            by_shard.setdefault(event.shard, []).append(event.release)
+        everyone: list[Release] = []
+        by_partition: dict[int, dict[int, list[Release]]] = {}
+        for event in events:
+            part = event.partition
+            if part is None:
+                everyone.append(event.release)
+            else:
+                by_partition.setdefault(part[0], {}).setdefault(part[1], []).append(event.release)
+        if fixed is not None and fixed[0] > 1:
+            by_partition.setdefault(fixed[0], {})
+        sizes = sorted(by_partition)
+        choices = [
+            [fixed[1]] if fixed is not None and size == fixed[0] else list(range(size)) for size in sizes
+        ]
+        if math.prod(len(c) for c in choices) > MAX_CELLS:
+            return [[event.release for event in events]]
+        return [
+            everyone + [r for size, k in zip(sizes, cell, strict=True) for r in by_partition[size].get(k, [])]
+            for cell in itertools.product(*choices)
+        ]
+
+    def epsilon_of_shard(
+        self, *, shard: int, shards: int, delta: float, accountant: AccountantName | str,
+        next_release: Release | None = None,
+    ) -> float:
+        """The worst ε of a customer in shard ``shard`` of a partition into ``shards``, over the full history.
+
+        With ``next_release``, as if that release on this shard were already recorded.
+        """
+        _check_int("shards", shards, minimum=1)
+        _check_int("shard", shard, minimum=0)
+        extra = [] if next_release is None else [next_release]
+        return max(
+            epsilon([*history, *extra], delta=delta, accountant=accountant)
+            for history in self._cells(self.events(), fixed=(shards, shard))
+        )
+
+    def epsilon_by_shard(self, *, shards: int, delta: float, accountant: AccountantName | str) -> dict[int, float]:
+        """For each shard of a partition into ``shards``: the worst ε of a customer in it."""
         return {
-            shard: known[shard] if shard in known else epsilon(releases, delta=delta, accountant=accountant)
-            for shard, releases in sorted(by_shard.items())
+            k: self.epsilon_of_shard(shard=k, shards=shards, delta=delta, accountant=accountant)
+            for k in range(shards)
         }
 
-    def epsilon(
-        self, *, delta: float, accountant: AccountantName | str, known: Mapping[int, float] | None = None
-    ) -> float:
-        """The region's ε: the largest over its shards, by parallel composition.
+    def partitions(self) -> list[int]:
+        """The shard counts S that releases of this region were made under (1 for unsharded)."""
+        return sorted({event.shards or 1 for event in self.events()})
 
-        Every customer lies in exactly one shard and a release on shard k reads only shard k's
-        customers, so a customer's privacy loss is their own shard's ε. Summing over shards would
-        charge each customer for releases that never touched them.
+    def epsilon(self, *, delta: float, accountant: AccountantName | str) -> float:
+        """The region's ε: that of its worst-off customer, over every partition its history used.
+
+        Summing over shards would charge each customer for releases that never touched them; taking the
+        largest shard of one partition would miss customers whom releases under several partitions read.
         """
-        per_shard = self.epsilon_by_shard(delta=delta, accountant=accountant, known=known)
-        return max(per_shard.values(), default=0.0)
+        events = self.events()
+        if not events:
+            return 0.0
+        return max(epsilon(history, delta=delta, accountant=accountant) for history in self._cells(events))
 
     def check_budget(
         self,
@@ -458,33 +584,51 @@ class PrivacyLedger:
         delta: float,
         accountant: AccountantName | str,
         shard: int,
-        next_release: GaussianRelease,
+        shards: int = 1,
+        next_release: Release,
     ) -> float:
-        """ε on ``shard`` once ``next_release`` is added; refuse, recording nothing, if over ``budget``.
+        """Worst ε in ``shard`` (of ``shards``) once ``next_release`` is added; refuse, recording nothing,
+        if over ``budget``.
 
         Called before training, so a refused round costs neither compute nor privacy.
         """
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise ValueError(f"budget must be a number > 0, got {budget!r}")
-        _check_int("shard", shard, minimum=0)
-        history = self.releases(shard)
-        after = epsilon([*history, next_release], delta=delta, accountant=accountant)
+        after = self.epsilon_of_shard(
+            shard=shard, shards=shards, delta=delta, accountant=accountant, next_release=next_release
+        )
         if after > budget or math.isnan(after):
-            spent = epsilon(history, delta=delta, accountant=accountant)
+            spent = self.epsilon_of_shard(shard=shard, shards=shards, delta=delta, accountant=accountant)
+            where = f"shard {shard} of {shards}" if shards > 1 else "its customers"
+            cause = (
+                " Some of these customers were already released without DP (a `none` run), so no ε "
+                "bound holds for them any more."
+                if math.isinf(spent) else ""
+            )
             raise PrivacyBudgetError(
-                f"region {self.region}: this round would bring ε to {_fmt(after)} on shard {shard}, "
+                f"region {self.region}: this round would bring ε to {_fmt(after)} on {where}, "
                 f"over the budget {_fmt(budget)} (spent so far {_fmt(spent)}, δ = {delta:g}, "
-                f"{accountant} accountant). Nothing was trained or recorded. To go on, train with more "
-                "noise (a larger noise_multiplier) or fewer steps, or have the data owner raise the "
-                "region's budget in its policy."
+                f"{accountant} accountant; releases under every partition this region used count).{cause} "
+                "Nothing was trained or recorded. To go on, train with more noise (a larger noise_multiplier) "
+                "or fewer steps, or have the data owner raise the region's budget in its policy."
             )
         return after
 
     def summary(self, *, delta: float, accountant: AccountantName | str, budget: float) -> dict[str, Any]:
         """What ``fedcrm budget --json`` prints: the spend, what remains, and the full audit trail."""
         events = self.events()
-        per_shard = self.epsilon_by_shard(delta=delta, accountant=accountant)
-        spent = max(per_shard.values(), default=0.0)
+        spent = self.epsilon(delta=delta, accountant=accountant)
+        by_partition = {
+            str(size): {
+                str(shard): eps
+                for shard, eps in self.epsilon_by_shard(shards=size, delta=delta, accountant=accountant).items()
+            }
+            for size in self.partitions()
+        }
+        noise: dict[str, int] = {}
+        for event in events:
+            if event.mechanism == MECHANISM_DP_SGD:
+                noise[event.noise] = noise.get(event.noise, 0) + 1
         return {
             "region": self.region,
             "ledger": str(self.path),
@@ -493,8 +637,11 @@ class PrivacyLedger:
             "accountant": accountant,
             "epsilon_spent": spent,
             "remaining": max(budget - spent, 0.0),
-            # JSON object keys are strings; make that explicit rather than leave it to json.dumps.
-            "epsilon_by_shard": {str(shard): eps for shard, eps in per_shard.items()},
+            # Per partition S used, per shard: the worst ε of a customer in that shard (all partitions
+            # composed). JSON object keys are strings; make that explicit rather than leave it to json.dumps.
+            "epsilon_by_shard": by_partition,
+            "releases_by_noise": noise,
+            "non_private_releases": sum(1 for event in events if event.mechanism == MECHANISM_NON_PRIVATE),
             "n_events": len(events),
             "n_pending": sum(1 for event in events if event.outcome is None),
             "events": [event.as_dict() for event in events],

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcrm.config import ExperimentConfig, default_delta, load_config
+from fedcrm.config import ExperimentConfig, load_config
 from fedcrm.data.schema import load_schema
 from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError, StorageError, UnlearningError
+from fedcrm.governance.policy import DEFAULT_DELTA
 from fedcrm.privacy.accountant import GaussianRelease
 from fedcrm.region import NodeSettings, Region
 from fedcrm.runs import load_weights
@@ -168,7 +169,7 @@ def _run_delta(run_dir: Path, cfg: ExperimentConfig) -> float:
         for p in read_json(summary).get("privacy", {}).values():
             if p.get("delta"):
                 return float(p["delta"])
-    return cfg.privacy.delta or 1e-5
+    return cfg.privacy.delta or DEFAULT_DELTA
 
 
 def epsilon_by_region(plan: RetrainPlan) -> dict[str, dict[int, float]]:
@@ -183,7 +184,7 @@ def epsilon_by_region(plan: RetrainPlan) -> dict[str, dict[int, float]]:
         if not state_dir.exists():
             continue
         by_shard = PrivacyLedger.open(state_dir, region=region).epsilon_by_shard(
-            delta=plan.delta, accountant=plan.cfg.privacy.accountant)
+            shards=plan.cfg.unlearning.shards, delta=plan.delta, accountant=plan.cfg.privacy.accountant)
         out[region] = {k: by_shard.get(k, 0.0) for k in plan.stale}
     return out
 
@@ -241,8 +242,6 @@ def check_retrain_budget(plan: RetrainPlan) -> None:
             raise UnlearningError(f"region {region} refuses the erasure retrain: {e}") from e
         except FedcrmError as e:
             raise UnlearningError(f"region {region} cannot take part in the erasure retrain: {e}") from e
-    smallest = min(int(d.counts["train"]) for _, d in loaded.values())
-    delta = cfg.privacy.delta or default_delta(smallest)
     for region, (r, data) in loaded.items():
         for k in plan.stale:
             n = int((~data.holdout & (data.shard == k)).sum())
@@ -253,13 +252,15 @@ def check_retrain_budget(plan: RetrainPlan) -> None:
             if cfg.privacy.mode == "none":
                 continue
             if cfg.privacy.mode == "sample_dp":
-                q, steps = sampling_plan(n=n, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs)
-                release = GaussianRelease(r.noise_multiplier(cfg, n=n, delta=delta), q, steps * cfg.training.rounds)
+                declared = r.policy.declared_size(n)
+                q, steps = sampling_plan(n=declared, batch_size=cfg.training.batch_size,
+                                         epochs=cfg.training.local_epochs)
+                release = GaussianRelease(r.noise_multiplier(cfg, n=declared), q, steps * cfg.training.rounds)
             else:
                 release = GaussianRelease(cfg.privacy.client_noise_multiplier, 1.0, cfg.training.rounds)
             try:
-                r.ledger.check_budget(budget=r.policy.privacy_budget, delta=delta, accountant=cfg.privacy.accountant,
-                                      shard=k, next_release=release)
+                r.ledger.check_budget(budget=r.policy.privacy_budget, delta=r.delta, accountant=cfg.privacy.accountant,
+                                      shard=k, shards=cfg.unlearning.shards, next_release=release)
             except PrivacyBudgetError as e:
                 raise PrivacyBudgetError(
                     f"region {region} refuses the erasure retrain of shard {k}: its {cfg.training.rounds} rounds "
