@@ -11,6 +11,7 @@ import fedcrm.training as training_module
 from fedcrm.config import ModelConfig, TrainingConfig
 from fedcrm.models import build_model, get_weights
 from fedcrm.privacy.clipping import LinearStackDpSgd, supports
+from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.training import DpSgd, train_locally
 
 
@@ -37,7 +38,7 @@ def test_clipped_gradient_equals_a_per_customer_loop_of_clip_and_sum() -> None:
             e += factor * g / batch
     model.zero_grad()
     dp = LinearStackDpSgd(model, noise_multiplier=0.0, clipping_norm=clip, expected_batch_size=batch,
-                          noise_generator=torch.Generator().manual_seed(0))
+                          randomness=ReleaseRandomness.public_seed(0))
     dp.compute_grads(x, y)
     for e, p in zip(expected, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
@@ -53,7 +54,7 @@ def test_one_pass_path_gives_the_same_weights_as_opacus_ghost_clipping(
 
     def trained() -> dict[str, np.ndarray]:
         model = build_model(spec, n_features=x.shape[1], seed=1)
-        train_locally(model, x=x, y=y, training=training, dp=dp, seed=42)
+        train_locally(model, x=x, y=y, training=training, dp=dp, randomness=ReleaseRandomness.public_seed(42))
         return get_weights(model)
 
     fast = trained()

@@ -16,11 +16,15 @@ DELTA = 1e-5
 ROUND_RELEASE = GaussianRelease(1.0, 0.01, 200)
 
 
-def _record_run(ledger: PrivacyLedger, *, run_id: str, rounds: int, shard: int = 0) -> list[int]:
+def _record_run(
+    ledger: PrivacyLedger, *, run_id: str, rounds: int, shard: int = 0, shards: int | None = None,
+    release: GaussianRelease = ROUND_RELEASE,
+) -> list[int]:
     ids = []
     for r in range(rounds):
         event_id = ledger.record_release(
-            shard=shard, purpose="churn", run_id=run_id, round=r, release=ROUND_RELEASE, delta=DELTA
+            shard=shard, shards=shards or max(shard + 1, 1), purpose="churn", run_id=run_id, round=r,
+            release=release, delta=DELTA,
         )
         ledger.mark_outcome(event_id, "sent")
         ids.append(event_id)
@@ -104,7 +108,7 @@ def test_pending_and_unsent_releases_still_count(tmp_path: Path, outcome: str | 
         epsilon([ROUND_RELEASE], delta=DELTA, accountant="rdp")
     )
     assert ledger.epsilon(delta=DELTA, accountant="rdp") > 0
-    assert ledger.releases(0) == [ROUND_RELEASE]
+    assert [e.release for e in ledger.events(0)] == [ROUND_RELEASE]
     assert ledger.check_budget(
         budget=100.0, delta=DELTA, accountant="rdp", shard=0, next_release=ROUND_RELEASE
     ) == pytest.approx(epsilon([ROUND_RELEASE] * 2, delta=DELTA, accountant="rdp"))
@@ -140,10 +144,11 @@ def test_budget_refusal_names_the_numbers_and_records_nothing(tmp_path: Path) ->
     before = ledger.events()
 
     with pytest.raises(PrivacyBudgetError) as refused:
-        ledger.check_budget(budget=budget, delta=DELTA, accountant="rdp", shard=2, next_release=ROUND_RELEASE)
+        ledger.check_budget(budget=budget, delta=DELTA, accountant="rdp", shard=2, shards=3,
+                            next_release=ROUND_RELEASE)
 
     message = str(refused.value)
-    assert message.startswith(f"region eu: this round would bring ε to {would_be:.4g} on shard 2")
+    assert message.startswith(f"region eu: this round would bring ε to {would_be:.4g} on shard 2 of 3")
     assert f"over the budget {budget:.4g}" in message
     assert f"spent so far {spent:.4g}" in message
     assert "noise" in message  # says what to do
@@ -152,10 +157,10 @@ def test_budget_refusal_names_the_numbers_and_records_nothing(tmp_path: Path) ->
 
 def test_shards_compose_in_parallel_so_region_epsilon_is_the_max(tmp_path: Path) -> None:
     ledger = PrivacyLedger.open(tmp_path, region="eu")
-    _record_run(ledger, run_id="run-1", rounds=2, shard=0)
-    _record_run(ledger, run_id="run-1", rounds=3, shard=1)
+    _record_run(ledger, run_id="run-1", rounds=2, shard=0, shards=2)
+    _record_run(ledger, run_id="run-1", rounds=3, shard=1, shards=2)
 
-    by_shard = ledger.epsilon_by_shard(delta=DELTA, accountant="rdp")
+    by_shard = ledger.epsilon_by_shard(shards=2, delta=DELTA, accountant="rdp")
     two = epsilon([ROUND_RELEASE] * 2, delta=DELTA, accountant="rdp")
     three = epsilon([ROUND_RELEASE] * 3, delta=DELTA, accountant="rdp")
     assert by_shard == pytest.approx({0: two, 1: three})
@@ -164,7 +169,7 @@ def test_shards_compose_in_parallel_so_region_epsilon_is_the_max(tmp_path: Path)
     assert ledger.epsilon(delta=DELTA, accountant="rdp") < epsilon(
         [ROUND_RELEASE] * 5, delta=DELTA, accountant="rdp"
     )
-    assert ledger.releases(0) == [ROUND_RELEASE] * 2
+    assert [e.release for e in ledger.events(0)] == [ROUND_RELEASE] * 2
     assert len(ledger.events(1)) == 3
 
 
@@ -188,7 +193,7 @@ def test_summary_is_json_ready_and_consistent(tmp_path: Path) -> None:
     ledger = PrivacyLedger.open(tmp_path, region="eu")
     _record_run(ledger, run_id="run-1", rounds=2, shard=0)
     ledger.record_release(
-        shard=1, purpose="churn", run_id="run-1", round=0, release=ROUND_RELEASE, delta=DELTA
+        shard=1, shards=2, purpose="churn", run_id="run-1", round=0, release=ROUND_RELEASE, delta=DELTA
     )
 
     summary = json.loads(json.dumps(ledger.summary(delta=DELTA, accountant="rdp", budget=5.0)))
@@ -196,7 +201,9 @@ def test_summary_is_json_ready_and_consistent(tmp_path: Path) -> None:
     assert summary["region"] == "eu"
     assert summary["epsilon_spent"] == pytest.approx(spent)
     assert summary["remaining"] == pytest.approx(5.0 - spent)
-    assert set(summary["epsilon_by_shard"]) == {"0", "1"}
+    assert set(summary["epsilon_by_shard"]) == {"1", "2"}  # the partitions used: S = 1 and S = 2
+    assert set(summary["epsilon_by_shard"]["2"]) == {"0", "1"}
+    assert summary["releases_by_noise"] == {"secure": 3}
     assert summary["n_events"] == 3 and summary["n_pending"] == 1
     assert [e["status"] for e in summary["events"]] == ["sent", "sent", "pending"]
 
@@ -256,3 +263,90 @@ def test_a_ledger_with_wrong_columns_or_no_triggers_is_refused(tmp_path: Path) -
         )
     with pytest.raises(StorageError, match="table events has columns id, epsilon"):
         PrivacyLedger.open(tmp_path / "b", region="eu")
+
+
+# -- partitions: the server picks S per run, the ledger composes over every partition used ------------
+
+
+def test_a_run_at_s1_then_one_at_s4_charges_each_customer_both(tmp_path: Path) -> None:
+    """Issue point 4: old code keyed composition by shard index alone, so after an S = 1 run an S = 4
+    run saw "shard 2 spent 0" and the region reported the S = 4 run's ε while the customers of shard 0
+    (read by both runs) had spent both."""
+    ledger = PrivacyLedger.open(tmp_path, region="eu")
+    first = GaussianRelease(2.0, 0.1, 100)
+    _record_run(ledger, run_id="s1", rounds=1, shard=0, shards=1, release=first)
+    for k in range(4):
+        _record_run(ledger, run_id="s4", rounds=1, shard=k, shards=4)
+    both = epsilon([first, ROUND_RELEASE], delta=DELTA, accountant="rdp")
+    assert ledger.epsilon(delta=DELTA, accountant="rdp") == pytest.approx(both)
+    assert ledger.epsilon_by_shard(shards=4, delta=DELTA, accountant="rdp") == pytest.approx({k: both for k in range(4)})
+    # ... and the budget check of a further S = 4 release on shard 2 includes the S = 1 run.
+    after = ledger.check_budget(budget=100.0, delta=DELTA, accountant="rdp", shard=2, shards=4,
+                                next_release=ROUND_RELEASE)
+    assert after == pytest.approx(epsilon([first, ROUND_RELEASE, ROUND_RELEASE], delta=DELTA, accountant="rdp"))
+    with pytest.raises(PrivacyBudgetError):
+        ledger.check_budget(budget=both * 1.01, delta=DELTA, accountant="rdp", shard=2, shards=4,
+                            next_release=ROUND_RELEASE)
+
+
+def test_cells_of_two_partitions_compose_only_the_shards_that_meet(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.open(tmp_path, region="eu")
+    heavy = GaussianRelease(0.8, 0.1, 300)
+    _record_run(ledger, run_id="a", rounds=2, shard=1, shards=2, release=heavy)  # S = 2: shard 1 twice
+    _record_run(ledger, run_id="b", rounds=1, shard=0, shards=3)  # S = 3: shard 0 once, shard 2 three times
+    _record_run(ledger, run_id="c", rounds=3, shard=2, shards=3)
+    worst = epsilon([heavy, heavy, *[ROUND_RELEASE] * 3], delta=DELTA, accountant="rdp")
+    assert ledger.epsilon(delta=DELTA, accountant="rdp") == pytest.approx(worst)
+    by_s3 = ledger.epsilon_by_shard(shards=3, delta=DELTA, accountant="rdp")
+    assert by_s3[1] == pytest.approx(epsilon([heavy, heavy], delta=DELTA, accountant="rdp"))  # no S = 3 release
+    assert by_s3[0] == pytest.approx(epsilon([heavy, heavy, ROUND_RELEASE], delta=DELTA, accountant="rdp"))
+    assert by_s3[2] == pytest.approx(worst)
+
+
+def test_a_non_private_release_makes_epsilon_infinite_and_blocks_dp_budget_checks(tmp_path: Path) -> None:
+    from fedcrm.privacy.accountant import NonPrivateRelease
+
+    ledger = PrivacyLedger.open(tmp_path, region="eu")
+    ledger.record_release(shard=0, purpose="churn", run_id="plain", round=0, release=NonPrivateRelease(), delta=DELTA)
+    assert ledger.epsilon(delta=DELTA, accountant="rdp") == float("inf")
+    (event,) = ledger.events()
+    assert event.mechanism == "non_private"
+    with pytest.raises(PrivacyBudgetError, match="without DP"):
+        ledger.check_budget(budget=10.0, delta=DELTA, accountant="rdp", shard=0, next_release=ROUND_RELEASE)
+
+
+def test_a_layout_1_ledger_is_migrated_with_its_events_charged_to_everyone(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILENAME
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, region TEXT NOT NULL,
+            shard INTEGER NOT NULL CHECK (shard >= 0), purpose TEXT NOT NULL, run_id TEXT NOT NULL,
+            round INTEGER NOT NULL CHECK (round >= 0), mechanism TEXT NOT NULL CHECK (mechanism = 'dp_sgd'),
+            noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
+            delta REAL NOT NULL, note TEXT NOT NULL);
+        CREATE TABLE outcomes (event_id INTEGER PRIMARY KEY REFERENCES events (id), time TEXT NOT NULL,
+            outcome TEXT NOT NULL, reason TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        INSERT INTO events VALUES (1, 't', 'eu', 3, 'churn', 'old', 0, 'dp_sgd', 1.0, 0.01, 200, 1e-5, '');
+        INSERT INTO outcomes VALUES (1, 't', 'sent', '');
+    """)
+    conn.close()
+    ledger = PrivacyLedger.open(tmp_path, region="eu")
+    (event,) = ledger.events()
+    assert (event.shard, event.shards, event.noise, event.status) == (3, None, "seeded", "sent")
+    # Its partition is unknown, so every customer is charged, under any S.
+    assert ledger.epsilon_of_shard(shard=0, shards=8, delta=DELTA, accountant="rdp") == pytest.approx(
+        epsilon([ROUND_RELEASE], delta=DELTA, accountant="rdp"))
+    _record_run(ledger, run_id="new", rounds=1)  # and the migrated file takes new releases, append-only still
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        with sqlite3.connect(path) as c:
+            c.execute("DELETE FROM events")
+    assert len(PrivacyLedger.open(tmp_path, region="eu").events()) == 2
+
+
+def test_reproducible_nonces_are_unique_per_ledger_and_event(tmp_path: Path) -> None:
+    a = PrivacyLedger.open(tmp_path / "a", region="eu")
+    b = PrivacyLedger.open(tmp_path / "b", region="eu")
+    assert a.nonce(1) != a.nonce(2) and a.nonce(1) != b.nonce(1)
+    assert PrivacyLedger.open(tmp_path / "a", region="eu").nonce(1) == a.nonce(1)
