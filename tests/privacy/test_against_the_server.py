@@ -224,12 +224,11 @@ def test_client_dp_noise_is_scaled_to_the_updates_actually_aggregated(monkeypatc
     sensitivity C/m_actual is larger than the noise assumes. fedcrm scales to the replies aggregated."""
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
 
     from fedcrm import wire
     from fedcrm.fl.codec import to_record
     from fedcrm.fl.strategy import NoiseForAggregated
-
-    from flwr.supercore.task_identity import TaskIdentity
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what a SuperLink process sets
         monkeypatch.setattr(TaskIdentity, name, value)

@@ -83,7 +83,8 @@ def test_empty_poisson_batches_still_take_a_noisy_step() -> None:
     model = build_model(ModelConfig(kind="logistic"), n_features=5, seed=0)
     before = get_weights(model)
     training = TrainingConfig(local_epochs=1, batch_size=1, optimizer="sgd", learning_rate=0.1)
-    result = train_locally(model, x=x[:1], y=y[:1], training=training, dp=DpSgd(noise_multiplier=2.0, clipping_norm=1.0),
+    dp = DpSgd(noise_multiplier=2.0, clipping_norm=1.0)
+    result = train_locally(model, x=x[:1], y=y[:1], training=training, dp=dp,
                            randomness=ReleaseRandomness.public_seed(3), planned_customers=10_000)
     assert result.steps == 10_000 and result.empty_batches >= 9_990
     # 10,000 noisy steps move each weight by ~N(0, (lr·σ·C·√steps / B)²) = N(0, 20²); the few non-empty steps
@@ -109,7 +110,8 @@ def test_the_opacus_path_draws_its_noise_from_the_release_randomness(
                       randomness=rnd)
         return get_weights(model)
 
-    same_a, same_b = trained(ReleaseRandomness(5, mode="reproducible")), trained(ReleaseRandomness(5, mode="reproducible"))
+    same_a = trained(ReleaseRandomness(5, mode="reproducible"))
+    same_b = trained(ReleaseRandomness(5, mode="reproducible"))
     other = trained(ReleaseRandomness(6, mode="reproducible"))
     for k in same_a:
         np.testing.assert_array_equal(same_a[k], same_b[k])
