@@ -69,6 +69,7 @@ def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -
                      "a reference point only"],
         "config_sha256": cfg.digest(),
         "code_version": code_version(),
+        "started": t0,  # when this run began (Unix seconds), as in a federated run's summary
         "wall_time_s": round(time.time() - t0, 2),
     }
     run.write_summary(summary)

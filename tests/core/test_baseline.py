@@ -42,3 +42,4 @@ def test_centralised_baseline_leaves_out_forgotten_and_withdrawn_customers(tmp_p
     written = json.loads((tmp_path / "after" / "summary.json").read_text(encoding="utf-8"))
     assert written["regions"]["eu"]["forgotten"] == 1
     assert np.isfinite(written["final_metrics"]["auc"])
+    assert written["started"] > before["started"]  # a start time for tracking, as a federated run writes
