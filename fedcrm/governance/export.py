@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from fedcrm.config import ExperimentConfig, ModelConfig
+from fedcrm.config import ExperimentConfig, ModelConfig, without_removed_settings
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.io import load_table, read_raw
 from fedcrm.data.schema import Schema
@@ -139,7 +139,8 @@ def run_config(run: Path) -> ExperimentConfig:
     path = run / "config.yaml"
     if not path.exists():
         raise StorageError(f"{run}: not a run folder (no config.yaml)")
-    return validate_mapping(ExperimentConfig, yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
+    raw = without_removed_settings(yaml.safe_load(path.read_text(encoding="utf-8")))
+    return validate_mapping(ExperimentConfig, raw, source=str(path))
 
 
 def _model_entry(
