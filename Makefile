@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedcrm clients server tests experiments
-	$(BIN)/mypy fedcrm
+	$(BIN)/mypy fedcrm server clients
 
 test: lint
 	$(BIN)/python -m pytest -q

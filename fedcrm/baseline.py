@@ -2,16 +2,16 @@
 
 It answers "what does federation and privacy cost?" and is never a way to train in production: it
 reads every region's table in one process, which is exactly what fedcrm exists to avoid. Each region's
-customers go through the same preparation as in a federated run (tombstones, consent for the purpose,
-the hold-out chosen by the same seeded hash of the id), the same model is trained without DP on all
-training rows for as many passes as the federated run makes (rounds × local epochs), and it is
-evaluated on the pooled hold-out.
+customers go through the same preparation as in a federated run, from the region's own state folder
+(``STATE/REGION``, as ``fedcrm run --state`` lays it out): its tombstones and consent withdrawals,
+consent for the purpose, the hold-out chosen by the same seeded hash of the id. The same model is
+trained without DP on all training rows for as many passes as the federated run makes (rounds × local
+epochs), and it is evaluated on the pooled hold-out.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,22 +28,28 @@ from fedcrm.runs import RunDir, code_version
 from fedcrm.training import train_locally
 
 
-def run_centralised(cfg: ExperimentConfig, *, run_dir: Path) -> dict[str, Any]:
-    """Train on the pooled training rows of every region; write summary.json like a federated run."""
+def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -> dict[str, Any]:
+    """Train on the pooled training rows of every region; write summary.json like a federated run.
+
+    ``state_root`` holds every region's state, one sub-folder per region: the customers a region has
+    forgotten or whose consent it has withdrawn there are left out, as a federated run leaves them out.
+    """
     t0 = time.time()
     schema = load_schema(cfg.schema_path)
     run = RunDir.create(run_dir, cfg)
     xs, ys, hx, hy, regions = [], [], [], [], {}
-    with tempfile.TemporaryDirectory(prefix="fedcrm-central-") as tmp:
-        for name, path in cfg.regions.items():
-            # A throw-away state folder: nothing of the baseline touches a region's real ledger.
-            region = Region(NodeSettings(region=name, data_path=path, state_dir=Path(tmp) / name))
-            data = region.load(cfg, schema)
-            xs.append(data.x[~data.holdout])
-            ys.append(data.y[~data.holdout])
-            hx.append(data.x[data.holdout])
-            hy.append(data.y[data.holdout])
-            regions[name] = dict(data.counts)
+    for name, path in cfg.regions.items():
+        # The region's real state: a throw-away folder would pool its forgotten customers back in. The
+        # baseline trains without DP, so it charges nothing to the region's ledger.
+        settings = NodeSettings(
+            region=name, data_path=path, state_dir=state_root / name, policy_path=cfg.policies.get(name)
+        )
+        data = Region(settings).load(cfg, schema)
+        xs.append(data.x[~data.holdout])
+        ys.append(data.y[~data.holdout])
+        hx.append(data.x[data.holdout])
+        hy.append(data.y[data.holdout])
+        regions[name] = dict(data.counts)
     x, y = np.concatenate(xs), np.concatenate(ys)
     model = build_model(cfg.model, n_features=x.shape[1], seed=cfg.seed * 1000)
     epochs = cfg.training.rounds * cfg.training.local_epochs
@@ -65,6 +71,7 @@ def run_centralised(cfg: ExperimentConfig, *, run_dir: Path) -> dict[str, Any]:
                      "a reference point only"],
         "config_sha256": cfg.digest(),
         "code_version": code_version(),
+        "started": t0,  # when this run began (Unix seconds), as in a federated run's summary
         "wall_time_s": round(time.time() - t0, 2),
     }
     run.write_summary(summary)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -312,7 +311,6 @@ _deploy_commands.register(app)
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app()
     except KeyboardInterrupt:

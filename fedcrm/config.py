@@ -6,6 +6,7 @@ greater than 0, got -1``. Relative paths in a config are relative to the config 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -16,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fedcrm.errors import ConfigError
 from fedcrm.yamlio import read_yaml_mapping, validate_mapping
+
+# Settings fedcrm once accepted but never read: each region's policy decides them. A config that sets
+# one is refused with the reason, so that nobody believes it changes anything.
+REMOVED_SETTINGS: dict[str, str] = {
+    "budget": "the region's policy decides this (`privacy_budget` in the data owner's policy file)",
+    "evaluation.min_customers": "the region's policy decides this (`min_customers` in the data owner's policy file)",
+}
 
 # Data path of a region named without one (``regions: [eu, us]``): set by the data owner's node config.
 NODE_PATH_PLACEHOLDER = "<node-config>"
@@ -79,7 +87,6 @@ class FederationConfig(_Section):
 
 class EvaluationConfig(_Section):
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
-    min_customers: int = Field(20, ge=1, description="fewest customers behind any reported metric")
 
 
 class TrackingConfig(_Section):
@@ -134,7 +141,6 @@ class ExperimentConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
     output_dir: Path = Path("runs")
-    budget: float | None = Field(None, gt=0, description="default region budget when no policy is given")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -205,16 +211,62 @@ class ExperimentConfig(_Section):
                 if not isinstance(node.get(p), dict):
                     raise ConfigError(f"{source}: unknown key `{key}`")
                 node = node[p]
+            if key in REMOVED_SETTINGS:
+                raise _removed_setting(key, source=source)
             if leaf not in node:
                 raise ConfigError(f"{source}: unknown key `{key}`")
             node[leaf] = value
         return validate_mapping(ExperimentConfig, raw, source=source)
 
 
+def _removed_setting(key: str, *, source: str) -> ConfigError:
+    return ConfigError(f"{source}: `{key}` is no longer a setting: {REMOVED_SETTINGS[key]}; remove it from the config")
+
+
+def _removed_settings_in(raw: dict[str, Any]) -> list[str]:
+    found = []
+    for key in REMOVED_SETTINGS:
+        *parents, leaf = key.split(".")
+        node: Any = raw
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            found.append(key)
+    return found
+
+
+def without_removed_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config fedcrm wrote into a run folder, less the settings it wrote then but never read.
+
+    Run folders made before those settings were removed hold them at their old defaults; the run was
+    trained without them either way, so dropping them changes nothing.
+    """
+    out = copy.deepcopy(raw)
+    for key in _removed_settings_in(out):
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        del node[leaf]
+    return out
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     """Load, validate and resolve an experiment config file."""
     path = Path(path)
     raw = read_yaml_mapping(path)
+    removed = _removed_settings_in(raw)
+    if removed:
+        raise _removed_setting(removed[0], source=str(path))
+    return _resolved_config(raw, path=path)
+
+
+def load_saved_config(path: Path) -> ExperimentConfig:
+    """Load the resolved config that ``fedcrm run`` wrote into a run folder (``RUN_DIR/config.yaml``)."""
+    return _resolved_config(without_removed_settings(read_yaml_mapping(path)), path=path)
+
+
+def _resolved_config(raw: dict[str, Any], *, path: Path) -> ExperimentConfig:
     cfg = validate_mapping(ExperimentConfig, raw, source=str(path)).resolved(path.parent.resolve())
     if not cfg.schema_path.exists():
         raise ConfigError(f"{path}: `schema`: file {cfg.schema_path} not found")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -31,11 +32,17 @@ def storage_error(path: Path, what: str, exc: OSError, *, then: str = "") -> Sto
     return StorageError(f"{path}: cannot {what}: {cause}. Nothing recorded before was lost; {advice}.")
 
 
-def write_atomically(path: Path, write: Callable[[IO[bytes]], object], *, what: str, then: str = "") -> None:
-    """Replace ``path`` with what ``write`` puts in a file: all of it, or (on failure) none of it."""
+def write_atomically(
+    path: Path, write: Callable[[IO[bytes]], object], *, what: str, then: str = "", mode: int = 0o666
+) -> None:
+    """Replace ``path`` with what ``write`` puts in a file: all of it, or (on failure) none of it.
+
+    ``mode`` is the new file's permissions (less the umask): 0o600 for what only its owner may read.
+    """
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a leftover from a crash keeps its permissions if reopened
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -45,8 +52,33 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], object], *, what: 
         raise storage_error(path, what, exc, then=then) from None
 
 
-def write_text_atomically(path: Path, text: str, *, what: str, then: str = "") -> None:
-    write_atomically(path, lambda f: f.write(text.encode("utf-8")), what=what, then=then)
+def write_text_atomically(path: Path, text: str, *, what: str, then: str = "", mode: int = 0o666) -> None:
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")), what=what, then=then, mode=mode)
+
+
+def create_once(path: Path, data: bytes, *, what: str, then: str = "", mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` unless it exists: whole, or (on failure) not at all.
+
+    For a file that must never change once made (a region's secret): the data is written and fsynced
+    under a name of its own, then linked into place, which fails if another process made it first.
+    Returns False when the file already existed (the other process's file stands).
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise storage_error(path, what, exc, then=then) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def append_to(fd: int, data: bytes) -> None:

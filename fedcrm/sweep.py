@@ -307,7 +307,7 @@ def run_sweep(
     for o in [o for o in todo if o.cell.kind == CENTRALISED]:
         assert o.cfg is not None
         try:
-            done(o, run_centralised(o.cfg, run_dir=o.run_dir))
+            done(o, run_centralised(o.cfg, run_dir=o.run_dir, state_root=sweep_dir / "state" / o.cell.id))
         except Exception as e:
             traceback.print_exc()
             done(o, e)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcrm.config import ExperimentConfig
-from fedcrm.errors import ConfigError
+from fedcrm.errors import ConfigError, StorageError
 from fedcrm.runs import read_metrics
 
 MAX_PARAM = 500  # MLflow's limit on a parameter value's length
@@ -56,6 +56,13 @@ def log_run(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> st
     """Log a finished run to MLflow when the config asks for it; returns the MLflow run id (or None)."""
     if cfg.tracking.kind != "mlflow":
         return None
+    started = summary.get("started")
+    if not isinstance(started, int | float) or isinstance(started, bool):
+        # Without it every timestamp below would count from 1970.
+        raise StorageError(
+            f"{run_dir / 'summary.json'}: `started` must be the run's start time in Unix seconds, got "
+            f"{started!r}; the summary was written by an older fedcrm: run it again to track it"
+        )
     try:
         import mlflow
     except ImportError:
@@ -81,13 +88,14 @@ def log_run(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> st
             client.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
         rows = read_metrics(run_dir / "metrics.jsonl")
         for step, row in enumerate(rows, start=1):
-            ts = int(1000 * (summary.get("started", 0) + row.get("time_s", 0)))
+            ts = int(1000 * (started + row.get("time_s", 0)))
             metrics = [mlflow.entities.Metric(k, v, ts, step) for k, v in round_metrics(row).items()]
             if metrics:
                 client.log_batch(rid, metrics=metrics)
-        final = [mlflow.entities.Metric(f"final_{k}", float(v), 0, 0)
+        ended = int(1000 * (started + summary.get("wall_time_s", 0)))
+        final = [mlflow.entities.Metric(f"final_{k}", float(v), ended, 0)
                  for k, v in summary.get("final_metrics", {}).items()]
-        final += [mlflow.entities.Metric(f"final_epsilon_{r}", float(p["epsilon"]), 0, 0)
+        final += [mlflow.entities.Metric(f"final_epsilon_{r}", float(p["epsilon"]), ended, 0)
                   for r, p in summary.get("privacy", {}).items() if p.get("epsilon") is not None]
         if final:
             client.log_batch(rid, metrics=final)

@@ -123,7 +123,7 @@ def audit_privacy(
     Clopper–Pearson, Bonferroni over thresholds) next to the ledger's ε, and writes
     RUN_DIR/privacy_audit.json. Exits 3 when a lower bound exceeds the claimed ε: the DP path is broken.
     """
-    from fedcrm.config import load_config
+    from fedcrm.config import load_saved_config
     from fedcrm.evaluation.privacy_audit import audit_region
     from fedcrm.evaluation.served import ServedModel
 
@@ -131,7 +131,7 @@ def audit_privacy(
         if not (run_dir / "summary.json").exists():
             raise ConfigError(f"{run_dir}: no summary.json (not a finished run folder)")
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_saved_config(run_dir / "config.yaml")
         served = ServedModel.load(run_dir)
         regions = region or list(cfg.regions)
         if data is not None and len(regions) != 1:

@@ -272,6 +272,7 @@ def run_federation(
         "rounds_completed": cfg.training.rounds,
         "config_sha256": cfg.digest(),
         "code_version": code_version(),
+        "started": t0,  # when this run began (Unix seconds): metrics.jsonl's time_s counts from here
         "wall_time_s": round(time.time() - t0, 2),
     }
     summary |= pooled_trust(final, schema=schema)  # fairness per group, feature importance

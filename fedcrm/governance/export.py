@@ -21,7 +21,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,10 +31,11 @@ import numpy as np
 import torch
 import yaml
 
-from fedcrm.config import ExperimentConfig, ModelConfig
+from fedcrm.config import ExperimentConfig, ModelConfig, without_removed_settings
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.io import load_table, read_raw
 from fedcrm.data.schema import Schema
+from fedcrm.durable import storage_error, write_text_atomically
 from fedcrm.errors import DataError, StorageError, UnlearningError
 from fedcrm.governance.audit_log import AuditLog
 from fedcrm.governance.consent import ConsentWithdrawals
@@ -139,7 +139,8 @@ def run_config(run: Path) -> ExperimentConfig:
     path = run / "config.yaml"
     if not path.exists():
         raise StorageError(f"{run}: not a run folder (no config.yaml)")
-    return validate_mapping(ExperimentConfig, yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
+    raw = without_removed_settings(yaml.safe_load(path.read_text(encoding="utf-8")))
+    return validate_mapping(ExperimentConfig, raw, source=str(path))
 
 
 def _model_entry(
@@ -272,11 +273,8 @@ def render(document: dict[str, Any], *, fmt: str) -> str:
 
 def write_export(text: str, out: Path) -> None:
     """Write atomically and private to the owner (0600): the file appears whole or not at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(out.parent, "create the export's folder", exc) from None
+    write_text_atomically(out, text, what="write the export", mode=0o600)

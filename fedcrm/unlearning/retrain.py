@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcrm.config import ExperimentConfig, load_config
+from fedcrm.config import ExperimentConfig, load_saved_config
 from fedcrm.data.schema import load_schema
 from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError, StorageError, UnlearningError
 from fedcrm.governance.policy import DEFAULT_DELTA
@@ -61,7 +61,7 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise UnlearningError(f"{run_dir}: not a run folder (no config.yaml); give the folder `fedcrm run` wrote")
-    return load_config(path)
+    return load_saved_config(path)
 
 
 def model_version(run_dir: Path) -> int:

@@ -6,13 +6,14 @@ shard membership cannot be guessed from an id, and stays stable across runs and 
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 import numpy as np
 
 from fedcrm.data.split import hash_buckets
+from fedcrm.durable import create_once
+from fedcrm.errors import StorageError
 
 _KEY_FILE = "region_secret.key"
 
@@ -22,16 +23,20 @@ def region_secret_path(state_dir: Path) -> Path:
 
 
 def region_secret(state_dir: Path) -> str:
-    """The region's secret key, created once (0600) in its state folder."""
+    """The region's secret key, created once (0600) in its state folder, whole or not at all."""
     path = region_secret_path(state_dir)
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-            f.flush()
-            os.fsync(f.fileno())
-    return path.read_text().strip()
+        create_once(path, secrets.token_hex(32).encode("ascii"), what="create the region's secret", mode=0o600)
+    secret = path.read_text().strip()
+    if not secret:
+        # An empty key would still hash ids: every token and shard would silently change meaning.
+        raise StorageError(
+            f"{path}: the region's secret is empty (a creation cut short); the region's tombstones, consent "
+            "withdrawals and shards depend on it: restore the file from a backup, or delete it only if the "
+            "region has no tombstones, withdrawals or trained shards yet"
+        )
+    return secret
 
 
 def shard_of(ids: np.ndarray, *, shards: int, secret: str) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedcrm.config import load_config
+from fedcrm.config import load_config, load_saved_config
 from fedcrm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,3 +65,36 @@ def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
         cfg.with_overrides({"privacy.epsilon": 1.0})
     with pytest.raises(ConfigError, match="privacy.target_epsilon"):
         cfg.with_overrides({"privacy.target_epsilon": 0})
+
+
+@pytest.mark.parametrize(("key", "policy_key"), [("budget", "privacy_budget"),
+                                                  ("evaluation__min_customers", "min_customers")])
+def test_settings_the_region_policy_decides_are_refused_with_the_reason(
+    tmp_path: Path, key: str, policy_key: str
+) -> None:
+    """They validated once but nothing read them: the region's policy value was used."""
+    dotted = key.replace("__", ".")
+    path = _write(tmp_path, **{key: 5})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"{path}: `{dotted}` is no longer a setting: the region's policy decides this "
+        f"(`{policy_key}` in the data owner's policy file); remove it from the config"
+    )
+    cfg = load_config(_write(tmp_path))
+    with pytest.raises(ConfigError, match=rf"<overrides>: `{dotted}` is no longer a setting: the region's policy"):
+        cfg.with_overrides({dotted: 5})
+
+
+def test_a_run_folder_written_before_the_removal_still_loads(tmp_path: Path) -> None:
+    """Older fedcrm wrote `budget: null` and `evaluation.min_customers: 20` into every run's config.yaml;
+    the run was trained without reading them, so dropping them keeps the run's config and digest."""
+    fresh = load_config(_write(tmp_path))
+    old = fresh.to_dict() | {"budget": None}
+    old["evaluation"] = old["evaluation"] | {"min_customers": 20}
+    saved = tmp_path / "run" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text(yaml.safe_dump(old))
+    loaded = load_saved_config(saved)
+    assert loaded == fresh and loaded.digest() == fresh.digest()
+    assert "budget" in yaml.safe_load(saved.read_text())  # the run folder itself is left as it was

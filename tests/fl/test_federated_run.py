@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import dp_accounting
@@ -51,13 +52,17 @@ def _ray_processes() -> list[str]:
 def test_dp_run_writes_results_and_ledger_matches_dp_accounting_and_spend_continues(tmp_path: Path) -> None:
     cfg = load_config(write_tiny_config(tmp_path))
     state = tmp_path / "state"
+    before = time.time()
     summary = run_simulated(cfg, run_dir=tmp_path / "run1", state_root=state, report=lambda s: None)
+    after = time.time()
 
     for key in ("auc", "log_loss", "accuracy", "brier"):
         assert np.isfinite(summary["final_metrics"][key])
     assert summary["final_metrics"]["auc"] > 0.6  # the synthetic label depends on the features
     on_disk = json.loads((tmp_path / "run1" / "summary.json").read_text())
     assert on_disk["final_metrics"] == summary["final_metrics"]
+    # The start time MLflow's metric timestamps count from (metrics.jsonl's time_s is relative to it).
+    assert before <= on_disk["started"] <= on_disk["started"] + on_disk["wall_time_s"] <= after + 0.01
     rows = read_metrics(tmp_path / "run1" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     assert set(rows[-1]["epsilon"]) == {"eu", "us"}

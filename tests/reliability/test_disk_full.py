@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +22,11 @@ from fedcrm.config import load_config
 from fedcrm.errors import StorageError
 from fedcrm.fl.simulation import run_simulated
 from fedcrm.governance.audit_log import AuditLog
+from fedcrm.governance.export import write_export
 from fedcrm.privacy.accountant import GaussianRelease
 from fedcrm.privacy.ledger import PrivacyLedger
 from fedcrm.runs import RunDir, completed_rounds, load_weights, read_metrics, save_weights
+from fedcrm.unlearning.shards import region_secret, region_secret_path
 
 
 @pytest.fixture
@@ -133,3 +136,34 @@ def test_a_run_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_freed(
         assert rounds == before[region] + list(range(done + 1, 5))
         assert summary["privacy"][region]["releases_this_run"] == len(rounds)
     assert json.loads((run_dir / "summary.json").read_text())["final_metrics"] == summary["final_metrics"]
+
+
+def test_region_secret_and_export_on_a_full_disk_are_whole_or_absent(small_disk: Path) -> None:
+    """A secret cut short would be an empty key that silently re-keys every tombstone and shard; an
+    export cut short would hand the customer half a file. Both are written whole or not at all."""
+    state = small_disk / "state" / "eu"
+    state.mkdir(parents=True)
+    export = small_disk / "exports" / "cust-1.json"
+    export.parent.mkdir()
+    filler = fill(small_disk)
+
+    with pytest.raises(StorageError, match=r"region_secret\.key: cannot create the region's secret: the disk is full"):
+        region_secret(state)
+    assert not region_secret_path(state).exists() and not list(state.glob("*.tmp"))
+    with pytest.raises(StorageError, match=r"cust-1\.json: cannot write the export: the disk is full"):
+        write_export("x" * 100_000, export)
+    assert not export.exists() and not list(export.parent.iterdir())
+
+    filler.unlink()
+    secret = region_secret(state)
+    assert len(secret) == 64 and region_secret(state) == secret  # made once, then read back
+    assert stat.S_IMODE(region_secret_path(state).stat().st_mode) == 0o600
+    write_export("{}\n", export)
+    assert export.read_text() == "{}\n" and stat.S_IMODE(export.stat().st_mode) == 0o600
+
+
+def test_an_empty_region_secret_is_refused_not_used(tmp_path: Path) -> None:
+    """What an older fedcrm left after a secret's creation failed half-way."""
+    region_secret_path(tmp_path).write_text("")
+    with pytest.raises(StorageError, match=r"region_secret\.key: the region's secret is empty"):
+        region_secret(tmp_path)

@@ -1,18 +1,23 @@
-"""MLflow tracking against a real local MLflow store (skipped when MLflow is not installed)."""
+"""MLflow tracking against a real local MLflow store (those tests skip when MLflow is not installed)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import write_tiny_config
 
 from fedcrm.config import load_config
-from fedcrm.errors import ConfigError
+from fedcrm.errors import ConfigError, StorageError
 from fedcrm.tracking import flatten, log_run, tracking_uri
 
-mlflow = pytest.importorskip("mlflow", reason="MLflow is optional: pip install 'fedcrm[tracking]'")
+STARTED = 1_700_000_000.0  # a run's start time, Unix seconds
+
+
+def _mlflow() -> Any:
+    return pytest.importorskip("mlflow", reason="MLflow is optional: pip install 'fedcrm[tracking]'")
 
 
 def _finished_run(tmp_path: Path) -> tuple[Path, dict]:
@@ -25,12 +30,14 @@ def _finished_run(tmp_path: Path) -> tuple[Path, dict]:
             for r in (1, 2)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"run_id": "tiny-1", "final_metrics": {"auc": 0.8, "customers": 100.0},
-               "privacy": {"eu": {"epsilon": 1.0}, "us": {"epsilon": 0.8}}, "code_version": "abc"}
+               "privacy": {"eu": {"epsilon": 1.0}, "us": {"epsilon": 0.8}}, "code_version": "abc",
+               "started": STARTED, "wall_time_s": 5.0}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir, summary
 
 
 def test_run_logged_to_local_store_in_the_run_folder(tmp_path: Path) -> None:
+    mlflow = _mlflow()
     cfg = load_config(write_tiny_config(tmp_path, overrides={"tracking": {"kind": "mlflow"}}))
     run_dir, summary = _finished_run(tmp_path)
     rid = log_run(cfg, run_dir, summary)
@@ -44,8 +51,20 @@ def test_run_logged_to_local_store_in_the_run_folder(tmp_path: Path) -> None:
     assert run.data.metrics["final_auc"] == 0.8 and run.data.metrics["final_epsilon_us"] == 0.8
     history = client.get_metric_history(rid, "epsilon_eu")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 1.0)]
+    # Timestamps are the run's wall clock (start + the row's time_s), not counted from 1970.
+    assert [m.timestamp for m in history] == [int(1000 * (STARTED + r)) for r in (1, 2)]
+    assert client.get_metric_history(rid, "final_auc")[0].timestamp == int(1000 * (STARTED + 5.0))
     arts = {a.path for a in client.list_artifacts(rid)}
     assert {"summary.json", "model_card.md", "model"} <= arts
+
+
+def test_summary_without_a_start_time_is_refused_before_anything_is_logged(tmp_path: Path) -> None:
+    cfg = load_config(write_tiny_config(tmp_path, overrides={"tracking": {"kind": "mlflow"}}))
+    run_dir, summary = _finished_run(tmp_path)
+    del summary["started"]
+    with pytest.raises(StorageError, match=r"summary\.json: `started` must be the run's start time"):
+        log_run(cfg, run_dir, summary)
+    assert not (run_dir / "mlruns").exists()
 
 
 def test_tracking_off_logs_nothing(tmp_path: Path) -> None:
