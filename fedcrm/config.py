@@ -86,7 +86,9 @@ class FederationConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="must equal each region's policy (the region's hold-out is its own)"
+    )
 
 
 class TrackingConfig(_Section):

@@ -114,7 +114,7 @@ class Region:
         try:
             self.policy.check_request(
                 region=self.name, purpose=cfg.task, columns=columns, privacy_mode=cfg.privacy.mode,
-                noise=cfg.privacy.noise, delta=cfg.privacy.delta,
+                noise=cfg.privacy.noise, delta=cfg.privacy.delta, holdout_fraction=cfg.evaluation.holdout_fraction,
             )
         except PolicyError as e:
             self._audit_refusal(e, purpose=cfg.task, config_sha256=cfg.digest())
@@ -135,7 +135,7 @@ class Region:
             "region-data", self.name, str(self.settings.data_path.resolve()), table_version,
             file_version(self.tombstones.path), file_version(self.consent_withdrawals.path),
             str(state.resolve()), file_version(region_secret_path(state)), schema.model_dump_json(), cfg.task,
-            cfg.evaluation.holdout_fraction, cfg.seed, cfg.unlearning.shards,
+            self.policy.holdout_fraction, cfg.unlearning.shards,
         )
         return self.cache.remember(key, lambda: self._load(cfg, schema), rows=lambda d: len(d.ids))
 
@@ -164,7 +164,8 @@ class Region:
                 path=str(self.settings.data_path),
             )
         x = FeatureEncoder(schema).encode(table)
-        holdout = holdout_mask(table.ids, fraction=cfg.evaluation.holdout_fraction, seed=cfg.seed)
+        holdout = holdout_mask(table.ids, fraction=self.policy.holdout_fraction,
+                               secret=region_secret(self.settings.state_dir))
         shard = shard_of(table.ids, shards=cfg.unlearning.shards, secret=region_secret(self.settings.state_dir))
         counts["train"] = int((~holdout).sum())
         counts["holdout"] = int(holdout.sum())

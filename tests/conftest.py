@@ -32,7 +32,7 @@ def write_tiny_config(
         "training": {"rounds": 2, "local_epochs": 1, "batch_size": 64, "optimizer": "adam", "learning_rate": 0.05},
         "privacy": {"mode": "sample_dp", "target_epsilon": 2.0, "clipping_norm": 1.0},
         "federation": {"min_regions": 1},
-        "evaluation": {"holdout_fraction": 0.25},
+        "evaluation": {"holdout_fraction": 0.2},
         "seed": 0,
         "output_dir": str(tmp_path / "runs"),
     }

@@ -160,7 +160,7 @@ def _model_entry(
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
     ids = np.asarray([request.customer_id], dtype=object)
     shard = int(shard_of(ids, shards=cfg.unlearning.shards, secret=secret)[0])
-    held_out = bool(holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, seed=cfg.seed)[0])
+    held_out = bool(holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, secret=secret)[0])
     in_run = request.region in cfg.regions
     consent_ok = effective.get(cfg.task, False)
     spec = ModelConfig(kind=meta["kind"], hidden=tuple(meta.get("hidden", ())))

@@ -42,6 +42,15 @@ class RegionPolicy(BaseModel):
     allow_reproducible_noise: bool = Field(
         False, description="let runs ask for privacy.noise reproducible (keys derived from the region's secret)"
     )
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of customers held out for evaluation (chosen by the region's secret)"
+    )
+    evaluation_noise: float = Field(
+        8.0, gt=0, description="noise multiplier of every evaluation answer (Gaussian, × its sensitivity)"
+    )
+    evaluations_per_run: int = Field(
+        30, ge=0, description="how many evaluation answers one run may ask of this region; then it refuses"
+    )
     public_size: PublicSize = Field(
         "rounded", description="what the server may learn of the region's size: rounded to 2 significant digits"
     )
@@ -55,6 +64,7 @@ class RegionPolicy(BaseModel):
         privacy_mode: str,
         noise: str = "secure",
         delta: float | None = None,
+        holdout_fraction: float | None = None,
     ) -> None:
         """Raise :class:`PolicyError` with the first reason this region must refuse the request."""
         if self.allowed_purposes is not None and purpose not in self.allowed_purposes:
@@ -86,6 +96,11 @@ class RegionPolicy(BaseModel):
             raise PolicyError(
                 f"region {region}: the run asks for privacy.noise `reproducible`, and the region's policy does "
                 "not allow it (allow_reproducible_noise: false); leave privacy.noise at `secure`"
+            )
+        if holdout_fraction is not None and holdout_fraction != self.holdout_fraction:
+            raise PolicyError(
+                f"region {region}: the hold-out is the region's: its policy fixes holdout_fraction = "
+                f"{self.holdout_fraction:g}, the run asks for evaluation.holdout_fraction = {holdout_fraction:g}"
             )
         if delta is not None and delta != self.delta:
             raise PolicyError(

@@ -68,7 +68,7 @@ def _stale_constituents(
         cfg = run_config(run)
         if cfg.task != purpose or region not in cfg.regions:
             continue
-        if holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, seed=cfg.seed)[0]:
+        if holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, secret=secret)[0]:
             continue
         if not _consented_in_table(cfg, region=region, customer_id=customer_id):
             continue

@@ -43,10 +43,15 @@ from fedcrm.privacy.accountant import AccountantName, GaussianRelease, NonPrivat
 LEDGER_FILENAME = "privacy_ledger.sqlite"
 SCHEMA_VERSION = "2"
 MECHANISM_DP_SGD = "dp_sgd"
+MECHANISM_GAUSSIAN = "gaussian"  # one Gaussian mechanism on aggregates (evaluation histograms and sums)
 MECHANISM_NON_PRIVATE = "non_private"  # a release without DP, allowed only by the policy: ε = ∞
 NOISE_SECURE = "secure"
 NOISE_REPRODUCIBLE = "reproducible"
 NOISE_SEEDED = "seeded"  # layout-1 events: noise from a seed the server could derive
+# Which customers an event read: the training customers or the hold-out, each named with the hold-out
+# fraction that split them (``train:0.2``, ``holdout:0.2``); NULL: every customer (layout 1).
+POPULATION_TRAIN = "train"
+POPULATION_HOLDOUT = "holdout"
 # Beyond this many cells the worst cell is bounded by composing every event (each customer's history
 # is a subset of all events): looser, never lower.
 MAX_CELLS = 4096
@@ -71,6 +76,7 @@ _EVENT_COLUMNS = (
     "note",
     "shards",
     "noise",
+    "population",
 )
 _OUTCOME_COLUMNS = ("event_id", "time", "outcome", "reason")
 
@@ -83,14 +89,16 @@ CREATE TABLE IF NOT EXISTS events (
     purpose TEXT NOT NULL,
     run_id TEXT NOT NULL,
     round INTEGER NOT NULL CHECK (round >= 0),
-    mechanism TEXT NOT NULL CHECK (mechanism IN ('{MECHANISM_DP_SGD}', '{MECHANISM_NON_PRIVATE}')),
+    mechanism TEXT NOT NULL
+        CHECK (mechanism IN ('{MECHANISM_DP_SGD}', '{MECHANISM_GAUSSIAN}', '{MECHANISM_NON_PRIVATE}')),
     noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0 OR mechanism = '{MECHANISM_NON_PRIVATE}'),
     sample_rate REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
     steps INTEGER NOT NULL CHECK (steps >= 0),
     delta REAL NOT NULL CHECK (delta > 0 AND delta < 1),
     note TEXT NOT NULL,
     shards INTEGER CHECK (shards IS NULL OR (shards >= 1 AND shard < shards)),
-    noise TEXT NOT NULL CHECK (noise IN ('{NOISE_SECURE}', '{NOISE_REPRODUCIBLE}', '{NOISE_SEEDED}'))
+    noise TEXT NOT NULL CHECK (noise IN ('{NOISE_SECURE}', '{NOISE_REPRODUCIBLE}', '{NOISE_SEEDED}')),
+    population TEXT
 );
 """
 
@@ -141,7 +149,7 @@ _MIGRATE_1_TO_2 = (
     + "ALTER TABLE events RENAME TO events_v1;"
     + _EVENTS_TABLE
     + "INSERT INTO events SELECT id, time, region, shard, purpose, run_id, round, mechanism, noise_multiplier, "
-    f"sample_rate, steps, delta, note, NULL, '{NOISE_SEEDED}' FROM events_v1;"
+    f"sample_rate, steps, delta, note, NULL, '{NOISE_SEEDED}', NULL FROM events_v1;"
     "DROP TABLE events_v1;"
     "DELETE FROM meta WHERE key = 'schema_version';"
     f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"
@@ -168,6 +176,7 @@ class LedgerEvent:
     note: str
     shards: int | None  # None: recorded before partitions were (layout 1), counted against everyone
     noise: str
+    population: str | None  # train:<fraction> or holdout:<fraction>; None: everyone
     outcome: str | None
     outcome_reason: str
 
@@ -406,13 +415,21 @@ class PrivacyLedger:
         delta: float,
         noise: str = NOISE_SECURE,
         note: str = "",
+        population: str | None = None,
+        mechanism: str = MECHANISM_DP_SGD,
     ) -> int:
         """Write a release as pending *before* its update leaves the region; return the event id.
 
         Written first so that a crash after sending cannot lose the spend. Call :meth:`check_budget`
         before training, then this before sending, then :meth:`mark_outcome` once the send is known.
-        ``shard`` is the shard read, of a partition into ``shards``; ``noise`` how the randomness was drawn.
+        ``shard`` is the shard read, of a partition into ``shards``; ``noise`` how the randomness was drawn;
+        ``population`` which customers it read (:func:`population`; None: all of them); ``mechanism`` what
+        a Gaussian release was (DP-SGD steps, or one Gaussian mechanism on aggregates).
         """
+        if mechanism not in (MECHANISM_DP_SGD, MECHANISM_GAUSSIAN):
+            raise ValueError(f"mechanism must be '{MECHANISM_DP_SGD}' or '{MECHANISM_GAUSSIAN}', got {mechanism!r}")
+        if population is not None and population.split(":")[0] not in (POPULATION_TRAIN, POPULATION_HOLDOUT):
+            raise ValueError(f"population must be train:<fraction> or holdout:<fraction>, got {population!r}")
         _check_int("shards", shards, minimum=1)
         _check_int("shard", shard, minimum=0)
         if shard >= shards:
@@ -432,8 +449,8 @@ class PrivacyLedger:
         with self._connect() as conn:
             cursor = conn.execute(
                 "INSERT INTO events (time, region, shard, purpose, run_id, round, mechanism, "
-                "noise_multiplier, sample_rate, steps, delta, note, shards, noise) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "noise_multiplier, sample_rate, steps, delta, note, shards, noise, population) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _now(),
                     self.region,
@@ -441,7 +458,7 @@ class PrivacyLedger:
                     purpose,
                     run_id,
                     round,
-                    MECHANISM_DP_SGD if gaussian else MECHANISM_NON_PRIVATE,
+                    mechanism if gaussian else MECHANISM_NON_PRIVATE,
                     float(release.noise_multiplier) if gaussian else 0.0,  # type: ignore[union-attr]
                     float(release.sample_rate) if gaussian else 1.0,  # type: ignore[union-attr]
                     int(release.steps) if gaussian else 1,  # type: ignore[union-attr]
@@ -449,6 +466,7 @@ class PrivacyLedger:
                     note,
                     shards,
                     noise,
+                    population,
                 ),
             )
             event_id = cursor.lastrowid
@@ -512,20 +530,36 @@ class PrivacyLedger:
 
     # -- composition over cells ------------------------------------------------------------------
 
-    def _cells(self, events: list[LedgerEvent], *, fixed: tuple[int, int] | None = None) -> list[list[Release]]:
-        """The histories of the cells (customers with the same shard under every partition used).
+    def _cells(
+        self, events: list[LedgerEvent], *, fixed: tuple[int, int] | None = None, holdout: bool | None = None
+    ) -> list[list[Release]]:
+        """The histories of the cells: customers whom the same events read.
 
-        ``fixed = (S, k)`` keeps only the cells inside shard k of partition S. Beyond :data:`MAX_CELLS`
-        cells, one history of every event bounds them all.
+        The training customers split into cells by their shard under every partition used; the hold-out
+        (never trained on while the region keeps one hold-out fraction) is one more cell, read by the
+        evaluation releases. ``fixed = (S, k)`` keeps only training cells inside shard k of partition S;
+        ``holdout`` True keeps only the hold-out cell, False only training cells. Beyond
+        :data:`MAX_CELLS` cells, or once the region's hold-out fraction changed (so that a customer may
+        have been in both), one history of every event bounds them all.
         """
+        fractions = {e.population.split(":", 1)[1] for e in events if e.population}
+        if len(fractions) > 1:
+            return [[event.release for event in events]]
         everyone: list[Release] = []
+        held_out: list[Release] = []
         by_partition: dict[int, dict[int, list[Release]]] = {}
         for event in events:
+            if event.population and event.population.startswith(POPULATION_HOLDOUT):
+                held_out.append(event.release)
+                continue
             part = event.partition
             if part is None:
                 everyone.append(event.release)
             else:
                 by_partition.setdefault(part[0], {}).setdefault(part[1], []).append(event.release)
+        holdout_cell = [everyone + held_out] if holdout is not False and fixed is None else []
+        if holdout:
+            return holdout_cell
         if fixed is not None and fixed[0] > 1:
             by_partition.setdefault(fixed[0], {})
         sizes = sorted(by_partition)
@@ -534,10 +568,20 @@ class PrivacyLedger:
         ]
         if math.prod(len(c) for c in choices) > MAX_CELLS:
             return [[event.release for event in events]]
-        return [
+        return holdout_cell + [
             everyone + [r for size, k in zip(sizes, cell, strict=True) for r in by_partition[size].get(k, [])]
             for cell in itertools.product(*choices)
         ]
+
+    def epsilon_of_holdout(
+        self, *, delta: float, accountant: AccountantName | str, next_release: Release | None = None
+    ) -> float:
+        """The worst ε of a hold-out customer (evaluation releases), optionally after ``next_release``."""
+        extra = [] if next_release is None else [next_release]
+        return max(
+            epsilon([*history, *extra], delta=delta, accountant=accountant)
+            for history in self._cells(self.events(), holdout=True)
+        )
 
     def epsilon_of_shard(
         self, *, shard: int, shards: int, delta: float, accountant: AccountantName | str,
@@ -552,7 +596,7 @@ class PrivacyLedger:
         extra = [] if next_release is None else [next_release]
         return max(
             epsilon([*history, *extra], delta=delta, accountant=accountant)
-            for history in self._cells(self.events(), fixed=(shards, shard))
+            for history in self._cells(self.events(), fixed=(shards, shard), holdout=False)
         )
 
     def epsilon_by_shard(self, *, shards: int, delta: float, accountant: AccountantName | str) -> dict[int, float]:
@@ -586,27 +630,34 @@ class PrivacyLedger:
         shard: int,
         shards: int = 1,
         next_release: Release,
+        holdout: bool = False,
     ) -> float:
-        """Worst ε in ``shard`` (of ``shards``) once ``next_release`` is added; refuse, recording nothing,
-        if over ``budget``.
+        """Worst ε in ``shard`` (of ``shards``), or of the hold-out, once ``next_release`` is added; refuse,
+        recording nothing, if over ``budget``.
 
-        Called before training, so a refused round costs neither compute nor privacy.
+        Called before training (or answering), so a refused release costs neither compute nor privacy.
         """
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise ValueError(f"budget must be a number > 0, got {budget!r}")
-        after = self.epsilon_of_shard(
-            shard=shard, shards=shards, delta=delta, accountant=accountant, next_release=next_release
-        )
+
+        def spend(release: Release | None) -> float:
+            if holdout:
+                return self.epsilon_of_holdout(delta=delta, accountant=accountant, next_release=release)
+            return self.epsilon_of_shard(shard=shard, shards=shards, delta=delta, accountant=accountant,
+                                         next_release=release)
+
+        after = spend(next_release)
         if after > budget or math.isnan(after):
-            spent = self.epsilon_of_shard(shard=shard, shards=shards, delta=delta, accountant=accountant)
-            where = f"shard {shard} of {shards}" if shards > 1 else "its customers"
+            spent = spend(None)
+            where = "its hold-out" if holdout else f"shard {shard} of {shards}" if shards > 1 else "its customers"
             cause = (
                 " Some of these customers were already released without DP (a `none` run), so no ε "
                 "bound holds for them any more."
                 if math.isinf(spent) else ""
             )
             raise PrivacyBudgetError(
-                f"region {self.region}: this round would bring ε to {_fmt(after)} on {where}, "
+                f"region {self.region}: this {'answer' if holdout else 'round'} would bring ε to {_fmt(after)} "
+                f"on {where}, "
                 f"over the budget {_fmt(budget)} (spent so far {_fmt(spent)}, δ = {delta:g}, "
                 f"{accountant} accountant; releases under every partition this region used count).{cause} "
                 "Nothing was trained or recorded. To go on, train with more noise (a larger noise_multiplier) "
@@ -627,7 +678,7 @@ class PrivacyLedger:
         }
         noise: dict[str, int] = {}
         for event in events:
-            if event.mechanism == MECHANISM_DP_SGD:
+            if event.mechanism != MECHANISM_NON_PRIVATE:
                 noise[event.noise] = noise.get(event.noise, 0) + 1
         return {
             "region": self.region,
@@ -640,6 +691,7 @@ class PrivacyLedger:
             # Per partition S used, per shard: the worst ε of a customer in that shard (all partitions
             # composed). JSON object keys are strings; make that explicit rather than leave it to json.dumps.
             "epsilon_by_shard": by_partition,
+            "epsilon_holdout": self.epsilon_of_holdout(delta=delta, accountant=accountant) if events else 0.0,
             "releases_by_noise": noise,
             "non_private_releases": sum(1 for event in events if event.mechanism == MECHANISM_NON_PRIVATE),
             "n_events": len(events),

@@ -45,7 +45,11 @@ def shard_of(ids: np.ndarray, *, shards: int, secret: str) -> np.ndarray:
     return hash_buckets(ids, buckets=shards, key=f"shard:{secret}")
 
 
-def holdout_mask(ids: np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
-    """Hold-out customers, chosen stably by id: the same customer is always in or out."""
+def holdout_mask(ids: np.ndarray, *, fraction: float, secret: str) -> np.ndarray:
+    """Hold-out customers, chosen stably by a keyed hash of the id under the region's secret.
+
+    Nobody outside the region can tell who is held out; the fraction is the region's policy's, so two
+    queries at nearby fractions (which would differ by about one customer) cannot be asked for.
+    """
     scale = 1_000_000
-    return hash_buckets(ids, buckets=scale, key=f"fedcrm-holdout-{seed}") < int(fraction * scale)
+    return hash_buckets(ids, buckets=scale, key=f"holdout:{secret}") < int(fraction * scale)
