@@ -178,6 +178,16 @@ def _table(doc: Any, *keys: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def _installed(module: str) -> bool:
+    """Whether this host would import ``module`` from its own installation (a name it cannot look up: yes)."""
+    if module == "fedcrm":
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return True  # fail closed: a name the import system chokes on is not let through
+
+
 def _component_packages(pyproject: dict[str, Any]) -> set[str]:
     components = _table(pyproject, "tool", "flwr", "app", "components")
     refs = components.values() if isinstance(components, dict) else []
@@ -213,9 +223,7 @@ def check_bundle(*, content: bytes, signature: str, trust: RegionTrust) -> Appro
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomli.TOMLDecodeError) as e:
         raise BundleRefused(f"{NOT_APPROVED}: not a readable app bundle ({e})") from e
     own = _component_packages(pyproject)
-    shadowing = sorted(
-        m for m in _top_level_modules(names) - own if m == "fedcrm" or importlib.util.find_spec(m) is not None
-    )
+    shadowing = sorted(m for m in _top_level_modules(names) - own if _installed(m))
     if shadowing:
         raise BundleRefused(
             f"{CARRIES_SAFEGUARDS}: the bundle ships {shadowing}, which would replace this host's installed "

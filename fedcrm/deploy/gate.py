@@ -171,14 +171,16 @@ def run_region_exec(
     )  # fmt: skip
     log.info("region exec: taking ClientApp tasks from %s, bundles checked against %s", runtime_api_address,
              trust_path)  # fmt: skip
+    running: list[subprocess.Popen[bytes]] = []
     while True:
+        running = [p for p in running if p.poll() is None]  # reap finished ClientApps (no zombies)
         res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         if res.HasField("task") and res.token:
             argv = gated_clientapp_command(
                 runtime_api_address=runtime_api_address, token=res.token, trust=trust_path, insecure=insecure,
                 root_certificates=root_certificates, parent_pid=os.getpid(),
             )  # fmt: skip
-            subprocess.Popen(argv)  # noqa: S603 - our own module, with this host's Python
+            running.append(subprocess.Popen(argv))  # noqa: S603 - our own module, with this host's Python
         time.sleep(_POLL_S)
 
 

@@ -121,3 +121,28 @@ def test_client_app_refuses_a_fedcrm_loaded_from_or_shipped_in_its_app_folder(tm
     write_probe_app(app, marker=tmp_path / "m", ship_fedcrm=True)
     with pytest.raises(BundleRefused, match=CARRIES_SAFEGUARDS):
         check_installed_fedcrm(app_dir=app)
+
+
+def test_cli_signs_what_the_gate_accepts_and_region_exec_stops_on_a_broken_trust_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["bundle", "keygen", "--out", str(tmp_path / "keys"), "--name", "compliance"])
+    assert made.exit_code == 0, made.output
+    probe = write_probe_app(tmp_path / "probe", marker=tmp_path / "m")
+    key = tmp_path / "keys" / "bundle-signer-compliance.key"
+    signed = runner.invoke(app, ["bundle", "sign", str(probe), "--key", str(key)])
+    assert signed.exit_code == 0, signed.output
+    digest = signed.output.split("sha256 ", 1)[1].split()[0]
+    signature = signed.output.split('bundle-signature="', 1)[1].split('"', 1)[0]
+    hashed = runner.invoke(app, ["bundle", "hash", str(probe)])
+    assert hashed.output.strip() == digest == bundle_digest(build_bundle(probe))
+    trust = _trust(tmp_path, trusted_signers={"compliance": str(tmp_path / "keys" / "bundle-signer-compliance.pub")})
+    assert check_bundle(content=build_bundle(probe), signature=signature, trust=trust).approver == "signer compliance"
+
+    (tmp_path / "bad.yaml").write_text("approved_bundles: [nothex]\n")
+    res = runner.invoke(app, ["region", "exec", "--runtime-api-address", "127.0.0.1:9", "--insecure",
+                              "--trust", str(tmp_path / "bad.yaml")])  # fmt: skip
+    assert res.exit_code == 2 and "approved_bundles[0] must be 64 lowercase hex digits" in res.output, res.output
