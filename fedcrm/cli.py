@@ -308,6 +308,9 @@ _unlearning_commands.register(app)
 from fedcrm.commands import deploy as _deploy_commands  # noqa: E402
 
 _deploy_commands.register(app)
+from fedcrm.commands import bundle as _bundle_commands  # noqa: E402
+
+_bundle_commands.register(app)
 
 
 def main() -> None:

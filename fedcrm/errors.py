@@ -53,3 +53,7 @@ class UnlearningError(FedcrmError):
 
 class StorageError(FedcrmError):
     """A durable file (ledger, audit log, metrics, checkpoint) is missing, torn or corrupted."""
+
+
+class BundleRefused(PolicyError):
+    """A region refuses to run an app bundle (FAB): not approved by its data owner, or unsafe to load."""

@@ -33,11 +33,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcrm.errors import ConfigError
 
-__all__ = ["CertificateBundle", "create_certificates", "supernode_key_paths"]
+__all__ = ["CertificateBundle", "create_bundle_signing_key", "create_certificates", "supernode_key_paths"]
 
 # Flower generates SuperNode keys on P-384 and accepts any NIST curve; P-384 is used throughout.
 _CURVE = ec.SECP384R1
@@ -223,6 +224,37 @@ def create_certificates(
         supernode_public_keys={r: p for r, (_, p) in node_paths.items()},
         hosts=hosts_t,
     )
+
+
+def create_bundle_signing_key(*, out_dir: Path, name: str) -> tuple[Path, Path]:
+    """Write an Ed25519 key pair whose signatures approve app bundles: ``bundle-signer-NAME.key/.pub``.
+
+    Made by whoever reviews bundles for a data owner (the owner, or a team the owner trusts). The
+    private key (PEM, mode 0600) stays with that reviewer (``fedcrm bundle sign``); the public key (one
+    ``ssh-ed25519`` line) goes into each region's trust file under ``trusted_signers``. Ed25519, not the
+    SuperNodes' P-384: a separate key for a separate power, never the node's own.
+    """
+    _check_region(name)  # the same rule: the name becomes part of a file name
+    out_dir = Path(out_dir)
+    priv_p, pub_p = out_dir / f"bundle-signer-{name}.key", out_dir / f"bundle-signer-{name}.pub"
+    existing = [str(p) for p in (priv_p, pub_p) if p.exists()]
+    if existing:
+        raise ConfigError(f"create_bundle_signing_key: refusing to overwrite existing files {existing}")
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = Ed25519PrivateKey.generate()
+    _write_private(
+        priv_p,
+        key.private_bytes(
+            encoding=serialization.Encoding.PEM,
+            format=serialization.PrivateFormat.PKCS8,
+            encryption_algorithm=serialization.NoEncryption(),
+        ),
+    )
+    pub = key.public_key().public_bytes(
+        encoding=serialization.Encoding.OpenSSH, format=serialization.PublicFormat.OpenSSH
+    )
+    _write_public(pub_p, pub + f" fedcrm-bundle-signer-{name}\n".encode())
+    return priv_p, pub_p
 
 
 def _check_region(region: str) -> None:

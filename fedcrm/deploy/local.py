@@ -7,6 +7,11 @@ through the Control API; one ``flower-supernode`` per region with its own ``FLWR
 ``--node-config`` (region, data file, state folder, policy), as its data owner would set it; and the
 run submitted with ``flwr run`` against a connection in the CLI's own ``$FLWR_HOME/config.toml``.
 
+Each region runs only app bundles its data owner approved: its SuperNode uses ``--isolation process``
+and the region's own executor (``fedcrm region exec``, :mod:`fedcrm.deploy.gate`) starts every
+ClientApp after checking the bundle against the region's trust file. Here one signing key plays every
+data owner's reviewer: it signs the app once, and each region's trust file names its public key.
+
 Why a supervisor of process *groups*: each Flower component starts children of its own (a
 ``flower-superexec``, which starts one ``flwr-serverapp`` / ``flwr-clientapp`` process per run or
 message), and the SuperLink starts its SuperExec in a new session. Every component is therefore
@@ -32,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from fedcrm.config import ExperimentConfig, load_config
-from fedcrm.deploy.certs import CertificateBundle, create_certificates, supernode_key_paths
+from fedcrm.deploy.approval import SIGNATURE_KEY, bundle_digest, sign_bundle
+from fedcrm.deploy.certs import (
+    CertificateBundle,
+    create_bundle_signing_key,
+    create_certificates,
+    supernode_key_paths,
+)
 from fedcrm.errors import ConfigError, FederationError
 
 __all__ = [
@@ -262,6 +273,38 @@ def load_or_create_certificates(out_dir: Path, *, regions: Sequence[str]) -> Cer
     )
 
 
+def build_bundle(app_dir: Path) -> bytes:
+    """The app bundle (FAB) ``flwr run APP_DIR`` submits: Flower builds it deterministically."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return bytes(build_fab_from_disk(Path(app_dir)))
+
+
+def approve_locally(
+    app_dir: Path, *, keys_dir: Path, trust_dir: Path, regions: Sequence[str]
+) -> tuple[str, dict[str, Path]]:
+    """Play every data owner's bundle reviewer on one host: sign the app; one trust file per region.
+
+    The signing key (``keys_dir/bundle-signer-local.key``) is made once and reused. Returns the signature
+    (for the run config) and region -> trust file, each trusting only that key's signatures.
+    """
+    import yaml
+
+    key, pub = Path(keys_dir) / "bundle-signer-local.key", Path(keys_dir) / "bundle-signer-local.pub"
+    if not key.exists():
+        key, pub = create_bundle_signing_key(out_dir=Path(keys_dir), name="local")
+    signature = sign_bundle(digest=bundle_digest(build_bundle(app_dir)), private_key=key)
+    Path(trust_dir).mkdir(parents=True, exist_ok=True)
+    trust = {}
+    for region in regions:
+        trust[region] = Path(trust_dir) / f"{region}.yaml"
+        trust[region].write_text(
+            yaml.safe_dump({"approved_bundles": [], "trusted_signers": {"local": str(pub.resolve())}}),
+            encoding="utf-8",
+        )
+    return signature, trust
+
+
 class LocalDeployment:
     """SuperLink, SuperNodes and the ``flwr`` CLI on loopback; a context manager that stops them all.
 
@@ -290,6 +333,7 @@ class LocalDeployment:
         self.cli_home = self.workdir / "cli"
         self.superlink: Component | None = None
         self.supernodes: dict[str, Component] = {}
+        self.executors: dict[str, Component] = {}  # each gated region's `fedcrm region exec`
         self.others: list[Component] = []
         self.port = 0
         for d in (self.logs, self.cli_home):
@@ -447,8 +491,13 @@ class LocalDeployment:
         root_certificates: Path | None = None,
         superlink: str | None = None,
         extra_args: Sequence[str] = (),
+        trust: Path | None = None,
     ) -> Component:
-        """Start one SuperNode with its own FLWR_HOME and Runtime API port (``name`` names both)."""
+        """Start one SuperNode with its own FLWR_HOME and Runtime API port (``name`` names both).
+
+        With ``trust`` (the region's trust file) the SuperNode starts no ClientApp itself
+        (``--isolation process``): the region's ``fedcrm region exec`` does, only for approved bundles.
+        """
         argv = [self._exe("flower-supernode"), "--superlink", superlink or self.address]
         if self.tls:
             assert self.certs is not None
@@ -459,9 +508,22 @@ class LocalDeployment:
             argv += ["--auth-supernode-private-key", str(private_key)]
         if node_config:
             argv += ["--node-config", node_config_arg(node_config)]
-        argv += ["--host", "127.0.0.1", "--port", str(free_port()), *extra_args]
-        comp = self._start(f"supernode-{name}", argv, flwr_home=self.workdir / "supernodes" / name)
+        runtime_port = free_port()
+        argv += ["--host", "127.0.0.1", "--port", str(runtime_port), *extra_args]
+        if trust is not None:
+            argv += ["--isolation", "process"]
+        home = self.workdir / "supernodes" / name
+        comp = self._start(f"supernode-{name}", argv, flwr_home=home)
         self.supernodes[name] = comp
+        if trust is not None:
+            # The Runtime API stays on loopback, between the SuperNode and the region's own executor.
+            self.executors[name] = self._start(
+                f"exec-{name}",
+                [sys.executable, "-m", "fedcrm.cli", "region", "exec", "--runtime-api-address",
+                 f"127.0.0.1:{runtime_port}", "--trust", str(Path(trust).resolve()), "--insecure",
+                 "--parent-pid", str(comp.pid)],
+                flwr_home=home,
+            )  # fmt: skip
         return comp
 
     def wait_nodes(
@@ -473,9 +535,9 @@ class LocalDeployment:
             seen = self.node_status()
             if all(seen.get(n) == status for n in node_ids) and sum(v == status for v in seen.values()) >= count:
                 return
-            for name, comp in self.supernodes.items():
+            for comp in [*self.supernodes.values(), *self.executors.values()]:
                 if status == "online" and not comp.alive():
-                    raise FederationError(f"SuperNode {name} exited at start:\n{comp.log_tail()}")
+                    raise FederationError(f"{comp.name} exited at start:\n{comp.log_tail()}")
             if time.time() > deadline:
                 raise FederationError(f"SuperNodes not {status} within {timeout:.0f} s: {seen}")
             time.sleep(1.0)
@@ -550,7 +612,7 @@ class LocalDeployment:
     def stop(self) -> None:
         """Stop the SuperNodes, then the SuperLink, then anything else; raise if a process survives."""
         left: list[str] = []
-        for comp in [*self.supernodes.values(), *self.others]:
+        for comp in [*self.supernodes.values(), *self.executors.values(), *self.others]:
             left += comp.stop()
         if self.superlink is not None:
             left += self.superlink.stop()
@@ -632,6 +694,9 @@ def deploy_local(
     app = Path(app_dir).resolve() if app_dir is not None else default_app_dir()
     nodes = region_nodes(cfg, state_root=Path(state_root), data_dir=workdir / "data")
     certs = load_or_create_certificates(workdir / "certs", regions=[n.region for n in nodes])
+    signature, trust = approve_locally(
+        app, keys_dir=workdir / "certs", trust_dir=workdir / "trust", regions=[n.region for n in nodes]
+    )
     with _terminate_as_interrupt(), LocalDeployment(workdir=workdir, certs=certs, report=report) as dep:
         dep.start_superlink()
         node_ids = {}
@@ -639,12 +704,18 @@ def deploy_local(
             node_ids[node.region] = dep.register(certs.supernode_public_keys[node.region])
         for node in nodes:
             dep.start_supernode(
-                node.region, private_key=certs.supernode_private_keys[node.region], node_config=node.node_config()
+                node.region,
+                private_key=certs.supernode_private_keys[node.region],
+                node_config=node.node_config(),
+                trust=trust[node.region],
             )
         dep.wait_nodes(list(node_ids.values()), status="online")
         report(f"{len(nodes)} SuperNodes online: " + ", ".join(f"{r} (node {i})" for r, i in node_ids.items()))
         submitted = time.time()
-        run_id = dep.submit(app_dir=app, run_config={"experiment-config": str(config), "run-dir": str(run_dir)})
+        run_id = dep.submit(
+            app_dir=app,
+            run_config={"experiment-config": str(config), "run-dir": str(run_dir), SIGNATURE_KEY: signature},
+        )
         report(f"run {run_id} submitted; streaming its log")
         if during_run is not None:
             during_run(dep)

@@ -1,0 +1,110 @@
+"""Approving app bundles and running a region behind its gate.
+
+``fedcrm bundle keygen|hash|sign`` are for whoever reviews app bundles for a data owner;
+``fedcrm region exec`` is what a data owner runs next to their SuperNode (``--isolation process``) so
+that only bundles approved in the region's trust file start (docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fedcrm.errors import FedcrmError
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+EXIT_ERROR = 2
+
+bundle_app = typer.Typer(help="Review and approve app bundles (what `flwr run` ships to the regions).",
+                         no_args_is_help=True)  # fmt: skip
+region_app = typer.Typer(help="Run a region's side of a deployment.", no_args_is_help=True)
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(EXIT_ERROR)
+
+
+@bundle_app.command("keygen")
+def keygen(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for bundle-signer-NAME.key/.pub.")],
+    name: Annotated[str, typer.Option(help="The signer's name, as data owners will list it.")],
+) -> None:
+    """Create an Ed25519 key pair for approving bundles; give the .pub to the data owners who trust you."""
+    from fedcrm.deploy.certs import create_bundle_signing_key
+
+    try:
+        key, pub = create_bundle_signing_key(out_dir=out_dir, name=name)
+    except FedcrmError as e:
+        _fail(e)
+    out.print(f"private key {key} (keep it with the reviewer); public key {pub} (for trusted_signers)")
+
+
+@bundle_app.command("hash")
+def bundle_hash(app: Annotated[Path, typer.Argument(help="The Flower app folder `flwr run` would submit.")]) -> None:
+    """Print the SHA-256 of the bundle built from APP (what a region's approved_bundles lists)."""
+    from fedcrm.deploy.approval import bundle_digest
+    from fedcrm.deploy.local import build_bundle
+
+    out.print(bundle_digest(build_bundle(app)))
+
+
+@bundle_app.command("sign")
+def sign(
+    app: Annotated[Path, typer.Argument(help="The Flower app folder you reviewed.")],
+    key: Annotated[Path, typer.Option("--key", help="Your bundle-signer-NAME.key.")],
+) -> None:
+    """Approve the bundle built from APP: print its hash and the signature to submit it with.
+
+    Submit with `flwr run APP ... --run-config 'bundle-signature="SIGNATURE"'`: any change to APP
+    changes the hash, and the regions refuse it.
+    """
+    from fedcrm.deploy.approval import SIGNATURE_KEY, bundle_digest, sign_bundle
+    from fedcrm.deploy.local import build_bundle
+
+    try:
+        digest = bundle_digest(build_bundle(app))
+        signature = sign_bundle(digest=digest, private_key=key)
+    except FedcrmError as e:
+        _fail(e)
+    out.print(f"sha256 {digest}")
+    out.print(f'{SIGNATURE_KEY}="{signature}"', markup=False, highlight=False)
+
+
+@region_app.command("exec")
+def region_exec(
+    runtime_api_address: Annotated[
+        str, typer.Option("--runtime-api-address", help="Your SuperNode's Runtime API (its --host:--port).")
+    ],
+    trust: Annotated[Path, typer.Option("--trust", help="Your trust file: approved_bundles, trusted_signers.")],
+    insecure: Annotated[bool, typer.Option("--insecure", help="Runtime API without TLS (loopback only).")] = False,
+    root_certificates: Annotated[
+        Path | None, typer.Option("--root-certificates", help="CA of the Runtime API's TLS certificate.")
+    ] = None,
+    parent_pid: Annotated[int | None, typer.Option("--parent-pid", help="Stop when this process ends.")] = None,
+) -> None:
+    """Start your region's ClientApps, each only after its bundle passed your trust file.
+
+    Run next to `flower-supernode --isolation process`: it replaces Flower's SuperExec for your node.
+    A refused bundle gets an error reply naming the reason; the details go to this process's log.
+    """
+    from fedcrm.deploy.gate import run_region_exec
+
+    if not insecure and root_certificates is None:
+        _fail(FedcrmError("give --root-certificates for a TLS Runtime API, or --insecure on loopback"))
+    try:
+        run_region_exec(
+            runtime_api_address=runtime_api_address, trust_path=trust, insecure=insecure,
+            root_certificates=str(root_certificates) if root_certificates else None, parent_pid=parent_pid,
+        )  # fmt: skip
+    except FedcrmError as e:
+        _fail(e)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bundle_app, name="bundle")
+    app.add_typer(region_app, name="region")
