@@ -89,6 +89,10 @@ class EvaluationConfig(_Section):
     holdout_fraction: float = Field(
         0.2, gt=0, lt=1, description="must equal each region's policy (the region's hold-out is its own)"
     )
+    every_round: bool = Field(
+        False, description="evaluate the global model on the hold-outs after every round, not only at the end: "
+        "each answer is a DP release charged to the regions' hold-out budgets and counted in their allowance",
+    )
 
 
 class TrackingConfig(_Section):

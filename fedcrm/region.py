@@ -27,8 +27,15 @@ from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, ensemble_proba, get_weights, set_weights
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
+from fedcrm.privacy.aggregates import ANSWER_BINS, LOSS_CAP, noised
 from fedcrm.privacy.clipping import clip_update
-from fedcrm.privacy.ledger import NOISE_REPRODUCIBLE, PrivacyLedger
+from fedcrm.privacy.ledger import (
+    MECHANISM_GAUSSIAN,
+    NOISE_REPRODUCIBLE,
+    POPULATION_HOLDOUT,
+    POPULATION_TRAIN,
+    PrivacyLedger,
+)
 from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.training import DpSgd, sampling_plan, train_locally
 from fedcrm.unlearning.shards import holdout_mask, region_secret, region_secret_path, shard_of
@@ -282,12 +289,9 @@ class Region:
         event_id = self.ledger.record_release(
             shard=shard, shards=shards, purpose=cfg.task, run_id=run_id, round=round_, release=release,
             delta=self.delta, noise=cfg.privacy.noise, note=f"mode {cfg.privacy.mode}",
+            population=f"{POPULATION_TRAIN}:{self.policy.holdout_fraction:g}",
         )
-        randomness = (
-            ReleaseRandomness.reproducible(region_secret=region_secret(self.settings.state_dir),
-                                           nonce=self.ledger.nonce(event_id))
-            if cfg.privacy.noise == NOISE_REPRODUCIBLE else ReleaseRandomness.secure()
-        )
+        randomness = self._randomness(cfg, event_id)
         model = build_model(cfg.model, n_features=x.shape[1], seed=0)
         set_weights(model, weights)
         try:
@@ -332,50 +336,99 @@ class Region:
     def epsilon(self, cfg: ExperimentConfig) -> float:
         return self.ledger.epsilon(delta=self.delta, accountant=cfg.privacy.accountant)
 
-    # -- evaluation --------------------------------------------------------------------------------
+    # -- evaluation: DP answers about the hold-out, metered ----------------------------------------
 
-    def evaluate(self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights]) -> ScoreSummary | None:
-        """Hold-out summary of the served model (mean of constituents); None when too few customers."""
+    def _answer(
+        self, cfg: ExperimentConfig, *, run_id: str, what: str, parts: dict[str, Any], coordinates: int
+    ) -> dict[str, np.ndarray]:
+        """Release ``parts`` (scaled so one customer moves a coordinate by at most 1) as one Gaussian answer.
+
+        Refused when the run has used up the policy's evaluation allowance or the hold-out's budget;
+        recorded in the ledger (write-ahead) as a Gaussian mechanism on the hold-out before it leaves.
+        """
+        asked = sum(1 for e in self.ledger.events() if e.run_id == run_id and e.mechanism == MECHANISM_GAUSSIAN)
+        if asked >= self.policy.evaluations_per_run:
+            raise PolicyError(
+                f"region {self.name}: run {run_id} has had its {self.policy.evaluations_per_run} evaluation "
+                "answers (the policy's evaluations_per_run); no more are given for this run"
+            )
+        release = GaussianRelease(self.policy.evaluation_noise, 1.0, 1)
+        self.ledger.check_budget(budget=self.policy.privacy_budget, delta=self.delta,
+                                 accountant=cfg.privacy.accountant, shard=0, next_release=release, holdout=True)
+        event_id = self.ledger.record_release(
+            shard=0, purpose=cfg.task, run_id=run_id, round=0, release=release, delta=self.delta,
+            noise=cfg.privacy.noise, note=what, mechanism=MECHANISM_GAUSSIAN,
+            population=f"{POPULATION_HOLDOUT}:{self.policy.holdout_fraction:g}",
+        )
+        answer = noised(parts, coordinates_per_customer=coordinates, noise_multiplier=self.policy.evaluation_noise,
+                        randomness=self._randomness(cfg, event_id))
+        self.ledger.mark_outcome(event_id, "sent")
+        return answer
+
+    def _randomness(self, cfg: ExperimentConfig, event_id: int) -> ReleaseRandomness:
+        if cfg.privacy.noise == NOISE_REPRODUCIBLE:
+            return ReleaseRandomness.reproducible(region_secret=region_secret(self.settings.state_dir),
+                                                  nonce=self.ledger.nonce(event_id))
+        return ReleaseRandomness.secure()
+
+    def _holdout_models(
+        self, cfg: ExperimentConfig, schema: Schema, constituents: list[Weights]
+    ) -> tuple[RegionData, list[Any]]:
         data = self.load(cfg, schema)
-        x, y = data.x[data.holdout], data.y[data.holdout]
-        if len(x) < self.policy.min_customers:
-            return None
         models = []
         for w in constituents:
-            m = build_model(cfg.model, n_features=x.shape[1], seed=0)
+            m = build_model(cfg.model, n_features=data.x.shape[1], seed=0)
             set_weights(m, w)
             models.append(m)
-        scores = ensemble_proba(models, x)
+        return data, models
+
+    def evaluate(
+        self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights], run_id: str
+    ) -> ScoreSummary:
+        """The served model (mean of constituents) on the hold-out, as a DP answer charged to the ledger."""
+        data, models = self._holdout_models(cfg, schema, constituents)
+        x, y = data.x[data.holdout], data.y[data.holdout]
+        scores = ensemble_proba(models, x) if len(x) else np.zeros(0)
         if not np.all(np.isfinite(scores)):
             raise DataError(f"region {self.name}: the model produced non-finite scores")
-        return ScoreSummary.of(scores=scores, labels=y)
+        exact = ScoreSummary.of(scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP)
+        # One customer: one histogram bin, and at most 1 in each of the scaled sums.
+        answer = self._answer(cfg, run_id=run_id, what="evaluation", coordinates=4, parts={
+            "hist_pos": exact.hist_pos, "hist_neg": exact.hist_neg, "log_loss": exact.sum_log_loss / LOSS_CAP,
+            "brier": exact.sum_brier, "correct": exact.correct,
+        })
+        return ScoreSummary(
+            hist_pos=answer["hist_pos"], hist_neg=answer["hist_neg"],
+            sum_log_loss=float(answer["log_loss"]) * LOSS_CAP, sum_brier=float(answer["brier"]),
+            correct=float(answer["correct"]),
+        )
 
     def trust_summary(
-        self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights]
-    ) -> TrustSummary | None:
-        """Fairness histograms per sensitive group and summed |contributions| per column, on the hold-out.
-
-        None when the hold-out is below the policy's minimum; groups below it are suppressed inside.
-        """
+        self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights], run_id: str
+    ) -> TrustSummary:
+        """Fairness histograms per sensitive group and summed |contributions| per column on the hold-out,
+        as one DP answer: the noise, not suppression by exact counts, protects small groups."""
         from fedcrm.evaluation.explain import importance_sums
-        from fedcrm.evaluation.fairness import summarise_groups
+        from fedcrm.evaluation.fairness import GroupHistograms, summarise_groups
 
-        data = self.load(cfg, schema)
+        data, models = self._holdout_models(cfg, schema, constituents)
         x, y = data.x[data.holdout], data.y[data.holdout]
-        if len(x) < self.policy.min_customers:
-            return None
-        models = []
-        for w in constituents:
-            m = build_model(cfg.model, n_features=x.shape[1], seed=0)
-            set_weights(m, w)
-            models.append(m)
         sensitive = data.sensitive.iloc[np.flatnonzero(data.holdout)].reset_index(drop=True)
-        groups = summarise_groups(
-            scores=ensemble_proba(models, x), labels=y, sensitive=sensitive, schema=schema,
-            min_customers=self.policy.min_customers,
-        )
-        return TrustSummary(groups=groups, importance_sum=importance_sums(models, schema=schema, x=x),
-                            customers=len(x))
+        groups = summarise_groups(scores=ensemble_proba(models, x), labels=y, sensitive=sensitive, schema=schema,
+                                  min_customers=1)
+        parts: dict[str, Any] = {"importance": importance_sums(models, schema=schema, x=x), "customers": len(x)}
+        for attribute, h in groups.items():
+            parts |= {f"{attribute}/pos": h.hist_pos, f"{attribute}/neg": h.hist_neg, f"{attribute}/score": h.sum_score}
+        # One customer: per attribute one histogram bin and one score (≤ 1); an importance row of norm ≤ 1; 1.
+        answer = self._answer(cfg, run_id=run_id, what="fairness and importance", parts=parts,
+                              coordinates=2 * len(groups) + 2)
+        noisy = {
+            attribute: GroupHistograms(hist_pos=answer[f"{attribute}/pos"], hist_neg=answer[f"{attribute}/neg"],
+                                       sum_score=answer[f"{attribute}/score"], suppressed=h.suppressed)
+            for attribute, h in groups.items()
+        }
+        return TrustSummary(groups=noisy, importance_sum=answer["importance"],
+                            customers=float(answer["customers"]))  # type: ignore[arg-type]
 
     def describe(self, cfg: ExperimentConfig, schema: Schema) -> dict[str, float]:
         """What the server learns before a run: public figures only.

@@ -272,7 +272,10 @@ def importance_sums(
     enc = FeatureEncoder(schema)
     attr, _ = attributions(models, x, ref=reference_customer(schema), method="riemann", steps=steps)
     _, per_col = by_column(attr, enc)
-    return np.abs(per_col).sum(axis=0)
+    rows = np.abs(per_col)
+    # Each customer's row clipped to L2 norm 1, so that their share of the sum is bounded (a DP answer).
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.asarray((rows / np.maximum(norms, 1.0)).sum(axis=0))
 
 
 def importance_report(sums: np.ndarray, customers: float, *, schema: Schema) -> dict[str, float]:

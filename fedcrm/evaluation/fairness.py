@@ -185,8 +185,11 @@ def from_lists(
     """The inverse of :func:`to_lists`; raises ValueError when the lengths do not fit the schema."""
     layout = sensitive_groups(schema)
     n_groups = sum(len(ag.groups) for ag in layout)
-    hp, hn = np.asarray(hist_pos, dtype=np.int64), np.asarray(hist_neg, dtype=np.int64)
-    ss, sup = np.asarray(sum_score, dtype=np.float64), np.asarray(suppressed, dtype=np.int64)
+    # Noisy DP answers: floats, made consistent (no negative counts or sums) by clipping at zero.
+    hp = np.clip(np.asarray(hist_pos, dtype=np.float64), 0, None)
+    hn = np.clip(np.asarray(hist_neg, dtype=np.float64), 0, None)
+    ss = np.clip(np.asarray(sum_score, dtype=np.float64), 0, None)
+    sup = np.asarray(suppressed, dtype=np.int64)
     if hp.size != n_groups * FAIR_BINS or hn.size != hp.size or ss.size != n_groups or sup.size != n_groups:
         raise ValueError(f"fairness histograms do not fit the schema's {n_groups} groups")
     out: FairnessSummary = {}

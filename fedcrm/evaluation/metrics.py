@@ -24,24 +24,40 @@ class ScoreSummary:
     hist_neg: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
     sum_log_loss: float = 0.0
     sum_brier: float = 0.0
-    correct: int = 0
+    correct: float = 0.0
 
     @classmethod
-    def of(cls, *, scores: np.ndarray, labels: np.ndarray, bins: int = BINS) -> ScoreSummary:
+    def of(
+        cls, *, scores: np.ndarray, labels: np.ndarray, bins: int = BINS, loss_cap: float | None = None
+    ) -> ScoreSummary:
+        """``loss_cap`` clips each customer's log-loss (bounding their share of the sum, for a DP answer)."""
         p = np.clip(scores.astype(np.float64), _EPS, 1 - _EPS)
         y = labels.astype(np.int64)
         idx = np.minimum((p * bins).astype(np.int64), bins - 1)
+        losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+        if loss_cap is not None:
+            losses = np.minimum(losses, loss_cap)
         return cls(
             hist_pos=np.bincount(idx[y == 1], minlength=bins),
             hist_neg=np.bincount(idx[y == 0], minlength=bins),
-            sum_log_loss=float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum()),
+            sum_log_loss=float(losses.sum()),
             sum_brier=float(((p - y) ** 2).sum()),
             correct=int(((p >= 0.5) == (y == 1)).sum()),
         )
 
     @property
-    def n(self) -> int:
-        return int(self.hist_pos.sum() + self.hist_neg.sum())
+    def n(self) -> float:
+        return float(self.hist_pos.sum() + self.hist_neg.sum())
+
+    def clipped(self) -> ScoreSummary:
+        """A noisy answer made consistent: no negative counts or sums (post-processing, costs no privacy)."""
+        return ScoreSummary(
+            hist_pos=np.clip(np.asarray(self.hist_pos, dtype=np.float64), 0, None),
+            hist_neg=np.clip(np.asarray(self.hist_neg, dtype=np.float64), 0, None),
+            sum_log_loss=max(self.sum_log_loss, 0.0),
+            sum_brier=max(self.sum_brier, 0.0),
+            correct=max(self.correct, 0.0),
+        )
 
     def __add__(self, other: ScoreSummary) -> ScoreSummary:
         return ScoreSummary(
@@ -54,12 +70,12 @@ class ScoreSummary:
 
     def metrics(self) -> dict[str, float]:
         n = self.n
-        if n == 0:
+        if n <= 0:
             return {}
         return {
             "auc": auc_from_histograms(self.hist_pos, self.hist_neg),
             "log_loss": self.sum_log_loss / n,
-            "accuracy": self.correct / n,
+            "accuracy": min(self.correct / n, 1.0),
             "brier": self.sum_brier / n,
             "customers": float(n),
             "positive_rate": float(self.hist_pos.sum() / n),

@@ -72,34 +72,32 @@ def _train(region: Region, msg: Message) -> RecordDict:
 def _evaluate(region: Region, msg: Message) -> RecordDict:
     cfg, schema, run_id = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
     region.check_request(cfg, schema)
-    summary = region.evaluate(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]))  # type: ignore[arg-type]
+    summary = region.evaluate(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
+                              run_id=run_id)
     metrics: dict[str, Any] = {
         wire.EPSILON: region.epsilon(cfg),
         wire.DELTA: region.delta,
         wire.BUDGET: region.policy.privacy_budget,
         wire.RUN_RELEASES: sum(1 for e in region.ledger.events() if e.run_id == run_id),
+        # A DP answer (fedcrm.privacy.aggregates): noisy counts and sums, charged to the region's ledger.
+        wire.HIST_POS: summary.hist_pos.tolist(),
+        wire.HIST_NEG: summary.hist_neg.tolist(),
+        wire.SUM_LOG_LOSS: summary.sum_log_loss,
+        wire.SUM_BRIER: summary.sum_brier,
+        wire.CORRECT: summary.correct,
+        wire.NUM_EXAMPLES: max(summary.n, 1.0),  # Flower's evaluate aggregation weighs by it
     }
-    if summary is not None:
-        metrics |= {
-            wire.HIST_POS: summary.hist_pos.tolist(),
-            wire.HIST_NEG: summary.hist_neg.tolist(),
-            wire.SUM_LOG_LOSS: summary.sum_log_loss,
-            wire.SUM_BRIER: summary.sum_brier,
-            wire.CORRECT: summary.correct,
-            wire.NUM_EXAMPLES: summary.n,
-        }
-    reason = "" if summary is not None else "hold-out below the policy's minimum of customers: suppressed"
-    return RecordDict({wire.METRICS: MetricRecord(metrics), wire.STATUS: status(region.name, wire.OUTCOME_OK, reason)})
+    return RecordDict({wire.METRICS: MetricRecord(metrics), wire.STATUS: status(region.name, wire.OUTCOME_OK)})
 
 
 def _with_trust(region: Region, msg: Message, content: RecordDict) -> RecordDict:
-    """The served model's evaluation plus fairness per group and feature importance (aggregates only)."""
-    cfg, schema, _ = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
-    trust = region.trust_summary(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]))  # type: ignore[arg-type]
-    if trust is not None:
-        metrics = content[wire.METRICS]
-        for key, value in trust.to_metrics(schema=schema).items():
-            metrics[key] = value  # type: ignore[index]
+    """The served model's evaluation plus fairness per group and feature importance (one more DP answer)."""
+    cfg, schema, run_id = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
+    trust = region.trust_summary(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
+                                 run_id=run_id)
+    metrics = content[wire.METRICS]
+    for key, value in trust.to_metrics(schema=schema).items():
+        metrics[key] = value  # type: ignore[index]
     return content
 
 

@@ -198,9 +198,10 @@ def run_federation(
                 all_events[kind].update(getattr(ev, kind))
             eps_text = _epsilon_text(eps)
             shard_text = f" shard {shard + 1}/{cfg.unlearning.shards}" if cfg.unlearning.shards > 1 else ""
+            quality = (f"  pooled AUC {pooled['auc']:.4f}  log-loss {pooled.get('log_loss', float('nan')):.4f}"
+                       if "auc" in pooled else "")
             report(
-                f"round {rnd:>3}/{cfg.training.rounds}{shard_text}: pooled AUC {pooled.get('auc', float('nan')):.4f}"
-                f"  log-loss {pooled.get('log_loss', float('nan')):.4f}  ε spent: {eps_text or '-'}"
+                f"round {rnd:>3}/{cfg.training.rounds}{shard_text}:{quality}  ε spent: {eps_text or '-'}"
                 f"  ({time.time() - t0:.1f}s)"
             )
 

@@ -53,7 +53,8 @@ def build_strategy(cfg: ExperimentConfig, *, regions: int) -> Strategy:
     fed = cfg.federation
     common: dict[str, Any] = dict(
         fraction_train=fed.fraction_train,
-        fraction_evaluate=1.0,
+        # Every evaluation answer is a DP release charged to the regions' hold-outs: per round only on request.
+        fraction_evaluate=1.0 if cfg.evaluation.every_round else 0.0,
         min_train_nodes=min(fed.min_regions, regions),
         min_evaluate_nodes=min(fed.min_regions, regions),
         # Not `regions`: Flower's sampler waits until that many nodes are online, so one region whose node
@@ -142,7 +143,7 @@ def pooled_evaluation(
     """Per-region metrics, pooled metrics (from summed histograms) and regions that sent none."""
     per_region: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
-    total = ScoreSummary()
+    total: ScoreSummary | None = None
     for msg in replies:
         region, outcome, reason = _status(msg)
         m = msg.content.get(wire.METRICS) if not msg.has_error() else None
@@ -156,16 +157,19 @@ def pooled_evaluation(
             per_region[region] = eps
             skipped[region] = reason or "no hold-out metrics"
             continue
-        s = ScoreSummary(
-            hist_pos=np.asarray(m[wire.HIST_POS], dtype=np.int64),
-            hist_neg=np.asarray(m[wire.HIST_NEG], dtype=np.int64),
+        s = ScoreSummary(  # a DP answer: noisy, so made consistent (no negative counts) first
+            hist_pos=np.asarray(m[wire.HIST_POS], dtype=np.float64),
+            hist_neg=np.asarray(m[wire.HIST_NEG], dtype=np.float64),
             sum_log_loss=number(m, wire.SUM_LOG_LOSS),
             sum_brier=number(m, wire.SUM_BRIER),
-            correct=int(number(m, wire.CORRECT)),
-        )
+            correct=number(m, wire.CORRECT),
+        ).clipped()
+        if total is not None and s.hist_pos.shape != total.hist_pos.shape:
+            skipped[region] = "hold-out histograms of another size than the other regions'"
+            continue
         per_region[region] = s.metrics() | eps
-        total = total + s
-    return per_region, total.metrics(), skipped
+        total = s if total is None else total + s
+    return per_region, (total.metrics() if total is not None else {}), skipped
 
 
 def pooled_trust(replies: Iterable[Message], *, schema: Schema) -> dict[str, Any]:

@@ -46,10 +46,10 @@ class RegionPolicy(BaseModel):
         0.2, gt=0, lt=1, description="share of customers held out for evaluation (chosen by the region's secret)"
     )
     evaluation_noise: float = Field(
-        8.0, gt=0, description="noise multiplier of every evaluation answer (Gaussian, × its sensitivity)"
+        3.0, gt=0, description="noise multiplier of every evaluation answer (Gaussian, × its sensitivity)"
     )
     evaluations_per_run: int = Field(
-        30, ge=0, description="how many evaluation answers one run may ask of this region; then it refuses"
+        4, ge=0, description="how many evaluation answers one run may ask of this region; then it refuses"
     )
     public_size: PublicSize = Field(
         "rounded", description="what the server may learn of the region's size: rounded to 2 significant digits"
