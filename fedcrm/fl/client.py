@@ -98,6 +98,9 @@ def _with_trust(region: Region, msg: Message, content: RecordDict) -> RecordDict
     metrics = content[wire.METRICS]
     for key, value in trust.to_metrics(schema=schema).items():
         metrics[key] = value  # type: ignore[index]
+    # The spend after this second answer, so the run's summary includes it.
+    metrics[wire.EPSILON] = region.epsilon(cfg)  # type: ignore[index]
+    metrics[wire.RUN_RELEASES] = sum(1 for e in region.ledger.events() if e.run_id == run_id)  # type: ignore[index]
     return content
 
 

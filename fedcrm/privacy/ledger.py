@@ -545,7 +545,8 @@ class PrivacyLedger:
         fractions = {e.population.split(":", 1)[1] for e in events if e.population}
         if len(fractions) > 1:
             return [[event.release for event in events]]
-        everyone: list[Release] = []
+        everyone: list[Release] = []  # events that read every customer (no population recorded)
+        all_trained: list[Release] = []  # events that read every training customer (S = 1)
         held_out: list[Release] = []
         by_partition: dict[int, dict[int, list[Release]]] = {}
         for event in events:
@@ -554,10 +555,11 @@ class PrivacyLedger:
                 continue
             part = event.partition
             if part is None:
-                everyone.append(event.release)
+                (all_trained if event.population else everyone).append(event.release)
             else:
                 by_partition.setdefault(part[0], {}).setdefault(part[1], []).append(event.release)
         holdout_cell = [everyone + held_out] if holdout is not False and fixed is None else []
+        everyone = everyone + all_trained
         if holdout:
             return holdout_cell
         if fixed is not None and fixed[0] > 1:

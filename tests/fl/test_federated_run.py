@@ -21,15 +21,24 @@ from fedcrm.runs import load_weights, read_metrics
 
 
 def dp_accounting_epsilon(events: list, delta: float) -> float:
-    """ε of the ledger's events by Google's dp_accounting (independent of Opacus)."""
+    """ε of the ledger's events by Google's dp_accounting (independent of Opacus): DP-SGD steps as
+    Poisson-subsampled Gaussians, evaluation answers as plain Gaussian mechanisms."""
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128, 256, 512, 1024]
     acct = dp_accounting.rdp.RdpAccountant(orders)
     for e in events:
-        acct.compose(
-            dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)),
-            e.steps,
-        )
+        gaussian = dp_accounting.GaussianDpEvent(e.noise_multiplier)
+        if e.mechanism == "gaussian":
+            acct.compose(gaussian, e.steps)
+        else:
+            acct.compose(dp_accounting.PoissonSampledDpEvent(e.sample_rate, gaussian), e.steps)
     return acct.get_epsilon(delta)
+
+
+def worst_customer_epsilon(events: list, delta: float) -> float:
+    """Training customers and hold-out customers are disjoint: the region's ε is the worse of the two."""
+    train = [e for e in events if e.mechanism != "gaussian"]
+    holdout = [e for e in events if e.mechanism == "gaussian"]
+    return max(dp_accounting_epsilon(train, delta), dp_accounting_epsilon(holdout, delta))
 
 
 def _ray_processes() -> list[str]:
@@ -78,21 +87,24 @@ def test_dp_run_writes_results_and_ledger_matches_dp_accounting_and_spend_contin
         p = summary["privacy"][region]
         ledger = PrivacyLedger.open(state / region, region=region)
         events = ledger.events()
-        assert len(events) == 2 and all(e.status == "sent" for e in events)
-        reference = dp_accounting_epsilon(events, p["delta"])
+        # Two training rounds, then the served model's two DP answers (evaluation; fairness and importance).
+        assert [e.mechanism for e in events] == ["dp_sgd", "dp_sgd", "gaussian", "gaussian"]
+        assert all(e.status == "sent" for e in events)
+        reference = worst_customer_epsilon(events, p["delta"])
         assert p["epsilon"] == pytest.approx(reference, rel=0.01)
-        assert p["epsilon"] <= cfg.privacy.target_epsilon
-        assert p["epsilon"] >= 0.97 * cfg.privacy.target_epsilon  # the run ends at, not short of, the target
+        train_eps = dp_accounting_epsilon(events[:2], p["delta"])
+        assert train_eps <= cfg.privacy.target_epsilon
+        assert train_eps >= 0.97 * cfg.privacy.target_epsilon  # the run ends at, not short of, the target
         first_eps[region] = p["epsilon"]
 
     # A second run on the same regions continues their spend: it does not start from zero.
     again = run_simulated(cfg, run_dir=tmp_path / "run2", state_root=state, report=lambda s: None)
     for region in ("eu", "us"):
         events = PrivacyLedger.open(state / region, region=region).events()
-        assert len(events) == 4
+        assert len(events) == 8
         eps = again["privacy"][region]["epsilon"]
         assert eps > first_eps[region] * 1.2
-        assert eps == pytest.approx(dp_accounting_epsilon(events, again["privacy"][region]["delta"]), rel=0.01)
+        assert eps == pytest.approx(worst_customer_epsilon(events, again["privacy"][region]["delta"]), rel=0.01)
 
     assert not _ray_processes(), "the simulation left Ray processes running"
 
@@ -136,11 +148,15 @@ def test_a_run_stops_with_the_reasons_when_too_few_regions_can_take_part(tmp_pat
 
 
 def test_client_level_dp_runs_through_flowers_wrapper_and_warns_with_few_regions(tmp_path: Path) -> None:
-    path = write_tiny_config(tmp_path, overrides={"privacy.mode": "client_dp", "privacy.client_noise_multiplier": 1.0,
-                                                  "federation.strategy": "fedmedian"})
+    policy = tmp_path / "any-dp.yaml"
+    policy.write_text("required_privacy: any\n")  # client-level DP needs the regions' consent
+    path = write_tiny_config(tmp_path, overrides={"privacy.mode": "client_dp", "privacy.client_noise_multiplier": 2.0,
+                                                  "policies": {"eu": str(policy), "us": str(policy)}})
     summary = run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state",
                             report=lambda s: None)
     assert any("client-level DP with only 2 regions protects little" in w for w in summary["warnings"])
+    assert any("not against the server" in w for w in summary["warnings"])
     events = PrivacyLedger.open(tmp_path / "state" / "eu", region="eu").events()
-    assert len(events) == 2 and all(e.sample_rate == 1.0 and e.noise_multiplier == 1.0 for e in events)
+    trained = [e for e in events if e.mechanism == "dp_sgd"]
+    assert len(trained) == 2 and all(e.sample_rate == 1.0 and e.noise_multiplier == 2.0 for e in trained)
     assert np.isfinite(summary["final_metrics"]["log_loss"])
