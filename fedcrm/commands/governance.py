@@ -143,7 +143,9 @@ def audit_verify(
         _fail(e)
     if report.ok:
         anchored = ""
-        if report.anchored_seq is not None:
+        if report.anchored_seq == -1:
+            anchored = "; the expected head is the empty log's"
+        elif report.anchored_seq is not None:
             since = report.entries - 1 - report.anchored_seq
             anchored = f"; the expected head is entry seq {report.anchored_seq}, {since} entries written since"
         out.print(f"OK: {log}: {report.entries} entries, chain intact{anchored}", highlight=False)
