@@ -6,6 +6,8 @@ row or key, what was expected and what was found.
 
 from __future__ import annotations
 
+from fedcrm import wire
+
 
 class FedcrmError(Exception):
     """Base of every error fedcrm raises on purpose."""
@@ -35,11 +37,27 @@ class DataError(FedcrmError):
         super().__init__(f"{prefix}{col}{message}")
 
 
-class PrivacyBudgetError(FedcrmError):
+class RefusalError(FedcrmError):
+    """A region refuses a request. ``code`` is what the server is told (one of ``wire.REFUSAL_CODES``);
+    the message, which may name exact counts, stays at the region (its log and audit log)."""
+
+    default_code: str = wire.REFUSED_BY_POLICY
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        code = self.default_code if code is None else code
+        if code not in wire.REFUSAL_CODES:
+            raise ValueError(f"refusal code must be one of {sorted(wire.REFUSAL_CODES)}, got {code!r}")
+        self.code = code
+        super().__init__(message)
+
+
+class PrivacyBudgetError(RefusalError):
     """A DP release would exceed the region's privacy budget, or the ledger is inconsistent."""
 
+    default_code = wire.REFUSED_BUDGET
 
-class PolicyError(FedcrmError):
+
+class PolicyError(RefusalError):
     """A run asks for something the region's policy does not allow."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.io import RowBoundedCache, file_version, load_table
@@ -270,7 +271,8 @@ class Region:
         if len(x) < self.policy.min_customers:
             raise PolicyError(
                 f"region {self.name}: shard {shard} has {len(x)} training customers, fewer than the "
-                f"policy's minimum {self.policy.min_customers} behind any update"
+                f"policy's minimum {self.policy.min_customers} behind any update",
+                code=wire.REFUSED_SHARD_SIZE,
             )
         if self.delta >= 1.0 / len(x):
             raise PolicyError(

@@ -35,6 +35,21 @@ OUTCOME_OK: Final = "ok"
 OUTCOME_REFUSED: Final = "refused"
 OUTCOME_FAILED: Final = "failed"
 
+# REASON of a refusal: one of these fixed codes, never the region's own words. The words name exact
+# counts ("shard 0 has 17 training customers"), and a count below the policy's minimum is precisely what
+# must not leave; the full reason stays in the region's audit log and its own log.
+REFUSED_PURPOSE: Final = "purpose-not-allowed"
+REFUSED_COLUMN: Final = "column-not-allowed"
+REFUSED_PRIVACY_MODE: Final = "privacy-mode-not-allowed"
+REFUSED_NOISE: Final = "noise-below-policy-floor"
+REFUSED_SHARD_SIZE: Final = "below-minimum-shard-size"
+REFUSED_BUDGET: Final = "budget-exhausted"
+REFUSED_BY_POLICY: Final = "refused-by-policy"  # any other policy refusal
+REFUSAL_CODES: Final = frozenset(
+    {REFUSED_PURPOSE, REFUSED_COLUMN, REFUSED_PRIVACY_MODE, REFUSED_NOISE, REFUSED_SHARD_SIZE, REFUSED_BUDGET,
+     REFUSED_BY_POLICY}
+)
+
 # METRICS keys (region -> server): public figures (declared in the region's policy) and aggregates over
 # at least the policy's minimum of customers. No training loss: computed on customers from weights the
 # server chose, it would be an un-noised statistic of the data.

@@ -2,7 +2,8 @@
 
 The experiment config comes from the run config key ``experiment-config``: a path inside the app
 (``configs/demo.yaml``), resolved against the installed app directory, or an absolute path on the
-SuperLink's machine. The run folder comes from ``run-dir`` (empty: ``OUTPUT_DIR/NAME`` of the config).
+SuperLink's machine. The run folder comes from ``run-dir`` (empty: ``OUTPUT_DIR/NAME`` of the config),
+the node registry (which node id the operator registered for which region) from ``node-registry``.
 
 Why the app directory: in deployment the ServerApp runs in a ``flwr-serverapp`` process whose working
 directory is wherever ``flower-superlink`` was started, while the code (and the configs shipped with
@@ -18,6 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.config import load_config
+from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import run_federation
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -36,4 +38,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(resolve_app_path(str(context.run_config["experiment-config"])))
     run_dir_value = str(context.run_config.get("run-dir", "") or "")
     run_dir = resolve_app_path(run_dir_value) if run_dir_value else cfg.output_dir / cfg.name
-    run_federation(grid, cfg, run_dir=run_dir)
+    registry_value = str(context.run_config.get("node-registry", "") or "")
+    registry = NodeRegistry(resolve_app_path(registry_value)) if registry_value else None
+    run_federation(grid, cfg, run_dir=run_dir, registry=registry)

@@ -48,6 +48,15 @@ def write_tiny_config(
 
 
 @pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps new messages with the process's task identity (set by the SuperLink/SuperNode)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     return write_tiny_config(tmp_path)
 

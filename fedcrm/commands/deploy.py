@@ -1,4 +1,5 @@
-"""Deployment commands: ``fedcrm certs`` (TLS material and SuperNode keys) and ``fedcrm deploy local``.
+"""Deployment commands: ``fedcrm certs`` (TLS material), ``fedcrm certs node-key`` (a data owner's
+SuperNode key), ``fedcrm deploy register-node`` (the node registry) and ``fedcrm deploy local``.
 
 ``deploy local`` starts, on this machine's loopback only, what a real federation runs on many machines
 (docs/deployment.md): a TLS SuperLink with SuperNode authentication, one SuperNode per region, the run
@@ -14,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedcrm.errors import FedcrmError
+from fedcrm.errors import ConfigError, FedcrmError
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -35,9 +36,38 @@ def _split(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+certs_app = typer.Typer(
+    help="TLS material (operator) and SuperNode keys (each data owner, on their own host).",
+    invoke_without_command=True,
+)
+
+
+def _public_keys(values: list[str]) -> dict[str, Path]:
+    keys: dict[str, Path] = {}
+    for value in values:
+        region, sep, path = value.partition("=")
+        if not sep or not region.strip() or not path.strip():
+            raise ConfigError(f"--node-public-key: expected REGION=PATH (e.g. eu=supernode-eu.pub), got {value!r}")
+        if region.strip() in keys:
+            raise ConfigError(f"--node-public-key: region `{region.strip()}` given twice")
+        keys[region.strip()] = Path(path.strip())
+    return keys
+
+
+@certs_app.callback()
 def certs(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the CA, the SuperLink's TLS files and the keys.")],
-    regions: Annotated[str, typer.Option(help="Comma-separated region names: one SuperNode key pair each.")],
+    ctx: typer.Context,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the CA and the SuperLink's TLS key and certificate.")
+    ] = None,
+    node_public_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--node-public-key",
+            help="REGION=PATH of a public key a data owner made with `fedcrm certs node-key` (repeat); checked "
+            "to load as Flower will load it.",
+        ),
+    ] = None,
     host: Annotated[
         list[str] | None,
         typer.Option(
@@ -45,32 +75,85 @@ def certs(
             help="Name or IP address the SuperLink is reached by (repeat; default localhost and 127.0.0.1).",
         ),
     ] = None,
-    valid_days: Annotated[int, typer.Option(help="Validity of the SuperLink's certificate.")] = 365,
+    valid_days: Annotated[int, typer.Option(help="Lifetime of the SuperLink's certificate, in days.")] = 365,
+    ca_valid_days: Annotated[int, typer.Option(help="Lifetime of the CA, in days (default two years).")] = 730,
 ) -> None:
-    """Create a private CA, the SuperLink's TLS certificate and one SuperNode key pair per region.
+    """Create a private CA and the SuperLink's TLS certificate (operator); check the regions' public keys.
 
-    Give ca.crt to every region and to the operator's flwr CLI, server.key/server.crt to the SuperLink,
-    supernode-REGION.key to that region only, and register every supernode-REGION.pub on the SuperLink
-    (flwr supernode register). Keep ca.key offline. Existing files are never overwritten.
+    Give ca.crt to every data owner and to the operator's flwr CLI, server.key/server.crt to the
+    SuperLink; keep ca.key offline. Regions' private keys are never made here: each data owner runs
+    `fedcrm certs node-key` on their own host and sends only the public key, which the operator
+    registers (flwr supernode register, then fedcrm deploy register-node). Existing files are never
+    overwritten.
     """
-    from fedcrm.deploy.certs import create_certificates
+    if ctx.invoked_subcommand is not None:
+        return
+    if out_dir is None:
+        _fail(ConfigError("fedcrm certs: --out DIR is needed (or a subcommand: fedcrm certs node-key --help)"))
+        return
+    from fedcrm.deploy.certs import create_certificates, public_key_fingerprint
 
     try:
         bundle = create_certificates(
             out_dir=out_dir,
-            regions=_split(regions),
+            node_public_keys=_public_keys(node_public_key or []),
             hosts=tuple(host) if host else ("localhost", "127.0.0.1"),
             valid_days=valid_days,
+            ca_valid_days=ca_valid_days,
         )
+        fingerprints = {r: public_key_fingerprint(p) for r, p in bundle.supernode_public_keys.items()}
     except FedcrmError as e:
         _fail(e)
-    out.print(f"CA: {bundle.ca_cert} (its key {bundle.ca_key}: keep it offline)")
-    out.print(f"SuperLink: {bundle.server_cert}, {bundle.server_key} for {', '.join(bundle.hosts)}")
-    for region in bundle.regions:
-        out.print(
-            f"region {region}: private key {bundle.supernode_private_keys[region]} (to that region only), "
-            f"public key {bundle.supernode_public_keys[region]} (register it: flwr supernode register)"
-        )
+    out.print(f"CA: {bundle.ca_cert}, valid {ca_valid_days} days (its key {bundle.ca_key}: keep it offline)")
+    out.print(f"SuperLink: {bundle.server_cert}, {bundle.server_key} for {', '.join(bundle.hosts)}, "
+              f"valid {valid_days} days")
+    for region, path in bundle.supernode_public_keys.items():
+        out.print(f"region {region}: public key {path} (sha256 {fingerprints[region]}); register it: "
+                  f"flwr supernode register {path}, then fedcrm deploy register-node")
+
+
+@certs_app.command("node-key")
+def node_key(
+    out_dir: Annotated[Path, typer.Option("--out", help="A folder on this (the data owner's) host.")],
+    region: Annotated[str, typer.Option("--region", help="The region this SuperNode serves.")],
+) -> None:
+    """Make this region's SuperNode key pair, on the data owner's own host.
+
+    The private key (mode 0600) stays in --out and is passed to flower-supernode
+    --auth-supernode-private-key; send only the public key (.pub) to the operator to register.
+    """
+    from fedcrm.deploy.certs import create_node_key, public_key_fingerprint
+
+    try:
+        private, public = create_node_key(out_dir=out_dir, region=region)
+        fingerprint = public_key_fingerprint(public)
+    except FedcrmError as e:
+        _fail(e)
+    out.print(f"private key: {private} (mode 0600: it never leaves this host)")
+    out.print(f"public key: {public} (sha256 {fingerprint}): send it to the operator to register")
+    out.print(public.read_text(encoding="utf-8").strip(), highlight=False)
+
+
+@deploy_app.command("register-node")
+def register_node(
+    registry: Annotated[Path, typer.Option("--registry", help="The node registry folder (run config node-registry).")],
+    region: Annotated[str, typer.Option("--region", help="The region whose public key was registered.")],
+    node_id: Annotated[int, typer.Option("--node-id", help="The node id `flwr supernode register` printed.")],
+    public_key: Annotated[
+        Path | None, typer.Option("--public-key", help="The registered public key, to record its fingerprint.")
+    ] = None,
+) -> None:
+    """Record which node id was registered for which region: the server rejects replies from that node that
+    claim any other region (and from nodes never recorded here)."""
+    from fedcrm.deploy.certs import public_key_fingerprint
+    from fedcrm.fl.registry import NodeRegistry
+
+    try:
+        fingerprint = public_key_fingerprint(public_key) if public_key is not None else None
+        NodeRegistry(registry).record(node_id=node_id, region=region, public_key_sha256=fingerprint)
+    except FedcrmError as e:
+        _fail(e)
+    out.print(f"node {node_id} registered for region {region} in {registry}")
 
 
 @deploy_app.command("local")
@@ -134,5 +217,5 @@ def deploy_local_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("certs")(certs)
+    app.add_typer(certs_app, name="certs")
     app.add_typer(deploy_app, name="deploy")

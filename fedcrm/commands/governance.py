@@ -121,19 +121,35 @@ def export(
 
 def audit_verify(
     log: Annotated[Path, typer.Argument(help="An audit log (STATE/REGION/audit.log, RUN_DIR/audit.log).")],
+    expect_head: Annotated[
+        str | None,
+        typer.Option(
+            "--expect-head",
+            help="A head recorded earlier (summary.json's audit_head, a receipt's region_audit_head): fail "
+            "unless the log still holds that entry, i.e. was neither cut back nor rewritten since.",
+        ),
+    ] = None,
 ) -> None:
-    """Check an audit log's hash chain: prints OK, or the first entry altered, removed or reordered (exit 1)."""
+    """Check an audit log's hash chain and print its head: OK, or the first entry altered, removed or
+    reordered, or a recorded head the log no longer holds (exit 1)."""
     from fedcrm.cli import out
     from fedcrm.governance.audit_log import verify
 
     if not log.is_file():
         _fail(FedcrmError(f"{log}: no audit log there (regions keep STATE/REGION/audit.log, runs RUN_DIR/audit.log)"))
     try:
-        report = verify(log)
+        report = verify(log, expect_head=expect_head)
     except FedcrmError as e:
         _fail(e)
     if report.ok:
-        out.print(f"OK: {log}: {report.entries} entries, chain intact")
+        anchored = ""
+        if report.anchored_seq == -1:
+            anchored = "; the expected head is the empty log's"
+        elif report.anchored_seq is not None:
+            since = report.entries - 1 - report.anchored_seq
+            anchored = f"; the expected head is entry seq {report.anchored_seq}, {since} entries written since"
+        out.print(f"OK: {log}: {report.entries} entries, chain intact{anchored}", highlight=False)
+        out.print(f"head: {report.head}", highlight=False)
         return
     out.print(f"BAD: {report.problem}", highlight=False)
     raise typer.Exit(1)

@@ -1,20 +1,27 @@
-"""TLS certificates and SuperNode authentication keys for a Flower 1.42 deployment.
+"""TLS certificates for a Flower 1.42 deployment, and each data owner's own SuperNode key.
 
-``create_certificates`` writes, into one directory:
+Two parties, two functions, so that nobody holds a key that lets them speak for someone else:
 
-- ``ca.key`` / ``ca.crt``: a private certificate authority (EC P-384, self-signed). ``ca.crt`` is what
-  every SuperNode (``flower-supernode --root-certificates``) and the ``flwr`` CLI
-  (``root-certificates`` in ``$FLWR_HOME/config.toml``) trust; ``ca.key`` should then be moved
-  offline.
-- ``server.key`` / ``server.crt``: the SuperLink's TLS key and certificate, signed by the CA, with a
-  SubjectAltName for every host the SuperLink is reached by (DNS names and IP addresses). Passed to
-  ``flower-superlink --ssl-keyfile/--ssl-certfile`` together with ``--ssl-ca-certfile ca.crt``.
-- ``supernode-<region>.key`` / ``supernode-<region>.pub``: one SuperNode authentication key pair per
-  region, in the format Flower 1.42 reads: an EC key on a NIST curve (P-384, the curve Flower's own
-  key generator uses), the private key in OpenSSH format (``flower-supernode
-  --auth-supernode-private-key``, loaded with ``load_ssh_private_key``) and the public key as an
-  OpenSSH one-line ``ecdsa-sha2-nistp384 ...`` entry (``flwr supernode register``, loaded with
-  ``load_ssh_public_key``).
+- The **operator** runs :func:`create_certificates` (``fedcrm certs``), which writes into one directory
+
+  - ``ca.key`` / ``ca.crt``: a private certificate authority (EC P-384, self-signed). ``ca.crt`` is what
+    every SuperNode (``flower-supernode --root-certificates``) and the ``flwr`` CLI
+    (``root-certificates`` in ``$FLWR_HOME/config.toml``) trust; ``ca.key`` should then be moved
+    offline.
+  - ``server.key`` / ``server.crt``: the SuperLink's TLS key and certificate, signed by the CA, with a
+    SubjectAltName for every host the SuperLink is reached by (DNS names and IP addresses).
+
+  and checks the regions' *public* keys it is given (it never makes a region's private key: whoever
+  made it could impersonate that region).
+- Each **data owner** runs :func:`create_node_key` (``fedcrm certs node-key``) on their own host:
+  ``supernode-<region>.key`` (mode 0600, never leaves the host) and ``supernode-<region>.pub``, the
+  one line they send to the operator to register (``flwr supernode register``). The format is what
+  Flower 1.42 reads: an EC key on P-384 (the curve Flower's own key generator uses), the private key
+  in OpenSSH format (``--auth-supernode-private-key``, ``load_ssh_private_key``) and the public key as
+  an OpenSSH ``ecdsa-sha2-nistp384 ...`` line (``load_ssh_public_key``).
+
+Lifetimes are short by default (CA 2 years, SuperLink certificate 1 year) and configurable: a CA that
+outlives everyone who remembers where its key went is a liability, not a convenience.
 
 Private keys are written with mode 0600. Existing files are never overwritten unless asked: a new
 CA silently replacing the one every region trusts would break the federation.
@@ -23,14 +30,16 @@ CA silently replacing the one every region trusts would break the federation.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -38,7 +47,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcrm.errors import ConfigError
 
-__all__ = ["CertificateBundle", "create_bundle_signing_key", "create_certificates", "supernode_key_paths"]
+__all__ = [
+    "CA_VALID_DAYS",
+    "CertificateBundle",
+    "create_bundle_signing_key",
+    "SERVER_VALID_DAYS",
+    "create_certificates",
+    "create_node_key",
+    "public_key_fingerprint",
+    "supernode_key_paths",
+]
 
 # Flower generates SuperNode keys on P-384 and accepts any NIST curve; P-384 is used throughout.
 _CURVE = ec.SECP384R1
@@ -46,26 +64,26 @@ _HASH = hashes.SHA384
 _REGION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DNS_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_-]{1,63})*$")
 _ORG = "fedcrm"
+CA_VALID_DAYS = 730  # two years: long enough to run a federation, short enough to be rotated on purpose
+SERVER_VALID_DAYS = 365
 
 
 @dataclass(frozen=True)
 class CertificateBundle:
-    """Paths of everything :func:`create_certificates` wrote."""
+    """Paths of everything :func:`create_certificates` wrote, and the regions' public keys it checked."""
 
     out_dir: Path
     ca_key: Path
     ca_cert: Path
     server_key: Path
     server_cert: Path
-    #: region -> path of the SuperNode's private key (OpenSSH format, mode 0600)
-    supernode_private_keys: dict[str, Path]
-    #: region -> path of the SuperNode's public key (one OpenSSH line)
+    #: region -> path of the public key its data owner sent (one OpenSSH line; the private half stays with them)
     supernode_public_keys: dict[str, Path]
     hosts: tuple[str, ...]
 
     @property
     def regions(self) -> tuple[str, ...]:
-        return tuple(self.supernode_private_keys)
+        return tuple(self.supernode_public_keys)
 
 
 def supernode_key_paths(out_dir: Path, region: str) -> tuple[Path, Path]:
@@ -74,46 +92,103 @@ def supernode_key_paths(out_dir: Path, region: str) -> tuple[Path, Path]:
     return out_dir / f"supernode-{region}.key", out_dir / f"supernode-{region}.pub"
 
 
+def create_node_key(*, out_dir: Path, region: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """Make ``region``'s SuperNode key pair in ``out_dir``, on the data owner's own host.
+
+    Returns the (private, public) paths. The private key (mode 0600) is never to leave ``out_dir``; the
+    public key is what the operator registers. Raises :class:`~fedcrm.errors.ConfigError` on a bad
+    region name, or when a key exists already and ``overwrite`` is false (a new key would lock the
+    region out until the operator registers it again).
+    """
+    out_dir = Path(out_dir)
+    priv_p, pub_p = supernode_key_paths(out_dir, region)
+    _refuse_overwrite([priv_p, pub_p], overwrite=overwrite, what="create_node_key")
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True, mode=0o700)
+    node_key = ec.generate_private_key(_CURVE())
+    priv = node_key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.OpenSSH,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    pub = node_key.public_key().public_bytes(
+        encoding=serialization.Encoding.OpenSSH,
+        format=serialization.PublicFormat.OpenSSH,
+    )
+    _write_private(priv_p, priv)
+    _write_public(pub_p, pub + f" fedcrm-supernode-{region}\n".encode())
+    return priv_p, pub_p
+
+
+def public_key_fingerprint(path: Path) -> str:
+    """SHA-256 (hex) of a SuperNode public key's key bytes (the comment is not part of it).
+
+    Raises :class:`~fedcrm.errors.ConfigError` naming the file when it is not an OpenSSH EC public key
+    on a NIST curve, the only kind ``flwr supernode register`` accepts.
+    """
+    path = Path(path)
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise ConfigError(
+            f"{path}: not a SuperNode public key (expected one OpenSSH line `ecdsa-sha2-nistp384 ...`, "
+            f"as `fedcrm certs node-key` writes): {e}"
+        ) from e
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ConfigError(f"{path}: a SuperNode key must be an EC key on a NIST curve, found {type(key).__name__}")
+    raw = key.public_bytes(encoding=serialization.Encoding.OpenSSH, format=serialization.PublicFormat.OpenSSH)
+    return hashlib.sha256(raw).hexdigest()
+
+
 def create_certificates(
     *,
     out_dir: Path,
-    regions: Sequence[str],
+    node_public_keys: Mapping[str, Path] | None = None,
     hosts: Sequence[str] = ("localhost", "127.0.0.1"),
-    valid_days: int = 365,
+    valid_days: int = SERVER_VALID_DAYS,
+    ca_valid_days: int = CA_VALID_DAYS,
     overwrite: bool = False,
 ) -> CertificateBundle:
-    """Write a private CA, the SuperLink's TLS key/certificate and one SuperNode key pair per region.
+    """Write a private CA and the SuperLink's TLS key/certificate; check the regions' public keys.
 
-    ``hosts`` are the names and addresses SuperNodes and the ``flwr`` CLI use to reach the
-    SuperLink; each becomes a SubjectAltName (an IP address where it parses as one, otherwise a DNS
-    name). Raises :class:`~fedcrm.errors.ConfigError` on a bad region or host name, on duplicate
-    regions, or when a file to write exists already and ``overwrite`` is false.
+    ``node_public_keys`` maps each region to the public key its data owner made with
+    :func:`create_node_key` and sent; each is checked to load as Flower will load it. ``hosts`` are the
+    names and addresses SuperNodes and the ``flwr`` CLI use to reach the SuperLink; each becomes a
+    SubjectAltName (an IP address where it parses as one, otherwise a DNS name). ``valid_days`` is the
+    SuperLink certificate's lifetime, ``ca_valid_days`` the CA's (the certificate may not outlive it).
+    Raises :class:`~fedcrm.errors.ConfigError` on a bad region or host name, a public key that does
+    not load, two regions with one key, bad lifetimes, or when a file to write exists already and
+    ``overwrite`` is false.
     """
     out_dir = Path(out_dir)
-    regions = list(regions)
+    public_keys = {r: Path(p) for r, p in (node_public_keys or {}).items()}
     hosts_t = tuple(hosts)
     if not hosts_t:
         raise ConfigError("create_certificates: at least one host is needed for the server certificate")
-    for region in regions:
+    fingerprints: dict[str, str] = {}
+    for region, path in public_keys.items():
         _check_region(region)
-    dupes = sorted({r for r in regions if regions.count(r) > 1})
-    if dupes:
-        raise ConfigError(f"create_certificates: duplicate regions {dupes}")
+        fp = public_key_fingerprint(path)
+        twin = [r for r, f in fingerprints.items() if f == fp]
+        if twin:
+            raise ConfigError(f"create_certificates: regions `{twin[0]}` and `{region}` have the same public key "
+                              f"({path}): each data owner makes their own")
+        fingerprints[region] = fp
     sans = [_san(h) for h in hosts_t]
-    if valid_days < 1:
-        raise ConfigError(f"create_certificates: valid_days must be >= 1, got {valid_days}")
+    if ca_valid_days < 1 or valid_days < 1:
+        raise ConfigError(
+            f"create_certificates: lifetimes must be >= 1 day, got valid_days = {valid_days}, "
+            f"ca_valid_days = {ca_valid_days}"
+        )
+    if valid_days > ca_valid_days:
+        raise ConfigError(
+            f"create_certificates: the SuperLink certificate ({valid_days} days) may not outlive its CA "
+            f"({ca_valid_days} days): lower valid_days or raise ca_valid_days"
+        )
 
     ca_key_p, ca_crt_p = out_dir / "ca.key", out_dir / "ca.crt"
     srv_key_p, srv_crt_p = out_dir / "server.key", out_dir / "server.crt"
-    node_paths = {r: supernode_key_paths(out_dir, r) for r in regions}
-    targets = [ca_key_p, ca_crt_p, srv_key_p, srv_crt_p] + [p for pair in node_paths.values() for p in pair]
-    if not overwrite:
-        existing = [str(p) for p in targets if p.exists()]
-        if existing:
-            raise ConfigError(
-                f"create_certificates: refusing to overwrite existing files {existing} "
-                "(pass overwrite=True to replace them)"
-            )
+    _refuse_overwrite([ca_key_p, ca_crt_p, srv_key_p, srv_crt_p], overwrite=overwrite, what="create_certificates")
     if not out_dir.exists():
         out_dir.mkdir(parents=True, mode=0o700)
 
@@ -135,7 +210,7 @@ def create_certificates(
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=max(valid_days, 3650)))
+        .not_valid_after(now + dt.timedelta(days=ca_valid_days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -199,31 +274,23 @@ def create_certificates(
     _write_private(srv_key_p, _pem_private(srv_key))
     _write_public(srv_crt_p, srv_cert.public_bytes(serialization.Encoding.PEM))
 
-    # --- SuperNode authentication keys (OpenSSH format, as flower-supernode / flwr expect) -------
-    for region, (priv_p, pub_p) in node_paths.items():
-        node_key = ec.generate_private_key(_CURVE())
-        priv = node_key.private_bytes(
-            encoding=serialization.Encoding.PEM,
-            format=serialization.PrivateFormat.OpenSSH,
-            encryption_algorithm=serialization.NoEncryption(),
-        )
-        pub = node_key.public_key().public_bytes(
-            encoding=serialization.Encoding.OpenSSH,
-            format=serialization.PublicFormat.OpenSSH,
-        )
-        _write_private(priv_p, priv)
-        _write_public(pub_p, pub + f" fedcrm-supernode-{region}\n".encode())
-
     return CertificateBundle(
         out_dir=out_dir,
         ca_key=ca_key_p,
         ca_cert=ca_crt_p,
         server_key=srv_key_p,
         server_cert=srv_crt_p,
-        supernode_private_keys={r: p for r, (p, _) in node_paths.items()},
-        supernode_public_keys={r: p for r, (_, p) in node_paths.items()},
+        supernode_public_keys=public_keys,
         hosts=hosts_t,
     )
+
+
+def _refuse_overwrite(targets: Sequence[Path], *, overwrite: bool, what: str) -> None:
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{what}: refusing to overwrite existing files {existing} (pass overwrite=True to replace them)"
+        )
 
 
 def create_bundle_signing_key(*, out_dir: Path, name: str) -> tuple[Path, Path]:
@@ -260,7 +327,7 @@ def create_bundle_signing_key(*, out_dir: Path, name: str) -> tuple[Path, Path]:
 def _check_region(region: str) -> None:
     if not isinstance(region, str) or not _REGION_RE.match(region):
         raise ConfigError(
-            f"create_certificates: region name {region!r} is not usable in a file name "
+            f"region name {region!r} is not usable in a file name "
             "(letters, digits, '_', '-', '.', starting with a letter or digit, at most 63 characters)"
         )
 

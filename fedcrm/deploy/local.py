@@ -42,9 +42,12 @@ from fedcrm.deploy.certs import (
     CertificateBundle,
     create_bundle_signing_key,
     create_certificates,
+    create_node_key,
+    public_key_fingerprint,
     supernode_key_paths,
 )
 from fedcrm.errors import ConfigError, FederationError
+from fedcrm.fl.registry import NodeRegistry
 
 __all__ = [
     "CONNECTION",
@@ -56,6 +59,7 @@ __all__ = [
     "deploy_local",
     "free_port",
     "load_or_create_certificates",
+    "load_or_create_node_key",
     "node_config_arg",
     "region_nodes",
 ]
@@ -250,26 +254,17 @@ def region_nodes(cfg: ExperimentConfig, *, state_root: Path, data_dir: Path) -> 
     ]
 
 
-def load_or_create_certificates(out_dir: Path, *, regions: Sequence[str]) -> CertificateBundle:
-    """Reuse a complete set of certificates in ``out_dir`` (new regions get keys), or create one."""
+def load_or_create_certificates(out_dir: Path) -> CertificateBundle:
+    """The operator's part: reuse the CA and SuperLink certificate in ``out_dir``, or create them."""
     out_dir = Path(out_dir)
     ca_key, ca_crt, srv_key, srv_crt = (out_dir / n for n in ("ca.key", "ca.crt", "server.key", "server.crt"))
     if not ca_crt.exists():
-        return create_certificates(out_dir=out_dir, regions=list(regions))
+        return create_certificates(out_dir=out_dir)
     if not (srv_key.exists() and srv_crt.exists()):
         raise ConfigError(f"{out_dir}: ca.crt exists but server.key/server.crt do not; use a fresh folder")
-    private, public = {}, {}
-    for region in regions:
-        key, pub = supernode_key_paths(out_dir, region)
-        if not (key.exists() and pub.exists()):
-            raise ConfigError(
-                f"{out_dir}: no SuperNode key pair for region `{region}` ({key.name}, {pub.name}); "
-                "create the certificates again in a fresh folder (fedcrm certs --out DIR --regions ...)"
-            )
-        private[region], public[region] = key, pub
     return CertificateBundle(
         out_dir=out_dir, ca_key=ca_key, ca_cert=ca_crt, server_key=srv_key, server_cert=srv_crt,
-        supernode_private_keys=private, supernode_public_keys=public, hosts=("localhost", "127.0.0.1"),
+        supernode_public_keys={}, hosts=("localhost", "127.0.0.1"),
     )
 
 
@@ -303,6 +298,17 @@ def approve_locally(
             encoding="utf-8",
         )
     return signature, trust
+
+
+def load_or_create_node_key(region_dir: Path, *, region: str) -> tuple[Path, Path]:
+    """A data owner's part: their SuperNode key pair in their own folder, made there once (``certs node-key``).
+
+    The operator's side of ``deploy local`` only ever reads the public half.
+    """
+    private, public = supernode_key_paths(Path(region_dir), region)
+    if private.exists() and public.exists():
+        return private, public
+    return create_node_key(out_dir=Path(region_dir), region=region, overwrite=True)
 
 
 class LocalDeployment:
@@ -693,7 +699,12 @@ def deploy_local(
     run_dir = Path(run_dir).resolve() if run_dir is not None else (cfg.output_dir / cfg.name).resolve()
     app = Path(app_dir).resolve() if app_dir is not None else default_app_dir()
     nodes = region_nodes(cfg, state_root=Path(state_root), data_dir=workdir / "data")
-    certs = load_or_create_certificates(workdir / "certs", regions=[n.region for n in nodes])
+    certs = load_or_create_certificates(workdir / "certs")
+    # Each region's key is made in that region's own folder (its data owner's host, in a real federation).
+    keys = {n.region: load_or_create_node_key(workdir / "regions" / n.region, region=n.region) for n in nodes}
+    registry = NodeRegistry(workdir / "superlink" / "node-registry")
+    if registry.directory.exists():
+        shutil.rmtree(registry.directory)  # the SuperLink starts with a fresh state: earlier node ids are gone
     signature, trust = approve_locally(
         app, keys_dir=workdir / "certs", trust_dir=workdir / "trust", regions=[n.region for n in nodes]
     )
@@ -701,11 +712,14 @@ def deploy_local(
         dep.start_superlink()
         node_ids = {}
         for node in nodes:
-            node_ids[node.region] = dep.register(certs.supernode_public_keys[node.region])
+            public = keys[node.region][1]
+            node_ids[node.region] = dep.register(public)
+            registry.record(node_id=node_ids[node.region], region=node.region,
+                            public_key_sha256=public_key_fingerprint(public))
         for node in nodes:
             dep.start_supernode(
                 node.region,
-                private_key=certs.supernode_private_keys[node.region],
+                private_key=keys[node.region][0],
                 node_config=node.node_config(),
                 trust=trust[node.region],
             )
@@ -714,7 +728,8 @@ def deploy_local(
         submitted = time.time()
         run_id = dep.submit(
             app_dir=app,
-            run_config={"experiment-config": str(config), "run-dir": str(run_dir), SIGNATURE_KEY: signature},
+            run_config={"experiment-config": str(config), "run-dir": str(run_dir), SIGNATURE_KEY: signature,
+                        "node-registry": str(registry.directory)},
         )
         report(f"run {run_id} submitted; streaming its log")
         if during_run is not None:

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcrm import wire
-from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError
+from fedcrm.errors import FedcrmError, RefusalError
 from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
 from fedcrm.region import NodeSettings, Region
 
@@ -99,8 +99,8 @@ def _with_trust(region: Region, msg: Message, content: RecordDict) -> RecordDict
     for key, value in trust.to_metrics(schema=schema).items():
         metrics[key] = value  # type: ignore[index]
     # The spend after this second answer, so the run's summary includes it.
-    metrics[wire.EPSILON] = region.epsilon(cfg)  # type: ignore[index]
-    metrics[wire.RUN_RELEASES] = sum(1 for e in region.ledger.events() if e.run_id == run_id)  # type: ignore[index]
+    metrics[wire.EPSILON] = region.epsilon(cfg)  # type: ignore[index,assignment]
+    metrics[wire.RUN_RELEASES] = sum(1 for e in region.ledger.events() if e.run_id == run_id)  # type: ignore[index,assignment]
     return content
 
 
@@ -127,9 +127,11 @@ def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
             f"{type(e).__name__}: the region's state or policy could not be read", type(e).__name__)})
     try:
         content = handler(region, msg)
-    except (PolicyError, PrivacyBudgetError) as e:
-        log.warning("%s", e)
-        content = RecordDict({wire.STATUS: status(region.name, wire.OUTCOME_REFUSED, str(e), type(e).__name__)})
+    except RefusalError as e:
+        # The server is told a fixed code; the words (exact counts below the policy's minimum, the
+        # ε spent) stay here: in this log and, through Region, in the region's audit log.
+        log.warning("region %s refuses (%s): %s", region.name, e.code, e)
+        content = RecordDict({wire.STATUS: status(region.name, wire.OUTCOME_REFUSED, e.code, type(e).__name__)})
     except Exception as e:  # noqa: BLE001 - a region reports, in general terms, every failure
         # The full message may quote a cell of the table: it stays in the region's log.
         log.error("region %s: %s: %s", region.name, type(e).__name__, e)

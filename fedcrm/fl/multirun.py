@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.errors import FederationError
 from fedcrm.fl.client import build_client_app
+from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
 from fedcrm.fl.simulation import NodeConfigs, client_processes, simulated_nodes
 
@@ -53,8 +55,13 @@ def _experiment_of(msg: Message) -> str:
     return run_id.rsplit("-", 1)[0]
 
 
-def cell_node_config(tables: dict[str, NodeConfigs]) -> Callable[[Message, Context, Callable[..., Message]], Message]:
+def cell_node_config(
+    tables: dict[str, NodeConfigs], *, registries: dict[str, NodeRegistry] | None = None
+) -> Callable[[Message, Context, Callable[..., Message]], Message]:
     """A client mod: the node config of the experiment named in the message's run id.
+
+    With ``registries`` (experiment -> its run's node registry), it records which region it assigned to
+    this node id, as :func:`fedcrm.fl.simulation.simulated_node_config` does.
 
     Keys another experiment set and this one lacks (a policy file) are removed: the node's context
     lives on between messages, and one cell's policy must not leak into the next.
@@ -66,6 +73,9 @@ def cell_node_config(tables: dict[str, NodeConfigs]) -> Callable[[Message, Conte
         if name not in tables:
             raise FederationError(f"simulated node: no node config for experiment `{name}`")
         pid = int(context.node_config["partition-id"])
+        registry = (registries or {}).get(name)
+        if registry is not None and registry.region_of(context.node_id) is None:
+            registry.record(node_id=context.node_id, region=tables[name][pid]["region"])
         for key in keys - set(tables[name][pid]):
             context.node_config.pop(key, None)
         context.node_config.update(tables[name][pid])
@@ -99,6 +109,10 @@ def run_many_simulated(
         raise FederationError("runs sharing one engine need distinct experiment names")
     tables = {r.cfg.name: simulated_nodes(r.cfg, state_root=r.state_root) for r in runs}
     n_nodes = sizes.pop()
+    registries = {r.cfg.name: NodeRegistry(r.run_dir / ".flwr" / "node-registry") for r in runs}
+    for registry in registries.values():
+        if registry.directory.exists():
+            shutil.rmtree(registry.directory)  # node ids are this engine's
     home = runs[0].run_dir.parent / ".flwr"
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -113,7 +127,8 @@ def run_many_simulated(
         for r in runs:
             outcome: Outcome
             try:
-                outcome = run_federation(grid, r.cfg, run_dir=r.run_dir, report=report)
+                outcome = run_federation(grid, r.cfg, run_dir=r.run_dir, report=report,
+                                         registry=registries[r.cfg.name])
             except Exception as e:  # one cell's failure is recorded; the sweep goes on
                 log.warning("run %s failed: %s", r.cfg.name, e)
                 outcome = e
@@ -121,7 +136,7 @@ def run_many_simulated(
             if on_done is not None:
                 on_done(r, outcome)
 
-    client_app = build_client_app(mods=[cell_node_config(tables)])
+    client_app = build_client_app(mods=[cell_node_config(tables, registries=registries)])
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": client_processes(n_nodes), "include_dashboard": False, "log_to_driver": False,

@@ -22,6 +22,7 @@ from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.schema import load_schema
 from fedcrm.errors import FederationError
 from fedcrm.fl.codec import extend, from_record, pack_constituents, plan_config, to_record
+from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.strategy import (
     GuardedStrategy,
     RoundEvents,
@@ -29,8 +30,9 @@ from fedcrm.fl.strategy import (
     build_strategy,
     pooled_evaluation,
     pooled_trust,
+    screen_claims,
 )
-from fedcrm.governance.audit_trail import audited_run
+from fedcrm.governance.audit_trail import audited_run, server_audit_log
 from fedcrm.models import build_model, get_weights
 from fedcrm.runs import RunDir, code_version, completed_rounds, load_weights
 
@@ -107,12 +109,15 @@ def run_federation(
     initial: dict[int, dict[str, np.ndarray]] | None = None,
     model_version: int = 1,
     resume: bool = False,
+    registry: NodeRegistry | None = None,
 ) -> dict[str, Any]:
     """Train (the given constituents of) the served model federatedly; return the run summary.
 
     With ``resume``, rounds already completed in ``run_dir`` (metrics.jsonl + checkpoints) are not
     trained again: each constituent continues from its last checkpoint, with the same run id and the
-    same per-round seeds, so the result equals an uninterrupted run.
+    same per-round seeds, so the result equals an uninterrupted run. ``registry`` says which node was
+    registered for which region: a reply claiming another region is rejected (without it, the regions'
+    own claims are taken, with a warning).
     """
     t0 = time.time()
     schema_text = cfg.schema_path.read_text(encoding="utf-8")
@@ -132,6 +137,8 @@ def run_federation(
     # Pre-flight: every region checks the plan against its policy and data, all at once.
     plan = plan_config(cfg, schema_text=schema_text, run_id=run_id)
     replies = _query(grid, nodes, extend(plan, {wire.ACTION: wire.ACTION_DESCRIBE}), timeout=timeout)
+    answered = {m.metadata.src_node_id for m in replies}
+    replies, misclaimed = screen_claims(replies, registry)
     described: dict[str, dict[str, float]] = {}
     refused: dict[str, str] = {}
     excluded: set[int] = set(nodes)
@@ -144,22 +151,24 @@ def run_federation(
             excluded.discard(msg.metadata.src_node_id)
         else:
             refused[region] = reason or outcome
-    for region, reason in refused.items():
+    for region, reason in {**refused, **misclaimed}.items():
         report(f"[pre-flight] region {region} will not take part: {reason}")
     if len(described) < cfg.federation.min_regions:
         raise FederationError(
             f"pre-flight: {len(described)} region(s) can take part, fewer than federation.min_regions = "
             f"{cfg.federation.min_regions}: " + "; ".join(f"{r}: {why}" for r, why in refused.items())
         )
-    notes = privacy_warnings(cfg, regions=len(described))
+    notes = privacy_warnings(cfg, regions=len(described)) + (
+        [] if registry is not None else ["no node registry: region names are the regions' own claims, unchecked"]
+    )
     for note in notes:
         report(f"[warning] {note}")
 
     shards = list(range(cfg.unlearning.shards)) if shards is None else shards
     constituents: dict[int, dict[str, np.ndarray]] = dict(initial or {})
     rounds_log: list[dict[str, Any]] = []
-    all_events: dict[str, dict[str, str]] = {"refused": dict(refused), "failed": {}, "rejected": {}}
-    for node in sorted(set(nodes) - set(node_regions)):
+    all_events: dict[str, dict[str, str]] = {"refused": dict(refused), "failed": {}, "rejected": dict(misclaimed)}
+    for node in sorted(set(nodes) - answered):
         all_events["failed"][f"node-{node}"] = "no reply to the pre-flight within the round timeout"
 
     for k in shards:
@@ -213,6 +222,7 @@ def run_federation(
             excluded_nodes=excluded,
             on_round=on_round,
             node_regions=node_regions,
+            registry=registry,
         )
         init = build_model(cfg.model, n_features=len(feature_names), seed=cfg.seed * 1000 + k)
 
@@ -241,6 +251,8 @@ def run_federation(
         arrays=pack_constituents(ordered),
         timeout=timeout,
     )
+    final, misclaimed = screen_claims(final, registry)
+    all_events["rejected"].update(misclaimed)
     per_region, pooled, skipped = pooled_evaluation(final)
     privacy = {}
     for region in cfg.regions:
@@ -275,6 +287,9 @@ def run_federation(
         "code_version": code_version(),
         "started": t0,  # when this run began (Unix seconds): metrics.jsonl's time_s counts from here
         "wall_time_s": round(time.time() - t0, 2),
+        # The server's audit log as this run found it (its run_started entry included): a later
+        # `fedcrm audit verify RUN_DIR/audit.log --expect-head` shows the log was not cut back or rewritten.
+        "audit_head": server_audit_log(run_dir).head(),
     }
     summary |= pooled_trust(final, schema=schema)  # fairness per group, feature importance
     run.write_summary(summary)

@@ -3,13 +3,15 @@ per region.
 
 In simulation the machine plays every data owner: a client mod gives each virtual node the
 node config its data owner would set on a real SuperNode (region, data file, state folder), looked
-up by Flower's partition id. The ClientApp's own code is the deployed one.
+up by Flower's partition id, and records in the run's node registry which node id it gave which
+region (the operator's registration, in deployment). The ClientApp's own code is the deployed one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.config import ExperimentConfig
 from fedcrm.fl.client import build_client_app
+from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
 
 NodeConfigs = dict[int, dict[str, str]]
@@ -34,11 +37,20 @@ def simulated_nodes(cfg: ExperimentConfig, *, state_root: Path) -> NodeConfigs:
     return nodes
 
 
-def simulated_node_config(nodes: NodeConfigs) -> Callable[[Message, Context, Callable[..., Message]], Message]:
-    """A client mod that sets the node config a real data owner would set, by partition id."""
+def simulated_node_config(
+    nodes: NodeConfigs, *, registry: NodeRegistry | None = None
+) -> Callable[[Message, Context, Callable[..., Message]], Message]:
+    """A client mod that sets the node config a real data owner would set, by partition id.
+
+    With ``registry``, it also records which region it assigned to this node id, before the node
+    answers: Flower's simulation picks node ids at random and tells the server only the ids, so the
+    one that assigns the regions is the one that can register them.
+    """
 
     def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         pid = int(context.node_config["partition-id"])
+        if registry is not None and registry.region_of(context.node_id) is None:
+            registry.record(node_id=context.node_id, region=nodes[pid]["region"])
         context.node_config.update(nodes[pid])
         return call_next(msg, context)
 
@@ -105,6 +117,11 @@ def run_simulated(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     _quiet_flower()
     nodes = simulated_nodes(cfg, state_root=state_root)
+    registry_dir = run_dir / ".flwr" / "node-registry"
+    if registry_dir.exists():
+        shutil.rmtree(registry_dir)  # node ids are this simulation's: an earlier run's are not registered
+    registry = NodeRegistry(registry_dir)
+    federation_kwargs.setdefault("registry", registry)
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
 
@@ -116,7 +133,7 @@ def run_simulated(
         except BaseException as e:  # re-raised below, in the caller's thread
             outcome["error"] = e
 
-    client_app = build_client_app(mods=[simulated_node_config(nodes), *client_mods])
+    client_app = build_client_app(mods=[simulated_node_config(nodes, registry=registry), *client_mods])
     # Ray starts as many actors as the CPUs it is given allow at 1 CPU each.
     actors = client_processes(len(nodes)) if processes is None else processes
     if actors < 1:

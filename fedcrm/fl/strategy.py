@@ -1,6 +1,7 @@
 """Flower strategies for fedcrm, and a guard that wraps any of them.
 
-The guard drops refusals and failures, rejects malformed updates (keys, shapes, dtype, non-finite
+The guard drops refusals and failures, rejects replies whose claimed region is not the one their node
+was registered for (:mod:`fedcrm.fl.registry`), malformed updates (keys, shapes, dtype, non-finite
 values), replayed updates (bit-for-bit equal to one already received) and updates that move the model
 too far (an absolute bound, or many times the round's median), each with a logged reason; it enforces
 the minimum number of regions per round, and turns the regions' hold-out histograms into pooled
@@ -35,6 +36,7 @@ from fedcrm.data.schema import Schema
 from fedcrm.errors import FederationError
 from fedcrm.evaluation.metrics import ScoreSummary
 from fedcrm.fl.codec import number
+from fedcrm.fl.registry import NodeRegistry
 
 log = logging.getLogger("fedcrm.server")
 
@@ -137,6 +139,39 @@ def _status(msg: Message) -> tuple[str, str, str]:
     return str(st[wire.REGION]), str(st[wire.OUTCOME]), str(st.get(wire.REASON, ""))
 
 
+def screen_claims(
+    replies: Iterable[Message], registry: NodeRegistry | None
+) -> tuple[list[Message], dict[str, str]]:
+    """The replies whose claimed region is the one their node was registered for, and the others' reasons.
+
+    A rejected reply is named by the region its node *was registered for* (or ``node-<id>`` when it was
+    never registered), never by the region it claims: a claim is what is being doubted. Without a
+    registry every claim is taken as given (``run_federation`` then warns). Error replies claim nothing
+    and pass through.
+    """
+    if registry is None:
+        return list(replies), {}
+    kept: list[Message] = []
+    rejected: dict[str, str] = {}
+    for msg in replies:
+        if msg.has_error():
+            kept.append(msg)
+            continue
+        node = msg.metadata.src_node_id
+        registered = registry.region_of(node)
+        st = msg.content.get(wire.STATUS)
+        claimed = None if st is None else str(st.get(wire.REGION, ""))
+        if registered is None:
+            rejected[f"node-{node}"] = (f"node {node} is not in the node registry: its reply claims region "
+                                        f"`{claimed}`, which nothing vouches for")
+        elif claimed is not None and claimed != registered:
+            rejected[registered] = (f"reply claims region `{claimed}`, but node {node} is registered for "
+                                    f"`{registered}`: rejected, nothing of it counted")
+        else:
+            kept.append(msg)
+    return kept, rejected
+
+
 def pooled_evaluation(
     replies: Iterable[Message],
 ) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:
@@ -204,6 +239,7 @@ class GuardedStrategy(Strategy):
         excluded_nodes: set[int],
         on_round: Callable[[int, RoundEvents, dict[str, dict[str, float]], dict[str, float]], None],
         node_regions: dict[int, str] | None = None,
+        registry: NodeRegistry | None = None,
         max_update_norm: float | None = None,
         outlier_norm_ratio: float | None = None,
     ) -> None:
@@ -215,6 +251,8 @@ class GuardedStrategy(Strategy):
         self.global_weights: dict[str, np.ndarray] = {}
         # node id -> region name (from the pre-flight), to name a region that was asked but never answered.
         self.node_regions = dict(node_regions or {})
+        # node id -> region as registered: a reply claiming another region is rejected (screen_claims).
+        self.registry = registry
         self.sent: dict[tuple[str, int], list[Message]] = {}
         self.min_regions = min_regions
         self.excluded_nodes = excluded_nodes
@@ -240,6 +278,7 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ev = self.events.setdefault(server_round, RoundEvents())
         replies = self._record_silent(ev, "training", self.sent.get(("train", server_round), []), list(replies))
+        replies = self._screen_claims(ev, replies)
         accepted = []
         for msg in replies:
             region, outcome, reason = _status(msg)
@@ -268,6 +307,15 @@ class GuardedStrategy(Strategy):
                 f"{ev.failed or 'none'}; rejected: {ev.rejected or 'none'}"
             )
         return self.inner.aggregate_train(server_round, accepted)
+
+    def _screen_claims(self, ev: RoundEvents, replies: list[Message]) -> list[Message]:
+        kept, rejected = screen_claims(replies, self.registry)
+        ev.rejected.update(rejected)
+        return kept
+
+    def _region_of(self, node: int) -> str:
+        registered = self.registry.region_of(node) if self.registry is not None else None
+        return registered or self.node_regions.get(node, f"node-{node}")
 
     def _malformed_or_replayed(self, update: ArrayRecord) -> str | None:
         if (why := check_update(update, expected=self.expected)) is not None:
@@ -323,25 +371,25 @@ class GuardedStrategy(Strategy):
             node = msg.metadata.src_node_id
             if node not in dst and msg.has_error() and msg.metadata.reply_to_message_id in by_id:
                 node = by_id[msg.metadata.reply_to_message_id]
-                region = self.node_regions.get(node, f"node-{node}")
+                region = self._region_of(node)
                 ev.failed.setdefault(region, f"{str(msg.error.reason)[:300]} ({phase})")
                 answered.add(node)
                 continue
             answered.add(node)
             kept.append(msg)
         for node in sorted(dst - answered):
-            region = self.node_regions.get(node, f"node-{node}")
+            region = self._region_of(node)
             ev.failed.setdefault(region, f"no reply within the round timeout ({phase})")
             log.warning("region %s: no reply within the round timeout (%s)", region, phase)
         return kept
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = self._record_silent(
-            self.events.setdefault(server_round, RoundEvents()),
-            "evaluation",
-            self.sent.get(("evaluate", server_round), []),
-            list(replies),
-        )
+        ev = self.events.setdefault(server_round, RoundEvents())
+        replies = self._record_silent(ev, "evaluation", self.sent.get(("evaluate", server_round), []), list(replies))
+        before = set(ev.rejected)
+        replies = self._screen_claims(ev, replies)
+        for region in sorted(set(ev.rejected) - before):
+            log.warning("round %d: region %s rejected: %s", server_round, region, ev.rejected[region])
         per_region, pooled, _ = pooled_evaluation(replies)
-        self.on_round(server_round, self.events.get(server_round, RoundEvents()), per_region, pooled)
+        self.on_round(server_round, ev, per_region, pooled)
         return MetricRecord(pooled) if pooled else None  # type: ignore[arg-type]

@@ -10,8 +10,11 @@ entry cannot be edited, removed, moved or inserted without breaking the chain at
 :func:`verify` reports with the line number as an editor shows it.
 
 What a bare hash chain cannot show: someone who rewrites the chain from some line to the end, or cuts
-whole entries off the end. To catch those, record the last entry's ``hash`` somewhere the log's writer
-cannot change (a run directory, a receipt handed to the data owner) and compare it later.
+whole entries off the end. To catch those, the log's **head** (the last entry's ``hash``, see
+:meth:`AuditLog.head`) is recorded where the log's writer cannot take it back: ``summary.json`` of a run,
+every erasure receipt handed to the data owner. ``verify(path, expect_head=H)`` (``fedcrm audit verify
+LOG --expect-head H``) then fails unless ``H`` is the hash of an intact entry of the chain: cutting that
+entry off, or rewriting the chain before it, loses ``H``. Entries appended since are fine.
 
 Customer ids never go into the log in clear: pass them through :func:`hash_customer_id` (or
 :meth:`AuditLog.customer_ref`) with the log's secret salt, kept next to the log in ``<log>.salt``.
@@ -26,7 +29,7 @@ import json
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -90,13 +93,17 @@ class VerifyReport:
     """The result of :func:`verify`.
 
     ``entries`` counts the entries that verified before the first problem (all of them when ``ok``);
-    ``first_bad_line`` is 1-based, as an editor shows it; ``problem`` is empty when ``ok``.
+    ``first_bad_line`` is 1-based, as an editor shows it; ``problem`` is empty when ``ok``. ``head`` is
+    the hash of the last intact entry (``GENESIS_PREV`` for none); ``anchored_seq`` the seq of the entry
+    whose hash was the expected head, when one was given and found.
     """
 
     ok: bool
     entries: int
     first_bad_line: int | None
     problem: str
+    head: str = GENESIS_PREV
+    anchored_seq: int | None = None
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -266,6 +273,9 @@ def _check(data: bytes) -> tuple[list[AuditEntry], VerifyReport]:
 
     good: list[AuditEntry] = []
     prev = GENESIS_PREV
+    def head() -> str:
+        return good[-1].hash if good else GENESIS_PREV
+
     for n, (raw, p) in enumerate(zip(raws, parsed, strict=True), start=1):
         problem: str | None
         if torn and n == len(raws):
@@ -285,8 +295,8 @@ def _check(data: bytes) -> tuple[list[AuditEntry], VerifyReport]:
                 good.append(p)
                 prev = line_digest(raw)
                 continue
-        return good, VerifyReport(ok=False, entries=len(good), first_bad_line=n, problem=problem)
-    return good, VerifyReport(ok=True, entries=len(good), first_bad_line=None, problem="")
+        return good, VerifyReport(ok=False, entries=len(good), first_bad_line=n, problem=problem, head=head())
+    return good, VerifyReport(ok=True, entries=len(good), first_bad_line=None, problem="", head=head())
 
 
 def _chain_problem(
@@ -321,8 +331,12 @@ def _chain_problem(
     return None
 
 
-def verify(path: str | os.PathLike[str]) -> VerifyReport:
-    """Check the whole chain of the audit log at ``path`` and say where it first breaks, if it does."""
+def verify(path: str | os.PathLike[str], *, expect_head: str | None = None) -> VerifyReport:
+    """Check the whole chain of the audit log at ``path`` and say where it first breaks, if it does.
+
+    With ``expect_head`` (a head recorded earlier), the chain must also hold an intact entry with that
+    hash: a log cut back before it, or rewritten from before it, fails.
+    """
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -330,15 +344,20 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         return VerifyReport(ok=False, entries=0, first_bad_line=None, problem=f"there is no audit log at {p}")
     except OSError as exc:
         raise StorageError(f"{p}: cannot read the audit log: {exc}") from exc
-    report = _check(data)[1]
+    good, report = _check(data)
     if not report.ok:
-        report = VerifyReport(
-            ok=False,
-            entries=report.entries,
-            first_bad_line=report.first_bad_line,
-            problem=f"{p}: {report.problem}",
-        )
-    return report
+        return replace(report, problem=f"{p}: {report.problem}")
+    if expect_head is None:
+        return report
+    seq = next((e.seq for e in good if e.hash == expect_head.strip().lower()), None)
+    if seq is None and expect_head.strip().lower() == GENESIS_PREV:
+        seq = -1  # the head of an empty log: every log descends from it
+    if seq is None:
+        return replace(report, ok=False, problem=(
+            f"{p}: the recorded head {expect_head} is not the hash of any entry: entries were cut off the "
+            f"end of the log or the chain was rewritten since that head was recorded (the log now has "
+            f"{report.entries} intact entries, head {report.head})"))
+    return replace(report, anchored_seq=seq)
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -424,6 +443,24 @@ class AuditLog:
         """Same as :func:`verify` on this log's path."""
         return verify(self.path)
 
+    def head(self) -> str:
+        """The last entry's hash (``GENESIS_PREV`` when empty): record it to anchor the log as it is now.
+
+        StorageError if the last line is torn or altered (then there is no head to vouch for).
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return GENESIS_PREV
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot read the audit log: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # not between an appender's tail read and its write
+            last = self._last_entry(fd)
+        finally:
+            os.close(fd)
+        return GENESIS_PREV if last is None else last.hash
+
     def customer_ref(self, customer_id: str) -> str:
         """The salted hash under which ``customer_id`` may appear in this log's details."""
         if self._salt is None:
@@ -432,9 +469,16 @@ class AuditLog:
 
     def _tail(self, fd: int) -> tuple[int, str]:
         """The next entry's (seq, prev), from the last line; StorageError if that line is not intact."""
+        last = self._last_entry(fd)
+        if last is None:
+            return 0, GENESIS_PREV
+        return last.seq + 1, line_digest(canonical_json(last.as_dict()))
+
+    def _last_entry(self, fd: int) -> AuditEntry | None:
+        """The entry on the last line (None for an empty log); StorageError if that line is not intact."""
         size = os.fstat(fd).st_size
         if size == 0:
-            return 0, GENESIS_PREV
+            return None
         last = _read_last_line(fd, size)
         if not last.endswith(b"\n"):
             n = _count_newlines(fd, size) + 1
@@ -454,7 +498,7 @@ class AuditLog:
                 f"`fedcrm.governance.audit_log.verify` on the file and restore it from a backup or "
                 f"investigate before writing to it again."
             )
-        return parsed.seq + 1, line_digest(raw)
+        return parsed
 
 
 def _read_last_line(fd: int, size: int) -> bytes:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedcrm import wire
 from fedcrm.errors import PolicyError
 from fedcrm.yamlio import load_yaml_model
 
@@ -70,7 +71,8 @@ class RegionPolicy(BaseModel):
         if self.allowed_purposes is not None and purpose not in self.allowed_purposes:
             raise PolicyError(
                 f"region {region}: purpose `{purpose}` is not allowed by the region's policy "
-                f"(allowed: {list(self.allowed_purposes)})"
+                f"(allowed: {list(self.allowed_purposes)})",
+                code=wire.REFUSED_PURPOSE,
             )
         denied = set(self.denied_columns.get(purpose, ()))
         if self.allowed_columns is not None:
@@ -79,7 +81,8 @@ class RegionPolicy(BaseModel):
         if bad:
             raise PolicyError(
                 f"region {region}: column `{bad[0]}` is not allowed for purpose `{purpose}`"
-                + (f" (nor {bad[1:]})" if len(bad) > 1 else "")
+                + (f" (nor {bad[1:]})" if len(bad) > 1 else ""),
+                code=wire.REFUSED_COLUMN,
             )
         if privacy_mode == "none":
             if not self.allow_non_private:
@@ -90,7 +93,8 @@ class RegionPolicy(BaseModel):
         elif self.required_privacy != "any" and privacy_mode != self.required_privacy:
             raise PolicyError(
                 f"region {region}: the policy requires privacy mode `{self.required_privacy}`, "
-                f"the run asks for `{privacy_mode}`"
+                f"the run asks for `{privacy_mode}`",
+                code=wire.REFUSED_PRIVACY_MODE,
             )
         if noise == "reproducible" and not self.allow_reproducible_noise:
             raise PolicyError(
@@ -112,7 +116,8 @@ class RegionPolicy(BaseModel):
         if noise_multiplier < self.min_noise_multiplier:
             raise PolicyError(
                 f"region {region}: the planned noise multiplier {noise_multiplier:.3f} is below the "
-                f"policy's floor {self.min_noise_multiplier:g} (ask for a smaller ε or more customers per step)"
+                f"policy's floor {self.min_noise_multiplier:g} (ask for a smaller ε or more customers per step)",
+                code=wire.REFUSED_NOISE,
             )
 
 

@@ -300,13 +300,17 @@ def forget(
             mark_stale(view.run_dir, entries)
         for r in requests:
             if r.runs[key].status == NOT_TRAINED:
-                record_receipt(view.run_dir, r)
+                record_receipt(view.run_dir, r, region_audit_head=audit.head())
     return requests
 
 
-def record_receipt(run_dir: Path, request: ErasureRequest) -> dict[str, Any]:
-    """Write the receipt JSON and its line in the run's history (once per request and model version)."""
-    receipt = request.receipt(run_dir)
+def record_receipt(run_dir: Path, request: ErasureRequest, *, region_audit_head: str) -> dict[str, Any]:
+    """Write the receipt JSON and its line in the run's history (once per request and model version).
+
+    ``region_audit_head`` is the region's audit log head once the erasure is recorded there: the data
+    owner can later show, with `fedcrm audit verify --expect-head`, that the log still holds that record.
+    """
+    receipt = request.receipt(run_dir) | {"region_audit_head": region_audit_head}
     atomic_write_json(Path(run_dir) / RECEIPTS_DIR / f"{request.request_id}.json", receipt)
     history = Path(run_dir) / HISTORY_FILE
     done = set()

@@ -453,16 +453,17 @@ def _serve_requests(plan: RetrainPlan) -> list[dict[str, Any]]:
                 entry.note = (f"shard {p.shard} retrained without the customer; the old constituent and its "
                               "checkpoints were overwritten and deleted")
                 store.save(req)
-            receipts.append(record_receipt(plan.run_dir, req))
-            if first:
+            region_log = region_audit_log(state_dir)
+            if first:  # audited before the receipt, so that the receipt's head covers this very entry
                 details = {"request_id": req.request_id, "customer": req.customer_ref, "region": p.region,
                            "run": plan.run_dir.name, "shard": p.shard, "model_version": plan.target_version,
                            "epsilon_before": before, "epsilon_after": after}
-                region_audit_log(state_dir).append(actor=node_actor(p.region), action=AuditAction.ERASURE_SERVED,
-                                                   details=_finite(details))
+                region_log.append(actor=node_actor(p.region), action=AuditAction.ERASURE_SERVED,
+                                  details=_finite(details))
                 server_audit_log(plan.run_dir).append(actor=SERVER_ACTOR, action=AuditAction.ERASURE_SERVED,
                                                       details=_finite({k: v for k, v in details.items()
                                                                        if k != "customer"}))
+            receipts.append(record_receipt(plan.run_dir, req, region_audit_head=region_log.head()))
         else:
             # A consent withdrawal (or a request known only from the marker): the run's history records it.
             row = {"request_id": p.request_id, "kind": p.kind, "region": p.region, "customer_ref": p.customer_ref,

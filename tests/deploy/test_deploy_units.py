@@ -22,15 +22,6 @@ from fedcrm.deploy.local import Component, free_port, node_config_arg, region_no
 from fedcrm.errors import ConfigError
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower stamps new messages with the process's task identity (set by the SuperLink/SuperNode)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def test_fab_holds_code_and_configs_only() -> None:
     """What `flwr run` ships: small, no data, no run folders, no state, no tests (data/ etc. are gitignored)."""
     from flwr.cli.build import build_fab_from_disk
@@ -221,22 +212,45 @@ def test_a_region_that_never_replies_is_named_in_the_round_events() -> None:
         "no reply within the round timeout (evaluation)")}
 
 
-def test_certs_command_writes_the_bundle_and_never_overwrites(tmp_path: Path) -> None:
+def test_certs_commands_split_the_operators_files_from_the_data_owners_key(tmp_path: Path) -> None:
+    """`certs node-key` on the owner's host; `certs` (operator) takes only the public key."""
+    import stat
+
     from typer.testing import CliRunner
 
     from fedcrm.cli import app
 
-    args = ["certs", "--out", str(tmp_path / "c"), "--regions", "eu,us,apac", "--host", "link.example.org"]
+    owner = CliRunner().invoke(app, ["certs", "node-key", "--out", str(tmp_path / "eu-host"), "--region", "eu"])
+    assert owner.exit_code == 0, owner.output
+    private, public = tmp_path / "eu-host" / "supernode-eu.key", tmp_path / "eu-host" / "supernode-eu.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert public.read_text().split()[0] in owner.output  # the line to send to the operator
+    args = ["certs", "--out", str(tmp_path / "c"), "--node-public-key", f"eu={public}", "--host", "link.example.org",
+            "--ca-valid-days", "365", "--valid-days", "90"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    names = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert names == sorted(
-        ["ca.key", "ca.crt", "server.key", "server.crt"]
-        + [f"supernode-{r}.{ext}" for r in ("eu", "us", "apac") for ext in ("key", "pub")]
-    )
-    assert "keep it offline" in res.output
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
+    assert "keep it offline" in res.output and "valid 365 days" in res.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "refusing to overwrite" in again.output
+    bad = CliRunner().invoke(app, ["certs", "--out", str(tmp_path / "d"), "--node-public-key", str(public)])
+    assert bad.exit_code == 2 and "REGION=PATH" in bad.output
+
+
+def test_register_node_records_the_region_a_node_id_speaks_for(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+    from fedcrm.fl.registry import NodeRegistry
+
+    reg = tmp_path / "registry"
+    res = CliRunner().invoke(
+        app, ["deploy", "register-node", "--registry", str(reg), "--region", "eu", "--node-id", "7"])
+    assert res.exit_code == 0, res.output
+    assert NodeRegistry(reg).regions() == {7: "eu"}
+    moved = CliRunner().invoke(
+        app, ["deploy", "register-node", "--registry", str(reg), "--region", "us", "--node-id", "7"])
+    assert moved.exit_code == 2 and "already registered for region `eu`" in moved.output
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -23,9 +23,11 @@ import pytest
 import yaml
 from conftest import write_tiny_config
 
+from fedcrm import wire
 from fedcrm.config import load_config
-from fedcrm.deploy.certs import create_certificates
+from fedcrm.deploy.certs import create_certificates, create_node_key
 from fedcrm.deploy.local import COMPLETED, LocalDeployment, default_app_dir, deploy_local, region_nodes
+from fedcrm.governance.audit_log import verify
 from fedcrm.privacy.ledger import PrivacyLedger
 from fedcrm.runs import read_metrics
 
@@ -81,15 +83,14 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
     from fedcrm.runs import load_weights
 
     cfg_path = write_tiny_config(tmp_path, regions={"eu": 500, "us": 400, "apac": 400})
-    foreign = create_certificates(out_dir=tmp_path / "foreign-ca", regions=["eu"])  # same region name, other CA
-    rogue = create_certificates(out_dir=tmp_path / "rogue", regions=["rogue"])  # key never registered
+    foreign = create_certificates(out_dir=tmp_path / "foreign-ca")  # a node trusting another CA
+    foreign_key, _ = create_node_key(out_dir=tmp_path / "foreign-ca", region="eu")  # same region name
+    rogue_key, _ = create_node_key(out_dir=tmp_path / "rogue", region="rogue")  # key never registered
     outcomes: dict[str, tuple[int | None, str]] = {}
 
     def start_rogues(dep: LocalDeployment) -> None:
-        unregistered = dep.start_supernode("rogue", private_key=rogue.supernode_private_keys["rogue"])
-        wrong_ca = dep.start_supernode(
-            "foreign-ca", private_key=foreign.supernode_private_keys["eu"], root_certificates=foreign.ca_cert
-        )
+        unregistered = dep.start_supernode("rogue", private_key=rogue_key)
+        wrong_ca = dep.start_supernode("foreign-ca", private_key=foreign_key, root_certificates=foreign.ca_cert)
         deadline = time.time() + 240
         while time.time() < deadline and (unregistered.alive() or wrong_ca.alive()):
             time.sleep(1)
@@ -121,6 +122,13 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
     summary = result.summary
     assert summary is not None
     assert summary["events"] == {"refused": {}, "failed": {}, "rejected": {}}
+    # Each region's key was made in its own folder; the operator's holds no region's private key. The
+    # server checked every reply against the registry deploy_local recorded (no "unchecked" warning).
+    assert sorted(p.name for p in (tmp_path / "work" / "certs").iterdir()) == [
+        "ca.crt", "ca.key", "server.crt", "server.key"]
+    assert all((tmp_path / "work" / "regions" / r / f"supernode-{r}.key").is_file() for r in ("eu", "us", "apac"))
+    assert not any("no node registry" in w for w in summary["warnings"])
+    assert verify(result.run_dir / "audit.log", expect_head=summary["audit_head"]).ok
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     assert all(set(r["epsilon"]) == {"eu", "us", "apac"} for r in rows)
@@ -165,16 +173,15 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
     state = tmp_path / "state"
     workdir = tmp_path / "work"
     nodes = {n.region: n for n in region_nodes(cfg, state_root=state, data_dir=workdir / "data")}
-    certs = create_certificates(out_dir=workdir / "certs", regions=list(nodes))
+    certs = create_certificates(out_dir=workdir / "certs")
+    keys = {r: create_node_key(out_dir=workdir / "regions" / r, region=r) for r in nodes}
     seen: dict[str, object] = {}
     with LocalDeployment(workdir=workdir, certs=certs, report=lambda s: None) as dep:
         dep.start_superlink()
-        ids = {r: dep.register(certs.supernode_public_keys[r]) for r in nodes}
+        ids = {r: dep.register(keys[r][1]) for r in nodes}
 
         def start(region: str) -> None:
-            dep.start_supernode(
-                region, private_key=certs.supernode_private_keys[region], node_config=nodes[region].node_config()
-            )
+            dep.start_supernode(region, private_key=keys[region][0], node_config=nodes[region].node_config())
 
         for region in nodes:
             start(region)
@@ -337,7 +344,7 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
 
     # -- the policy refusal, recorded in summary.json; the run went on without apac ------------------
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    reason = "region apac: column `nps_score` is not allowed for purpose `churn`"
+    reason = wire.REFUSED_COLUMN  # the words ("column `nps_score` ...") stay in apac's audit log
     assert summary["events"]["refused"] == {"apac": reason}
     assert summary["privacy"]["apac"]["refused"] == reason
     assert set(summary["final_metrics_by_region"]) == {"eu", "us"}

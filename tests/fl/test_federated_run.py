@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import write_tiny_config
 
+from fedcrm import wire
 from fedcrm.config import load_config
 from fedcrm.fl.simulation import run_simulated
 from fedcrm.privacy.ledger import PrivacyLedger
@@ -122,8 +123,9 @@ def test_policy_and_budget_refusals_are_reported_and_the_run_goes_on(tmp_path: P
     lines: list[str] = []
     summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lines.append)
 
-    assert "purpose `churn` is not allowed" in summary["privacy"]["us"]["refused"]
-    assert "over the budget 0.5" in summary["privacy"]["apac"]["refused"]
+    # Fixed codes on the wire; the words, with the ε figures, stay in each region's audit log.
+    assert summary["privacy"]["us"]["refused"] == wire.REFUSED_PURPOSE
+    assert summary["privacy"]["apac"]["refused"] == wire.REFUSED_BUDGET
     assert summary["privacy"]["eu"]["refused"] is None
     assert any("region us will not take part" in ln for ln in lines)
     # Refused regions spent nothing; the one that trained did.
@@ -142,7 +144,7 @@ def test_a_run_stops_with_the_reasons_when_too_few_regions_can_take_part(tmp_pat
     path = write_tiny_config(
         tmp_path, overrides={"policies": {"eu": str(deny), "us": str(deny)}, "federation.min_regions": 1}
     )
-    with pytest.raises(FederationError, match="purpose `churn` is not allowed"):
+    with pytest.raises(FederationError, match=wire.REFUSED_PURPOSE):
         run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state",
                       report=lambda s: None)
 

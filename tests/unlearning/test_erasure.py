@@ -156,6 +156,19 @@ def test_the_retrain_is_charged_to_the_stale_shard_only(erased: dict[str, Any]) 
     assert sorted(p.stem for p in (erased["run"] / "receipts").glob("*.json")) == sorted(erased["requests"])
 
 
+def test_each_receipt_anchors_the_regions_audit_log_at_its_erasure(erased: dict[str, Any]) -> None:
+    """The receipt's head is an entry of eu's audit log at or after that request's `erasure_served`."""
+    from fedcrm.governance.audit_log import AuditLog, verify
+
+    log = erased["state"] / "eu" / "audit.log"
+    entries = AuditLog(log).entries()
+    for r in erased["result"].receipts:
+        report = verify(log, expect_head=r["region_audit_head"])
+        assert report.ok, report.problem
+        served = [e.seq for e in entries if e.action == "erasure_served" and e.details["request_id"] == r["request_id"]]
+        assert served and report.anchored_seq is not None and report.anchored_seq >= served[0]
+
+
 def test_forgotten_ids_appear_nowhere_in_the_run_receipts_state_or_logs(erased: dict[str, Any]) -> None:
     files = [p for p in erased["run"].rglob("*") if p.is_file()]
     files += [p for p in erased["state"].rglob("*") if p.is_file()]
