@@ -296,6 +296,9 @@ _unlearning_commands.register(app)
 from fedcrm.commands import deploy as _deploy_commands  # noqa: E402
 
 _deploy_commands.register(app)
+from fedcrm.commands import score as _score_commands  # noqa: E402
+
+_score_commands.register(app)
 
 
 def main() -> None:

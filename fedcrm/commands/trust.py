@@ -25,13 +25,6 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(EXIT_ERROR)
 
 
-def _region_paths(config: dict[str, Any], region: str) -> tuple[Path | None, Path | None]:
-    """The region's data file and policy as the (simulated) run recorded them, if it did."""
-    data = config.get("regions", {}).get(region)
-    policy = config.get("policies", {}).get(region)
-    return (Path(data) if data else None), (Path(policy) if policy else None)
-
-
 def explain(
     region: Annotated[str, typer.Option(help="Your region (its forgotten customers are never explained).")],
     customer_id: Annotated[str, typer.Option("--customer-id", help="The customer to explain.")],
@@ -60,11 +53,10 @@ def explain(
 
     try:
         served = ServedModel.load(model)
-        data_path, _ = _region_paths(served.config, region)
-        data_path = data or data_path
+        data_path = data or served.region_data(region)
         if data_path is None:
             raise ConfigError(f"the run does not record a data file for region {region}: pass --data")
-        schema_path = schema or (Path(served.config["schema"]) if served.config.get("schema") else None)
+        schema_path = schema or served.schema_path()
         if schema_path is None:
             raise ConfigError("the run does not record its schema: pass --schema")
         sch = load_schema(schema_path)

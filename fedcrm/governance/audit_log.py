@@ -51,6 +51,7 @@ class AuditAction(str, Enum):
     EXPORT_REQUESTED = "export_requested"
     EXPORT_SERVED = "export_served"
     MODEL_PUBLISHED = "model_published"
+    MODEL_SCORED = "model_scored"  # `fedcrm score` at a region: counts and model version, never ids
 
 
 ACTIONS: frozenset[str] = frozenset(a.value for a in AuditAction)
