@@ -13,6 +13,7 @@ import typer
 
 from fedcrm.commands import audit
 from fedcrm.commands.audit import audit_app
+from fedcrm.commands.common import EXIT_CHECK_FAILED, exit_with
 from fedcrm.errors import FedcrmError
 
 consent_app = typer.Typer(help="Consent per purpose: withdraw a customer's consent to one purpose.",
@@ -29,10 +30,7 @@ CustomerOpt = Annotated[str, typer.Option("--customer-id", help="The customer's 
 
 
 def _fail(e: Exception) -> None:
-    from fedcrm.cli import console
-
-    console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(2)
+    exit_with(e)
 
 
 @consent_app.command("withdraw")
@@ -121,6 +119,7 @@ def export(
 
 def audit_verify(
     log: Annotated[Path, typer.Argument(help="An audit log (STATE/REGION/audit.log, RUN_DIR/audit.log).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
 ) -> None:
     """Check an audit log's hash chain: prints OK, or the first entry altered, removed or reordered (exit 1)."""
     from fedcrm.cli import out
@@ -132,11 +131,17 @@ def audit_verify(
         report = verify(log)
     except FedcrmError as e:
         _fail(e)
-    if report.ok:
+    if as_json:
+        import dataclasses
+        import json
+
+        out.print_json(json.dumps({"log": str(log), **dataclasses.asdict(report)}))
+    elif report.ok:
         out.print(f"OK: {log}: {report.entries} entries, chain intact")
-        return
-    out.print(f"BAD: {report.problem}", highlight=False)
-    raise typer.Exit(1)
+    else:
+        out.print(f"BAD: {report.problem}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,17 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcrm.commands import audit
+from fedcrm.commands.common import EXIT_PRIVACY_REFUSAL, console, exit_with
 from fedcrm.errors import ConfigError, DataError, FedcrmError, PolicyError
 
-console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
-EXIT_ERROR = 2
-EXIT_PRIVACY_VIOLATION = 3
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(EXIT_ERROR)
+    exit_with(e)
 
 
 def explain(
@@ -172,7 +169,7 @@ def audit_privacy(
             "release this model, and report it."
         )
     if bad:
-        raise typer.Exit(EXIT_PRIVACY_VIOLATION)
+        raise typer.Exit(EXIT_PRIVACY_REFUSAL)
     if not as_json and any(math.isfinite(res["auc"]) and res["auc"] > 0.6 for res in results.values()):
         console.print("[yellow]note:[/] an attack AUC above 0.6 means the model measurably remembers its "
                       "training customers.")
