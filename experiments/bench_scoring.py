@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,14 +61,15 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import pandas as pd
 
-    from fedcrm.data.synthetic import generate
     from fedcrm.scoring import ScoringModel, score_region
     from fedcrm.unlearning.tombstones import Tombstones
 
     data_dir = args.out / f"data-{args.customers}"
     if not (data_dir / "eu.csv").exists():
         t = time.perf_counter()
-        generate(regions=["eu"], customers=args.customers, seed=0, out_dir=data_dir)
+        # In a child process: generating holds the whole table, which would hide this one's peak memory.
+        subprocess.run([sys.executable, "-m", "fedcrm.cli", "data", "synth", "--regions", "eu", "--customers",
+                        str(args.customers), "--seed", "0", "--out", str(data_dir)], check=True, cwd=REPO)
         print(f"wrote {args.customers} synthetic customers in {time.perf_counter() - t:.1f} s", flush=True)
     data = data_dir / "eu.csv"
     run_dir, state = args.out / f"run-{args.model}", args.out / "state" / "eu"

@@ -109,7 +109,8 @@ def data_validate(
     if as_json:
         out.print_json(json.dumps(report))
         return
-    out.print(f"[bold]{file}[/]: {report['rows_read']} rows read, {report['rows_kept']} kept")
+    read_as = f", read with delimiter {report['delimiter']!r}" if report.get("delimiter") else ""
+    out.print(f"[bold]{file}[/]: {report['rows_read']} rows read, {report['rows_kept']} kept{read_as}", highlight=False)
     for why, n in report["rows_dropped"].items():
         out.print(f"  dropped {n} rows: {why}")
     t = Table("column", "issue", "rows")

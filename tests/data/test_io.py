@@ -465,3 +465,31 @@ def test_an_id_repeated_in_a_later_chunk_is_refused_with_both_lines(tmp_path: Pa
         for _ in iter_table(path, SYNTH, chunk_rows=1000):
             pass
     assert f"customer id {first_id!r} appears" in str(info.value) and "lines 2, 2201" in str(info.value)
+
+
+def test_telco_as_a_european_spreadsheet_exports_it_loads_like_the_original(tmp_path: Path) -> None:
+    from conftest import REPO, SHARED_DATA
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+
+    source = SHARED_DATA / "telco_customer_churn.csv"
+    if not source.exists():
+        pytest.skip(f"the public Telco table is not at {source} (set FEDCRM_SHARED_DATA)")
+    telco = load_schema(REPO / "configs" / "schemas" / "telco_churn.yaml")  # declares delimiter ","
+    eu = tmp_path / "telco_eu.csv"
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    frame.to_csv(eu, sep=";", index=False, lineterminator="\r\n", encoding="utf-8-sig")
+    assert eu.read_bytes().startswith(b"\xef\xbb\xbf") and b";" in eu.read_bytes()[:200]
+    assert b"\r\n" in eu.read_bytes()[:2000]
+    original, exported = load_table(source, telco), load_table(eu, telco)
+    assert exported.ids.tolist() == original.ids.tolist()
+    pd.testing.assert_frame_equal(exported.values, original.values)
+    assert (exported.report.delimiter, original.report.delimiter) == (";", ",")
+    chunks = list(iter_table(eu, telco, chunk_rows=2000))
+    assert np.concatenate([c.ids for c in chunks]).tolist() == original.ids.tolist()
+    assert chunks[-1].report.delimiter == ";"
+    result = CliRunner().invoke(app, ["data", "validate", "--schema", str(REPO / "configs" / "schemas" /
+                                                                         "telco_churn.yaml"), str(eu), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["delimiter"] == ";"
