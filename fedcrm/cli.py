@@ -9,14 +9,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from fedcrm.errors import FedcrmError
+from fedcrm.commands.common import EXIT_INTERRUPTED, console, exit_with
+from fedcrm.errors import ConfigError, FedcrmError
 
-console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # inherited by every group and command below
 app = typer.Typer(
+    context_settings=HELP_OPTIONS,
     help="fedcrm: train customer models (churn, propensity) across regions without moving customer data, "
     "with differential privacy, an exact privacy ledger and erasure by retraining.",
     no_args_is_help=True,
@@ -24,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(
+    context_settings=HELP_OPTIONS,
     help="Customer tables: validate against a schema, split into regions, generate synthetic data.",
     no_args_is_help=True,
 )
@@ -46,8 +48,40 @@ def _progress(line: str) -> None:
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {escape(str(e))}")
-    raise typer.Exit(2)
+    exit_with(e)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedcrm import __version__
+
+        out.print(f"fedcrm {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print fedcrm's version and exit.")
+    ] = False,
+) -> None:
+    """Exit codes: 0 ok, 1 a check failed, 2 usage or input error, 3 privacy refusal, 130 interrupted."""
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs as a dict, each value typed by YAML (``20`` int, ``1e-5`` float, ``[a, b]``)."""
+    import yaml
+
+    found: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set training.rounds=20")
+        try:
+            found[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({e})") from None
+    return found
 
 
 @data_app.command("validate")
@@ -74,7 +108,8 @@ def data_validate(
     if as_json:
         out.print_json(json.dumps(report))
         return
-    out.print(f"[bold]{file}[/]: {report['rows_read']} rows read, {report['rows_kept']} kept")
+    read_as = f", read with delimiter {report['delimiter']!r}" if report.get("delimiter") else ""
+    out.print(f"[bold]{file}[/]: {report['rows_read']} rows read, {report['rows_kept']} kept{read_as}", highlight=False)
     for why, n in report["rows_dropped"].items():
         out.print(f"  dropped {n} rows: {why}")
     t = Table("column", "issue", "rows")
@@ -170,6 +205,12 @@ def run(
             "8 regions, at most one per core; more only pays off when regions have large tables."
         ),
     ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="KEY=VALUE replacing a config key (repeatable), typed as YAML and validated "
+                     "like the file, e.g. --set training.rounds=20 --set privacy.target_epsilon=1."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary as one JSON document.")] = False,
 ) -> None:
     """Train a model across regions in simulation (one virtual Flower SuperNode per region).
 
@@ -182,6 +223,8 @@ def run(
 
     try:
         cfg = load_config(config)
+        if overrides:
+            cfg = cfg.with_overrides(parse_overrides(overrides), source=f"{config} --set")
         run_dir = out_dir or cfg.output_dir / cfg.name
         cfg = materialise_regions(cfg, data_dir=run_dir / "regions")
         console.print(
@@ -202,6 +245,9 @@ def run(
             console.print(f"tracked in MLflow run {log_run(cfg, run_dir, summary)}")
     except FedcrmError as e:
         _fail(e)
+    if as_json:
+        out.print_json(json.dumps({"run_dir": str(run_dir), **summary}, default=str))
+        return
     _print_summary(summary, run_dir)
 
 
@@ -311,6 +357,9 @@ _deploy_commands.register(app)
 from fedcrm.commands import bundle as _bundle_commands  # noqa: E402
 
 _bundle_commands.register(app)
+from fedcrm.commands import score as _score_commands  # noqa: E402
+
+_score_commands.register(app)
 
 
 def main() -> None:
@@ -318,7 +367,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         console.print("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ def write_atomically(
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise storage_error(path, what, exc, then=then) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a writer that streams (fedcrm score) can fail half-way for other causes
+        raise
 
 
 def write_text_atomically(path: Path, text: str, *, what: str, then: str = "", mode: int = 0o666) -> None:

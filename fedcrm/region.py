@@ -25,6 +25,7 @@ from fedcrm.evaluation.trust import TrustSummary
 from fedcrm.governance.audit_log import AuditAction
 from fedcrm.governance.audit_trail import finite, node_actor, record_policy_if_changed, region_audit_log
 from fedcrm.governance.consent import ConsentWithdrawals
+from fedcrm.governance.eligibility import usable_for
 from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, ensemble_proba, get_weights, set_weights
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
@@ -150,21 +151,8 @@ class Region:
     def _load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
         # The table itself is not cached: the encoded result is what is kept, and keeping the table
         # too would double the rows held for each region and evict sooner.
-        table = load_table(self.settings.data_path, schema)
-        counts = {"customers_in_table": len(table)}
-        forgotten = self.tombstones.mask(table.ids)
-        counts["forgotten"] = int(forgotten.sum())
-        table = table.subset(~forgotten)
-        consent = schema.consent_for(cfg.task)
-        if consent is not None:
-            granted = table.consent[cfg.task].to_numpy(dtype=bool)
-            counts["excluded_no_consent"] = int((~granted).sum())
-            table = table.subset(granted)
-        # Withdrawn consent holds even when a re-imported table still says yes (fedcrm consent withdraw).
-        withdrawn = self.consent_withdrawals.mask(table.ids, purpose=cfg.task)
-        if withdrawn.any():
-            counts["excluded_no_consent"] = counts.get("excluded_no_consent", 0) + int(withdrawn.sum())
-            table = table.subset(~withdrawn)
+        table, counts = usable_for(load_table(self.settings.data_path, schema), purpose=cfg.task,
+                                   tombstones=self.tombstones, withdrawals=self.consent_withdrawals)
         if len(table) == 0:
             raise DataError(
                 f"region {self.name}: no customer can be used for purpose `{cfg.task}` "

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The public tables live outside the repository; FEDCRM_SHARED_DATA points elsewhere (a worktree).
+SHARED_DATA = Path(os.environ.get("FEDCRM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 

@@ -13,6 +13,7 @@ import typer
 
 from fedcrm.commands import audit
 from fedcrm.commands.audit import audit_app
+from fedcrm.commands.common import EXIT_CHECK_FAILED, exit_with
 from fedcrm.errors import FedcrmError
 
 consent_app = typer.Typer(help="Consent per purpose: withdraw a customer's consent to one purpose.",
@@ -29,10 +30,7 @@ CustomerOpt = Annotated[str, typer.Option("--customer-id", help="The customer's 
 
 
 def _fail(e: Exception) -> None:
-    from fedcrm.cli import console
-
-    console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(2)
+    exit_with(e)
 
 
 @consent_app.command("withdraw")
@@ -129,6 +127,7 @@ def audit_verify(
             "unless the log still holds that entry, i.e. was neither cut back nor rewritten since.",
         ),
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
 ) -> None:
     """Check an audit log's hash chain and print its head: OK, or the first entry altered, removed or
     reordered, or a recorded head the log no longer holds (exit 1)."""
@@ -141,7 +140,12 @@ def audit_verify(
         report = verify(log, expect_head=expect_head)
     except FedcrmError as e:
         _fail(e)
-    if report.ok:
+    if as_json:
+        import dataclasses
+        import json
+
+        out.print_json(json.dumps({"log": str(log), **dataclasses.asdict(report)}))
+    elif report.ok:
         anchored = ""
         if report.anchored_seq == -1:
             anchored = "; the expected head is the empty log's"
@@ -150,9 +154,10 @@ def audit_verify(
             anchored = f"; the expected head is entry seq {report.anchored_seq}, {since} entries written since"
         out.print(f"OK: {log}: {report.entries} entries, chain intact{anchored}", highlight=False)
         out.print(f"head: {report.head}", highlight=False)
-        return
-    out.print(f"BAD: {report.problem}", highlight=False)
-    raise typer.Exit(1)
+    else:
+        out.print(f"BAD: {report.problem}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def register(app: typer.Typer) -> None:

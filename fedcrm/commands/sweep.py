@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -9,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from fedcrm.commands.common import EXIT_CHECK_FAILED, console, exit_with
 from fedcrm.errors import FedcrmError
 
-console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
                          "a fresh engine per cell. Default: the sweep file's `engine`."),
         ] = None,
         report: Annotated[bool, typer.Option(help="Write the sweep report (HTML + Markdown) at the end.")] = True,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the cells' results as one JSON document.")] = False,
     ) -> None:
         """Run a grid of experiments × seeds: one run folder and one state folder per cell.
 
@@ -51,11 +53,16 @@ def register(app: typer.Typer) -> None:
                 html_path, _ = write_sweep_report(sweep_dir)
                 console.print(f"report: {html_path}")
         except FedcrmError as e:
-            console.print(f"[bold red]error:[/] {e}")
-            raise typer.Exit(2) from None
+            exit_with(e)
         failed = df[df["status"] == "failed"]
+        if as_json:
+            out.print_json(json.dumps({"sweep_dir": str(sweep_dir), "cells": len(df), "failed": len(failed),
+                                       "results": json.loads(df.to_json(orient="records"))}))
+            if len(failed):
+                raise typer.Exit(EXIT_CHECK_FAILED)
+            return
         out.print(f"{len(df)} cells, {len(df) - len(failed)} done, {len(failed)} failed -> {sweep_dir}/results.csv")
         for _, row in failed.iterrows():
             out.print(f"  [red]failed[/] {escape(str(row['cell']))}: {escape(str(row['error']))}")
         if len(failed):
-            raise typer.Exit(1)
+            raise typer.Exit(EXIT_CHECK_FAILED)

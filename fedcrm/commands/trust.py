@@ -12,24 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcrm.commands import audit
+from fedcrm.commands.common import EXIT_PRIVACY_REFUSAL, console, exit_with
 from fedcrm.errors import ConfigError, DataError, FedcrmError, PolicyError
 
-console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
-EXIT_ERROR = 2
-EXIT_PRIVACY_VIOLATION = 3
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(EXIT_ERROR)
-
-
-def _region_paths(config: dict[str, Any], region: str) -> tuple[Path | None, Path | None]:
-    """The region's data file and policy as the (simulated) run recorded them, if it did."""
-    data = config.get("regions", {}).get(region)
-    policy = config.get("policies", {}).get(region)
-    return (Path(data) if data else None), (Path(policy) if policy else None)
+    exit_with(e)
 
 
 def explain(
@@ -60,11 +50,10 @@ def explain(
 
     try:
         served = ServedModel.load(model)
-        data_path, _ = _region_paths(served.config, region)
-        data_path = data or data_path
+        data_path = data or served.region_data(region)
         if data_path is None:
             raise ConfigError(f"the run does not record a data file for region {region}: pass --data")
-        schema_path = schema or (Path(served.config["schema"]) if served.config.get("schema") else None)
+        schema_path = schema or served.schema_path()
         if schema_path is None:
             raise ConfigError("the run does not record its schema: pass --schema")
         sch = load_schema(schema_path)
@@ -180,7 +169,7 @@ def audit_privacy(
             "release this model, and report it."
         )
     if bad:
-        raise typer.Exit(EXIT_PRIVACY_VIOLATION)
+        raise typer.Exit(EXIT_PRIVACY_REFUSAL)
     if not as_json and any(math.isfinite(res["auc"]) and res["auc"] > 0.6 for res in results.values()):
         console.print("[yellow]note:[/] an attack AUC above 0.6 means the model measurably remembers its "
                       "training customers.")

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from fedcrm.commands.common import exit_with
 from fedcrm.errors import FedcrmError, UnlearningError
 
 StateOpt = Annotated[
@@ -21,10 +22,7 @@ StateOpt = Annotated[
 
 
 def _fail(e: Exception) -> None:
-    from fedcrm.cli import console
-
-    console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(2)
+    exit_with(e)
 
 
 def read_id_file(path: Path) -> list[str]:
@@ -113,10 +111,17 @@ def _print_receipts(receipts: list[dict[str, Any]]) -> None:
     out.print(t)
 
 
-def _retrain_and_print(run_dir: Path, state_root: Path) -> None:
+def _retrain_and_print(run_dir: Path, state_root: Path, *, as_json: bool = False) -> None:
+    import json
+
     from fedcrm.cli import console, out
 
     result = retrain_run(run_dir, state_root=state_root, report=lambda s: console.print(s))
+    if as_json:
+        out.print_json(json.dumps({"run_dir": str(run_dir), "stale": result.stale,
+                                   "model_version": result.model_version, "resumed": result.resumed,
+                                   "receipts": result.receipts, "warnings": result.warnings}, default=str))
+        return
     if not result.stale:
         out.print(f"{run_dir}: no erasure is pending; model version {result.model_version} stays served")
         return
@@ -146,6 +151,7 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Path | None, typer.Option("--data", help="The region's table (default: from --run).")] = None,
         schema: Annotated[Path | None, typer.Option("--schema", help="Its schema (default: from --run).")] = None,
         operator: Annotated[str | None, typer.Option("--operator", help="Who asks, for the audit log.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the requests as one JSON document.")] = False,
     ) -> None:
         """Forget customers at their region (GDPR Art. 17, CCPA deletion).
 
@@ -161,6 +167,17 @@ def register(app: typer.Typer) -> None:
             runs = list(run or [])
             requests = forget_customers(region=region, customer_ids=ids, state_root=state, runs=runs, data=data,
                                         schema=schema, actor=operator)
+            if as_json:
+                import json
+
+                out.print_json(json.dumps({"region": region, "requests": [
+                    {"request_id": req.request_id, "runs": {key: {"status": r.status, "shard": r.shard}
+                                                            for key, r in req.runs.items()}}
+                    for req in requests]}))
+                if do_retrain:  # the retrains' progress goes to stderr; stdout keeps the one document
+                    for r in runs:
+                        retrain_run(r, state_root=state, report=lambda s: None)
+                return
             out.print(f"region [bold]{region}[/]: {len(requests)} customer(s) tombstoned")
             for req in requests:
                 for key, r in req.runs.items():
@@ -181,6 +198,7 @@ def register(app: typer.Typer) -> None:
     def retrain_cmd(
         run_dir: Annotated[Path, typer.Argument(help="The run folder whose stale constituents to retrain.")],
         state: StateOpt = Path("state"),
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
     ) -> None:
         """Serve pending erasures on a run: retrain only the stale constituents, federatedly, same seeds.
 
@@ -190,6 +208,6 @@ def register(app: typer.Typer) -> None:
         budget does not allow it refuses, and then nothing changes. After a crash, run it again.
         """
         try:
-            _retrain_and_print(run_dir, state)
+            _retrain_and_print(run_dir, state, as_json=as_json)
         except FedcrmError as e:
             _fail(e)

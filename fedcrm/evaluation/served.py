@@ -52,6 +52,16 @@ class ServedModel:
         return cls(models=models, kind=spec.kind, feature_names=names, config=dict(meta.get("config", {})),
                    version=int(meta.get("version", 1)))
 
+    def schema_path(self) -> Path | None:
+        """The schema file the run was trained with, as its config recorded it."""
+        recorded = self.config.get("schema")
+        return Path(recorded) if recorded else None
+
+    def region_data(self, region: str) -> Path | None:
+        """The region's table as the (simulated) run recorded it, if it did."""
+        recorded = self.config.get("regions", {}).get(region)
+        return Path(recorded) if recorded else None
+
     def check_schema(self, schema: Schema) -> None:
         """Refuse a schema whose encoding differs from the one the model was trained on."""
         names = FeatureEncoder(schema).feature_names

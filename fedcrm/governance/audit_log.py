@@ -55,6 +55,7 @@ class AuditAction(str, Enum):
     EXPORT_SERVED = "export_served"
     MODEL_PUBLISHED = "model_published"
     PREFLIGHT = "preflight"  # a run's pre-flight: the exact counts behind the public figures sent
+    MODEL_SCORED = "model_scored"  # `fedcrm score` at a region: counts and model version, never ids
 
 
 ACTIONS: frozenset[str] = frozenset(a.value for a in AuditAction)

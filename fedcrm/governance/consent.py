@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcrm.unlearning.shards import region_secret
-from fedcrm.unlearning.tombstones import id_token
+from fedcrm.unlearning.tombstones import id_token, id_tokens
 
 _FILE = "consent_withdrawals.txt"
 _LINE = re.compile(r"^(?P<purpose>[A-Za-z0-9_-]+) (?P<token>[0-9a-f]{64})$")
@@ -80,4 +80,4 @@ class ConsentWithdrawals:
         tokens = self.tokens(purpose)
         if not tokens:
             return np.zeros(len(ids), dtype=bool)
-        return np.fromiter((self.token(str(i)) in tokens for i in ids), dtype=bool, count=len(ids))
+        return np.fromiter((t in tokens for t in id_tokens(ids, secret=self.secret)), dtype=bool, count=len(ids))

@@ -6,7 +6,6 @@ re-identify anyone, yet a later re-import of the same source table drops them ag
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from pathlib import Path
@@ -19,7 +18,14 @@ _FILE = "tombstones.txt"
 
 
 def id_token(customer_id: str, *, secret: str) -> str:
-    return hmac.new(secret.encode(), customer_id.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.digest(secret.encode(), customer_id.encode("utf-8"), "sha256").hex()
+
+
+def id_tokens(ids: np.ndarray, *, secret: str) -> list[str]:
+    """:func:`id_token` of every id; the one-shot HMAC is ~3x faster than ``hmac.new`` (a million ids a
+    scoring run, when anyone was ever forgotten)."""
+    key = secret.encode()
+    return [hmac.digest(key, str(i).encode("utf-8"), "sha256").hex() for i in ids]
 
 
 class Tombstones:
@@ -53,4 +59,4 @@ class Tombstones:
         tokens = self.tokens()
         if not tokens:
             return np.zeros(len(ids), dtype=bool)
-        return np.fromiter((id_token(str(i), secret=self.secret) in tokens for i in ids), dtype=bool, count=len(ids))
+        return np.fromiter((t in tokens for t in id_tokens(ids, secret=self.secret)), dtype=bool, count=len(ids))

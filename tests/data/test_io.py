@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fedcrm.data.io import MISSING, OTHER, load_table, read_raw
+from fedcrm.data.io import MISSING, OTHER, iter_table, load_table, read_raw
 from fedcrm.data.schema import Schema, load_schema, schema_from_text
 from fedcrm.data.synthetic import generate
 from fedcrm.errors import ConfigError, DataError
@@ -154,10 +154,18 @@ def test_a_json_file_is_not_a_table(tmp_path: Path, schema: Schema) -> None:
 
 
 def test_a_one_column_file_says_wrong_file_or_delimiter(tmp_path: Path, schema: Schema) -> None:
-    path = write(tmp_path, [r.replace(",", ";") for r in GOOD_ROWS], header=HEADER.replace(",", ";"))
-    e = error_of(path, schema)  # the schema declares ",", the file uses ";"
+    path = write(tmp_path, [r.replace(",", " ") for r in GOOD_ROWS], header=HEADER.replace(",", " "))
+    e = error_of(path, schema)  # no delimiter among , ; tab | splits the header into the schema's columns
     assert e.line == 1
     assert "wrong delimiter" in str(e) and "','" in str(e)
+
+
+def test_the_delimiter_belongs_to_the_file_not_the_schema(tmp_path: Path, schema: Schema) -> None:
+    path = write(tmp_path, [r.replace(",", ";") for r in GOOD_ROWS], header=HEADER.replace(",", ";"))
+    table = load_table(path, schema)  # the schema declares ",", the file uses ";"
+    assert list(table.ids) == ["c1", "c2", "c3"]
+    assert table.report.as_dict()["delimiter"] == ";"
+    assert load_table(write(tmp_path, GOOD_ROWS, name="comma.csv"), schema).report.delimiter == ","
 
 
 def test_a_csv_named_parquet_is_refused(tmp_path: Path, schema: Schema) -> None:
@@ -425,3 +433,63 @@ def test_table_cache_keeps_values_by_key_and_evicts_the_least_recently_used_by_r
     tiny = RowBoundedCache(max_rows=2)
     big = tiny.remember("big", build("big", 10), rows=len)
     assert tiny.remember("big", build("big", 10), rows=len) is big
+
+
+SYNTH = load_schema(Path(__file__).resolve().parents[2] / "configs" / "schemas" / "synthetic_crm.yaml")
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_table_read_in_chunks_equals_the_table_read_at_once(tmp_path: Path, kind: str) -> None:
+    generate(regions=["eu"], customers=2500, seed=3, out_dir=tmp_path)
+    path = tmp_path / "eu.csv"
+    if kind == "parquet":
+        pq.write_table(pa.Table.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False)),
+                       path := tmp_path / "eu.parquet")
+    whole = load_table(path, SYNTH)
+    chunks = list(iter_table(path, SYNTH, chunk_rows=1000))
+    assert len(chunks) >= 2
+    assert np.concatenate([c.ids for c in chunks]).tolist() == whole.ids.tolist()
+    assert np.concatenate([c.lines for c in chunks]).tolist() == whole.lines.tolist()
+    pd.testing.assert_frame_equal(pd.concat([c.values for c in chunks], ignore_index=True), whole.values)
+    assert chunks[-1].report.as_dict() == whole.report.as_dict()  # one report, complete after the last chunk
+
+
+def test_an_id_repeated_in_a_later_chunk_is_refused_with_both_lines(tmp_path: Path) -> None:
+    generate(regions=["eu"], customers=2500, seed=3, out_dir=tmp_path)
+    path = tmp_path / "eu.csv"
+    lines = path.read_text().split("\n")
+    first_id = lines[1].split(",")[0]
+    lines[2200] = ",".join([first_id, *lines[2200].split(",")[1:]])
+    path.write_text("\n".join(lines))
+    with pytest.raises(DataError) as info:
+        for _ in iter_table(path, SYNTH, chunk_rows=1000):
+            pass
+    assert f"customer id {first_id!r} appears" in str(info.value) and "lines 2, 2201" in str(info.value)
+
+
+def test_telco_as_a_european_spreadsheet_exports_it_loads_like_the_original(tmp_path: Path) -> None:
+    from conftest import REPO, SHARED_DATA
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+
+    source = SHARED_DATA / "telco_customer_churn.csv"
+    if not source.exists():
+        pytest.skip(f"the public Telco table is not at {source} (set FEDCRM_SHARED_DATA)")
+    telco = load_schema(REPO / "configs" / "schemas" / "telco_churn.yaml")  # declares delimiter ","
+    eu = tmp_path / "telco_eu.csv"
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    frame.to_csv(eu, sep=";", index=False, lineterminator="\r\n", encoding="utf-8-sig")
+    assert eu.read_bytes().startswith(b"\xef\xbb\xbf") and b";" in eu.read_bytes()[:200]
+    assert b"\r\n" in eu.read_bytes()[:2000]
+    original, exported = load_table(source, telco), load_table(eu, telco)
+    assert exported.ids.tolist() == original.ids.tolist()
+    pd.testing.assert_frame_equal(exported.values, original.values)
+    assert (exported.report.delimiter, original.report.delimiter) == (";", ",")
+    chunks = list(iter_table(eu, telco, chunk_rows=2000))
+    assert np.concatenate([c.ids for c in chunks]).tolist() == original.ids.tolist()
+    assert chunks[-1].report.delimiter == ";"
+    result = CliRunner().invoke(app, ["data", "validate", "--schema", str(REPO / "configs" / "schemas" /
+                                                                         "telco_churn.yaml"), str(eu), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["delimiter"] == ";"

@@ -1,0 +1,42 @@
+"""What every ``fedcrm`` command shares: its exit codes and how an error ends a command.
+
+Exit codes (documented in the README; scripts may rely on them):
+
+====  ==========================================================================================
+0     ok
+1     a check ran and failed (``audit verify`` found a broken chain)
+2     usage or input error: a bad option, config, schema, table, missing file, damaged state
+3     privacy refusal: a budget, policy or consent refuses the request, or a privacy audit failed
+130   interrupted (Ctrl-C)
+====  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fedcrm.errors import PolicyError, PrivacyBudgetError
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PRIVACY_REFUSAL = 3
+EXIT_INTERRUPTED = 130
+
+# Logs and errors go to stderr, so that stdout holds only what a command reports (one JSON with --json).
+console = Console(stderr=True, soft_wrap=True)
+
+
+def exit_code(error: Exception) -> int:
+    """The exit code for a fedcrm error: a privacy refusal (3) or a usage/input error (2)."""
+    return EXIT_PRIVACY_REFUSAL if isinstance(error, PrivacyBudgetError | PolicyError) else EXIT_USAGE
+
+
+def exit_with(error: Exception) -> NoReturn:
+    """Print the error on stderr and end the command with its exit code."""
+    console.print(f"[bold red]error:[/] {escape(str(error))}")
+    raise typer.Exit(exit_code(error))
