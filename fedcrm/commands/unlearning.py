@@ -96,6 +96,32 @@ def retrain_run(run_dir: Path, *, state_root: Path, report: Any = print) -> Any:
     return retrain(run_dir, state_root=state_root, simulate=run_simulated, report=report)
 
 
+def served_lines(request: Any) -> list[str]:
+    """How each run serves the request, in words: by exclusion at version N, waiting for a retrain, or not
+    trained on the customer."""
+    lines = []
+    for key, r in request.runs.items():
+        name = Path(key).name
+        if r.status == "excluded":
+            lines.append(f"{name}: served by exclusion at version {r.excluded_at_version} (constituent {r.shard} of "
+                         f"{r.shards} no longer served, its weights and checkpoints destroyed); a retrain restores it")
+        elif r.status == "pending":
+            why = ("the run has a single constituent (unlearning.shards = 1): nothing to fall back on"
+                   if r.shards == 1 else "no other constituent is served")
+            lines.append(f"{name}: shard {r.shard} of {r.shards} stale; {why}, so it is served by retrain: the "
+                         "customer stays in the served model until then")
+        else:
+            lines.append(f"{name}: {r.status}")
+    return lines
+
+
+def print_served(request: Any) -> None:
+    from fedcrm.cli import out
+
+    for line in served_lines(request):
+        out.print(f"  {request.request_id}: {line}", highlight=False)
+
+
 def _print_receipts(receipts: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
@@ -104,12 +130,13 @@ def _print_receipts(receipts: list[dict[str, Any]]) -> None:
     if not receipts:
         return
     t = Table("request", "region", "customer (salted hash)", "shard", "version", "status", "ε before -> after")
-    for r in receipts:
-        p = r.get("privacy") or {}
-        eps = "-" if p.get("epsilon_after") is None else f"{p['epsilon_before']:.3f} -> {p['epsilon_after']:.3f}"
-        ver = f"{r.get('model_version_before')} -> {r.get('model_version_after') or '?'}"
-        t.add_row(r["request_id"], r["region"], (r.get("customer_ref") or "")[:16] + "…", str(r.get("shard")), ver,
-                  r["status"], eps)
+    for receipt in receipts:
+        for r in receipt["runs"]:
+            p = r.get("privacy") or {}
+            eps = "-" if p.get("epsilon_after") is None else f"{p['epsilon_before']:.3f} -> {p['epsilon_after']:.3f}"
+            ver = f"{r.get('model_version_before')} -> {r.get('model_version_after') or '?'}"
+            t.add_row(receipt["request_id"], receipt["region"], (receipt.get("customer_ref") or "")[:16] + "…",
+                      str(r.get("shard")), ver, r["status"], eps)
     out.print(t)
 
 
@@ -163,9 +190,7 @@ def register(app: typer.Typer) -> None:
                                         schema=schema, actor=operator)
             out.print(f"region [bold]{region}[/]: {len(requests)} customer(s) tombstoned")
             for req in requests:
-                for key, r in req.runs.items():
-                    what = f"shard {r.shard} of {r.shards} stale" if r.status == "pending" else r.status
-                    out.print(f"  {req.request_id}: {Path(key).name}: {what}")
+                print_served(req)
             if not runs:
                 out.print("[yellow]warning:[/] no --run given: no model was marked stale. Name every run "
                           "trained on this region's data with --run so its constituents are retrained.")
