@@ -244,6 +244,7 @@ def budget(
     """
     from fedcrm.governance.policy import load_policy
     from fedcrm.privacy.ledger import PrivacyLedger
+    from fedcrm.unlearning.budget import retrain_budgets
 
     try:
         state_dir = state / region
@@ -251,6 +252,8 @@ def budget(
             raise FedcrmError(f"no privacy ledger for region {region} under {state} (nothing released yet?)")
         ledger = PrivacyLedger.open(state_dir, region=region)
         s = ledger.summary(delta=delta, accountant=accountant, budget=load_policy(policy).privacy_budget)
+        s["retrains_left_by_shard"] = {str(k): b.retrains_left for k, b in retrain_budgets(
+            ledger, budget=s["budget"], delta=delta, accountant=accountant).items()}
     except FedcrmError as e:
         _fail(e)
     if as_json:
@@ -276,6 +279,8 @@ def budget(
     )
     if len(s["epsilon_by_shard"]) > 1:
         out.print("per shard: " + ", ".join(f"shard {k}: {v:.3f}" for k, v in s["epsilon_by_shard"].items()))
+    out.print("erasure retrains left (repeating each shard's last run): "
+              + ", ".join(f"shard {k}: {v}" for k, v in s["retrains_left_by_shard"].items()))
 
 
 # command modules: each registers its own commands on `app`.

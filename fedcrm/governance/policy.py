@@ -29,6 +29,7 @@ class RegionPolicy(BaseModel):
     min_customers: int = Field(20, ge=1, description="fewest customers behind any reported metric")
     required_privacy: Literal["any", "sample_dp", "client_dp"] = "any"
     min_noise_multiplier: float = Field(0.0, ge=0)
+    erasure_deadline_days: int = Field(30, ge=1, description="days to serve an erasure (GDPR Art. 12(3))")
 
     def check_request(
         self, *, region: str, purpose: str, columns: list[str], privacy_mode: str

@@ -131,7 +131,7 @@ def _pending(run_dir: Path, cfg: ExperimentConfig, state_root: Path) -> list[Pen
     return [p for (_, rid), p in sorted(found.items()) if rid not in served]
 
 
-def _run_delta(run_dir: Path, cfg: ExperimentConfig) -> float:
+def run_delta(run_dir: Path, cfg: ExperimentConfig) -> float:
     summary = run_dir / "summary.json"
     if summary.exists():
         for p in read_json(summary).get("privacy", {}).values():
@@ -171,7 +171,7 @@ def plan_retrain(run_dir: Path, *, state_root: Path) -> RetrainPlan:
     attempt = marker.get("attempt") or {}
     base = int(attempt.get("base_version") or model_version(run_dir))
     plan = RetrainPlan(run_dir=run_dir, state_root=Path(state_root), cfg=cfg, stale=stale, pending=pending,
-                       base_version=base, target_version=base + 1, delta=_run_delta(run_dir, cfg),
+                       base_version=base, target_version=base + 1, delta=run_delta(run_dir, cfg),
                        epsilon_before={})
     before = attempt.get("epsilon_before")
     if before and attempt.get("stale") == stale:
