@@ -291,6 +291,7 @@ def budget(
     """
     from fedcrm.governance.policy import load_policy
     from fedcrm.privacy.ledger import PrivacyLedger
+    from fedcrm.unlearning.budget import retrain_budgets
 
     try:
         state_dir = state / region
@@ -299,6 +300,8 @@ def budget(
         ledger = PrivacyLedger.open(state_dir, region=region)
         rules = load_policy(policy)
         s = ledger.summary(delta=rules.delta, accountant=accountant, budget=rules.privacy_budget)
+        s["retrains_left_by_shard"] = {str(k): b.retrains_left for k, b in retrain_budgets(
+            ledger, budget=s["budget"], delta=rules.delta, accountant=accountant).items()}
     except FedcrmError as e:
         _fail(e)
     if as_json:
@@ -334,6 +337,8 @@ def budget(
     if s["non_private_releases"]:
         out.print(f"[yellow]warning:[/] {s['non_private_releases']} release(s) without DP: ε is infinite for the "
                   "customers they read.")
+    out.print("erasure retrains left (repeating each shard's last run): "
+              + ", ".join(f"shard {k}: {v}" for k, v in s["retrains_left_by_shard"].items()))
 
 
 # command modules: each registers its own commands on `app`.

@@ -106,6 +106,7 @@ class TrackingConfig(_Section):
 class UnlearningConfig(_Section):
     shards: int = Field(1, ge=1, le=64)
     slices: int = Field(1, ge=1, le=64)
+    reserve_retrains: int = Field(0, ge=0, le=50, description="erasure retrains of any shard σ is planned to fit")
 
     @field_validator("slices")
     @classmethod

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from fedcrm.errors import StorageError
 
@@ -101,3 +102,22 @@ def append_to(fd: int, data: bytes) -> None:
         with contextlib.suppress(OSError):  # if even that fails, readers report the torn last line
             os.ftruncate(fd, size)
         raise
+
+
+def write_json_atomically(path: Path, obj: Any, *, what: str, then: str = "") -> None:
+    """Replace ``path`` with ``obj`` as indented, key-sorted JSON (creating its folder): all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", what=what, then=then)
+
+
+def append_line(path: Path, line: str, *, what: str, then: str = "") -> None:
+    """Append one line to a text log durably; after a torn last line (a crash), start on a fresh line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        append_to(fd, (("\n" if torn else "") + line.rstrip("\n") + "\n").encode("utf-8"))
+    except OSError as exc:
+        raise storage_error(path, what, exc, then=then) from None
+    finally:
+        os.close(fd)

@@ -197,7 +197,8 @@ class Region:
             target_epsilon=cfg.privacy.target_epsilon,
             delta=self.delta,
             sample_rate=q,
-            steps=steps_per_round * cfg.training.rounds,
+            # Room for the reserved erasure retrains of this shard (each repeats the run's training).
+            steps=steps_per_round * cfg.training.rounds * (1 + cfg.unlearning.reserve_retrains),
             accountant=cfg.privacy.accountant,
         )
 

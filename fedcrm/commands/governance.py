@@ -53,11 +53,12 @@ def consent_withdraw(
     next retrain; a receipt is written under STATE/REGION/receipts/.
     """
     from fedcrm.cli import out
+    from fedcrm.commands.unlearning import print_served
     from fedcrm.governance.audit_trail import operator_actor
     from fedcrm.governance.requests import withdraw_consent
 
     try:
-        receipt = withdraw_consent(
+        request = withdraw_consent(
             state_dir=state / region,
             region=region,
             customer_id=customer_id,
@@ -67,11 +68,9 @@ def consent_withdraw(
         )
     except FedcrmError as e:
         _fail(e)
-    stale = ", ".join(f"shard {s['shard']} of {s['run_dir']}" for s in receipt["stale_constituents"]) or "none given"
-    out.print(
-        f"consent to `{purpose}` withdrawn at region {region} (request {receipt['request_id']}); "
-        f"stale constituents: {stale}; receipt in {state / region / 'receipts'}"
-    )
+    out.print(f"consent to `{purpose}` withdrawn at region {region} (request {request.request_id}); "
+              f"receipt in {state / region / 'receipts'}")
+    print_served(request)
 
 
 def export(

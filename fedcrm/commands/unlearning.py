@@ -61,10 +61,46 @@ def forget_customers(
         schema = schema or cfg.schema_path
     table_ids = load_table(data, load_schema(schema)).ids
     views = [run_view(r, region=region, state_root=state_root) for r in runs]
+    policy = region_policy(runs[0] if runs else None, region=region)
     requests = forget(state_dir=state_root / region, region=region, customer_ids=customer_ids,
-                      table_ids=table_ids, runs=views, actor=operator_actor(actor))
+                      table_ids=table_ids, runs=views, actor=operator_actor(actor),
+                      deadline_days=policy.erasure_deadline_days)
     _remove_from_run_copies(region=region, customer_ids=customer_ids, runs=runs)
     return requests
+
+
+def region_policy(run_dir: Path | None, *, region: str, policy: Path | None = None) -> Any:
+    """The region's policy: the file given, else the one the run's config names for the region."""
+    from fedcrm.governance.policy import load_policy
+    from fedcrm.unlearning.retrain import load_run_config
+
+    if policy is None and run_dir is not None:
+        policy = (getattr(load_run_config(run_dir), "policies", {}) or {}).get(region)
+    return load_policy(policy)
+
+
+def retrain_affordability(run_dir: Path, *, region: str, state_root: Path, shards: set[int]) -> list[str]:
+    """Per stale shard: whether the region's budget affords the retrain that restores it, in words."""
+    from fedcrm.privacy.ledger import PrivacyLedger
+    from fedcrm.unlearning.budget import retrain_budget
+    from fedcrm.unlearning.retrain import load_run_config, run_delta
+
+    cfg = load_run_config(run_dir)
+    if cfg.privacy.mode == "none" or not (state_root / region / "privacy_ledger.sqlite").exists():
+        return [f"{Path(run_dir).name}: no DP ledger for region {region}: a retrain costs no ε"]
+    ledger = PrivacyLedger.open(state_root / region, region=region)
+    budget = region_policy(run_dir, region=region).privacy_budget
+    lines = []
+    for k in sorted(shards):
+        b = retrain_budget(ledger, shard=k, budget=budget, delta=run_delta(Path(run_dir), cfg),
+                           accountant=cfg.privacy.accountant)
+        if b.epsilon_after_one is None:
+            continue
+        verdict = (f"affordable ({b.retrains_left} retrain(s) left under the budget {budget:g})" if b.affordable
+                   else f"NOT affordable under the budget {budget:g}: the erasure stays served by exclusion")
+        lines.append(f"{Path(run_dir).name}: retrain of shard {k}: ε {b.epsilon_now:.3f} -> "
+                     f"{b.epsilon_after_one:.3f}, {verdict}")
+    return lines
 
 
 def _remove_from_run_copies(*, region: str, customer_ids: list[str], runs: list[Path]) -> None:
@@ -94,6 +130,32 @@ def retrain_run(run_dir: Path, *, state_root: Path, report: Any = print) -> Any:
     return retrain(run_dir, state_root=state_root, simulate=run_simulated, report=report)
 
 
+def served_lines(request: Any) -> list[str]:
+    """How each run serves the request, in words: by exclusion at version N, waiting for a retrain, or not
+    trained on the customer."""
+    lines = []
+    for key, r in request.runs.items():
+        name = Path(key).name
+        if r.status == "excluded":
+            lines.append(f"{name}: served by exclusion at version {r.excluded_at_version} (constituent {r.shard} of "
+                         f"{r.shards} no longer served, its weights and checkpoints destroyed); a retrain restores it")
+        elif r.status == "pending":
+            why = ("the run has a single constituent (unlearning.shards = 1): nothing to fall back on"
+                   if r.shards == 1 else "no other constituent is served")
+            lines.append(f"{name}: shard {r.shard} of {r.shards} stale; {why}, so it is served by retrain: the "
+                         "customer stays in the served model until then")
+        else:
+            lines.append(f"{name}: {r.status}")
+    return lines
+
+
+def print_served(request: Any) -> None:
+    from fedcrm.cli import out
+
+    for line in served_lines(request):
+        out.print(f"  {request.request_id}: {line}", highlight=False)
+
+
 def _print_receipts(receipts: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
@@ -102,12 +164,13 @@ def _print_receipts(receipts: list[dict[str, Any]]) -> None:
     if not receipts:
         return
     t = Table("request", "region", "customer (salted hash)", "shard", "version", "status", "ε before -> after")
-    for r in receipts:
-        p = r.get("privacy") or {}
-        eps = "-" if p.get("epsilon_after") is None else f"{p['epsilon_before']:.3f} -> {p['epsilon_after']:.3f}"
-        ver = f"{r.get('model_version_before')} -> {r.get('model_version_after') or '?'}"
-        t.add_row(r["request_id"], r["region"], (r.get("customer_ref") or "")[:16] + "…", str(r.get("shard")), ver,
-                  r["status"], eps)
+    for receipt in receipts:
+        for r in receipt["runs"]:
+            p = r.get("privacy") or {}
+            eps = "-" if p.get("epsilon_after") is None else f"{p['epsilon_before']:.3f} -> {p['epsilon_after']:.3f}"
+            ver = f"{r.get('model_version_before')} -> {r.get('model_version_after') or '?'}"
+            t.add_row(receipt["request_id"], receipt["region"], (receipt.get("customer_ref") or "")[:16] + "…",
+                      str(r.get("shard")), ver, r["status"], eps)
     out.print(t)
 
 
@@ -133,7 +196,62 @@ def _retrain_and_print(run_dir: Path, state_root: Path, *, as_json: bool = False
     out.print(f"Receipts in [bold]{run_dir / 'receipts'}[/], history in [bold]{run_dir / 'erasures.jsonl'}[/]")
 
 
+erasures_app = typer.Typer(help="Erasure and consent-withdrawal requests at a region: deadlines, how served.",
+                           no_args_is_help=True)
+
+
+@erasures_app.command("status")
+def erasures_status(
+    region: Annotated[str, typer.Option("--region", help="The region whose requests to list.")],
+    state: StateOpt = Path("state"),
+    policy: Annotated[Path | None, typer.Option("--policy", help="The region's policy (budget, deadline).")] = None,
+    delta: Annotated[float, typer.Option(help="δ at which to price a retrain.")] = 1e-5,
+    accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    operator: Annotated[str | None, typer.Option("--operator", help="Who checks, for the audit log.")] = None,
+) -> None:
+    """List open requests: days to the deadline, how each is served, the ε a retrain would cost.
+
+    An overdue request (past the deadline and still in a served model) is recorded in the region's
+    audit log (`erasure_overdue`) and the command exits 1.
+    """
+    import json
+
+    from fedcrm.cli import out
+    from fedcrm.governance.audit_trail import operator_actor
+    from fedcrm.unlearning.deadlines import audit_overdue, open_requests
+
+    try:
+        budget = region_policy(None, region=region, policy=policy).privacy_budget
+        found = open_requests(state / region, region=region, budget=budget, delta=delta, accountant=accountant)
+        overdue = [o for o in found if o.overdue]
+        if overdue:
+            audit_overdue(state / region, overdue, actor=operator_actor(operator))
+    except FedcrmError as e:
+        _fail(e)
+    if as_json:
+        out.print_json(json.dumps({"region": region, "open": [o.as_dict() for o in found],
+                                   "overdue": [o.request.request_id for o in overdue]}))
+    else:
+        if not found:
+            out.print(f"region {region}: no open request")
+        for o in found:
+            late = "[bold red]OVERDUE[/] " if o.overdue else ""
+            out.print(f"{late}{o.request.request_id} ({o.request.kind}): {o.days_left:.1f} day(s) left "
+                      f"(deadline {o.request.deadline})")
+            for r in o.runs:
+                cost = r["retrain"]
+                price = ("" if not cost or cost["epsilon_after_one_retrain"] is None else
+                         f"; a retrain costs ε {cost['epsilon_now']:.3f} -> {cost['epsilon_after_one_retrain']:.3f} "
+                         f"({cost['retrains_left']} left)")
+                out.print(f"  {r['run']}: shard {r['shard']} of {r['shards']}: {r['how']}{price}", highlight=False)
+    if overdue:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
+    app.add_typer(erasures_app, name="erasures")
+
     @app.command("forget")
     def forget_cmd(
         region: Annotated[str, typer.Option("--region", help="The region holding the customers.")],
@@ -180,9 +298,12 @@ def register(app: typer.Typer) -> None:
                 return
             out.print(f"region [bold]{region}[/]: {len(requests)} customer(s) tombstoned")
             for req in requests:
-                for key, r in req.runs.items():
-                    what = f"shard {r.shard} of {r.shards} stale" if r.status == "pending" else r.status
-                    out.print(f"  {req.request_id}: {Path(key).name}: {what}")
+                print_served(req)
+            for r in runs:
+                stale = {e.shard for q in requests for k, e in q.runs.items()
+                         if k == str(r.resolve()) and e.open and e.shard is not None}
+                for line in retrain_affordability(r, region=region, state_root=state, shards=stale) if stale else []:
+                    out.print(f"  {line}", highlight=False)
             if not runs:
                 out.print("[yellow]warning:[/] no --run given: no model was marked stale. Name every run "
                           "trained on this region's data with --run so its constituents are retrained.")

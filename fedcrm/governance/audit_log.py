@@ -51,6 +51,7 @@ class AuditAction(str, Enum):
     CONSENT_WITHDRAWN = "consent_withdrawn"
     ERASURE_REQUESTED = "erasure_requested"
     ERASURE_SERVED = "erasure_served"
+    ERASURE_OVERDUE = "erasure_overdue"
     EXPORT_REQUESTED = "export_requested"
     EXPORT_SERVED = "export_served"
     MODEL_PUBLISHED = "model_published"

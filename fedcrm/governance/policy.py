@@ -55,6 +55,7 @@ class RegionPolicy(BaseModel):
     public_size: PublicSize = Field(
         "rounded", description="what the server may learn of the region's size: rounded to 2 significant digits"
     )
+    erasure_deadline_days: int = Field(30, ge=1, description="days to serve an erasure (GDPR Art. 12(3))")
 
     def check_request(
         self,

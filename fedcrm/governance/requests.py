@@ -4,22 +4,19 @@ Each request is checked completely before anything is written, so a refused requ
 and no state behind; what is served is recorded in the region's audit log under the operator's name
 with the customer as a salted hash only.
 
-A consent withdrawal is served like an erasure for that purpose's models: the withdrawal is recorded
-durably (it gates every later load, see :class:`~fedcrm.governance.consent.ConsentWithdrawals`), the
-constituents that trained on the customer are marked stale in ``<state>/pending_requests.jsonl`` for the
-next retrain, and a receipt is written to ``<state>/receipts/``. The runs given are also marked stale
-in their own folder (:func:`fedcrm.unlearning.erasure.mark_stale`), so ``fedcrm retrain RUN_DIR`` retrains
-them and records the withdrawal as served in the run's history.
+A consent withdrawal is served like an erasure for that purpose's models (the same request store,
+:mod:`fedcrm.governance.request_store`, with ``kind: consent_withdrawal``): the withdrawal is recorded
+durably (it gates every later load), the constituents of the given runs that trained on the customer
+are excluded from the served model at once where the run has other constituents
+(:mod:`fedcrm.unlearning.exclusion`), marked stale for the next ``fedcrm retrain RUN_DIR``, and the
+request gets a receipt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import typing
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,54 +26,44 @@ from fedcrm.config import ExperimentConfig
 from fedcrm.data.io import load_table
 from fedcrm.data.schema import load_schema
 from fedcrm.errors import ConfigError, UnlearningError
+from fedcrm.governance import request_store as rs
 from fedcrm.governance.audit_log import AuditAction
 from fedcrm.governance.audit_trail import region_audit_log
 from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.export import FORMATS, ExportRequest, build_export, render, run_config, write_export
-from fedcrm.unlearning.erasure import mark_stale
+from fedcrm.unlearning.exclusion import serve_on_runs
 from fedcrm.unlearning.shards import holdout_mask, region_secret, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
 
 PURPOSES: tuple[str, ...] = typing.get_args(ExperimentConfig.model_fields["task"].annotation)
-PENDING_FILE = "pending_requests.jsonl"
-RECEIPTS_DIR = "receipts"
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _append_line(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _stale_constituents(
+def _run_entries(
     runs: tuple[Path, ...], *, region: str, customer_id: str, purpose: str, secret: str
-) -> list[dict[str, Any]]:
-    """The constituents of the given runs that this customer's data trained for ``purpose``.
+) -> dict[str, rs.RunEntry]:
+    """Per run of ``purpose`` with this region: the constituent this customer's data trained, if any.
 
-    A run of another purpose or without this region is untouched; so is one where the customer was held
-    out or (when the run's table for this region is readable here) had not consented in the table.
+    A run where the customer was held out or (when the run's table for this region is readable here)
+    had not consented in the table never trained on them; a run of another purpose is untouched.
     """
-    out = []
+    out: dict[str, rs.RunEntry] = {}
     ids = np.asarray([customer_id], dtype=object)
     for run in runs:
         cfg = run_config(run)
         if cfg.task != purpose or region not in cfg.regions:
             continue
-        if holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, secret=secret)[0]:
-            continue
-        if not _consented_in_table(cfg, region=region, customer_id=customer_id):
-            continue
-        shard = int(shard_of(ids, shards=cfg.unlearning.shards, secret=secret)[0])
         meta = run / "model" / "model.json"
         version = json.loads(meta.read_text(encoding="utf-8")).get("version") if meta.exists() else None
-        out.append({"run_dir": str(run.resolve()), "shard": shard, "shards": cfg.unlearning.shards,
-                    "model_version": version})
+        shards = cfg.unlearning.shards
+        held_out = bool(holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, secret=secret)[0])
+        if held_out or not _consented_in_table(cfg, region=region, customer_id=customer_id):
+            out[rs.run_key(run)] = rs.RunEntry(
+                shard=None, shards=shards, status=rs.NOT_TRAINED, model_version_before=version,
+                model_version_after=version, served_at=rs.now(),
+                note="the run never trained on this customer (hold-out or no consent)")
+            continue
+        shard = int(shard_of(ids, shards=shards, secret=secret)[0])
+        out[rs.run_key(run)] = rs.RunEntry(shard=shard, shards=shards, status=rs.PENDING, model_version_before=version)
     return out
 
 
@@ -92,9 +79,16 @@ def _consented_in_table(cfg: ExperimentConfig, *, region: str, customer_id: str)
 
 
 def withdraw_consent(
-    *, state_dir: Path, region: str, customer_id: str, purpose: str, actor: str, runs: tuple[Path, ...] = ()
-) -> dict[str, Any]:
-    """Record the withdrawal, mark the affected constituents stale, write and return the receipt."""
+    *,
+    state_dir: Path,
+    region: str,
+    customer_id: str,
+    purpose: str,
+    actor: str,
+    runs: tuple[Path, ...] = (),
+    deadline_days: int = rs.DEFAULT_DEADLINE_DAYS,
+) -> rs.Request:
+    """Record the withdrawal, serve the affected constituents by exclusion, return the request."""
     if purpose not in PURPOSES:
         raise ConfigError(f"--purpose must be one of {list(PURPOSES)}, got {purpose!r}")
     if not customer_id.strip():
@@ -108,44 +102,24 @@ def withdraw_consent(
         raise UnlearningError(
             f"region {region}: customer {customer_id} already withdrew consent to `{purpose}`; nothing changed"
         )
-    stale = _stale_constituents(
-        runs, region=region, customer_id=customer_id, purpose=purpose, secret=region_secret(state_dir)
-    )
+    entries = _run_entries(runs, region=region, customer_id=customer_id, purpose=purpose,
+                           secret=region_secret(state_dir))
     audit = region_audit_log(state_dir)
-    ref = audit.customer_ref(customer_id)
-    request_id = f"consent-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
-    requested = _now()
+    store = rs.RequestStore(state_dir, region=region)
+    request = rs.Request.new(kind=rs.CONSENT_WITHDRAWAL, region=region, customer_ref=audit.customer_ref(customer_id),
+                          actor=actor, deadline_days=deadline_days, purpose=purpose, runs=entries)
     withdrawals.add(customer_id, purpose=purpose)  # durable first: from here on no load uses them
-    receipt = {
-        "request_id": request_id,
-        "kind": "consent_withdrawal",
-        "region": region,
-        "customer_ref": ref,
-        "purpose": purpose,
-        "requested": requested,
-        "recorded": _now(),
-        "requested_by": actor,
-        "excluded_from": f"every later training and evaluation for purpose `{purpose}` at region {region}",
-        "stale_constituents": stale,
-        "status": "pending_retrain" if stale else "recorded",
-        "note": "the constituents listed are retrained without the customer by the next `fedcrm retrain` "
-        "of that run (or any new run), charged to the region's privacy ledger",
-    }
-    _append_line(state_dir / PENDING_FILE, {k: receipt[k] for k in ("request_id", "kind", "purpose", "customer_ref",
-                                                                     "requested", "stale_constituents")})
-    # The run folders learn only a shard and a random request id: `fedcrm retrain RUN_DIR` serves them.
-    for s in stale:
-        mark_stale(Path(s["run_dir"]), [{"region": region, "request_id": request_id, "shard": s["shard"]}])
-    receipts = state_dir / RECEIPTS_DIR
-    receipts.mkdir(parents=True, exist_ok=True)
-    write_export(json.dumps(receipt, indent=2) + "\n", receipts / f"{request_id}.json")
+    request.recorded_at = rs.now()
+    store.save(request)
     audit.append(
         actor=actor,
         action=AuditAction.CONSENT_WITHDRAWN,
-        details={"request_id": request_id, "customer": ref, "purpose": purpose, "region": region,
-                 "stale_constituents": [{"shard": s["shard"], "shards": s["shards"]} for s in stale]},
+        details={"request_id": request.request_id, "customer": request.customer_ref, "purpose": purpose,
+                 "region": region, "stale_constituents": [{"shard": e.shard, "shards": e.shards}
+                                                          for e in entries.values() if e.status == rs.PENDING]},
     )
-    return receipt
+    serve_on_runs(store=store, requests=[request], run_dirs=[r for r in runs if rs.run_key(r) in entries], actor=actor)
+    return request
 
 
 def serve_export(request: ExportRequest, *, out: Path, fmt: str, actor: str) -> dict[str, Any]:

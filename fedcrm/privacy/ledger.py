@@ -29,7 +29,7 @@ import math
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -587,15 +587,19 @@ class PrivacyLedger:
 
     def epsilon_of_shard(
         self, *, shard: int, shards: int, delta: float, accountant: AccountantName | str,
-        next_release: Release | None = None,
+        next_release: Release | Sequence[Release] | None = None,
     ) -> float:
         """The worst ε of a customer in shard ``shard`` of a partition into ``shards``, over the full history.
 
-        With ``next_release``, as if that release on this shard were already recorded.
+        With ``next_release`` (one or several), as if those releases on this shard were already recorded.
         """
         _check_int("shards", shards, minimum=1)
         _check_int("shard", shard, minimum=0)
-        extra = [] if next_release is None else [next_release]
+        extra: list[Release] = []
+        if isinstance(next_release, (GaussianRelease, NonPrivateRelease)):
+            extra = [next_release]
+        elif next_release is not None:
+            extra = list(next_release)
         return max(
             epsilon([*history, *extra], delta=delta, accountant=accountant)
             for history in self._cells(self.events(), fixed=(shards, shard), holdout=False)

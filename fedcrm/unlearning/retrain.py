@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,32 +28,30 @@ from typing import Any
 
 from fedcrm.config import ExperimentConfig, load_saved_config
 from fedcrm.data.schema import load_schema
+from fedcrm.durable import append_line, write_json_atomically
 from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError, StorageError, UnlearningError
 from fedcrm.governance.policy import DEFAULT_DELTA
+from fedcrm.governance.request_store import (
+    SERVED,
+    Request,
+    RequestStore,
+    RunEntry,
+    now,
+    record_receipt,
+    retrained_ids,
+    run_key,
+)
 from fedcrm.privacy.accountant import GaussianRelease
 from fedcrm.region import NodeSettings, Region
 from fedcrm.runs import load_weights
 from fedcrm.training import sampling_plan
-from fedcrm.unlearning.erasure import (
-    HISTORY_FILE,
-    PENDING,
-    RUN_MARKER,
-    SERVED,
-    ErasureStore,
-    RunView,
-    append_line,
-    atomic_write_json,
-    now,
-    read_json,
-    read_marker,
-    record_receipt,
-    run_key,
-)
+from fedcrm.unlearning.erasure import RunView
+from fedcrm.unlearning.marker import RUN_MARKER, read_json, read_marker, write_marker
+from fedcrm.unlearning.shred import destroy, discard_staging, swap_in
 
 Simulate = Callable[..., dict[str, Any]]
 Report = Callable[[str], None]
 READY = "READY.json"
-CONSENT_PENDING_FILE = "pending_requests.jsonl"  # written by fedcrm.governance.requests.withdraw_consent
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:
@@ -91,13 +88,11 @@ def run_view(run_dir: Path, *, region: str, state_root: Path) -> RunView:
 
 @dataclass
 class Pending:
-    """A request waiting on this run: an erasure (ours) or a consent withdrawal (governance)."""
+    """A request waiting on this run's retrain: its region, id and shard (from the marker or the store)."""
 
     region: str
     request_id: str
     shard: int
-    kind: str = "erasure"
-    customer_ref: str = ""
 
 
 @dataclass
@@ -119,24 +114,10 @@ class RetrainPlan:
         return self.run_dir / f".retrain-v{self.target_version}"
 
 
-def _served_ids(run_dir: Path) -> set[str]:
-    path = run_dir / HISTORY_FILE
-    out: set[str] = set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("status") == SERVED:
-                out.add(row["request_id"])
-    return out
-
-
 def _pending(run_dir: Path, cfg: ExperimentConfig, state_root: Path) -> list[Pending]:
-    """The run's marker, plus (in simulation, where the region folders are here) the regions' own records."""
+    """The run's marker, plus (in simulation, where the region folders are here) the regions' own stores."""
     key = run_key(run_dir)
-    served = _served_ids(run_dir)
+    served = retrained_ids(run_dir)
     found: dict[tuple[str, str], Pending] = {}
     for e in read_marker(run_dir)["stale"]:
         found[(e["region"], e["request_id"])] = Pending(e["region"], e["request_id"], int(e["shard"]))
@@ -144,26 +125,14 @@ def _pending(run_dir: Path, cfg: ExperimentConfig, state_root: Path) -> list[Pen
         state_dir = Path(state_root) / region
         if not state_dir.exists():
             continue
-        for req in ErasureStore(state_dir, region=region).pending_for(run_dir):
+        for req in RequestStore(state_dir, region=region).open_for(run_dir):
             shard = req.runs[key].shard
-            if shard is not None:
-                found[(region, req.request_id)] = Pending(region, req.request_id, shard, "erasure", req.customer_ref)
-        consent = state_dir / CONSENT_PENDING_FILE
-        if consent.exists():
-            for line in consent.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                for c in row.get("stale_constituents", []):
-                    if c.get("run_dir") == key and c.get("shards") == cfg.unlearning.shards:
-                        found[(region, row["request_id"])] = Pending(
-                            region, row["request_id"], int(c["shard"]), row.get("kind", "consent_withdrawal"),
-                            row.get("customer_ref", ""))
+            if shard is not None and req.runs[key].shards == cfg.unlearning.shards:
+                found[(region, req.request_id)] = Pending(region, req.request_id, shard)
     return [p for (_, rid), p in sorted(found.items()) if rid not in served]
 
 
-def _run_delta(run_dir: Path, cfg: ExperimentConfig) -> float:
+def run_delta(run_dir: Path, cfg: ExperimentConfig) -> float:
     summary = run_dir / "summary.json"
     if summary.exists():
         for p in read_json(summary).get("privacy", {}).values():
@@ -203,7 +172,7 @@ def plan_retrain(run_dir: Path, *, state_root: Path) -> RetrainPlan:
     attempt = marker.get("attempt") or {}
     base = int(attempt.get("base_version") or model_version(run_dir))
     plan = RetrainPlan(run_dir=run_dir, state_root=Path(state_root), cfg=cfg, stale=stale, pending=pending,
-                       base_version=base, target_version=base + 1, delta=_run_delta(run_dir, cfg),
+                       base_version=base, target_version=base + 1, delta=run_delta(run_dir, cfg),
                        epsilon_before={})
     before = attempt.get("epsilon_before")
     if before and attempt.get("stale") == stale:
@@ -270,48 +239,6 @@ def check_retrain_budget(plan: RetrainPlan) -> None:
                 ) from None
 
 
-# -- files: move in, overwrite out -------------------------------------------------------------------
-
-
-def destroy(path: Path) -> None:
-    """Overwrite a file's bytes with zeros, then unlink it (best effort against recovery from disk).
-
-    On copy-on-write or journalling file systems and SSDs the old blocks may survive an overwrite; the
-    file is gone from the run folder either way.
-    """
-    if not path.exists():
-        return
-    size = path.stat().st_size
-    with open(path, "r+b") as f:
-        f.write(b"\0" * size)
-        f.flush()
-        os.fsync(f.fileno())
-    path.unlink()
-
-
-def swap_in(src: Path, dst: Path) -> None:
-    """Move ``src`` over ``dst`` atomically, then overwrite the old ``dst``'s bytes. Skips a moved ``src``."""
-    if not src.exists():
-        return
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    with open(dst, "r+b") as old:
-        size = os.fstat(old.fileno()).st_size
-        os.replace(src, dst)  # readers now see the new file; the old one lives on only through this handle
-        old.write(b"\0" * size)
-        old.flush()
-        os.fsync(old.fileno())
-
-
-def discard_staging(staging: Path) -> None:
-    if not staging.exists():
-        return
-    for p in staging.rglob("*.npz"):
-        destroy(p)
-    shutil.rmtree(staging)
-
-
 # -- the retrain -------------------------------------------------------------------------------------
 
 
@@ -344,7 +271,7 @@ def retrain(run_dir: Path, *, state_root: Path, simulate: Simulate, report: Repo
         marker = read_marker(plan.run_dir)
         marker["attempt"] = {"base_version": plan.base_version, "target_version": plan.target_version,
                              "stale": plan.stale, "epsilon_before": plan.epsilon_before, "started_at": now()}
-        atomic_write_json(plan.run_dir / RUN_MARKER, marker)
+        write_marker(plan.run_dir, marker)
         report(f"retraining shard(s) {plan.stale} of {s} for {len(plan.pending)} request(s): "
                f"model version {plan.base_version} -> {plan.target_version}")
         try:
@@ -357,8 +284,8 @@ def retrain(run_dir: Path, *, state_root: Path, simulate: Simulate, report: Repo
                 f"`fedcrm retrain {plan.run_dir}` again."
             ) from e
         _check_complete(plan, summary)
-        atomic_write_json(plan.staging / READY, {"target_version": plan.target_version, "stale": plan.stale,
-                                                 "finished_at": now()})
+        write_json_atomically(plan.staging / READY, {"target_version": plan.target_version, "stale": plan.stale,
+                                                     "finished_at": now()}, what="mark the staged retrain complete")
     receipts = commit(plan)
     summary = read_json(plan.run_dir / "summary.json")
     return RetrainResult(plan.run_dir, plan.stale, plan.target_version, receipts, plan.warnings, summary, resumed)
@@ -398,7 +325,7 @@ def commit(plan: RetrainPlan) -> list[dict[str, Any]]:
     if staged_summary.exists():
         summary = read_json(staged_summary)
         summary["retrained_shards"] = plan.stale
-        atomic_write_json(run_dir / "summary.json", summary)
+        write_json_atomically(run_dir / "summary.json", summary, what="record the retrain's summary")
         staged_summary.unlink()
     if (staging / "audit.log").exists():
         os.replace(staging / "audit.log", run_dir / f"audit-retrain-v{plan.target_version}.log")
@@ -408,7 +335,7 @@ def commit(plan: RetrainPlan) -> list[dict[str, Any]]:
     marker["stale"] = [e for e in marker["stale"] if (e["region"], e["request_id"]) not in done]
     marker["attempt"] = None
     if marker["stale"]:
-        atomic_write_json(run_dir / RUN_MARKER, marker)
+        write_marker(run_dir, marker)
     else:
         (run_dir / RUN_MARKER).unlink(missing_ok=True)
     discard_staging(staging)
@@ -423,11 +350,13 @@ def _append_metrics(plan: RetrainPlan) -> None:
     for line in staged.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            append_line(target, {**row, "model_version": plan.target_version, "retrain": True})
+            append_line(target, json.dumps({**row, "model_version": plan.target_version, "retrain": True}),
+                        what="append the retrain's metrics")
     staged.unlink()  # moved: a re-run after a crash does not append twice
 
 
 def _serve_requests(plan: RetrainPlan) -> list[dict[str, Any]]:
+    """Mark every request the retrain served as served (idempotent), with receipts and audit events."""
     from fedcrm.governance.audit_log import AuditAction
     from fedcrm.governance.audit_trail import SERVER_ACTOR, node_actor, region_audit_log, server_audit_log
 
@@ -436,45 +365,47 @@ def _serve_requests(plan: RetrainPlan) -> list[dict[str, Any]]:
     stamp = now()
     receipts: list[dict[str, Any]] = []
     for p in plan.pending:
+        state_dir = plan.state_root / p.region
+        store = RequestStore(state_dir, region=p.region) if state_dir.exists() else None
         before = plan.epsilon_before.get(p.region, {}).get(p.shard)
         after = eps_after.get(p.region, {}).get(p.shard)
-        state_dir = plan.state_root / p.region
-        if p.kind == "erasure" and (state_dir / "erasures" / f"{p.request_id}.json").exists():
-            store = ErasureStore(state_dir, region=p.region)
-            req = store.get(p.request_id)
-            entry = req.runs[key]
-            first = entry.status == PENDING
-            if first:
-                entry.status = SERVED
-                entry.model_version_before = entry.model_version_before or plan.base_version
-                entry.model_version_after = plan.target_version
-                entry.served_at = stamp
-                entry.epsilon_before, entry.epsilon_after = before, after
-                entry.note = (f"shard {p.shard} retrained without the customer; the old constituent and its "
-                              "checkpoints were overwritten and deleted")
-                store.save(req)
-            region_log = region_audit_log(state_dir)
-            if first:  # audited before the receipt, so that the receipt's head covers this very entry
-                details = {"request_id": req.request_id, "customer": req.customer_ref, "region": p.region,
-                           "run": plan.run_dir.name, "shard": p.shard, "model_version": plan.target_version,
-                           "epsilon_before": before, "epsilon_after": after}
-                region_log.append(actor=node_actor(p.region), action=AuditAction.ERASURE_SERVED,
-                                  details=_finite(details))
-                server_audit_log(plan.run_dir).append(actor=SERVER_ACTOR, action=AuditAction.ERASURE_SERVED,
-                                                      details=_finite({k: v for k, v in details.items()
-                                                                       if k != "customer"}))
-            receipts.append(record_receipt(plan.run_dir, req, region_audit_head=region_log.head()))
-        else:
-            # A consent withdrawal (or a request known only from the marker): the run's history records it.
-            row = {"request_id": p.request_id, "kind": p.kind, "region": p.region, "customer_ref": p.customer_ref,
-                   "run": plan.run_dir.name, "shard": p.shard, "shards": plan.cfg.unlearning.shards,
-                   "status": SERVED, "model_version_before": plan.base_version,
-                   "model_version_after": plan.target_version, "served_at": stamp,
-                   "privacy": {"epsilon_before": before, "epsilon_after": after,
-                               "charge": None if before is None or after is None else after - before}}
-            if p.request_id not in _served_ids(plan.run_dir):
-                append_line(plan.run_dir / HISTORY_FILE, row)
-            receipts.append(row)
+        if store is None or not store.exists(p.request_id):
+            # Known only from the marker (the region's store is on its own machine): the run's history
+            # records what the run knows, in the same receipt format.
+            req = Request(request_id=p.request_id, kind="unknown", region=p.region, customer_ref="",
+                          requested_at="", requested_by="", deadline="", recorded_at=stamp,
+                          runs={key: RunEntry(shard=p.shard, shards=plan.cfg.unlearning.shards, status=SERVED,
+                                              model_version_before=plan.base_version,
+                                              model_version_after=plan.target_version, served_at=stamp,
+                                              epsilon_before=before, epsilon_after=after)})
+            receipts.append(record_receipt(plan.run_dir, req))
+            continue
+        req = store.get(p.request_id)
+        entry = req.runs[key]
+        first = entry.open
+        if first:
+            how = (f"first served by exclusion at version {entry.excluded_at_version}; " if entry.excluded_at_version
+                   else "")
+            entry.status = SERVED
+            entry.model_version_before = entry.model_version_before or plan.base_version
+            entry.model_version_after = plan.target_version
+            entry.served_at = stamp
+            entry.epsilon_before, entry.epsilon_after = before, after
+            entry.note = (f"{how}shard {p.shard} retrained without the customer and served again at version "
+                          f"{plan.target_version}; the old constituent and its checkpoints were overwritten and "
+                          "deleted")
+            store.save(req)
+        region_log = region_audit_log(state_dir)
+        if first:  # audited before the receipt, so that the receipt's head covers this very entry
+            details = {"request_id": req.request_id, "kind": req.kind, "customer": req.customer_ref,
+                       "region": p.region, "run": plan.run_dir.name, "shard": p.shard,
+                       "model_version": plan.target_version, "served_by": "retrain",
+                       "epsilon_before": before, "epsilon_after": after}
+            region_log.append(actor=node_actor(p.region), action=AuditAction.ERASURE_SERVED, details=_finite(details))
+            server_audit_log(plan.run_dir).append(actor=SERVER_ACTOR, action=AuditAction.ERASURE_SERVED,
+                                                  details=_finite({k: v for k, v in details.items()
+                                                                   if k != "customer"}))
+        receipts.append(record_receipt(plan.run_dir, req, region_audit_head=region_log.head()))
     return receipts
 
 

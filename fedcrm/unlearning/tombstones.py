@@ -1,20 +1,31 @@
-"""The region's tombstones: customers who were forgotten and must never come back.
+"""The region's keyed-token list: customers forgotten (every purpose) or who withdrew one purpose.
 
-Only keyed hashes of their ids are stored (under the region's secret), so the list itself does not
-re-identify anyone, yet a later re-import of the same source table drops them again.
+One file, ``<state>/tombstones.txt``, one ``<scope> <token>`` per line: the token is a keyed hash of the
+id under the region's secret (so the list does not re-identify anyone, yet a re-import of the same table
+drops them again), and the scope is ``*`` for an erasure (no purpose may use them) or the purpose a
+consent withdrawal names. Lines are appended through :func:`fedcrm.durable.append_to` (fsync, cut back
+on a full disk); a torn last line (a crash mid-write) never completed and is ignored.
+
+Older state folders hold ``tombstones.txt`` with bare tokens (erasures) and a separate
+``consent_withdrawals.txt`` (``<purpose> <token>``): both are read, and the first time the list is
+opened the withdrawals are merged into the one file (atomically) and the old file removed.
 """
 
 from __future__ import annotations
 
 import hmac
-import os
+import re
 from pathlib import Path
 
 import numpy as np
 
+from fedcrm.durable import append_line, write_text_atomically
 from fedcrm.unlearning.shards import region_secret
 
-_FILE = "tombstones.txt"
+FILE = "tombstones.txt"
+LEGACY_WITHDRAWALS_FILE = "consent_withdrawals.txt"
+EVERY_PURPOSE = "*"
+_LINE = re.compile(r"^(?:(?P<scope>\*|[A-Za-z0-9_-]+) )?(?P<token>[0-9a-f]{64})$")
 
 
 def id_token(customer_id: str, *, secret: str) -> str:
@@ -28,35 +39,80 @@ def id_tokens(ids: np.ndarray, *, secret: str) -> list[str]:
     return [hmac.digest(key, str(i).encode("utf-8"), "sha256").hex() for i in ids]
 
 
-class Tombstones:
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / _FILE
-        self.secret = region_secret(state_dir)
+def _read(path: Path) -> list[tuple[str, str]]:
+    """(scope, token) per complete line; a bare token (the old tombstone format) is scope ``*``."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="ascii", errors="replace").split("\n"):
+        m = _LINE.match(line)
+        if m:
+            out.append((m["scope"] or EVERY_PURPOSE, m["token"]))
+    return out
 
-    def tokens(self) -> set[str]:
-        if not self.path.exists():
-            return set()
-        lines = self.path.read_text().split("\n")
-        # A torn last line (crash mid-write) has fewer than 64 hex digits: it never completed.
-        return {ln for ln in lines if len(ln) == 64}
+
+class KeyedTokens:
+    """The one keyed-token file of a region: ``add`` records, ``tokens``/``mask`` read by scope."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / FILE
+        self.secret = region_secret(self.state_dir)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        legacy = self.state_dir / LEGACY_WITHDRAWALS_FILE
+        if not legacy.exists():
+            return
+        rows = list(dict.fromkeys(_read(self.path) + _read(legacy)))
+        text = "".join(f"{scope} {token}\n" for scope, token in rows)
+        write_text_atomically(self.path, text, what="merge the consent withdrawals into the tombstones")
+        legacy.unlink()  # only after the merged file is durable: a crash before this merges again, harmlessly
+
+    def token(self, customer_id: str) -> str:
+        return id_token(str(customer_id), secret=self.secret)
+
+    def tokens(self, scope: str) -> set[str]:
+        return {t for s, t in _read(self.path) if s == scope}
+
+    def scopes_of(self, customer_id: str) -> list[str]:
+        """The scopes recorded for this customer, in the order they were."""
+        token = self.token(customer_id)
+        return list(dict.fromkeys(s for s, t in _read(self.path) if t == token))
+
+    def add(self, customer_ids: list[str], *, scope: str) -> list[str]:
+        """Record the ids under ``scope``; returns the tokens newly added (durable on return)."""
+        if not _LINE.match(f"{scope} {'0' * 64}"):
+            raise ValueError(f"scope must be * or letters, digits, - or _, got {scope!r}")
+        known = self.tokens(scope)
+        new = [t for t in dict.fromkeys(self.token(i) for i in customer_ids) if t not in known]
+        if not new:
+            return []
+        append_line(self.path, "".join(f"{scope} {t}\n" for t in new), what="record the keyed tokens")
+        return new
+
+    def mask(self, ids: np.ndarray, *, scope: str) -> np.ndarray:
+        tokens = self.tokens(scope)
+        if not tokens:
+            return np.zeros(len(ids), dtype=bool)
+        return np.fromiter((self.token(str(i)) in tokens for i in ids), dtype=bool, count=len(ids))
+
+
+class Tombstones:
+    """Customers forgotten at the region: scope ``*``, no purpose may train or evaluate on them."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.keyed = KeyedTokens(state_dir)
+        self.path = self.keyed.path
+        self.secret = self.keyed.secret
 
     def add(self, customer_ids: list[str]) -> list[str]:
         """Tombstone the ids; returns the tokens newly added (durable on return)."""
-        known = self.tokens()
-        new = [t for t in dict.fromkeys(id_token(i, secret=self.secret) for i in customer_ids) if t not in known]
-        if new:
-            with open(self.path, "a", encoding="ascii") as f:
-                f.write("".join(t + "\n" for t in new))
-                f.flush()
-                os.fsync(f.fileno())
-        return new
+        return self.keyed.add(customer_ids, scope=EVERY_PURPOSE)
 
     def contains(self, customer_id: str) -> bool:
-        return id_token(customer_id, secret=self.secret) in self.tokens()
+        return self.keyed.token(customer_id) in self.keyed.tokens(EVERY_PURPOSE)
 
     def mask(self, ids: np.ndarray) -> np.ndarray:
         """True for customers that were forgotten."""
-        tokens = self.tokens()
-        if not tokens:
-            return np.zeros(len(ids), dtype=bool)
-        return np.fromiter((t in tokens for t in id_tokens(ids, secret=self.secret)), dtype=bool, count=len(ids))
+        return self.keyed.mask(ids, scope=EVERY_PURPOSE)

@@ -23,6 +23,8 @@ from fedcrm.data.io import load_table
 from fedcrm.data.schema import Schema, load_schema
 from fedcrm.errors import PrivacyBudgetError
 from fedcrm.governance.audit_log import AuditLog, verify
+from fedcrm.governance.consent import ConsentWithdrawals
+from fedcrm.governance.request_store import RequestStore
 from fedcrm.models import build_model, get_weights
 from fedcrm.region import NodeSettings, Region
 from fedcrm.runs import RunDir
@@ -30,6 +32,7 @@ from fedcrm.unlearning.shards import holdout_mask, region_secret, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
 
 EXPORT_SCHEMA = json.loads((REPO / "schemas" / "export-v1.schema.json").read_text())
+RECEIPT_SCHEMA = json.loads((REPO / "schemas" / "receipt-v1.schema.json").read_text())
 runner = CliRunner()
 
 
@@ -114,17 +117,24 @@ def test_consent_withdrawal_marks_only_the_constituent_that_trained_on_them_stal
         code, out = _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
                             "--state", str(state), "--run", str(run))
         assert code == 0, out
-    pending = [json.loads(ln) for ln in (state / "eu" / "pending_requests.jsonl").read_text().splitlines()]
-    receipts = [json.loads((state / "eu" / "receipts" / f"{p['request_id']}.json").read_text()) for p in pending]
+    requests = RequestStore(state / "eu", region="eu").all(kind="consent_withdrawal")
+    receipts = {r.request_id: json.loads((state / "eu" / "receipts" / f"{r.request_id}.json").read_text())
+                for r in requests}
     assert len(list((state / "eu" / "receipts").glob("*.json"))) == 3
+    for receipt in receipts.values():
+        jsonschema.validate(receipt, RECEIPT_SCHEMA)
     expected = int(shard_of(np.asarray([trained], dtype=object), shards=4, secret=region_secret(state / "eu"))[0])
-    assert receipts[0]["stale_constituents"] == [
-        {"run_dir": str(run.resolve()), "shard": expected, "shards": 4, "model_version": 3}]
-    assert receipts[0]["status"] == "pending_retrain"
-    assert [r["stale_constituents"] for r in receipts[1:]] == [[], []]  # never trained: nothing to retrain
-    assert [p["stale_constituents"] for p in pending] == [r["stale_constituents"] for r in receipts]
+    by_shard = {r["runs"][0]["shard"]: r for r in receipts.values()}
+    assert set(by_shard) == {expected, None}
+    served = by_shard[expected]
+    # Served at once by exclusion: version 3 -> 4 serves the other three constituents.
+    assert served["status"] == "excluded" and served["purpose"] == "churn"
+    assert served["runs"][0]["served_by"] == "exclusion" and served["runs"][0]["excluded_at_version"] == 4
+    assert json.loads((run / "model" / "model.json").read_text())["shards"] == sorted({0, 1, 2, 3} - {expected})
+    assert not (run / "model" / f"constituent-{expected}.npz").exists()
+    assert sorted(r["runs"][0]["status"] for r in receipts.values() if r is not served) == ["not_trained"] * 2
     marker = json.loads((run / "erasure_pending.json").read_text())  # the erasure machinery's stale marker
-    assert marker["stale"] == [{"region": "eu", "request_id": receipts[0]["request_id"], "shard": expected}]
+    assert marker["stale"] == [{"region": "eu", "request_id": served["request_id"], "shard": expected}]
 
 
 def test_a_changed_consent_column_on_reimport_is_honoured(setup) -> None:
@@ -151,7 +161,7 @@ def test_unknown_purpose_and_forgotten_customer_are_refused(setup) -> None:
     code, out = _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
                         "--state", str(state))
     assert code == 2 and "already forgotten" in out
-    assert not (state / "eu" / "consent_withdrawals.txt").exists()
+    assert not ConsentWithdrawals(state / "eu").contains(cid, purpose="churn")
 
 
 # --- export --------------------------------------------------------------------------------------

@@ -20,11 +20,12 @@ from fedcrm.commands.unlearning import forget_customers, retrain_run
 from fedcrm.config import load_config
 from fedcrm.errors import PrivacyBudgetError, UnlearningError
 from fedcrm.fl.simulation import run_simulated
+from fedcrm.governance.request_store import RequestStore
 from fedcrm.privacy.accountant import GaussianRelease, epsilon
 from fedcrm.privacy.ledger import PrivacyLedger
 from fedcrm.runs import load_weights
 from fedcrm.unlearning import retrain as retrain_mod
-from fedcrm.unlearning.erasure import RUN_MARKER, ErasureStore
+from fedcrm.unlearning.marker import RUN_MARKER
 from fedcrm.unlearning.retrain import retrain, run_view
 
 SHARDS = 2
@@ -67,6 +68,11 @@ def erased(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     }
     requests = forget_customers(region="eu", customer_ids=victims, state_root=state, runs=[run])
     seen["requests"] = [r.request_id for r in requests]
+    seen["excluded"] = {
+        "version": json.loads((run / "model" / "model.json").read_text()),
+        "files": sorted(str(p.relative_to(run)) for p in run.rglob(f"*shard-{STALE}.npz"))
+        + sorted(str(p.relative_to(run)) for p in run.glob(f"model/constituent-{STALE}.npz")),
+    }
 
     # Crash 1: the federated run dies half-way (a partial checkpoint in the staging folder).
     def dying(cfg: Any, *, run_dir: Path, **kwargs: Any) -> dict[str, Any]:
@@ -74,13 +80,13 @@ def erased(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         (run_dir / "checkpoints" / f"round-0001-shard-{STALE}.npz").write_bytes(b"partial")
         raise RuntimeError("node lost")
 
-    with pytest.raises(UnlearningError, match="old model \\(version 1\\) is still served") as e1:
+    with pytest.raises(UnlearningError, match="old model \\(version 2\\) is still served") as e1:
         retrain(run, state_root=state, simulate=dying, report=seen["log"].append)
     seen["crash1"] = {
         "error": str(e1.value),
-        "bytes_unchanged": all((run / p).read_bytes() == b for p, b in seen["old_bytes"].items()),
+        "bytes_unchanged": all((run / p).read_bytes() == b for p, b in seen["old_bytes"].items() if (run / p).exists()),
         "version": json.loads((run / "model" / "model.json").read_text())["version"],
-        "status": {r.status for r in ErasureStore(state / "eu", region="eu").all()},
+        "status": {r.status for r in RequestStore(state / "eu", region="eu").all()},
         "marker": (run / RUN_MARKER).exists(),
     }
 
@@ -94,7 +100,7 @@ def erased(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         retrain_run(run, state_root=state, report=seen["log"].append)
     mp.undo()
     seen["crash2"] = {
-        "status": {r.status for r in ErasureStore(state / "eu", region="eu").all()},
+        "status": {r.status for r in RequestStore(state / "eu", region="eu").all()},
         "marker": (run / RUN_MARKER).exists(),
     }
 
@@ -107,15 +113,19 @@ def erased(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return seen
 
 
-def test_a_crashed_retrain_leaves_the_old_model_served_and_the_request_pending(erased: dict[str, Any]) -> None:
+def test_forget_serves_by_exclusion_and_a_crashed_retrain_leaves_that_model_served(erased: dict[str, Any]) -> None:
+    excluded = erased["excluded"]
+    assert excluded["version"]["version"] == 2 and STALE not in excluded["version"]["shards"]
+    assert excluded["files"] == []  # the stale constituent and its checkpoints were destroyed at once
     c1 = erased["crash1"]
-    assert c1["bytes_unchanged"] and c1["version"] == 1
-    assert c1["status"] == {"pending"} and c1["marker"]
+    assert c1["bytes_unchanged"] and c1["version"] == 2
+    assert c1["status"] == {"excluded"} and c1["marker"]
     assert "fedcrm retrain" in c1["error"]
-    assert erased["crash2"]["status"] == {"pending"} and erased["crash2"]["marker"]
+    assert erased["crash2"]["status"] == {"excluded"} and erased["crash2"]["marker"]
     result = erased["result"]
-    assert result.resumed and result.stale == [STALE] and result.model_version == 2
-    assert {r.status for r in ErasureStore(erased["state"] / "eu", region="eu").all()} == {"served"}
+    assert result.resumed and result.stale == [STALE] and result.model_version == 3
+    assert json.loads((erased["run"] / "model" / "model.json").read_text())["shards"] == list(range(SHARDS))
+    assert {r.status for r in RequestStore(erased["state"] / "eu", region="eu").all()} == {"served"}
     assert not (erased["run"] / RUN_MARKER).exists()
     assert not list(erased["run"].glob(".retrain-*")), "the staging folder was not removed"
 
@@ -123,7 +133,7 @@ def test_a_crashed_retrain_leaves_the_old_model_served_and_the_request_pending(e
 def test_only_the_stale_constituent_changes_and_its_old_weights_are_gone(erased: dict[str, Any]) -> None:
     run = erased["run"]
     meta = json.loads((run / "model" / "model.json").read_text())
-    assert meta["version"] == 2 and meta["shards"] == list(range(SHARDS))
+    assert meta["version"] == 3 and meta["shards"] == list(range(SHARDS))
     new = {k: load_weights(run / "model" / f"constituent-{k}.npz") for k in range(SHARDS)}
     old = erased["old"]
     assert all(np.array_equal(new[0][n], old[0][n]) for n in old[0])
@@ -131,7 +141,7 @@ def test_only_the_stale_constituent_changes_and_its_old_weights_are_gone(erased:
     old_bytes = erased["old_bytes"]
     for p, b in old_bytes.items():
         if f"shard-{STALE}" in p.name or p.name == f"constituent-{STALE}.npz":
-            assert (run / p).read_bytes() != b, f"{p} still holds the pre-erasure weights"
+            assert not (run / p).exists() or (run / p).read_bytes() != b, f"{p} still holds the pre-erasure weights"
         else:
             assert (run / p).read_bytes() == b, f"{p} of an untouched shard changed"
     stale_old = {b for p, b in old_bytes.items() if f"shard-{STALE}" in p.name or p.name.endswith(f"-{STALE}.npz")}
@@ -145,14 +155,16 @@ def test_the_retrain_is_charged_to_the_stale_shard_only(erased: dict[str, Any]) 
         assert after[region][0] == before[region][0]
     receipts = erased["result"].receipts
     assert len(receipts) == 3
-    for r in receipts:
-        assert r["status"] == "served" and r["shard"] == STALE and r["region"] == "eu"
-        assert (r["model_version_before"], r["model_version_after"]) == (1, 2)
+    for receipt in receipts:
+        [r] = receipt["runs"]
+        assert r["status"] == "served" and r["shard"] == STALE and receipt["region"] == "eu"
+        assert (r["model_version_before"], r["excluded_at_version"], r["model_version_after"]) == (1, 2, 3)
         assert r["privacy"]["epsilon_before"] == pytest.approx(before["eu"][STALE])
         assert r["privacy"]["epsilon_after"] == pytest.approx(after["eu"][STALE])
-        assert r["requested_at"] <= r["served_at"]
+        assert receipt["requested_at"] <= r["served_at"]
     history = [json.loads(x) for x in (erased["run"] / "erasures.jsonl").read_text().splitlines()]
-    assert sorted(h["request_id"] for h in history) == sorted(erased["requests"])  # once each, despite the crash
+    # One line per request and version: served by exclusion (v2), then by retrain (v3), once each despite the crash.
+    assert sorted(h["request_id"] for h in history) == sorted(erased["requests"] * 2)
     assert sorted(p.stem for p in (erased["run"] / "receipts").glob("*.json")) == sorted(erased["requests"])
 
 
@@ -227,6 +239,6 @@ def test_a_retrain_over_budget_is_refused_and_changes_nothing(trained: Path, tmp
         retrain(run, state_root=state, simulate=must_not_train, report=lambda s: None)
     assert "stays served" in str(e.value) and "pending" in str(e.value)
     assert len(ledger.events()) == events_before
-    assert json.loads((run / "model" / "model.json").read_text())["version"] == 1
-    assert [r.status for r in ErasureStore(state / "us", region="us").all()] == ["pending"]
+    assert json.loads((run / "model" / "model.json").read_text())["version"] == 2  # served by exclusion
+    assert [r.status for r in RequestStore(state / "us", region="us").all()] == ["excluded"]
     assert (run / RUN_MARKER).exists()

@@ -14,10 +14,11 @@ from fedcrm.config import load_config
 from fedcrm.data.io import load_table
 from fedcrm.data.schema import load_schema
 from fedcrm.errors import ConfigError, UnlearningError
+from fedcrm.governance.request_store import RequestStore, run_key
 from fedcrm.models import build_model, get_weights
 from fedcrm.runs import RunDir
-from fedcrm.unlearning import erasure
-from fedcrm.unlearning.erasure import RUN_MARKER, ErasureStore, RunView, forget
+from fedcrm.unlearning.erasure import RunView, forget
+from fedcrm.unlearning.marker import RUN_MARKER
 from fedcrm.unlearning.retrain import plan_retrain
 from fedcrm.unlearning.tombstones import Tombstones
 
@@ -46,7 +47,7 @@ def test_an_unknown_id_refuses_the_whole_request_and_writes_nothing(region: dict
     good = str(region["ids"][0])
     with pytest.raises(UnlearningError, match="not in the region's table: nobody-42"):
         forget(state_dir=region["state"], region="eu", customer_ids=[good, "nobody-42"], table_ids=region["ids"])
-    assert ErasureStore(region["state"], region="eu").all() == []
+    assert RequestStore(region["state"], region="eu").all() == []
     assert not Tombstones(region["state"]).contains(good)
 
 
@@ -73,11 +74,11 @@ def test_a_crash_before_the_tombstone_is_completed_by_running_forget_again(
         m.setattr(Tombstones, "add", crash)
         with pytest.raises(OSError):
             forget(state_dir=region["state"], region="eu", customer_ids=[cid], table_ids=region["ids"])
-    [pending] = ErasureStore(region["state"], region="eu").all()
-    assert pending.status == "pending" and pending.tombstoned_at is None
+    [pending] = RequestStore(region["state"], region="eu").all()
+    assert pending.status == "pending" and pending.recorded_at is None
     [done] = forget(state_dir=region["state"], region="eu", customer_ids=[cid], table_ids=region["ids"])
-    assert done.request_id == pending.request_id and done.tombstoned_at is not None
-    assert len(ErasureStore(region["state"], region="eu").all()) == 1
+    assert done.request_id == pending.request_id and done.recorded_at is not None
+    assert len(RequestStore(region["state"], region="eu").all()) == 1
     assert Tombstones(region["state"]).contains(cid)
 
 
@@ -88,10 +89,10 @@ def test_the_store_and_marker_hold_no_id_and_a_single_shard_run_warns_of_a_full_
     a, b = str(region["ids"][4]), str(region["ids"][5])
     view = RunView(run_dir=run, shards=1, model_version=1, trained={a: 0})  # b: hold-out, never trained on
     reqs = forget(state_dir=region["state"], region="eu", customer_ids=[a, b], table_ids=region["ids"], runs=[view])
-    key = erasure.run_key(run)
+    key = run_key(run)
     assert [r.runs[key].status for r in reqs] == ["pending", "not_trained"]
     receipt = json.loads((run / "receipts" / f"{reqs[1].request_id}.json").read_text())
-    assert receipt["model_version_after"] == 1 and receipt["shard"] is None
+    assert receipt["runs"][0]["model_version_after"] == 1 and receipt["runs"][0]["shard"] is None
     for p in [*region["state"].rglob("*"), *run.rglob("*")]:
         if p.is_file():
             assert a.encode() not in p.read_bytes() and b.encode() not in p.read_bytes(), p

@@ -48,8 +48,11 @@ def test_forget_and_withdraw_on_a_split_run_are_served_by_one_retrain(tmp_path: 
 
     result = retrain_run(run, state_root=state, report=lambda s: None)
     assert result.stale == [0]
-    kinds = sorted(json.loads(line)["kind"] for line in (run / "erasures.jsonl").read_text().splitlines())
-    assert kinds == ["consent_withdrawal", "erasure"]
+    rows = [json.loads(line) for line in (run / "erasures.jsonl").read_text().splitlines()]
+    # Both served at once by exclusion (shard 0 dropped, shard 1 still served), then by the one retrain.
+    assert sorted((r["kind"], r["runs"][0]["served_by"]) for r in rows) == [
+        ("consent_withdrawal", "exclusion"), ("consent_withdrawal", "retrain"), ("erasure", "exclusion"),
+        ("erasure", "retrain")]
     retrained = run_view(run, region="eu", state_root=state).trained
     assert forgotten not in retrained and withdrawn not in retrained
     # The forgotten id is written nowhere in the run folder (table copy, receipts, metrics, logs); the
