@@ -33,7 +33,7 @@ def exact_and_noisy(cfg: Any, *, run_dir: Path, state_root: Path, draws: int) ->
     from fedcrm.evaluation.metrics import ScoreSummary
     from fedcrm.evaluation.served import ServedModel
     from fedcrm.governance.policy import RegionPolicy
-    from fedcrm.privacy.aggregates import ANSWER_BINS, LOSS_CAP, noised
+    from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised
     from fedcrm.privacy.randomness import ReleaseRandomness
     from fedcrm.region import NodeSettings, Region
 
@@ -47,7 +47,8 @@ def exact_and_noisy(cfg: Any, *, run_dir: Path, state_root: Path, draws: int) ->
         data = r.load(cfg, schema)
         x, y = data.x[data.holdout], data.y[data.holdout]
         scores = served.proba(x)
-        exact_parts.append(ScoreSummary.of(scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP))
+        exact_parts.append(ScoreSummary.of(scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP,
+                                  logit_range=ANSWER_LOGIT_RANGE))
         sensitive = data.sensitive.iloc[np.flatnonzero(data.holdout)].reset_index(drop=True)
         groups.append(fairness.summarise_groups(scores=scores, labels=y, sensitive=sensitive, schema=schema,
                                                 min_customers=1))
@@ -78,7 +79,7 @@ def exact_and_noisy(cfg: Any, *, run_dir: Path, state_root: Path, draws: int) ->
                         "b": part.sum_brier, "c": part.correct}, coordinates_per_customer=4,
                        noise_multiplier=sigma, randomness=rnd)
             s = ScoreSummary(hist_pos=a["p"], hist_neg=a["n"], sum_log_loss=float(a["l"]) * LOSS_CAP,
-                             sum_brier=float(a["b"]), correct=float(a["c"])).clipped()
+                             sum_brier=float(a["b"]), correct=float(a["c"]))
             total = s if total is None else total + s
             parts = {f"{k}/{w}": getattr(h, f) for k, h in g.items()
                      for w, f in (("pos", "hist_pos"), ("neg", "hist_neg"), ("score", "sum_score"))}

@@ -29,7 +29,7 @@ from fedcrm.governance.eligibility import usable_for
 from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, ensemble_proba, get_weights, set_weights
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
-from fedcrm.privacy.aggregates import ANSWER_BINS, LOSS_CAP, noised
+from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised
 from fedcrm.privacy.clipping import clip_update
 from fedcrm.privacy.ledger import (
     MECHANISM_GAUSSIAN,
@@ -382,7 +382,8 @@ class Region:
         scores = ensemble_proba(models, x) if len(x) else np.zeros(0)
         if not np.all(np.isfinite(scores)):
             raise DataError(f"region {self.name}: the model produced non-finite scores")
-        exact = ScoreSummary.of(scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP)
+        exact = ScoreSummary.of(scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP,
+                                  logit_range=ANSWER_LOGIT_RANGE)
         # One customer: one histogram bin, and at most 1 in each of the scaled sums.
         answer = self._answer(cfg, run_id=run_id, what="evaluation", coordinates=4, parts={
             "hist_pos": exact.hist_pos, "hist_neg": exact.hist_neg, "log_loss": exact.sum_log_loss / LOSS_CAP,

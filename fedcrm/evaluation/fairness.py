@@ -29,8 +29,10 @@ from fedcrm.evaluation.metrics import auc_from_histograms
 
 # Scores travel at 0.01 resolution per group: enough for rates at the 0.5 threshold (a bin edge) and
 # for AUC to within the ties inside one bin, coarse enough not to list a small group's scores.
-FAIR_BINS = 100
+FAIR_BINS = 10  # coarse: every bin of every group carries the DP answer's noise
 CALIBRATION_BINS = 10
+# Fewest (noisy) customers behind a group's reported rates.
+REPORT_MIN_CUSTOMERS = 50
 THRESHOLD = 0.5
 _EPS = 1e-7
 
@@ -185,10 +187,9 @@ def from_lists(
     """The inverse of :func:`to_lists`; raises ValueError when the lengths do not fit the schema."""
     layout = sensitive_groups(schema)
     n_groups = sum(len(ag.groups) for ag in layout)
-    # Noisy DP answers: floats, made consistent (no negative counts or sums) by clipping at zero.
-    hp = np.clip(np.asarray(hist_pos, dtype=np.float64), 0, None)
-    hn = np.clip(np.asarray(hist_neg, dtype=np.float64), 0, None)
-    ss = np.clip(np.asarray(sum_score, dtype=np.float64), 0, None)
+    # Noisy DP answers: floats, kept unclipped (clipping at zero would bias every rate upwards).
+    hp, hn = np.asarray(hist_pos, dtype=np.float64), np.asarray(hist_neg, dtype=np.float64)
+    ss = np.asarray(sum_score, dtype=np.float64)
     sup = np.asarray(suppressed, dtype=np.int64)
     if hp.size != n_groups * FAIR_BINS or hn.size != hp.size or ss.size != n_groups or sup.size != n_groups:
         raise ValueError(f"fairness histograms do not fit the schema's {n_groups} groups")
@@ -265,7 +266,9 @@ def fairness_report(summary: FairnessSummary, *, schema: Schema) -> dict[str, An
         for i, name in enumerate(ag.groups):
             if h.suppressed[i]:
                 suppressed[name] = int(h.suppressed[i])
-            if h.hist_pos[i].sum() + h.hist_neg[i].sum() > 0:
+            # The counts are DP answers: a group whose noisy count is small gives rates that are mostly
+            # noise, so it is left out (decided on the noisy count: post-processing, no privacy cost).
+            if h.hist_pos[i].sum() + h.hist_neg[i].sum() >= REPORT_MIN_CUSTOMERS:
                 groups[name] = group_metrics(h.hist_pos[i], h.hist_neg[i], float(h.sum_score[i]))
         m = list(groups.values())
         tpr_gap = _spread([g["tpr"] for g in m])

@@ -28,12 +28,22 @@ class ScoreSummary:
 
     @classmethod
     def of(
-        cls, *, scores: np.ndarray, labels: np.ndarray, bins: int = BINS, loss_cap: float | None = None
+        cls, *, scores: np.ndarray, labels: np.ndarray, bins: int = BINS, loss_cap: float | None = None,
+        logit_range: float | None = None,
     ) -> ScoreSummary:
-        """``loss_cap`` clips each customer's log-loss (bounding their share of the sum, for a DP answer)."""
+        """``loss_cap`` clips each customer's log-loss (bounding their share of the sum, for a DP answer).
+
+        ``logit_range`` = L bins the scores evenly in log-odds over [-L, L] instead of in probability:
+        with few bins (a DP answer), rare-event models whose scores crowd below 0.1 keep their ranking.
+        The edges are fixed, never taken from the data.
+        """
         p = np.clip(scores.astype(np.float64), _EPS, 1 - _EPS)
         y = labels.astype(np.int64)
-        idx = np.minimum((p * bins).astype(np.int64), bins - 1)
+        if logit_range is None:
+            idx = np.minimum((p * bins).astype(np.int64), bins - 1)
+        else:
+            z = (np.log(p) - np.log1p(-p) + logit_range) / (2 * logit_range)
+            idx = np.clip((z * bins).astype(np.int64), 0, bins - 1)
         losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
         if loss_cap is not None:
             losses = np.minimum(losses, loss_cap)
@@ -49,16 +59,6 @@ class ScoreSummary:
     def n(self) -> float:
         return float(self.hist_pos.sum() + self.hist_neg.sum())
 
-    def clipped(self) -> ScoreSummary:
-        """A noisy answer made consistent: no negative counts or sums (post-processing, costs no privacy)."""
-        return ScoreSummary(
-            hist_pos=np.clip(np.asarray(self.hist_pos, dtype=np.float64), 0, None),
-            hist_neg=np.clip(np.asarray(self.hist_neg, dtype=np.float64), 0, None),
-            sum_log_loss=max(self.sum_log_loss, 0.0),
-            sum_brier=max(self.sum_brier, 0.0),
-            correct=max(self.correct, 0.0),
-        )
-
     def __add__(self, other: ScoreSummary) -> ScoreSummary:
         return ScoreSummary(
             hist_pos=self.hist_pos + other.hist_pos,
@@ -73,7 +73,7 @@ class ScoreSummary:
         if n <= 0:
             return {}
         return {
-            "auc": auc_from_histograms(self.hist_pos, self.hist_neg),
+            "auc": min(max(auc_from_histograms(self.hist_pos, self.hist_neg), 0.0), 1.0),
             "log_loss": self.sum_log_loss / n,
             "accuracy": min(self.correct / n, 1.0),
             "brier": self.sum_brier / n,

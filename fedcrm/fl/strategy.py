@@ -192,13 +192,15 @@ def pooled_evaluation(
             per_region[region] = eps
             skipped[region] = reason or "no hold-out metrics"
             continue
-        s = ScoreSummary(  # a DP answer: noisy, so made consistent (no negative counts) first
+        # A DP answer: noisy counts, kept as they are. Zero-mean noise leaves sums and the AUC's bilinear
+        # numerator unbiased; clipping negative bins at zero would add mass to every empty bin.
+        s = ScoreSummary(
             hist_pos=np.asarray(m[wire.HIST_POS], dtype=np.float64),
             hist_neg=np.asarray(m[wire.HIST_NEG], dtype=np.float64),
             sum_log_loss=number(m, wire.SUM_LOG_LOSS),
             sum_brier=number(m, wire.SUM_BRIER),
             correct=number(m, wire.CORRECT),
-        ).clipped()
+        )
         if total is not None and s.hist_pos.shape != total.hist_pos.shape:
             skipped[region] = "hold-out histograms of another size than the other regions'"
             continue

@@ -22,8 +22,11 @@ import torch
 
 from fedcrm.privacy.randomness import ReleaseRandomness
 
-# Score histograms in the answers: coarse, so that the noise on each bin stays small against its count.
-ANSWER_BINS = 20
+# Score histograms in the answers: coarse, so that the noise on each bin stays small against its count,
+# and even in log-odds over [-ANSWER_LOGIT_RANGE, ANSWER_LOGIT_RANGE] (scores 0.0003 to 0.9997), so that
+# a rare-event model's scores do not all fall into the first bin.
+ANSWER_BINS = 24
+ANSWER_LOGIT_RANGE = 6.0
 # A customer's log-loss is clipped to this before summing: it bounds their share of the loss sum.
 LOSS_CAP = 4.0
 
