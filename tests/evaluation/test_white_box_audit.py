@@ -13,6 +13,7 @@ from conftest import REPO
 from fedcrm.config import ExperimentConfig, ModelConfig, TrainingConfig, load_config
 from fedcrm.evaluation.white_box_audit import PlantedBug, white_box_audit
 from fedcrm.models import build_model
+from fedcrm.privacy.accountant import plan_noise_multiplier
 from fedcrm.privacy.clipping import LinearStackDpSgd
 from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.region import NodeSettings, Region
@@ -126,3 +127,15 @@ def test_white_box_audit_passes_the_real_dp_sgd_path_at_every_shipped_setting(na
     assert audit.verdict == "consistent"
     assert audit.result.auc > 0.5  # the canaries are seen, as DP allows; just not beyond the claim
     assert math.isclose(audit.sample_rate, cfg.training.batch_size / SHIPPED[name])
+
+
+def test_white_box_audit_has_power_at_epsilon_8() -> None:
+    # Its best case (one full-batch step per round: the server sees every step), 10,000 canaries: the
+    # audit proves ε ≥ 3.0–3.3 (docs/results.md); at 100,000 canaries 3.4–3.55, about 45 % of the claim.
+    training = TrainingConfig(rounds=10, local_epochs=1, batch_size=100, learning_rate=0.05)
+    sigma = plan_noise_multiplier(target_epsilon=8.0, delta=1e-6, sample_rate=1.0, steps=10, accountant="rdp")
+    x, y = _table(n=100)
+    audit = white_box_audit(x=x, y=y, model=ModelConfig(kind="logistic"), training=training, noise_multiplier=sigma,
+                            clipping_norm=1.0, delta=1e-6, canaries=10_000, auditor_rng=np.random.default_rng(0))
+    assert audit.claimed_epsilon == pytest.approx(8.0, rel=0.01)
+    assert 2.7 < audit.epsilon_lower_bound <= audit.claimed_epsilon, audit
