@@ -67,6 +67,7 @@ def train_locally(
     randomness: ReleaseRandomness,
     proximal_mu: float = 0.0,
     planned_customers: int | None = None,
+    canaries: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``training.local_epochs`` epochs.
 
@@ -74,6 +75,11 @@ def train_locally(
     region's own (:mod:`fedcrm.privacy.randomness`). ``planned_customers`` is the public size the
     sampling rate and the number of steps were planned from (the region's declared size), when it
     differs from the true number of rows.
+
+    ``canaries`` is the white-box privacy audit's hook (fedcrm.evaluation.white_box_audit), never set in
+    training: rows of per-sample gradients (one per canary, over the flattened parameters) that are
+    Poisson-sampled at the customers' rate, as further rows after the customers, and clipped and
+    noised with them.
     """
     n = len(x)
     q, steps = sampling_plan(n=planned_customers or n, batch_size=training.batch_size, epochs=training.local_epochs)
@@ -97,11 +103,17 @@ def train_locally(
             model, optimizer=optimizer, criterion=criterion, x=xt, y=yt, dp=dp,
             batch_size=training.batch_size, randomness=randomness,
         )
+    if canaries is not None and fast is None:
+        raise ValueError("gradient canaries need DP-SGD on a Linear stack (fedcrm.privacy.clipping)")
     trainable.train()
     losses: list[float] = []
     empty = 0
+    rows = n if canaries is None else n + canaries.shape[0]
     for _ in range(steps):
-        idx = randomness.poisson_sample(n, q=q)
+        idx = randomness.poisson_sample(rows, q=q)
+        extra = None
+        if canaries is not None:
+            extra, idx = canaries.index_select(0, idx[idx >= n] - n), idx[idx < n]
         if len(idx) == 0:
             empty += 1
             if dp is None:
@@ -109,7 +121,7 @@ def train_locally(
             # An empty Poisson batch still takes a noisy step: the accountant charges a noisy step, and
             # skipping it would tell whoever sees the update that this step's sample was empty.
             if fast is not None:
-                fast.noise_only_step()
+                fast.noise_only_step(extra=extra)
             else:
                 optimizer.zero_grad(set_to_none=True)
                 for p in trainable.parameters():
@@ -119,7 +131,7 @@ def train_locally(
             continue
         xb, yb = xt.index_select(0, idx), yt.index_select(0, idx)
         if fast is not None:
-            loss = fast.compute_grads(xb, yb)
+            loss = fast.compute_grads(xb, yb, extra=extra)
         else:
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(trainable(xb).squeeze(-1), yb)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,17 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     return write_tiny_config(tmp_path)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small models train faster on one thread, and much faster on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def requires_shared_data() -> pytest.MarkDecorator:

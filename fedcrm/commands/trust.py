@@ -100,26 +100,33 @@ def audit_privacy(
         list[str] | None, typer.Option(help="Audit only this region (repeatable; default: every region of the run).")
     ] = None,
     data: Annotated[Path | None, typer.Option(help="The region's table, when auditing one region.")] = None,
+    white_box: Annotated[
+        bool, typer.Option("--white-box", help="Play the server: rerun the region's DP-SGD with gradient canaries.")
+    ] = False,
+    canaries: Annotated[int, typer.Option(help="White-box: how many gradient canaries.", min=2)] = 1000,
     claimed_epsilon: Annotated[
-        float | None, typer.Option(help="Check against this ε instead of each region's ledger.")
+        float | None, typer.Option(help="Check against this ε instead of each region's ledger (or plan).")
     ] = None,
     confidence: Annotated[float, typer.Option(help="Confidence of the ε lower bound.")] = 0.95,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Membership-inference audit per region: can the served model's loss tell training from hold-out?
+    """One-run privacy audit per region (Steinke, Nasr & Jagielski 2023): an ε the training provably exceeds.
 
-    Prints the attack's AUC, its advantage (max TPR − FPR) and the ε lower bound it implies (one-sided
-    Clopper–Pearson, Bonferroni over thresholds) next to the ledger's ε, and writes
-    RUN_DIR/privacy_audit.json. Exits 3 when a lower bound exceeds the claimed ε: the DP path is broken.
+    Black-box (default): the region's customers are the canaries (half of them training customers, half
+    hold-out, by the auditor's coin), scored by the served model's loss; the claim is the region's
+    ledger. --white-box: the auditor plays the server, reruns the region's real DP-SGD (its table, σ, q,
+    steps and δ, secret randomness, SGD) with gradient canaries and scores them from every round's
+    update; the claim is the ε of those releases. Writes RUN_DIR/privacy_audit.json. Exits 3 when a lower
+    bound exceeds the claimed ε: the DP path is broken.
     """
     from fedcrm.config import load_saved_config
-    from fedcrm.evaluation.privacy_audit import audit_region
+    from fedcrm.evaluation.privacy_audit import audit_region, verdict
     from fedcrm.evaluation.served import ServedModel
+    from fedcrm.evaluation.white_box_audit import audit_region_white_box
 
     try:
         if not (run_dir / "summary.json").exists():
             raise ConfigError(f"{run_dir}: no summary.json (not a finished run folder)")
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         cfg = load_saved_config(run_dir / "config.yaml")
         served = ServedModel.load(run_dir)
         regions = region or list(cfg.regions)
@@ -129,21 +136,15 @@ def audit_privacy(
         for r in regions:
             if r not in cfg.regions:
                 raise ConfigError(f"region {r} is not in the run (regions: {list(cfg.regions)})")
-            delta = float(summary.get("privacy", {}).get(r, {}).get("delta") or cfg.privacy.delta or 1e-5)
-            results[r] = audit_region(
-                region=r,
-                cfg=cfg,
-                served=served,
-                data_path=data or cfg.regions[r],
-                state_dir=state / r,
-                policy_path=cfg.policies.get(r),
-                delta=delta,
-                confidence=confidence,
-            )
+            where: dict[str, Any] = {
+                "region": r, "cfg": cfg, "data_path": data or cfg.regions[r], "state_dir": state / r,
+                "policy_path": cfg.policies.get(r), "confidence": confidence,
+            }
+            results[r] = (audit_region_white_box(**where, canaries=canaries) if white_box
+                          else audit_region(**where, served=served))
             if claimed_epsilon is not None:
                 results[r]["claimed_epsilon"] = claimed_epsilon
-                lb = results[r]["epsilon_lower_bound"]
-                results[r]["verdict"] = "violation" if lb > claimed_epsilon else "consistent"
+                results[r]["verdict"] = verdict(results[r]["epsilon_lower_bound"], claimed_epsilon=claimed_epsilon)
     except FedcrmError as err:
         _fail(err)
     report = {"run": str(run_dir), "model_version": served.version, "regions": results}
@@ -151,28 +152,27 @@ def audit_privacy(
     if as_json:
         out.print_json(json.dumps(report))
     else:
-        t = Table("region", "members", "hold-out", "attack AUC", "advantage", f"ε lower bound ({confidence:.0%})",
-                  "ε claimed", "verdict")
+        t = Table("region", "audit", "canaries", "guesses in/out", "correct", "AUC",
+                  f"ε lower bound ({confidence:.0%})", "ε claimed", "verdict")
         for r, res in results.items():
-            claimed = res.get("claimed_epsilon", res["theoretical_epsilon"])
-            t.add_row(r, str(res["members"]), str(res["non_members"]), f"{res['auc']:.3f}", f"{res['advantage']:.3f}",
-                      f"{res['epsilon_lower_bound']:.3f}", "∞ (no DP)" if claimed is None else f"{claimed:.3f}",
-                      res["verdict"])
+            claimed = res["claimed_epsilon"]
+            t.add_row(r, res["mode"], str(res["canaries"]), f"{res['guesses_in']}/{res['guesses_out']}",
+                      str(res["correct"]), f"{res['auc']:.3f}", f"{res['epsilon_lower_bound']:.3f}",
+                      "∞ (no DP)" if claimed is None else f"{claimed:.3f}", res["verdict"])
         out.print(t)
     bad = {r: res for r, res in results.items() if res["verdict"] == "violation"}
     for r, res in bad.items():
-        claimed = res.get("claimed_epsilon", res["theoretical_epsilon"])
         console.print(
-            f"[bold red]PRIVACY AUDIT FAILED[/] region {r}: the attack proves ε ≥ {res['epsilon_lower_bound']:.3f} "
-            f"with {confidence:.0%} confidence, above the claimed ε = {claimed:.3f}. The DP training path "
-            "does not deliver its guarantee (noise, clipping, sampling or accounting is broken): do not "
-            "release this model, and report it."
+            f"[bold red]PRIVACY AUDIT FAILED[/] region {r}: the {res['mode']} audit proves ε ≥ "
+            f"{res['epsilon_lower_bound']:.3f} with {confidence:.0%} confidence, above the claimed ε = "
+            f"{res['claimed_epsilon']:.3f}. The DP training path does not deliver its guarantee (noise, "
+            "clipping, sampling or accounting is broken): do not release this model, and report it."
         )
     if bad:
         raise typer.Exit(EXIT_PRIVACY_REFUSAL)
     if not as_json and any(math.isfinite(res["auc"]) and res["auc"] > 0.6 for res in results.values()):
-        console.print("[yellow]note:[/] an attack AUC above 0.6 means the model measurably remembers its "
-                      "training customers.")
+        console.print("[yellow]note:[/] an AUC above 0.6 means the canaries' scores measurably reveal which "
+                      "of them were trained on.")
 
 
 def register(app: typer.Typer) -> None:

@@ -65,8 +65,12 @@ class LinearStackDpSgd:
         self.linears = [m for m in model if isinstance(m, nn.Linear)]
         self.params = list(model.parameters())  # Opacus's order, so the same seed draws the same noise
 
-    def compute_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Set every parameter's ``.grad`` to the DP-SGD gradient of one Poisson batch; return the mean loss."""
+    def compute_grads(self, x: torch.Tensor, y: torch.Tensor, *, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Set every parameter's ``.grad`` to the DP-SGD gradient of one Poisson batch; return the mean loss.
+
+        ``extra``: further per-sample gradients that come from no customer row (see :meth:`_add_clipped`);
+        only the privacy audit passes them, training never does.
+        """
         inputs: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []
         h = x
@@ -91,15 +95,44 @@ class LinearStackDpSgd:
                 layer.weight.grad = gc.t() @ a
                 if layer.bias is not None:
                     layer.bias.grad = gc.sum(0)
+            if extra is not None:
+                self._add_clipped(extra)
             self._noise_and_scale()
         return per_sample.detach().mean()
 
-    def noise_only_step(self) -> None:
-        """The gradient of an empty Poisson batch: the noise alone (the step must not be skipped)."""
+    def noise_only_step(self, *, extra: torch.Tensor | None = None) -> None:
+        """The gradient of a Poisson batch with no customer: the noise (and any ``extra`` rows) alone.
+
+        The step must not be skipped: the accountant charges a noisy step.
+        """
         with torch.no_grad():
             for p in self.params:
                 p.grad = torch.zeros_like(p)
+            if extra is not None:
+                self._add_clipped(extra)
             self._noise_and_scale()
+
+    def _add_clipped(self, extra: torch.Tensor) -> None:
+        """Clip each row of ``extra`` as a customer's gradient is clipped, and add their sum to ``.grad``.
+
+        A row is one per-sample gradient over all parameters, flattened in ``model.parameters()`` order
+        (dense, or sparse COO: an auditor's gradient canaries touch one coordinate each, and a dense
+        matrix of them would not fit in memory). This is the white-box audit's hook
+        (fedcrm.evaluation.white_box_audit): the canaries then go through the very clipping, noise and
+        scaling that customers do.
+        """
+        total = sum(p.numel() for p in self.params)
+        if extra.dim() != 2 or extra.shape[1] != total:
+            raise ValueError(f"extra per-sample gradients must be a (rows x {total}) matrix, got {tuple(extra.shape)}")
+        rows = (extra if extra.is_sparse else extra.to_sparse()).coalesce()
+        (row, col), values = rows.indices(), rows.values().to(torch.float64)
+        sq_norms = torch.zeros(rows.shape[0], dtype=torch.float64).index_add_(0, row, values * values)
+        clip = (self.clipping_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+        summed = torch.zeros(total, dtype=torch.float64).index_add_(0, col, values * clip[row])
+        offset = 0
+        for p in self.params:
+            p.grad += summed[offset:offset + p.numel()].view_as(p).to(p.dtype)  # type: ignore[operator]
+            offset += p.numel()
 
     def _noise_and_scale(self) -> None:
         for p in self.params:

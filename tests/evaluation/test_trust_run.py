@@ -19,6 +19,7 @@ from fedcrm.data.schema import load_schema
 from fedcrm.evaluation.served import ServedModel
 from fedcrm.fl.simulation import run_simulated
 from fedcrm.models import get_weights
+from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.region import NodeSettings, Region
 from fedcrm.runs import save_weights
 from fedcrm.training import train_locally
@@ -112,25 +113,49 @@ def test_audit_privacy_cli_is_consistent_for_the_dp_run_and_fails_loudly_for_a_l
     report = json.loads((run["run"] / "privacy_audit.json").read_text())
     for region, r in report["regions"].items():
         assert r["verdict"] == "consistent", region
-        assert r["theoretical_epsilon"] == pytest.approx(run["summary"]["privacy"][region]["epsilon"], rel=1e-6)
-        assert r["epsilon_lower_bound"] <= r["theoretical_epsilon"]
+        assert r["mode"] == "black-box"
+        assert r["claimed_epsilon"] == pytest.approx(run["summary"]["privacy"][region]["epsilon"], rel=1e-6)
+        assert r["epsilon_lower_bound"] <= r["claimed_epsilon"]
 
-    # A model that memorised region us's training customers, placed in a copy of the run: as if the
+    # A model that memorised region eu's training customers, placed in a copy of the run: as if the
     # DP path had been broken. The audit must refute the claim and exit non-zero.
     leaky_run = tmp_path / "leaky"
     shutil.copytree(run["run"], leaky_run, ignore=shutil.ignore_patterns(".flwr"))
-    data = _holdout(run, "us")
+    data = _holdout(run, "eu")
     served = ServedModel.load(leaky_run)
     model = served.models[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a small model trains faster on one thread
     try:
         train_locally(model, x=data.x[~data.holdout], y=data.y[~data.holdout],
-                      training=TrainingConfig(local_epochs=150, batch_size=32, learning_rate=0.01), dp=None, seed=0)
+                      training=TrainingConfig(local_epochs=150, batch_size=32, learning_rate=0.01), dp=None,
+                      randomness=ReleaseRandomness.public_seed(0))
     finally:
         torch.set_num_threads(threads)
     save_weights(leaky_run / "model" / "constituent-0.npz", get_weights(model))
-    res = runner.invoke(app, ["audit", "privacy", str(leaky_run), "--state", str(run["state"]), "--region", "us",
+    res = runner.invoke(app, ["audit", "privacy", str(leaky_run), "--state", str(run["state"]), "--region", "eu",
                               "--claimed-epsilon", "0.05"])
     assert res.exit_code == 3, res.output
     assert "PRIVACY AUDIT FAILED" in res.output
+
+
+def test_audit_privacy_cli_white_box_passes_the_real_path_and_exits_3_on_a_planted_bug(
+    run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["audit", "privacy", str(run["run"]), "--state", str(run["state"]), "--white-box", "--region", "eu",
+            "--canaries", "500", "--json"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    eu = json.loads((run["run"] / "privacy_audit.json").read_text())["regions"]["eu"]
+    assert eu["mode"] == "white-box" and eu["canaries"] == 500 and eu["verdict"] == "consistent"
+    assert eu["epsilon_lower_bound"] <= eu["claimed_epsilon"] <= run["cfg"].privacy.target_epsilon + 1e-9
+
+    # The same command on a mechanism whose noise comes from a public seed (the test-only hook, as
+    # fedcrm 0.1 did): the audit proves the claim false and the command exits 3.
+    from fedcrm.evaluation import white_box_audit as wb
+
+    real = wb.white_box_audit
+    monkeypatch.setattr(wb, "white_box_audit", lambda **kw: real(**kw, planted_bug=wb.PlantedBug.PUBLIC_SEED))
+    res = runner.invoke(app, args[:-1])
+    assert res.exit_code == 3, res.output
+    assert "PRIVACY AUDIT FAILED" in res.output and "white-box" in res.output
