@@ -92,6 +92,7 @@ def _compute_per_round(config: Path, out: Path, *, parallel: dict[str, int], rep
 
     from fedcrm.config import load_config
     from fedcrm.models import build_model
+    from fedcrm.privacy.randomness import ReleaseRandomness
     from fedcrm.training import DpSgd, train_locally
 
     cfg = load_config(config)
@@ -109,7 +110,7 @@ def _compute_per_round(config: Path, out: Path, *, parallel: dict[str, int], rep
         x, y = ds.tensors[0].numpy(), ds.tensors[1].numpy()
         model = build_model(cfg.model, n_features=x.shape[1], seed=0)
         dp = DpSgd(noise_multiplier=1.0, clipping_norm=cfg.privacy.clipping_norm)
-        train_locally(model, x=x, y=y, training=cfg.training, dp=dp, seed=i)
+        train_locally(model, x=x, y=y, training=cfg.training, dp=dp, randomness=ReleaseRandomness.secure())
 
     def baseline_round(i: int) -> None:
         from baseline_flower_opacus.task import Net, train

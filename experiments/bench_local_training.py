@@ -35,6 +35,7 @@ from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.io import load_table
 from fedcrm.data.schema import load_schema
 from fedcrm.models import build_model
+from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.training import DpSgd, train_locally
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,8 @@ def run_fedcrm(x: np.ndarray, y: np.ndarray, *, batch_size: int, dp: bool) -> No
     model = build_model(MODEL, n_features=x.shape[1], seed=0)
     training = TrainingConfig(local_epochs=1, batch_size=batch_size, optimizer="adam", learning_rate=LR)
     train_locally(model, x=x, y=y, training=training,
-                  dp=DpSgd(noise_multiplier=SIGMA, clipping_norm=CLIP) if dp else None, seed=0)
+                  dp=DpSgd(noise_multiplier=SIGMA, clipping_norm=CLIP) if dp else None,
+                  randomness=ReleaseRandomness.secure())  # what a region draws for every release
 
 
 def run_opacus_baseline(x: np.ndarray, y: np.ndarray, *, batch_size: int) -> None:

@@ -35,6 +35,7 @@ def make_run(run_dir: Path, *, data: Path, kind: str) -> None:
     from fedcrm.data.io import iter_table
     from fedcrm.data.schema import load_schema
     from fedcrm.models import build_model, get_weights
+    from fedcrm.privacy.randomness import ReleaseRandomness
     from fedcrm.runs import RunDir
     from fedcrm.training import train_locally
 
@@ -44,7 +45,7 @@ def make_run(run_dir: Path, *, data: Path, kind: str) -> None:
     sample = next(itertools.islice(iter_table(data, schema, chunk_rows=20_000), 1))
     enc = FeatureEncoder(schema)
     model = build_model(cfg.model, n_features=enc.n_features, seed=0)
-    train_locally(model, x=enc.encode(sample), y=sample.labels, dp=None, seed=0,
+    train_locally(model, x=enc.encode(sample), y=sample.labels, dp=None, randomness=ReleaseRandomness.public_seed(0),
                   training=TrainingConfig(local_epochs=2, batch_size=256, learning_rate=0.05))
     RunDir.create(run_dir, cfg).save_model(constituents={0: get_weights(model)}, feature_names=enc.feature_names,
                                            version=1)
