@@ -354,6 +354,18 @@ class Region:
         answer = noised(parts, coordinates_per_customer=coordinates, noise_multiplier=self.policy.evaluation_noise,
                         randomness=self._randomness(cfg, event_id))
         self.ledger.mark_outcome(event_id, "sent")
+        # An answer spends the hold-out's budget like a round spends a shard's: the data owner's log must
+        # show it, or its last ε would understate the region's (the worst-off customer may be in the hold-out).
+        self.audit.append(
+            actor=node_actor(self.name),
+            action=AuditAction.PRIVACY_SPENT,
+            details=finite({
+                "run_id": run_id, "purpose": cfg.task, "round": 0, "answer": what, "ledger_event": event_id,
+                "mechanism": MECHANISM_GAUSSIAN, "delta": self.delta, "noise": cfg.privacy.noise,
+                "noise_multiplier": self.policy.evaluation_noise, "epsilon_spent_total": self.epsilon(cfg),
+                "budget": self.policy.privacy_budget,
+            }),
+        )
         return answer
 
     def _randomness(self, cfg: ExperimentConfig, event_id: int) -> ReleaseRandomness:

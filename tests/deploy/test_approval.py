@@ -24,7 +24,7 @@ from fedcrm.deploy.approval import (
     load_trust,
     sign_bundle,
 )
-from fedcrm.deploy.certs import create_bundle_signing_key, create_certificates
+from fedcrm.deploy.certs import create_bundle_signing_key, create_node_key
 from fedcrm.deploy.local import build_bundle, default_app_dir
 from fedcrm.errors import BundleRefused, ConfigError
 
@@ -103,9 +103,9 @@ def test_trust_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
         _trust(tmp_path, approved=["x"])
     with pytest.raises(ConfigError, match=r"approved_bundles\[0\] must be 64 lowercase hex digits, found 'abc'"):
         _trust(tmp_path, approved_bundles=["abc"])
-    node = create_certificates(out_dir=tmp_path / "certs", regions=["eu"])  # a P-384 SuperNode key
+    _, node_public = create_node_key(out_dir=tmp_path / "node-keys", region="eu")  # a P-384 SuperNode key
     with pytest.raises(ConfigError, match=r"trusted_signers.node: expected an Ed25519 public key"):
-        _trust(tmp_path, trusted_signers={"node": str(node.supernode_public_keys["eu"])})
+        _trust(tmp_path, trusted_signers={"node": str(node_public)})
     with pytest.raises(ConfigError, match=r"trusted_signers.gone: cannot read the public key file"):
         _trust(tmp_path, trusted_signers={"gone": "missing.pub"})
 

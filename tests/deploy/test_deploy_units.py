@@ -23,16 +23,21 @@ from fedcrm.errors import ConfigError
 
 
 def test_fab_holds_code_and_configs_only() -> None:
-    """What `flwr run` ships: small, no data, no run folders, no state, no tests (data/ etc. are gitignored)."""
+    """What `flwr run` ships: small, no data, no run folders, no state, no tests (data/ etc. are gitignored).
+
+    Nor fedcrm itself: the package that enforces a region's policy and budget is installed at each host,
+    so a bundle cannot replace those safeguards with its own copy.
+    """
     from flwr.cli.build import build_fab_from_disk
 
     fab = build_fab_from_disk(REPO)
     assert len(fab) < 2_000_000, f"FAB is {len(fab)} bytes"
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert "server/server_app.py" in names and "clients/client_app.py" in names
-    assert "fedcrm/fl/client.py" in names and "configs/schemas/synthetic_crm.yaml" in names
+    assert "configs/schemas/synthetic_crm.yaml" in names
+    assert not [n for n in names if n.startswith("fedcrm/") or "/fedcrm/" in n], names
     top = {n.split("/")[0] for n in names}
-    assert top <= {"fedcrm", "server", "clients", "configs", "pyproject.toml", ".info"}, top
+    assert top <= {"server", "clients", "configs", "pyproject.toml", ".info"}, top
     assert not [n for n in names if n.endswith((".csv", ".parquet", ".db", ".npz", ".key"))]
 
 

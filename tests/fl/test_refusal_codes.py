@@ -34,7 +34,7 @@ def _train_message(cfg_path: Path):  # noqa: ANN202
     cfg = load_config(cfg_path)
     schema = load_schema(cfg.schema_path)
     model = build_model(cfg.model, n_features=len(FeatureEncoder(schema).feature_names), seed=0)
-    plan = plan_config(cfg, schema_text=cfg.schema_path.read_text(encoding="utf-8"), run_id="r1", delta=1e-5)
+    plan = plan_config(cfg, schema_text=cfg.schema_path.read_text(encoding="utf-8"), run_id="r1")
     content = {wire.CONFIG: extend(plan, {wire.SHARD: 0, wire.ROUND: 1}), wire.ARRAYS: to_record(get_weights(model))}
     return Message(content=RecordDict(content), dst_node_id=1, message_type=MessageType.TRAIN)  # type: ignore[arg-type]
 

@@ -17,9 +17,11 @@ from typer.testing import CliRunner
 
 from fedcrm.cli import app
 from fedcrm.config import load_config
+from fedcrm.fl.codec import plan_config, read_plan
 from fedcrm.fl.simulation import run_simulated
 from fedcrm.governance.audit_log import AuditLog
-from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.governance.policy import load_policy
+from fedcrm.privacy.ledger import MECHANISM_DP_SGD, MECHANISM_GAUSSIAN, PrivacyLedger
 
 runner = CliRunner()
 
@@ -36,12 +38,19 @@ def test_a_simulated_run_leaves_a_verifiable_audit_trail_without_customer_ids(tm
 
     summary = run_simulated(cfg, run_dir=run_dir, state_root=state, report=lambda s: None)
 
-    # Consent exclusions reach the summary as aggregates, withdrawal included.
+    # Consent exclusions, withdrawal included, are counted exactly in the region's own pre-flight entry;
+    # the server only learns the declared (rounded) training size, so a withdrawal cannot be read off it.
+    # A region hashes the plan it was sent (no paths, no server-side settings), not the server's file.
+    plan = plan_config(cfg, schema_text=cfg.schema_path.read_text(encoding="utf-8"), run_id=summary["run_id"])
+    plan_digest = read_plan(plan)[0].digest()
     for region, df in tables.items():
         refused = int((df.consent_churn != "yes").sum()) + (1 if region == "eu" else 0)
-        counts = summary["regions"][region]
+        preflight = [e for e in AuditLog(state / region / "audit.log").entries() if e.action == "preflight"]
+        assert preflight and {e.details["config_sha256"] for e in preflight} == {plan_digest}
+        counts = preflight[-1].details["counts"]
         assert counts["excluded_no_consent"] == refused
         assert counts["train"] + counts["holdout"] == len(df) - refused
+        assert summary["regions"][region] == {"train": float(load_policy(None).declared_size(counts["train"]))}
 
     server = AuditLog(run_dir / "audit.log").entries()
     assert [e.action for e in server] == ["run_started", "run_finished"]
@@ -54,10 +63,14 @@ def test_a_simulated_run_leaves_a_verifiable_audit_trail_without_customer_ids(tm
         assert not [e for e in entries if e.action == "refusal"]
         assert [e.action for e in entries if e.action == "policy_changed"] == ["policy_changed"]
         spent = [e for e in entries if e.action == "privacy_spent"]
-        assert [e.details["round"] for e in spent] == [1, 2]
         assert all(e.actor == f"region:{region}" and e.details["run_id"] == summary["run_id"] for e in spent)
+        # Every release in the ledger, training rounds and evaluation answers alike, is in the audit log.
         events = PrivacyLedger.open(state / region, region=region).events()
         assert [e.details["ledger_event"] for e in spent] == [ev.id for ev in events]
+        mechanism = {ev.id: ev.mechanism for ev in events}
+        rounds = [e.details["round"] for e in spent if mechanism[e.details["ledger_event"]] == MECHANISM_DP_SGD]
+        assert rounds == [1, 2]
+        assert {mechanism[e.details["ledger_event"]] for e in spent} == {MECHANISM_DP_SGD, MECHANISM_GAUSSIAN}
         assert spent[-1].details["epsilon_spent_total"] == pytest.approx(summary["privacy"][region]["epsilon"])
 
     out = tmp_path / "export.json"

@@ -109,7 +109,9 @@ def test_consent_withdrawal_marks_only_the_constituent_that_trained_on_them_stal
     cfg, _, state = setup
     run = _fake_run(tmp_path, cfg, name="sharded", kind="logistic", shards=4)
     df = _table(cfg)
-    held = holdout_mask(df.customer_id.to_numpy(dtype=object), fraction=cfg.evaluation.holdout_fraction, seed=cfg.seed)
+    # The hold-out is the region's: keyed by its secret, at its policy's fraction.
+    held = holdout_mask(df.customer_id.to_numpy(dtype=object), fraction=_region(cfg, state).policy.holdout_fraction,
+                        secret=region_secret(state / "eu"))
     trained = df[~held & (df.consent_churn == "yes")].customer_id.iloc[0]
     held_out = df[held & (df.consent_churn == "yes")].customer_id.iloc[0]
     never = df[~held & (df.consent_churn != "yes")].customer_id.iloc[0]
@@ -181,7 +183,11 @@ def test_export_validates_against_its_schema_and_holds_the_right_values(setup, t
     logistic = _fake_run(tmp_path, cfg, name="logit", kind="logistic", shards=1)
     mlp = _fake_run(tmp_path, cfg, name="mlp", kind="mlp", shards=2)
     df = _table(cfg)
-    row = df[df.consent_marketing == "no"].iloc[0]
+    # A held-out customer: the export must find them in the region's keyed hold-out (a wrong key or
+    # fraction would miss them four times in five).
+    fraction = _region(cfg, state).policy.holdout_fraction
+    held = holdout_mask(df.customer_id.to_numpy(dtype=object), fraction=fraction, secret=region_secret(state / "eu"))
+    row = df[(df.consent_marketing == "no") & held].iloc[0]
     cid = row.customer_id
     _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
             "--state", str(state))
@@ -205,7 +211,7 @@ def test_export_validates_against_its_schema_and_holds_the_right_values(setup, t
 
     lm, mm = doc["models"]
     ids = np.asarray([cid], dtype=object)
-    assert lm["in_holdout"] == bool(holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, seed=cfg.seed)[0])
+    assert lm["in_holdout"] is True
     assert lm["trained_on_their_data"] is False  # consent to churn withdrawn
     assert mm["shard"] == int(shard_of(ids, shards=2, secret=region_secret(state / "eu"))[0])
     assert lm["run_id"] == "logit-0001" and lm["model_version"] == 3
@@ -293,7 +299,7 @@ def test_policy_changes_and_refusals_are_audited_at_the_region(setup, tmp_path: 
 
     init = get_weights(build_model(cfg.model, n_features=FeatureEncoder(schema).n_features, seed=0))
     with pytest.raises(PrivacyBudgetError):
-        region.train(cfg, schema, weights=init, shard=0, round_=1, run_id="r-1", delta=1e-5)
+        region.train(cfg, schema, weights=init, shard=0, round_=1, run_id="r-1")
     refusals = [e for e in region.audit.entries() if e.action == "refusal"]
     assert len(refusals) == 1
     assert refusals[0].details["kind"] == "PrivacyBudgetError" and refusals[0].details["run_id"] == "r-1"
