@@ -13,12 +13,17 @@ from pathlib import Path
 import numpy as np
 from conftest import write_tiny_config
 from flwr.app import Array, ArrayRecord, Context, Message
+from sklearn.metrics import roc_auc_score
 
 from fedcrm import wire
 from fedcrm.config import load_config
+from fedcrm.data.schema import load_schema
+from fedcrm.evaluation.served import ServedModel
 from fedcrm.fl.simulation import run_simulated
-from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.privacy.ledger import MECHANISM_DP_SGD, MECHANISM_GAUSSIAN, PrivacyLedger
+from fedcrm.region import Region
 from fedcrm.runs import load_weights, read_metrics
+from fedcrm.unlearning.retrain import node_settings
 
 Mod = Callable[[Message, Context, Callable[..., Message]], Message]
 
@@ -54,8 +59,10 @@ def replay_first(store: Path) -> Callable[[dict[str, np.ndarray], dict[str, np.n
 
 def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: Path) -> None:
     regions = {f"r{i}": 400 for i in range(5)}
+    # ε = 8: fresh noise every run, and the honest regions' model must be clearly better than chance in
+    # every run, not only in most (at ε = 2 its hold-out AUC ranged 0.55-0.68 over runs).
     cfg = load_config(write_tiny_config(tmp_path, regions=regions, overrides={
-        "training.rounds": 3, "federation.min_regions": 2}))
+        "training.rounds": 3, "federation.min_regions": 2, "privacy.target_epsilon": 8.0}))
     mods = [
         tamper("r0", replay_first(tmp_path / "r0-first-update.npz")),
         tamper("r1", lambda sent, trained: {k: sent[k] + 50 * (trained[k] - sent[k]) for k in sent}),
@@ -78,8 +85,22 @@ def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: 
     # Rejected or not, every region trained and released each round: all of it is charged.
     for region in regions:
         ledger = PrivacyLedger.open(tmp_path / "state" / region, region=region)
-        assert [e.round for e in ledger.events()] == [1, 2, 3]
-    # Nothing of the NaN or the 50x update reached the model: it is finite and better than chance.
+        events = ledger.events()
+        assert [e.round for e in events if e.mechanism == MECHANISM_DP_SGD] == [1, 2, 3]
+        # The rest are the final evaluation's DP answers, charged to the hold-out, not to training.
+        assert {(e.mechanism, e.round, e.population) for e in events if e.mechanism != MECHANISM_DP_SGD} == {
+            (MECHANISM_GAUSSIAN, 0, "holdout:0.2")}
+    # Nothing of the NaN or the 50x update reached the model: it is finite and better than chance, measured
+    # exactly on every customer of the five regions (2,000: the hold-out alone, 400, adds sampling noise to
+    # a weak 3-round model). The summary's figures are DP answers: on 400 hold-out customers their noise
+    # is of the order of the AUC itself (docs/results.md), so only their form is checked.
     weights = load_weights(tmp_path / "run" / "model" / "constituent-0.npz")
     assert all(np.all(np.isfinite(v)) for v in weights.values())
-    assert np.isfinite(summary["final_metrics"]["log_loss"]) and summary["final_metrics"]["auc"] > 0.55
+    schema, served = load_schema(cfg.schema_path), ServedModel.load(tmp_path / "run")
+    scores, labels = [], []
+    for region in regions:
+        data = Region(node_settings(cfg, region=region, state_root=tmp_path / "state")).load(cfg, schema)
+        scores.append(served.proba(data.x))
+        labels.append(data.y)
+    assert roc_auc_score(np.concatenate(labels), np.concatenate(scores)) > 0.55
+    assert 0 <= summary["final_metrics"]["auc"] <= 1 and np.isfinite(summary["final_metrics"]["log_loss"])

@@ -6,12 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import write_tiny_config
 from flwr.app import Context, Message
 
 from fedcrm.config import load_config
 from fedcrm.fl.simulation import run_simulated
-from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.privacy.accountant import epsilon
+from fedcrm.privacy.ledger import MECHANISM_DP_SGD, PrivacyLedger
 
 
 def crash_during_training(region: str, round_: int) -> Callable[[Message, Context, Callable[..., Message]], Message]:
@@ -47,11 +49,16 @@ def test_a_crash_mid_round_is_survived_reported_and_charged(tmp_path: Path) -> N
                             client_mods=[crash_during_training("us", 2)])
     assert "OSError" in summary["events"]["failed"]["us"]
     assert np.isfinite(summary["final_metrics"]["auc"])
-    events = PrivacyLedger.open(state / "us", region="us").events()
+    # Training releases only: the final evaluation's answers are events too (Gaussian, on the hold-out).
+    events = [e for e in PrivacyLedger.open(state / "us", region="us").events() if e.mechanism == MECHANISM_DP_SGD]
     by_round = {e.round: e for e in events}
-    assert sorted(by_round) == [1, 2, 3]
+    assert sorted(by_round) == [1, 2, 3] and len(events) == 3
     # The write-ahead event of the failed round is kept, marked, and still counted in ε.
     assert by_round[2].status == "not_sent" and "No space left" in (by_round[2].outcome_reason or "")
     assert by_round[1].status == by_round[3].status == "sent"
+    us, p = PrivacyLedger.open(state / "us", region="us"), summary["privacy"]["us"]
+    charged = us.epsilon_of_shard(shard=0, shards=1, delta=p["delta"], accountant=p["accountant"])
+    assert charged == pytest.approx(epsilon([e.release for e in events], delta=p["delta"], accountant=p["accountant"]))
+    assert charged > epsilon([by_round[1].release, by_round[3].release], delta=p["delta"], accountant=p["accountant"])
     eu = PrivacyLedger.open(state / "eu", region="eu").events()
-    assert [e.status for e in eu] == ["sent"] * 3
+    assert [e.status for e in eu if e.mechanism == MECHANISM_DP_SGD] == ["sent"] * 3

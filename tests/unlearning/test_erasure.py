@@ -2,7 +2,9 @@
 ids, the ledger charged for the retrain on the stale shard only, crash and resume, budget refusal.
 
 One tiny federation (2 regions x 600 synthetic customers, 2 shards, 2 rounds, DP) is trained once for
-the module; the tests work on copies of its run and state folders.
+the module; the tests work on copies of its run and state folders. It draws its noise in reproducible
+mode (the regions' policies allow it): every release still has its own key, derived from the region's
+secret and the release's ledger identity, so the retrain can be replayed from a copy of the regions' state.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_tiny_config
 
 from fedcrm.commands.unlearning import forget_customers, retrain_run
@@ -21,15 +24,19 @@ from fedcrm.config import load_config
 from fedcrm.errors import PrivacyBudgetError, UnlearningError
 from fedcrm.fl.simulation import run_simulated
 from fedcrm.governance.request_store import RequestStore
-from fedcrm.privacy.accountant import GaussianRelease, epsilon
-from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.privacy.accountant import GaussianRelease
+from fedcrm.privacy.ledger import MECHANISM_DP_SGD, PrivacyLedger
+from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.runs import load_weights
 from fedcrm.unlearning import retrain as retrain_mod
 from fedcrm.unlearning.marker import RUN_MARKER
 from fedcrm.unlearning.retrain import retrain, run_view
+from fedcrm.unlearning.shards import region_secret
 
 SHARDS = 2
 STALE = 1  # the forgotten customers are all in this shard
+REGIONS = ("eu", "us")
+PERMISSIVE = Path(__file__).resolve().parents[2] / "configs" / "policies" / "permissive.yaml"
 
 
 def _copy(src: Path, dst: Path) -> tuple[Path, Path]:
@@ -40,14 +47,16 @@ def _copy(src: Path, dst: Path) -> tuple[Path, Path]:
 
 
 def _eps(state: Path, region: str, delta: float) -> dict[int, float]:
-    return PrivacyLedger.open(state / region, region=region).epsilon_by_shard(delta=delta, accountant="rdp")
+    return PrivacyLedger.open(state / region, region=region).epsilon_by_shard(
+        shards=SHARDS, delta=delta, accountant="rdp")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("trained")
-    cfg = load_config(write_tiny_config(base, regions={"eu": 600, "us": 600},
-                                        overrides={"unlearning.shards": SHARDS}))
+    cfg = load_config(write_tiny_config(base, regions={"eu": 600, "us": 600}, overrides={
+        "unlearning.shards": SHARDS, "privacy.noise": "reproducible",
+        "policies": {r: str(PERMISSIVE) for r in REGIONS}}))
     run_simulated(cfg, run_dir=base / "run", state_root=base / "state", report=lambda s: None)
     return base
 
@@ -64,7 +73,7 @@ def erased(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         "run": run, "state": state, "victims": victims, "delta": delta, "log": [],
         "old": {k: load_weights(run / "model" / f"constituent-{k}.npz") for k in range(SHARDS)},
         "old_bytes": {p.relative_to(run): p.read_bytes() for p in run.rglob("*.npz")},
-        "eps_before": {r: _eps(state, r, delta) for r in ("eu", "us")},
+        "eps_before": {r: _eps(state, r, delta) for r in REGIONS},
     }
     requests = forget_customers(region="eu", customer_ids=victims, state_root=state, runs=[run])
     seen["requests"] = [r.request_id for r in requests]
@@ -94,6 +103,11 @@ def erased(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     def no_receipts(plan: Any) -> Any:
         raise OSError("disk full")
 
+    # The regions' state just before the retrain's releases (secret, ledger, tombstones): what a region
+    # needs to replay them (test_forget_and_retrain_equals_training_from_scratch_without_the_customers).
+    for region in REGIONS:
+        shutil.copytree(state / region, base / "state-before-retrain" / region)
+    seen["state_before_retrain"] = base / "state-before-retrain"
     mp = pytest.MonkeyPatch()
     mp.setattr(retrain_mod, "_serve_requests", no_receipts)
     with pytest.raises(OSError, match="disk full"):
@@ -109,7 +123,7 @@ def erased(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         raise AssertionError("the finished retrain should be committed, not run again")
 
     seen["result"] = retrain(run, state_root=state, simulate=must_not_train, report=seen["log"].append)
-    seen["eps_after"] = {r: _eps(state, r, delta) for r in ("eu", "us")}
+    seen["eps_after"] = {r: _eps(state, r, delta) for r in REGIONS}
     return seen
 
 
@@ -150,7 +164,7 @@ def test_only_the_stale_constituent_changes_and_its_old_weights_are_gone(erased:
 
 def test_the_retrain_is_charged_to_the_stale_shard_only(erased: dict[str, Any]) -> None:
     before, after = erased["eps_before"], erased["eps_after"]
-    for region in ("eu", "us"):  # both regions retrained shard 1 without the customers
+    for region in REGIONS:  # both regions retrained shard 1 without the customers
         assert after[region][STALE] > before[region][STALE] * 1.1
         assert after[region][0] == before[region][0]
     receipts = erased["result"].receipts
@@ -195,8 +209,12 @@ def test_forgotten_ids_appear_nowhere_in_the_run_receipts_state_or_logs(erased: 
 def test_forget_and_retrain_equals_training_from_scratch_without_the_customers(
     erased: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Bit for bit: same seeds, same shards (the region secrets are copied), rows removed from the files."""
+    """Bit for bit, in reproducible mode: the stale constituent trained from scratch on the tables without
+    the customers, from the regions' state as it was just before the retrain (same secrets, same ledgers,
+    so the same release keys), equals the retrained one. And the retrain's keys were fresh: none of its
+    releases reused a nonce of the original training, so old and new constituent never shared noise."""
     cfg = load_config(erased["run"] / "config.yaml")
+    assert cfg.privacy.noise == "reproducible"
     victims = set(erased["victims"])
     regions = {}
     for region, path in cfg.regions.items():
@@ -205,10 +223,11 @@ def test_forget_and_retrain_equals_training_from_scratch_without_the_customers(
         assert len(lines) - len(kept) == (len(victims) if region == "eu" else 0)
         regions[region] = tmp_path / f"{region}.csv"
         regions[region].write_text("".join(kept))
-        (tmp_path / "state" / region).mkdir(parents=True)
-        shutil.copy(erased["state"] / region / "region_secret.key", tmp_path / "state" / region)
+    shutil.copytree(erased["state_before_retrain"], tmp_path / "state")
     ref_cfg = cfg.model_copy(update={"regions": regions})
-    run_simulated(ref_cfg, run_dir=tmp_path / "ref", state_root=tmp_path / "state", report=lambda s: None)
+    kept_constituents = {k: w for k, w in erased["old"].items() if k != STALE}
+    run_simulated(ref_cfg, run_dir=tmp_path / "ref", state_root=tmp_path / "state", report=lambda s: None,
+                  shards=[STALE], initial=kept_constituents)
     for k in range(SHARDS):
         got = load_weights(erased["run"] / "model" / f"constituent-{k}.npz")
         want = load_weights(tmp_path / "ref" / "model" / f"constituent-{k}.npz")
@@ -216,18 +235,39 @@ def test_forget_and_retrain_equals_training_from_scratch_without_the_customers(
         for name in got:
             assert np.array_equal(got[name], want[name]), f"constituent {k} {name} differs from the from-scratch run"
 
+    for region in REGIONS:
+        before = PrivacyLedger.open(erased["state_before_retrain"] / region, region=region)
+        original = [e for e in before.events(STALE) if e.mechanism == MECHANISM_DP_SGD]
+        after = PrivacyLedger.open(erased["state"] / region, region=region)
+        known = {e.id for e in before.events()}
+        retrained = [e for e in after.events(STALE) if e.mechanism == MECHANISM_DP_SGD and e.id not in known]
+        assert len(original) == len(retrained) == cfg.training.rounds
+        assert {e.noise for e in original + retrained} == {"reproducible"}
+        old_nonces = {after.nonce(e.id) for e in original}
+        new_nonces = {after.nonce(e.id) for e in retrained}
+        assert not old_nonces & new_nonces, f"{region}: the retrain reused a release key of the original training"
+        # Fresh nonces are fresh noise: the first draws of each release's key all differ.
+        secret = region_secret(erased["state"] / region)
+        draws = [ReleaseRandomness.reproducible(region_secret=secret, nonce=n).normal((8,), std=1.0,
+                                                                                       dtype=torch.float64)
+                 for n in sorted(old_nonces | new_nonces)]
+        assert len({tuple(d.tolist()) for d in draws}) == len(draws)
+    old, new = erased["old"][STALE], load_weights(erased["run"] / "model" / f"constituent-{STALE}.npz")
+    assert not all(np.array_equal(old[n], new[n]) for n in old)
+
 
 def test_a_retrain_over_budget_is_refused_and_changes_nothing(trained: Path, tmp_path: Path) -> None:
     run, state = _copy(trained, tmp_path)
     delta = json.loads((run / "summary.json").read_text())["privacy"]["us"]["delta"]
     ledger = PrivacyLedger.open(state / "us", region="us")
-    # Another use of the us data has spent nearly all of shard 1's budget (the default, 10).
-    history = ledger.releases(STALE)
+    # Another use of the us data has spent nearly all of shard 1's budget (the policy's, 10).
     other = next(GaussianRelease(float(s), 0.2, 60) for s in np.linspace(1.0, 3.0, 201)
-                 if epsilon([*history, GaussianRelease(float(s), 0.2, 60)], delta=delta, accountant="rdp") < 9.9)
-    ledger.record_release(shard=STALE, purpose="churn", run_id="other", round=1, release=other, delta=delta)
-    spent = ledger.epsilon_by_shard(delta=delta, accountant="rdp")[STALE]
-    assert 9.5 < spent < 10
+                 if ledger.epsilon_of_shard(shard=STALE, shards=SHARDS, delta=delta, accountant="rdp",
+                                            next_release=GaussianRelease(float(s), 0.2, 60)) < 9.9)
+    ledger.record_release(shard=STALE, shards=SHARDS, purpose="churn", run_id="other", round=1, release=other,
+                          delta=delta, population="train:0.2")
+    spent = ledger.epsilon_by_shard(shards=SHARDS, delta=delta, accountant="rdp")
+    assert 9.5 < spent[STALE] < 10 and spent[0] < 9  # shard 0 keeps room: only shard 1's retrain is refused
     victim = next(cid for cid, k in run_view(run, region="us", state_root=state).trained.items() if k == STALE)
     forget_customers(region="us", customer_ids=[victim], state_root=state, runs=[run])
     events_before = len(ledger.events())
