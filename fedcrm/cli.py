@@ -254,8 +254,10 @@ def run(
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     m = summary["final_metrics"]
     out.print(
-        f"\n[bold]Served model[/] (pooled hold-out of {int(m.get('customers', 0))} customers): "
-        f"AUC {m.get('auc', float('nan')):.4f}, log-loss {m.get('log_loss', float('nan')):.4f}, "
+        f"\n[bold]Served model[/] (pooled hold-out of about {int(m.get('customers', 0))} customers, DP answers): "
+        f"AUC {m.get('auc', float('nan')):.4f}"
+        + (f" ± {m['auc_noise_sd']:.3f} (DP noise)" if "auc_noise_sd" in m else "")
+        + f", log-loss {m.get('log_loss', float('nan')):.4f}, "
         f"accuracy {m.get('accuracy', float('nan')):.4f}, Brier {m.get('brier', float('nan')):.4f}"
     )
     t = Table("region", "ε spent (all history)", "δ", "budget", "refused")

@@ -29,7 +29,7 @@ from fedcrm.governance.eligibility import usable_for
 from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, ensemble_proba, get_weights, set_weights
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
-from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised
+from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised, sensitivity
 from fedcrm.privacy.clipping import clip_update
 from fedcrm.privacy.ledger import (
     MECHANISM_GAUSSIAN,
@@ -88,6 +88,9 @@ class RegionData:
         m = ~self.holdout & (self.shard == k)
         return self.x[m], self.y[m]
 
+
+# The evaluation answer: one customer moves one histogram bin and at most 1 in each of three scaled sums.
+EVALUATION_COORDINATES = 4
 
 # What this process has derived from regions' tables, shared by every Region object it makes: the
 # client process between messages, and the data owner's commands (forget, retrain) between their steps.
@@ -368,6 +371,10 @@ class Region:
         )
         return answer
 
+    def answer_noise_std(self, *, coordinates: int) -> float:
+        """The std of the noise on each count of an answer (public: the policy's σ and the answer's form)."""
+        return self.policy.evaluation_noise * sensitivity(coordinates)
+
     def _randomness(self, cfg: ExperimentConfig, event_id: int) -> ReleaseRandomness:
         if cfg.privacy.noise == NOISE_REPRODUCIBLE:
             return ReleaseRandomness.reproducible(region_secret=region_secret(self.settings.state_dir),
@@ -396,8 +403,7 @@ class Region:
             raise DataError(f"region {self.name}: the model produced non-finite scores")
         exact = ScoreSummary.of(scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP,
                                   logit_range=ANSWER_LOGIT_RANGE)
-        # One customer: one histogram bin, and at most 1 in each of the scaled sums.
-        answer = self._answer(cfg, run_id=run_id, what="evaluation", coordinates=4, parts={
+        answer = self._answer(cfg, run_id=run_id, what="evaluation", coordinates=EVALUATION_COORDINATES, parts={
             "hist_pos": exact.hist_pos, "hist_neg": exact.hist_neg, "log_loss": exact.sum_log_loss / LOSS_CAP,
             "brier": exact.sum_brier, "correct": exact.correct,
         })

@@ -58,6 +58,7 @@ NOISE_MULTIPLIER: Final = "noise-multiplier"
 EPSILON: Final = "epsilon"
 BUDGET: Final = "budget"
 DELTA: Final = "delta"  # the region's δ, fixed by its policy
+ANSWER_NOISE_STD: Final = "answer-noise-std"  # std of the noise on each count of a DP answer (public)
 RUN_RELEASES: Final = "run-releases"  # ledger events of this run at the region (a resumed round counts twice)
 HIST_POS: Final = "hist-pos"
 HIST_NEG: Final = "hist-neg"
@@ -80,8 +81,8 @@ TRUST_KEYS: Final = (
 )
 
 METRIC_KEYS: Final = frozenset(
-    {NUM_EXAMPLES, NOISE_MULTIPLIER, EPSILON, BUDGET, DELTA, RUN_RELEASES, HIST_POS, HIST_NEG, SUM_LOG_LOSS,
-     SUM_BRIER, CORRECT, *DESCRIBE_KEYS, *TRUST_KEYS}
+    {NUM_EXAMPLES, NOISE_MULTIPLIER, EPSILON, BUDGET, DELTA, ANSWER_NOISE_STD, RUN_RELEASES, HIST_POS, HIST_NEG,
+     SUM_LOG_LOSS, SUM_BRIER, CORRECT, *DESCRIBE_KEYS, *TRUST_KEYS}
 )
 STATUS_KEYS: Final = frozenset({REGION, OUTCOME, REASON, KIND})
 REPLY_RECORDS: Final = frozenset({ARRAYS, METRICS, STATUS})

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from fedcrm import wire
 from fedcrm.errors import FedcrmError, RefusalError
 from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
-from fedcrm.region import NodeSettings, Region
+from fedcrm.region import EVALUATION_COORDINATES, NodeSettings, Region
 
 log = logging.getLogger("fedcrm.region")
 Handler = Callable[[Region, Message], RecordDict]
@@ -86,6 +86,7 @@ def _evaluate(region: Region, msg: Message) -> RecordDict:
         wire.SUM_BRIER: summary.sum_brier,
         wire.CORRECT: summary.correct,
         wire.NUM_EXAMPLES: max(summary.n, 1.0),  # Flower's evaluate aggregation weighs by it
+        wire.ANSWER_NOISE_STD: region.answer_noise_std(coordinates=EVALUATION_COORDINATES),
     }
     return RecordDict({wire.METRICS: MetricRecord(metrics), wire.STATUS: status(region.name, wire.OUTCOME_OK)})
 

@@ -39,6 +39,7 @@ from fedcrm.runs import RunDir, code_version, completed_rounds, load_weights
 log = logging.getLogger("fedcrm.server")
 Report = Callable[[str], None]
 CLIENT_DP_FEW_REGIONS = 20
+AUC_NOISE_WARNING = 0.03  # above this, the run warns that the DP evaluation says little
 
 
 def _wait_for_nodes(grid: Grid, *, expected: int, timeout: float) -> list[int]:
@@ -272,7 +273,8 @@ def run_federation(
         "run_id": run_id,
         "task": cfg.task,
         "privacy_mode": cfg.privacy.mode,
-        "final_metrics": {k: pooled[k] for k in ("auc", "log_loss", "accuracy", "brier", "customers") if k in pooled},
+        "final_metrics": {k: pooled[k] for k in ("auc", "auc_noise_sd", "log_loss", "accuracy", "brier", "customers")
+                          if k in pooled},
         "final_metrics_by_region": {r: m for r, m in per_region.items() if "auc" in m},
         "suppressed_regions": skipped,
         "privacy": privacy,
@@ -292,5 +294,12 @@ def run_federation(
         "audit_head": server_audit_log(run_dir).head(),
     }
     summary |= pooled_trust(final, schema=schema)  # fairness per group, feature importance
+    noise_sd = pooled.get("auc_noise_sd", 0.0)
+    if noise_sd > AUC_NOISE_WARNING:
+        note = (f"the pooled AUC is a DP answer and its noise alone moves it by ±{noise_sd:.2f} (one standard "
+                "deviation): the regions' hold-outs are too small for a precise evaluation at their policies' "
+                "evaluation_noise; read it as a rough figure, or evaluate on more customers")
+        notes.append(note)  # the list summary["warnings"] holds
+        report(f"[warning] {note}")
     run.write_summary(summary)
     return summary

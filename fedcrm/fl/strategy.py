@@ -34,7 +34,7 @@ from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import Schema
 from fedcrm.errors import FederationError
-from fedcrm.evaluation.metrics import ScoreSummary
+from fedcrm.evaluation.metrics import ScoreSummary, auc_from_histograms
 from fedcrm.fl.codec import number
 from fedcrm.fl.registry import NodeRegistry
 
@@ -179,6 +179,7 @@ def pooled_evaluation(
     per_region: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
     total: ScoreSummary | None = None
+    noise_var = 0.0  # variance of the noise on each pooled count: the regions' answers add up
     for msg in replies:
         region, outcome, reason = _status(msg)
         m = msg.content.get(wire.METRICS) if not msg.has_error() else None
@@ -206,7 +207,26 @@ def pooled_evaluation(
             continue
         per_region[region] = s.metrics() | eps
         total = s if total is None else total + s
-    return per_region, (total.metrics() if total is not None else {}), skipped
+        noise_var += number(m, wire.ANSWER_NOISE_STD, 0.0) ** 2
+    pooled = total.metrics() if total is not None else {}
+    if total is not None and noise_var > 0 and "auc" in pooled:
+        pooled["auc_noise_sd"] = auc_noise_sd(total, noise_std=noise_var**0.5)
+    return per_region, pooled, skipped
+
+
+def auc_noise_sd(summary: ScoreSummary, *, noise_std: float, draws: int = 200) -> float:
+    """How much the DP noise alone moves an AUC read off these histograms (a parametric bootstrap).
+
+    Post-processing of public quantities (the noisy answer and the noise's std), so it costs nothing;
+    it tells the engineer whether a hold-out is too small for the DP evaluation to say much.
+    """
+    rng = np.random.default_rng(0)  # a statistic of public numbers: reproducible on purpose
+    aucs = [
+        auc_from_histograms(summary.hist_pos + rng.normal(0, noise_std, summary.hist_pos.shape),
+                            summary.hist_neg + rng.normal(0, noise_std, summary.hist_neg.shape))
+        for _ in range(draws)
+    ]
+    return float(np.nanstd(np.clip(aucs, 0.0, 1.0)))
 
 
 def pooled_trust(replies: Iterable[Message], *, schema: Schema) -> dict[str, Any]:

@@ -112,3 +112,19 @@ def test_hold_out_answers_compose_like_dp_accounting_and_apart_from_training(tmp
     train = region.ledger.epsilon_of_shard(shard=0, shards=1, delta=region.delta, accountant="rdp")
     # Parallel composition: the hold-out is never trained on, the training customers are never evaluated.
     assert region.ledger.epsilon(delta=region.delta, accountant="rdp") == pytest.approx(max(train, holdout))
+
+
+def test_the_auc_noise_estimate_grows_with_the_noise_and_matches_repeated_answers() -> None:
+    from fedcrm.evaluation.metrics import ScoreSummary, auc_from_histograms
+    from fedcrm.fl.strategy import auc_noise_sd
+
+    rng = np.random.default_rng(1)
+    labels = rng.random(3000) < 0.3
+    scores = np.clip(0.3 + 0.25 * (labels - 0.3) + 0.2 * rng.standard_normal(3000), 0.001, 0.999)
+    exact = ScoreSummary.of(scores=scores, labels=labels, bins=24, logit_range=6.0)
+    small, large = auc_noise_sd(exact, noise_std=1.0), auc_noise_sd(exact, noise_std=20.0)
+    assert small < 0.01 < large
+    # The estimate agrees with the spread of AUCs of independently noised answers (what it stands for).
+    spread = np.std([auc_from_histograms(exact.hist_pos + rng.normal(0, 20.0, 24),
+                                         exact.hist_neg + rng.normal(0, 20.0, 24)) for _ in range(300)])
+    assert large == pytest.approx(spread, rel=0.25)
