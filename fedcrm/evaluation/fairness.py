@@ -27,9 +27,10 @@ from fedcrm.data.io import MISSING, OTHER
 from fedcrm.data.schema import BooleanColumn, CategoricalColumn, NumericColumn, Schema, SensitiveAttribute
 from fedcrm.evaluation.metrics import auc_from_histograms
 
-# Scores travel at 0.01 resolution per group: enough for rates at the 0.5 threshold (a bin edge) and
-# for AUC to within the ties inside one bin, coarse enough not to list a small group's scores.
-FAIR_BINS = 10  # coarse: every bin of every group carries the DP answer's noise
+# Scores travel at 0.1 resolution per group: rates at the 0.5 threshold (a bin edge) stay exact, AUC is
+# exact up to the pairs tied inside one bin, and ECE is off by at most half a bin (0.05). Coarse on
+# purpose: every bin of every group carries the DP answer's noise.
+FAIR_BINS = 10
 CALIBRATION_BINS = 10
 # Fewest (noisy) customers behind a group's reported rates.
 REPORT_MIN_CUSTOMERS = 50
@@ -228,7 +229,7 @@ def group_metrics(hist_pos: np.ndarray, hist_neg: np.ndarray, sum_score: float) 
     n = n_pos + n_neg
     tp, fp = float(hist_pos[cut:].sum()), float(hist_neg[cut:].sum())
     # Expected calibration error over CALIBRATION_BINS, with each fine bin's centre as its mean score
-    # (off by at most half a fine bin, 0.005).
+    # (off by at most half a fine bin, 0.5 / FAIR_BINS).
     centres = (np.arange(FAIR_BINS) + 0.5) / FAIR_BINS
     coarse = np.arange(FAIR_BINS) * CALIBRATION_BINS // FAIR_BINS
     obs = np.bincount(coarse, weights=hist_pos, minlength=CALIBRATION_BINS)

@@ -14,7 +14,8 @@ from fedcrm.config import load_config
 from fedcrm.data.io import load_table
 from fedcrm.data.schema import load_schema
 from fedcrm.governance.consent import ConsentWithdrawals
-from fedcrm.unlearning.shards import holdout_mask
+from fedcrm.governance.policy import RegionPolicy
+from fedcrm.unlearning.shards import holdout_mask, region_secret
 from fedcrm.unlearning.tombstones import Tombstones
 
 
@@ -25,8 +26,11 @@ def test_centralised_baseline_leaves_out_forgotten_and_withdrawn_customers(tmp_p
 
     # Two training customers of eu: one forgotten, one who withdrew consent to this purpose, each
     # recorded where `fedcrm forget` / `fedcrm consent withdraw` record them (STATE/eu).
-    ids = load_table(cfg.regions["eu"], load_schema(cfg.schema_path)).ids
-    training = ids[~holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, seed=cfg.seed)]
+    # Training customers: consenting, and outside the hold-out (keyed by the region's secret, which the
+    # first run created in STATE/eu).
+    table = load_table(cfg.regions["eu"], load_schema(cfg.schema_path))
+    held = holdout_mask(table.ids, fraction=RegionPolicy().holdout_fraction, secret=region_secret(state / "eu"))
+    training = table.ids[~held & table.consent[cfg.task].to_numpy(dtype=bool)]
     forgotten, withdrawn = str(training[0]), str(training[1])
     Tombstones(state / "eu").add([forgotten])
     ConsentWithdrawals(state / "eu").add(withdrawn, purpose=cfg.task)

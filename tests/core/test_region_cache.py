@@ -13,6 +13,7 @@ from fedcrm.data.io import RowBoundedCache
 from fedcrm.data.schema import load_schema
 from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.region import NodeSettings, Region
+from fedcrm.unlearning.shards import region_secret_path
 from fedcrm.unlearning.tombstones import Tombstones
 
 
@@ -27,8 +28,15 @@ def test_region_data_is_reused_until_any_input_changes(tmp_path: Path) -> None:
 
     first = load()
     assert load() is first  # nothing changed: served from the cache
-    other = Region(settings, cache=cache).load(cfg.with_overrides({"seed": 1}), schema)
-    assert other is not first and not (other.holdout == first.holdout).all()  # another seed, another hold-out
+    # The config's seed does not pick the hold-out (the region's secret does): the same data, from the cache.
+    assert Region(settings, cache=cache).load(cfg.with_overrides({"seed": 1}), schema) is first
+    # A new secret (the data owner restored another key file): another hold-out, not the cached one.
+    key_file = region_secret_path(settings.state_dir)
+    key_file.with_name("restored.key").write_text("f" * 64)
+    os.replace(key_file.with_name("restored.key"), key_file)
+    other = load()
+    assert other is not first and not (other.holdout == first.holdout).all()
+    first = other
 
     a, b = (str(i) for i in first.ids[:2])
     Tombstones(settings.state_dir).add([a])

@@ -103,6 +103,13 @@ def test_a_withdrawn_customer_gets_no_score_though_the_table_still_says_yes(fres
     assert report["counts"]["excluded_no_consent"] == int((~table.consent["churn"].to_numpy(dtype=bool)).sum()) + 1
 
 
+def _served_scores(f: dict[str, Path], ids: pd.Series) -> np.ndarray:
+    """What the model served now gives the customers ``ids``, computed here from its own weights."""
+    table = load_table(f["data"], SCHEMA)
+    rows = table.subset(np.isin(table.ids, ids.to_numpy()))
+    return ServedModel.load(f["run"]).proba(FeatureEncoder(SCHEMA).encode(rows))
+
+
 def test_after_an_erasure_the_next_score_leaves_the_customer_out_and_uses_the_new_model(
     fresh: dict[str, Path]
 ) -> None:
@@ -110,19 +117,29 @@ def test_after_an_erasure_the_next_score_leaves_the_customer_out_and_uses_the_ne
     before = pd.read_csv(fresh["tmp"] / "before.csv", dtype={"customer_id": str})
     trained_on = run_view(fresh["run"], region="eu", state_root=fresh["state"]).trained
     victim = next(c for c in before["customer_id"] if c in trained_on)  # held-out customers stale nothing
+    # The erasure is served at once by exclusion (version 2: the constituent that trained on the victim is
+    # no longer used), then by a retrain of that constituent without them (version 3).
     forget_customers(region="eu", customer_ids=[victim], state_root=fresh["state"], runs=[fresh["run"]])
+    excluded_report = _score(fresh, fresh["tmp"] / "excluded.csv")
+    excluded = pd.read_csv(fresh["tmp"] / "excluded.csv", dtype={"customer_id": str})
+    served = ServedModel.load(fresh["run"])
+    assert len(served.models) == 1  # of the two constituents, the one that never saw the victim
+    np.testing.assert_allclose(excluded["score"], _served_scores(fresh, excluded["customer_id"]), atol=1e-12)
     retrain_run(fresh["run"], state_root=fresh["state"], report=lambda s: None)
     report = _score(fresh, fresh["tmp"] / "after.csv")
     after = pd.read_csv(fresh["tmp"] / "after.csv", dtype={"customer_id": str})
-    assert victim not in set(after["customer_id"])
-    assert len(after) == len(before) - 1 and report["counts"]["forgotten"] == 1
-    assert set(before["model_version"]) == {1} and set(after["model_version"]) == {2}
-    assert report["model_version"] == 2
-    # The new version scores differently (its retrained constituent changed), from its own weights.
-    new = ServedModel.load(fresh["run"])
-    table = load_table(fresh["data"], SCHEMA)
-    rows = table.subset(np.isin(table.ids, after["customer_id"].to_numpy()))
-    np.testing.assert_allclose(after["score"], new.proba(FeatureEncoder(SCHEMA).encode(rows)), atol=1e-12)
+    for scored, r in ((excluded, excluded_report), (after, report)):
+        assert victim not in set(scored["customer_id"])
+        assert len(scored) == len(before) - 1 and r["counts"]["forgotten"] == 1
+    assert set(before["model_version"]) == {1} and set(excluded["model_version"]) == {2}
+    assert set(after["model_version"]) == {3}
+    assert excluded_report["model_version"] == 2 and report["model_version"] == 3
+    # Each version scores differently (one constituent dropped, then retrained with fresh noise), and the
+    # scores are the served model's own (both constituents again).
+    assert len(ServedModel.load(fresh["run"]).models) == 2
+    kept = before[before["customer_id"] != victim].reset_index(drop=True)
+    assert not np.allclose(kept["score"], excluded["score"]) and not np.allclose(excluded["score"], after["score"])
+    np.testing.assert_allclose(after["score"], _served_scores(fresh, after["customer_id"]), atol=1e-12)
 
 
 def test_a_bad_table_writes_nothing_and_names_file_line_and_column(fresh: dict[str, Path]) -> None:

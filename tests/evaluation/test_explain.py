@@ -14,6 +14,7 @@ from fedcrm.data.schema import load_schema
 from fedcrm.data.synthetic import generate
 from fedcrm.evaluation import explain
 from fedcrm.models import build_model, ensemble_proba, predict_proba
+from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.training import train_locally
 
 SCHEMA = load_schema(REPO / "configs" / "schemas" / "synthetic_crm.yaml")
@@ -29,7 +30,7 @@ def table(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 def _trained(kind: str, x: np.ndarray, y: np.ndarray, seed: int) -> torch.nn.Module:
     m = build_model(ModelConfig(kind=kind, hidden=(16, 16)), n_features=x.shape[1], seed=seed)
     train_locally(m, x=x, y=y, training=TrainingConfig(local_epochs=5, batch_size=64, learning_rate=0.05),
-                  dp=None, seed=seed)
+                  dp=None, randomness=ReleaseRandomness.public_seed(seed))
     return m
 
 

@@ -62,13 +62,22 @@ def test_pooled_group_metrics_match_fairlearn_on_pooled_predictions() -> None:
             assert m["customers"] == sel.sum()
             assert m["mean_score"] == pytest.approx(np.clip(scores[sel], 1e-7, 1 - 1e-7).mean(), abs=1e-9)
             assert m["observed_rate"] == pytest.approx(y[sel].mean(), abs=1e-12)
-            # AUC from 0.01-wide bins differs from the exact one only by pairs tied in one bin.
+            assert m["calibration_gap"] == pytest.approx(m["mean_score"] - m["observed_rate"], abs=1e-12)
+            # The AUC is exactly scikit-learn's on the scores rounded down to their 1/FAIR_BINS bin (ties
+            # count one half in both), and differs from the exact AUC only by the pairs tied in one bin.
             b = np.minimum((scores[sel] * FAIR_BINS).astype(int), FAIR_BINS - 1)
+            assert m["auc"] == pytest.approx(roc_auc_score(y[sel], b), abs=1e-12)
             pos, neg = b[y[sel] == 1], b[y[sel] == 0]
             tied = sum(int((neg == k).sum()) * int((pos == k).sum()) for k in np.unique(pos))
             bound = 0.5 * tied / (len(pos) * len(neg))
             assert abs(m["auc"] - roc_auc_score(y[sel], scores[sel])) <= bound + 1e-12
-            assert bound < 0.01
+            # ECE over equal-width bins, exactly from the scores; the report puts each customer at its
+            # bin's centre, which moves every bin's predicted mass by at most half a bin's width.
+            p = np.clip(scores[sel], 1e-7, 1 - 1e-7)
+            pb = np.minimum((p * FAIR_BINS).astype(int), FAIR_BINS - 1)
+            gap = np.bincount(pb, weights=p - y[sel], minlength=FAIR_BINS)
+            exact_ece = np.abs(gap).sum() / sel.sum()
+            assert abs(m["ece"] - exact_ece) <= 0.5 / FAIR_BINS
         assert rep["demographic_parity_difference"] == pytest.approx(
             fl_metrics.demographic_parity_difference(y, y_pred, sensitive_features=groups), abs=1e-12)
         assert rep["equalized_odds_difference"] == pytest.approx(
