@@ -42,13 +42,17 @@ test-deployment: $(STAMP)
 	$(BIN)/python -m pytest -q -m deployment
 
 # The issue's benchmarks in about 8 minutes, each printing its table (docs/benchmarks.md has the figures):
-# local DP training, end-to-end Telco vs the baseline, 100 tenants, erasure latency, scoring throughput.
+# local DP training, end-to-end Telco vs the baseline, 100 tenants, erasure latency, scoring throughput,
+# the cost of DP evaluation answers, retrains a budget serves, the privacy audit's power.
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_local_training.py --reps 3
 	$(BIN)/python experiments/bench_end_to_end.py --rounds 20
 	$(BIN)/python experiments/bench_scale.py --cells 10x1000,100x1000 --rounds 10
 	$(BIN)/python experiments/bench_erasure.py --datasets telco --shards 1,8 --rounds 5
 	$(BIN)/python experiments/bench_scoring.py --customers 1000000 --reasons-customers 100000
+	$(BIN)/python experiments/bench_dp_evaluation.py --datasets telco,bank --draws 200
+	$(BIN)/python experiments/erasure_budget.py --datasets telco,bank --shards 8 --reserve 0,3
+	$(BIN)/python experiments/audit_power.py --repeats 1 --max-canaries 10000
 
 # The whole scale grid: 10-200 tenants, 1k-100k customers each (about 7 minutes on 2 cores).
 bench-scale: $(STAMP)
