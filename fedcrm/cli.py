@@ -195,7 +195,8 @@ def run(
         bool,
         typer.Option(
             "--resume", help="Continue an interrupted run in --out (or the config's run folder) from its last "
-            "completed round, with the same seeds: the result equals an uninterrupted run."
+            "completed round's checkpoint; a round retried after the crash is a new release (fresh noise), "
+            "charged again."
         ),
     ] = False,
     processes: Annotated[

@@ -321,7 +321,7 @@ def register(app: typer.Typer) -> None:
         state: StateOpt = Path("state"),
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
     ) -> None:
-        """Serve pending erasures on a run: retrain only the stale constituents, federatedly, same seeds.
+        """Serve pending erasures on a run: retrain only the stale constituents, federatedly, with fresh randomness.
 
         The old constituent weights and the stale shard's checkpoints are overwritten and deleted, the
         run gets a new model version, and every request gets a receipt (RUN_DIR/receipts/,

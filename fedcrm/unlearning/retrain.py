@@ -1,7 +1,8 @@
 """Serving erasures on a run: retrain only the stale constituents, then publish, shred and give receipts.
 
-The retrain is an ordinary federated run of the stale shards (same config, same seeds: constituent k
-starts from ``seed*1000+k`` and every region trains with its per-(region, shard, round) seed), written
+The retrain is an ordinary federated run of the stale shards (same config, constituent k starts from the
+public init ``seed*1000+k``, every region draws fresh randomness for every release: a retrain never
+shares the old constituent's noise), written
 into a staging folder ``RUN_DIR/.retrain-vN`` while the old model stays served. Only when it has
 finished with every region taking part is it committed: the new constituents and checkpoints replace the
 old ones (whose bytes are overwritten, not just unlinked), ``model/model.json`` gets version N, and each
