@@ -233,15 +233,6 @@ def write_results(outcomes: list[CellOutcome], sweep_dir: Path) -> pd.DataFrame:
     return df
 
 
-def read_results(sweep_dir: Path) -> pd.DataFrame:
-    p = sweep_dir / "results.parquet"
-    if p.exists():
-        return pd.read_parquet(p)
-    if (sweep_dir / "results.csv").exists():
-        return pd.read_csv(sweep_dir / "results.csv")
-    raise FedcrmError(f"{sweep_dir}: no results.parquet or results.csv (is it a sweep folder?)")
-
-
 # -- running -----------------------------------------------------------------------------------------
 
 
