@@ -11,22 +11,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from fedcrm.commands.common import exit_with, out
 from fedcrm.errors import FedcrmError
-
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
-EXIT_ERROR = 2
 
 bundle_app = typer.Typer(help="Review and approve app bundles (what `flwr run` ships to the regions).",
                          no_args_is_help=True)  # fmt: skip
 region_app = typer.Typer(help="Run a region's side of a deployment.", no_args_is_help=True)
-
-
-def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(EXIT_ERROR)
 
 
 @bundle_app.command("keygen")
@@ -40,7 +31,7 @@ def keygen(
     try:
         key, pub = create_bundle_signing_key(out_dir=out_dir, name=name)
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     out.print(f"private key {key} (keep it with the reviewer); public key {pub} (for trusted_signers)")
 
 
@@ -70,7 +61,7 @@ def sign(
         digest = bundle_digest(build_bundle(app))
         signature = sign_bundle(digest=digest, private_key=key)
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     out.print(f"sha256 {digest}")
     out.print(f'{SIGNATURE_KEY}="{signature}"', markup=False, highlight=False)
 
@@ -95,14 +86,14 @@ def region_exec(
     from fedcrm.deploy.gate import run_region_exec
 
     if not insecure and root_certificates is None:
-        _fail(FedcrmError("give --root-certificates for a TLS Runtime API, or --insecure on loopback"))
+        exit_with(FedcrmError("give --root-certificates for a TLS Runtime API, or --insecure on loopback"))
     try:
         run_region_exec(
             runtime_api_address=runtime_api_address, trust_path=trust, insecure=insecure,
             root_certificates=str(root_certificates) if root_certificates else None, parent_pid=parent_pid,
         )  # fmt: skip
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
 
 
 def register(app: typer.Typer) -> None:

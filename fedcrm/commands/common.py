@@ -1,4 +1,4 @@
-"""What every ``fedcrm`` command shares: its exit codes and how an error ends a command.
+"""What every ``fedcrm`` command shares: its consoles, exit codes, how an error ends a command, shared options.
 
 Exit codes (documented in the README; scripts may rely on them):
 
@@ -13,7 +13,8 @@ Exit codes (documented in the README; scripts may rely on them):
 
 from __future__ import annotations
 
-from typing import NoReturn
+from pathlib import Path
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -29,6 +30,24 @@ EXIT_INTERRUPTED = 130
 
 # Logs and errors go to stderr, so that stdout holds only what a command reports (one JSON with --json).
 console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # inherited by every group and command
+
+DEFAULT_STATE = Path("state")
+StateOpt = Annotated[
+    Path,
+    typer.Option(
+        "--state",
+        help="Folder holding every region's state (privacy ledger, tombstones, secrets); the region's is "
+        "STATE/REGION. In simulation: one sub-folder per region.",
+    ),
+]
+
+
+def progress(line: str) -> None:
+    """A progress line as written: region names or reasons are not rich markup."""
+    console.print(line, markup=False, highlight=False)
 
 
 def exit_code(error: Exception) -> int:

@@ -13,23 +13,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from fedcrm.commands.common import EXIT_INTERRUPTED, EXIT_USAGE, console, exit_with, out
 from fedcrm.errors import ConfigError, FedcrmError
-
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
-EXIT_ERROR = 2
 
 deploy_app = typer.Typer(
     help="Run the federation on Flower's deployment engine (SuperLink + one SuperNode per region, TLS).",
     no_args_is_help=True,
 )
-
-
-def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(EXIT_ERROR)
 
 
 def _split(text: str) -> list[str]:
@@ -89,7 +80,7 @@ def certs(
     if ctx.invoked_subcommand is not None:
         return
     if out_dir is None:
-        _fail(ConfigError("fedcrm certs: --out DIR is needed (or a subcommand: fedcrm certs node-key --help)"))
+        exit_with(ConfigError("fedcrm certs: --out DIR is needed (or a subcommand: fedcrm certs node-key --help)"))
         return
     from fedcrm.deploy.certs import create_certificates, public_key_fingerprint
 
@@ -103,7 +94,7 @@ def certs(
         )
         fingerprints = {r: public_key_fingerprint(p) for r, p in bundle.supernode_public_keys.items()}
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     out.print(f"CA: {bundle.ca_cert}, valid {ca_valid_days} days (its key {bundle.ca_key}: keep it offline)")
     out.print(f"SuperLink: {bundle.server_cert}, {bundle.server_key} for {', '.join(bundle.hosts)}, "
               f"valid {valid_days} days")
@@ -128,7 +119,7 @@ def node_key(
         private, public = create_node_key(out_dir=out_dir, region=region)
         fingerprint = public_key_fingerprint(public)
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     out.print(f"private key: {private} (mode 0600: it never leaves this host)")
     out.print(f"public key: {public} (sha256 {fingerprint}): send it to the operator to register")
     out.print(public.read_text(encoding="utf-8").strip(), highlight=False)
@@ -152,7 +143,7 @@ def register_node(
         fingerprint = public_key_fingerprint(public_key) if public_key is not None else None
         NodeRegistry(registry).record(node_id=node_id, region=region, public_key_sha256=fingerprint)
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     out.print(f"node {node_id} registered for region {region} in {registry}")
 
 
@@ -193,16 +184,16 @@ def deploy_local_cmd(
         )
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted:[/] every process of the deployment was stopped")
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     status = result.status.get("status", "?")
     if not result.completed:
         console.print(
             f"[bold red]run {result.run_id} {status}[/]: {result.status.get('status-details', '')} "
             f"(logs in {result.workdir / 'logs'})"
         )
-        raise typer.Exit(EXIT_ERROR)
+        raise typer.Exit(EXIT_USAGE)
     out.print(f"run {result.run_id} {status}")
     if result.summary is not None:
         fm = result.summary.get("final_metrics", {})

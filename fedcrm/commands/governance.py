@@ -13,15 +13,12 @@ import typer
 
 from fedcrm.commands import audit
 from fedcrm.commands.audit import audit_app
-from fedcrm.commands.common import EXIT_CHECK_FAILED, exit_with
+from fedcrm.commands.common import DEFAULT_STATE, EXIT_CHECK_FAILED, StateOpt, exit_with, out
 from fedcrm.errors import FedcrmError
 
 consent_app = typer.Typer(help="Consent per purpose: withdraw a customer's consent to one purpose.",
                           no_args_is_help=True)
 
-StateOpt = Annotated[
-    Path, typer.Option("--state", help="Folder holding every region's state; the region's is STATE/REGION.")
-]
 OperatorOpt = Annotated[
     str | None, typer.Option("--operator", help="Who asks, for the audit log (default: the login name).")
 ]
@@ -29,16 +26,12 @@ RegionOpt = Annotated[str, typer.Option("--region", help="The region holding the
 CustomerOpt = Annotated[str, typer.Option("--customer-id", help="The customer's id as the region's table spells it.")]
 
 
-def _fail(e: Exception) -> None:
-    exit_with(e)
-
-
 @consent_app.command("withdraw")
 def consent_withdraw(
     region: RegionOpt,
     customer_id: CustomerOpt,
     purpose: Annotated[str, typer.Option("--purpose", help="The purpose consent is withdrawn from, e.g. churn.")],
-    state: StateOpt = Path("state"),
+    state: StateOpt = DEFAULT_STATE,
     operator: OperatorOpt = None,
     run: Annotated[
         list[Path] | None,
@@ -52,7 +45,6 @@ def consent_withdraw(
     still says yes. The constituents of the given runs that trained on them are marked stale for the
     next retrain; a receipt is written under STATE/REGION/receipts/.
     """
-    from fedcrm.cli import out
     from fedcrm.commands.unlearning import print_served
     from fedcrm.governance.audit_trail import operator_actor
     from fedcrm.governance.requests import withdraw_consent
@@ -67,7 +59,7 @@ def consent_withdraw(
             runs=tuple(run or ()),
         )
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     out.print(f"consent to `{purpose}` withdrawn at region {region} (request {request.request_id}); "
               f"receipt in {state / region / 'receipts'}")
     print_served(request)
@@ -83,7 +75,7 @@ def export(
         list[Path] | None, typer.Option("--run", help="Run folder whose served model scores the customer (repeatable).")
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="json (default) or csv (the JSON flattened).")] = "json",
-    state: StateOpt = Path("state"),
+    state: StateOpt = DEFAULT_STATE,
     operator: OperatorOpt = None,
 ) -> None:
     """Write a customer's copy of their data (portability), format fedcrm-customer-export v1.
@@ -93,7 +85,6 @@ def export(
     erasure/consent history. Schema: schemas/export-v1.schema.json. An unknown or forgotten customer is
     an error and no file is written.
     """
-    from fedcrm.cli import out
     from fedcrm.data.schema import load_schema
     from fedcrm.governance.audit_trail import operator_actor
     from fedcrm.governance.export import ExportRequest
@@ -111,7 +102,7 @@ def export(
         )
         document = serve_export(request, out=out_file, fmt=fmt, actor=operator_actor(operator))
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     n = len(document["models"])
     out.print(f"export of customer {customer_id} at region {region} ({n} model(s)) -> {out_file}")
 
@@ -130,15 +121,16 @@ def audit_verify(
 ) -> None:
     """Check an audit log's hash chain and print its head: OK, or the first entry altered, removed or
     reordered, or a recorded head the log no longer holds (exit 1)."""
-    from fedcrm.cli import out
     from fedcrm.governance.audit_log import verify
 
     if not log.is_file():
-        _fail(FedcrmError(f"{log}: no audit log there (regions keep STATE/REGION/audit.log, runs RUN_DIR/audit.log)"))
+        exit_with(
+            FedcrmError(f"{log}: no audit log there (regions keep STATE/REGION/audit.log, runs RUN_DIR/audit.log)")
+        )
     try:
         report = verify(log, expect_head=expect_head)
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     if as_json:
         import dataclasses
         import json

@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from fedcrm.commands.common import console, exit_with
 from fedcrm.errors import FedcrmError
-
-console = Console(stderr=True, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -24,8 +22,7 @@ def register(app: typer.Typer) -> None:
         try:
             html_path, md_path = write_report(path)
         except FedcrmError as e:
-            console.print(f"[bold red]error:[/] {e}")
-            raise typer.Exit(2) from None
+            exit_with(e)
         console.print(f"{html_path}\n{md_path}")
         if (path / "model_card.md").exists():
             console.print(str(path / "model_card.md"))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fedcrm.commands.common import exit_with
+from fedcrm.commands.common import exit_with, out
 from fedcrm.errors import ConfigError, FedcrmError
 
 
@@ -40,7 +40,6 @@ def score(
     withdrawal) get no score. Writes customer_id, score, model_version (and reason_1..N) to --out, all
     or nothing; the region's audit log records the scoring (counts and model version, no ids).
     """
-    from fedcrm.cli import out
     from fedcrm.governance.audit_trail import operator_actor
     from fedcrm.scoring import ScoringModel, score_region
 

@@ -7,13 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from fedcrm.commands.common import EXIT_CHECK_FAILED, console, exit_with
+from fedcrm.commands.common import EXIT_CHECK_FAILED, EXIT_USAGE, console, exit_with, out
 from fedcrm.errors import FedcrmError
-
-out = Console(soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
         if engine not in (None, "shared", "per_cell"):
             console.print(f"[bold red]error:[/] --engine must be shared or per_cell, got {engine}")
-            raise typer.Exit(2)
+            raise typer.Exit(EXIT_USAGE)
         try:
             spec = load_sweep(spec_path)
             sweep_dir = (out_dir or spec.output_dir / spec.name).resolve()

@@ -8,18 +8,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from fedcrm.commands import audit
-from fedcrm.commands.common import EXIT_PRIVACY_REFUSAL, console, exit_with
+from fedcrm.commands.common import EXIT_PRIVACY_REFUSAL, console, exit_with, out
 from fedcrm.errors import ConfigError, DataError, FedcrmError, PolicyError
-
-out = Console(soft_wrap=True)
-
-
-def _fail(e: Exception) -> None:
-    exit_with(e)
 
 
 def explain(
@@ -74,7 +67,7 @@ def explain(
         values = {c: one.values[c].iloc[0] for c in one.values.columns}
         e = explain_customer(served.models, schema=sch, x=x, values=values, customer_id=customer_id)
     except FedcrmError as err:
-        _fail(err)
+        exit_with(err)
     if as_json:
         out.print_json(json.dumps(e.as_dict(task=task, top=top)))
         return
@@ -146,7 +139,7 @@ def audit_privacy(
                 results[r]["claimed_epsilon"] = claimed_epsilon
                 results[r]["verdict"] = verdict(results[r]["epsilon_lower_bound"], claimed_epsilon=claimed_epsilon)
     except FedcrmError as err:
-        _fail(err)
+        exit_with(err)
     report = {"run": str(run_dir), "model_version": served.version, "regions": results}
     (run_dir / "privacy_audit.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if as_json:

@@ -12,17 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fedcrm.commands.common import exit_with
+from fedcrm.commands.common import DEFAULT_STATE, StateOpt, console, exit_with, out
 from fedcrm.errors import FedcrmError, UnlearningError
-
-StateOpt = Annotated[
-    Path,
-    typer.Option("--state", help="Folder holding every region's state; the region's is STATE/REGION."),
-]
-
-
-def _fail(e: Exception) -> None:
-    exit_with(e)
 
 
 def read_id_file(path: Path) -> list[str]:
@@ -150,7 +141,6 @@ def served_lines(request: Any) -> list[str]:
 
 
 def print_served(request: Any) -> None:
-    from fedcrm.cli import out
 
     for line in served_lines(request):
         out.print(f"  {request.request_id}: {line}", highlight=False)
@@ -159,7 +149,6 @@ def print_served(request: Any) -> None:
 def _print_receipts(receipts: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    from fedcrm.cli import out
 
     if not receipts:
         return
@@ -177,7 +166,6 @@ def _print_receipts(receipts: list[dict[str, Any]]) -> None:
 def _retrain_and_print(run_dir: Path, state_root: Path, *, as_json: bool = False) -> None:
     import json
 
-    from fedcrm.cli import console, out
 
     result = retrain_run(run_dir, state_root=state_root, report=lambda s: console.print(s))
     if as_json:
@@ -203,7 +191,7 @@ erasures_app = typer.Typer(help="Erasure and consent-withdrawal requests at a re
 @erasures_app.command("status")
 def erasures_status(
     region: Annotated[str, typer.Option("--region", help="The region whose requests to list.")],
-    state: StateOpt = Path("state"),
+    state: StateOpt = DEFAULT_STATE,
     policy: Annotated[Path | None, typer.Option("--policy", help="The region's policy (budget, deadline).")] = None,
     delta: Annotated[float, typer.Option(help="δ at which to price a retrain.")] = 1e-5,
     accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
@@ -217,7 +205,6 @@ def erasures_status(
     """
     import json
 
-    from fedcrm.cli import out
     from fedcrm.governance.audit_trail import operator_actor
     from fedcrm.unlearning.deadlines import audit_overdue, open_requests
 
@@ -228,7 +215,7 @@ def erasures_status(
         if overdue:
             audit_overdue(state / region, overdue, actor=operator_actor(operator))
     except FedcrmError as e:
-        _fail(e)
+        exit_with(e)
     if as_json:
         out.print_json(json.dumps({"region": region, "open": [o.as_dict() for o in found],
                                    "overdue": [o.request.request_id for o in overdue]}))
@@ -265,7 +252,7 @@ def register(app: typer.Typer) -> None:
                          "its constituents that trained on the customers are marked stale."),
         ] = None,
         do_retrain: Annotated[bool, typer.Option("--retrain", help="Retrain the stale constituents now.")] = False,
-        state: StateOpt = Path("state"),
+        state: StateOpt = DEFAULT_STATE,
         data: Annotated[Path | None, typer.Option("--data", help="The region's table (default: from --run).")] = None,
         schema: Annotated[Path | None, typer.Option("--schema", help="Its schema (default: from --run).")] = None,
         operator: Annotated[str | None, typer.Option("--operator", help="Who asks, for the audit log.")] = None,
@@ -278,7 +265,6 @@ def register(app: typer.Typer) -> None:
         re-import of the table does not bring them back) and each run's constituents that trained on them
         are marked stale; `fedcrm retrain RUN_DIR` (or --retrain) retrains those, charged to the ledger.
         """
-        from fedcrm.cli import out
 
         try:
             ids = list(customer_id or []) + (read_id_file(file) if file else [])
@@ -313,12 +299,12 @@ def register(app: typer.Typer) -> None:
             elif runs:
                 out.print("Serve the erasure with: " + "; ".join(f"fedcrm retrain {r} --state {state}" for r in runs))
         except FedcrmError as e:
-            _fail(e)
+            exit_with(e)
 
     @app.command("retrain")
     def retrain_cmd(
         run_dir: Annotated[Path, typer.Argument(help="The run folder whose stale constituents to retrain.")],
-        state: StateOpt = Path("state"),
+        state: StateOpt = DEFAULT_STATE,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
     ) -> None:
         """Serve pending erasures on a run: retrain only the stale constituents, federatedly, with fresh randomness.
@@ -331,4 +317,4 @@ def register(app: typer.Typer) -> None:
         try:
             _retrain_and_print(run_dir, state, as_json=as_json)
         except FedcrmError as e:
-            _fail(e)
+            exit_with(e)
