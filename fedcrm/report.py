@@ -34,7 +34,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 from fedcrm.errors import StorageError  # noqa: E402
-from fedcrm.runs import read_metrics  # noqa: E402
+from fedcrm.run_summary import RunSummary  # noqa: E402
+from fedcrm.runs import CONFIG_FILE, read_metrics  # noqa: E402
 
 EPSILON_KEY = "privacy.target_epsilon"
 
@@ -60,22 +61,20 @@ PRIVACY_MODES_TEXT = (
 class RunView:
     path: Path
     config: dict[str, Any]
-    summary: dict[str, Any]
+    summary: RunSummary
     rows: list[dict[str, Any]]
 
     @classmethod
     def load(cls, run_dir: Path) -> RunView:
-        s = run_dir / "summary.json"
-        if not s.exists():
-            raise StorageError(f"{run_dir}: no summary.json (the run did not finish, or this is not a run folder)")
-        cfg_path = run_dir / "config.yaml"
+        summary = RunSummary.read(run_dir)
+        # The config as written, not validated: a report shows what the run was given, old settings included.
+        cfg_path = run_dir / CONFIG_FILE
         config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-        return cls(path=run_dir, config=config or {}, summary=json.loads(s.read_text(encoding="utf-8")),
-                   rows=read_metrics(run_dir / "metrics.jsonl"))
+        return cls(path=run_dir, config=config or {}, summary=summary, rows=read_metrics(run_dir / "metrics.jsonl"))
 
     @property
     def is_centralised(self) -> bool:
-        return self.summary.get("kind") == "centralised"
+        return self.summary.is_centralised
 
 
 def sha256_of(path: Path) -> str | None:
@@ -100,9 +99,9 @@ def provenance(view: RunView) -> dict[str, Any]:
     if cfg.get("schema"):
         files[f"schema: {cfg['schema']}"] = sha256_of(Path(cfg["schema"]))
     return {
-        "code_version": view.summary.get("code_version", "unknown"),
-        "config_sha256": view.summary.get("config_sha256"),
-        "run_id": view.summary.get("run_id"),
+        "code_version": view.summary.code_version,
+        "config_sha256": view.summary.config_sha256,
+        "run_id": view.summary.run_id,
         "seed": cfg.get("seed"),
         "split_seed": split.get("seed"),
         "files_sha256": files,
@@ -395,24 +394,24 @@ def _provenance_text(view: RunView) -> str:
 
 def run_sections(view: RunView) -> list[Section]:
     s = view.summary
-    m = s.get("final_metrics", {})
+    m = s.final_metrics
     metrics_md = ", ".join(f"{k} {v:.4f}" if k != "customers" else f"{int(v)} customers"
                            for k, v in m.items() if isinstance(v, int | float))
     sections = [Section("Result", f"Served model on the pooled hold-out: {metrics_md}. Privacy mode: "
-                                  f"{s.get('privacy_mode', 'none')}. Wall time {s.get('wall_time_s', 0):.1f} s.")]
+                                  f"{s.privacy_mode}. Wall time {s.wall_time_s:.1f} s.")]
     if view.rows and not view.is_centralised:
         sections.append(Section("Utility per round", figure=("utility", plot_utility_per_round(view.rows))))
-        if s.get("privacy_mode") != "none":
+        if s.privacy_mode != "none":
             sections.append(Section(
                 "Privacy spent per round per region",
                 "ε after each round, composed over the region's whole ledger history, against the region's budget.",
-                figure=("epsilon", plot_epsilon_per_round(view.rows, s.get("privacy", {})))))
+                figure=("epsilon", plot_epsilon_per_round(view.rows, s.privacy))))
     priv = pd.DataFrame([{"region": r, **{k: p.get(k) for k in ("epsilon", "delta", "budget", "target_epsilon",
                                                                 "refused")}}
-                         for r, p in s.get("privacy", {}).items()])
+                         for r, p in s.privacy.items()])
     if not priv.empty:
         sections.append(Section("Privacy per region", table=priv))
-    for w in s.get("warnings", []):
+    for w in s.warnings:
         sections.append(Section("Warning", w))
     sections.append(Section("Privacy modes", PRIVACY_MODES_TEXT))
     sections.append(Section("Provenance", pre=_provenance_text(view)))
@@ -423,7 +422,7 @@ def run_sections(view: RunView) -> list[Section]:
 def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     view = RunView.load(run_dir)
     (run_dir / "model_card.md").write_text(model_card(view), encoding="utf-8")
-    return render(f"fedcrm run {view.summary.get('name', run_dir.name)}", run_sections(view), out_dir=run_dir)
+    return render(f"fedcrm run {view.summary.name}", run_sections(view), out_dir=run_dir)
 
 
 def write_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
@@ -451,10 +450,10 @@ def write_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
     if len(failed):
         sections.append(Section("Failed cells", table=failed[["cell", "error"]]))
     runs = [RunView.load(Path(p)) for p in df.loc[df["status"] == "done", "run_dir"]
-            if (Path(p) / "summary.json").exists()]
+            if RunSummary.exists_in(Path(p))]
     for v in runs:
         (v.path / "model_card.md").write_text(model_card(v), encoding="utf-8")
-    versions = sorted({str(v.summary.get("code_version")) for v in runs})
+    versions = sorted({v.summary.code_version for v in runs})
     prov = [f"code version(s): {', '.join(versions) or 'unknown'}", f"seeds: {spec.get('seeds', [])}"]
     if runs:
         prov += [f"{n}: sha256 {h}" for n, h in provenance(runs[0]).get("files_sha256", {}).items()]
@@ -471,7 +470,7 @@ def write_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
 
 def write_report(path: Path) -> tuple[Path, Path]:
     """A run folder (summary.json) or a sweep folder (results table)."""
-    if (path / "summary.json").exists():
+    if RunSummary.exists_in(path):
         return write_run_report(path)
     if (path / "results.parquet").exists() or (path / "results.csv").exists():
         return write_sweep_report(path)
@@ -491,13 +490,13 @@ def _plain_epsilon(eps: float, delta: float) -> str:
 
 def model_card(view: RunView) -> str:
     s, cfg = view.summary, view.config
-    task = s.get("task", cfg.get("task", "?"))
+    task = s.task
     purpose = {"churn": "rank existing customers by their risk of leaving, to prioritise retention offers",
                "propensity": "rank customers by their propensity to take up an offer, to prioritise outreach"}.get(
         task, task)
-    m = s.get("final_metrics", {})
-    by_region = s.get("final_metrics_by_region", {})
-    lines = [f"# Model card: {s.get('name', view.path.name)}", "",
+    m = s.final_metrics
+    by_region = s.final_metrics_by_region or {}
+    lines = [f"# Model card: {s.name}", "",
              "## Intended use", "",
              f"Task: **{task}**. Use: {purpose}. The output is a score in [0, 1] for ranking; it is not calibrated "
              "for individual decisions with legal or similarly significant effects, and must not be used for "
@@ -514,12 +513,12 @@ def model_card(view: RunView) -> str:
               + f", trained for "
               f"{training.get('rounds')} federated rounds × {training.get('local_epochs')} local epoch(s), "
               f"{(cfg.get('federation') or {}).get('strategy', 'fedavg')}, "
-              f"{s.get('shards', 1)} SISA shard(s) (served model = mean of the constituents' probabilities).", "",
+              f"{s.shards or 1} SISA shard(s) (served model = mean of the constituents' probabilities).", "",
               "## Data", "",
               "| region | customers in table | excluded (no consent) | forgotten | training | hold-out | "
               "hold-out label rate |",
               "|---|---|---|---|---|---|---|"]
-    for r, d in s.get("regions", {}).items():
+    for r, d in s.regions.items():
         rate = by_region.get(r, {}).get("positive_rate")
         lines.append(f"| {r} | {int(d.get('customers_in_table', 0))} | {int(d.get('excluded_no_consent', 0))} | "
                      f"{int(d.get('forgotten', 0))} | {int(d.get('train', 0))} | {int(d.get('holdout', 0))} | "
@@ -529,8 +528,8 @@ def model_card(view: RunView) -> str:
               "weights and aggregate metrics left it. Label rates are of the hold-out, reported only where the "
               "hold-out has at least the policy's minimum of customers.", "",
               "## Privacy guarantee", ""]
-    mode = s.get("privacy_mode", "none")
-    priv = s.get("privacy", {})
+    mode = s.privacy_mode
+    priv = s.privacy
     if mode == "sample_dp" and priv:
         worst = max((p for p in priv.values() if p.get("epsilon") is not None),
                     key=lambda p: p["epsilon"], default=None)
@@ -571,6 +570,6 @@ def model_card(view: RunView) -> str:
               "- The hold-out comes from the same regions and period as the training data: drift over time and "
               "new regions are not measured.",
               "- Per-group fairness is not part of this card; check it before any use that affects customers.",
-              *[f"- {w}" for w in s.get("warnings", [])],
-              "", f"Code version {s.get('code_version', 'unknown')}, config sha256 {s.get('config_sha256')}.", ""]
+              *[f"- {w}" for w in s.warnings],
+              "", f"Code version {s.code_version}, config sha256 {s.config_sha256}.", ""]
     return "\n".join(lines)
