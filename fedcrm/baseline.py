@@ -24,6 +24,7 @@ from fedcrm.evaluation.metrics import ScoreSummary
 from fedcrm.models import build_model, predict_proba
 from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.region import NodeSettings, Region
+from fedcrm.run_summary import CENTRALISED, RunSummary
 from fedcrm.runs import RunDir, code_version
 from fedcrm.training import train_locally
 
@@ -58,22 +59,22 @@ def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -
                            randomness=ReleaseRandomness.public_seed(cfg.seed))
     holdout_x, holdout_y = np.concatenate(hx), np.concatenate(hy)
     metrics = ScoreSummary.of(scores=predict_proba(model, holdout_x), labels=holdout_y).metrics()
-    summary = {
-        "name": cfg.name,
-        "kind": "centralised",
-        "task": cfg.task,
-        "privacy_mode": "none",
-        "final_metrics": {k: metrics[k] for k in ("auc", "log_loss", "accuracy", "brier", "customers") if k in metrics},
-        "privacy": {},
-        "regions": regions,
-        "training": {"epochs": epochs, "examples": result.examples, "steps": result.steps},
-        "warnings": ["centralised baseline: every region's data pooled in one place, no differential privacy; "
-                     "a reference point only"],
-        "config_sha256": cfg.digest(),
-        "code_version": code_version(),
-        "started": t0,  # when this run began (Unix seconds), as in a federated run's summary
-        "wall_time_s": round(time.time() - t0, 2),
-    }
+    summary = RunSummary(
+        name=cfg.name,
+        kind=CENTRALISED,
+        task=cfg.task,
+        privacy_mode="none",
+        final_metrics={k: metrics[k] for k in ("auc", "log_loss", "accuracy", "brier", "customers") if k in metrics},
+        privacy={},
+        regions=regions,
+        training={"epochs": epochs, "examples": result.examples, "steps": result.steps},
+        warnings=["centralised baseline: every region's data pooled in one place, no differential privacy; "
+                  "a reference point only"],
+        config_sha256=cfg.digest(),
+        code_version=code_version(),
+        started=t0,  # when this run began (Unix seconds), as in a federated run's summary
+        wall_time_s=round(time.time() - t0, 2),
+    )
     run.write_summary(summary)
-    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "pooled": summary["final_metrics"]}) + "\n")
-    return summary
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "pooled": summary.final_metrics}) + "\n")
+    return summary.to_dict()

@@ -268,14 +268,18 @@ def load_config(path: str | Path) -> ExperimentConfig:
     return _resolved_config(raw, path=path)
 
 
-def load_saved_config(path: Path) -> ExperimentConfig:
-    """Load the resolved config that ``fedcrm run`` wrote into a run folder (``RUN_DIR/config.yaml``)."""
-    return _resolved_config(without_removed_settings(read_yaml_mapping(path)), path=path)
+def load_saved_config(path: Path, *, schema_required: bool = True) -> ExperimentConfig:
+    """Load the resolved config that ``fedcrm run`` wrote into a run folder (``RUN_DIR/config.yaml``).
+
+    ``schema_required=False`` for a reader that needs no schema (where the run's schema file may be gone).
+    """
+    return _resolved_config(without_removed_settings(read_yaml_mapping(path)), path=path,
+                            schema_required=schema_required)
 
 
-def _resolved_config(raw: dict[str, Any], *, path: Path) -> ExperimentConfig:
+def _resolved_config(raw: dict[str, Any], *, path: Path, schema_required: bool = True) -> ExperimentConfig:
     cfg = validate_mapping(ExperimentConfig, raw, source=str(path)).resolved(path.parent.resolve())
-    if not cfg.schema_path.exists():
+    if schema_required and not cfg.schema_path.exists():
         raise ConfigError(f"{path}: `schema`: file {cfg.schema_path} not found")
     return cfg
 

@@ -22,11 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from fedcrm.config import ExperimentConfig, dump_yaml
+from fedcrm.config import ExperimentConfig, dump_yaml, load_saved_config
 from fedcrm.durable import append_to, storage_error, write_atomically, write_text_atomically
 from fedcrm.errors import StorageError
+from fedcrm.run_summary import SUMMARY_FILE, RunSummary
 
 Weights = dict[str, np.ndarray]
+CONFIG_FILE = "config.yaml"
+MODEL_META = Path("model") / "model.json"
 
 
 def _resume_hint(path: Path) -> str:
@@ -60,11 +63,65 @@ def load_weights(path: Path) -> Weights:
         raise StorageError(f"{path}: model weights are damaged ({e}); retrain or restore the file") from None
 
 
+@dataclass(frozen=True)
+class ModelMeta:
+    """``RUN_DIR/model/model.json``: which constituents the served model averages, and how to build them."""
+
+    version: int
+    kind: str
+    hidden: tuple[int, ...]
+    shards: list[int]
+    feature_names: list[str]
+    config: dict[str, Any]  # the run's config as the model was trained with it
+    raw: dict[str, Any]  # the whole file, for a writer that keeps what it does not change (exclusion)
+
+    @staticmethod
+    def exists_in(run_dir: Path) -> bool:
+        return (Path(run_dir) / MODEL_META).is_file()
+
+    @classmethod
+    def read(cls, run_dir: Path) -> ModelMeta:
+        path = Path(run_dir) / MODEL_META
+        if not path.exists():
+            raise StorageError(f"{path}: no served model here (is {run_dir} a finished run folder?)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return cls(version=int(raw.get("version", 1)), kind=str(raw["kind"]),
+                       hidden=tuple(int(h) for h in raw.get("hidden", ())), shards=[int(k) for k in raw["shards"]],
+                       feature_names=[str(n) for n in raw["feature_names"]], config=dict(raw.get("config", {})),
+                       raw=raw)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise StorageError(f"{path}: damaged model description ({e}); retrain or restore the file") from None
+
+
 @dataclass
 class RunDir:
     path: Path
     config: ExperimentConfig
     started: float = field(default_factory=time.time)
+
+    @classmethod
+    def open(cls, path: Path, *, finished: bool = False, schema_required: bool = True) -> RunDir:
+        """An existing run folder with its saved config; ``finished``: its summary and served model too.
+
+        Every missing file is named at once. ``schema_required=False`` reads the config where the run's
+        schema file is not at hand (a data owner's export reads only the run's shards and hold-out).
+        """
+        path = Path(path)
+        needed = [CONFIG_FILE] + ([SUMMARY_FILE, str(MODEL_META)] if finished else [])
+        missing = [name for name in needed if not (path / name).is_file()]
+        if missing:
+            raise StorageError(
+                f"{path}: not a {'finished ' if finished else ''}run folder, missing {', '.join(missing)}; give "
+                "the folder `fedcrm run` wrote" + (" (a run without a summary did not finish)" if finished else "")
+            )
+        return cls(path=path, config=load_saved_config(path / CONFIG_FILE, schema_required=schema_required))
+
+    def summary(self) -> RunSummary:
+        return RunSummary.read(self.path)
+
+    def model_meta(self) -> ModelMeta:
+        return ModelMeta.read(self.path)
 
     @classmethod
     def create(cls, path: Path, config: ExperimentConfig) -> RunDir:
@@ -74,7 +131,7 @@ class RunDir:
             (path / "model").mkdir(exist_ok=True)
         except OSError as exc:
             raise storage_error(path, "create the run folder", exc) from None
-        _atomic_write(path / "config.yaml", dump_yaml(config))
+        _atomic_write(path / CONFIG_FILE, dump_yaml(config))
         return cls(path=path, config=config)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -109,7 +166,7 @@ class RunDir:
         model_dir = self.path / "model"
         for k, w in constituents.items():
             save_weights(model_dir / f"constituent-{k}.npz", w)
-        _atomic_write(model_dir / "model.json", json.dumps({
+        _atomic_write(self.path / MODEL_META, json.dumps({
             "version": version,
             "kind": self.config.model.kind,
             "hidden": list(self.config.model.hidden),
@@ -119,8 +176,8 @@ class RunDir:
             "config": self.config.to_dict(),
         }, indent=2) + "\n")
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    def write_summary(self, summary: RunSummary) -> None:
+        _atomic_write(RunSummary.path_in(self.path), summary.to_json())
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

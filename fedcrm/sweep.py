@@ -47,7 +47,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedcrm.config import ExperimentConfig, load_config
-from fedcrm.errors import ConfigError, FedcrmError
+from fedcrm.errors import ConfigError, FedcrmError, StorageError
+from fedcrm.run_summary import RunSummary
 from fedcrm.yamlio import read_yaml_mapping, validate_mapping
 
 Report = Callable[[str], None]
@@ -174,12 +175,13 @@ def materialise(cfg: ExperimentConfig, *, sweep_dir: Path, made: dict[str, Path]
 
 
 def is_complete(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    p = run_dir / "summary.json"
-    if not p.exists():
+    from fedcrm.run_summary import RunSummary
+
+    if not RunSummary.exists_in(run_dir):
         return False
     try:
-        return bool(json.loads(p.read_text(encoding="utf-8")).get("config_sha256") == cfg.digest())
-    except (OSError, json.JSONDecodeError):
+        return RunSummary.read(run_dir).config_sha256 == cfg.digest()
+    except StorageError:  # a damaged summary: the cell runs again
         return False
 
 
@@ -267,7 +269,7 @@ def run_sweep(
             continue
         o = CellOutcome(cell, cfg, run_dir, "pending")
         if is_complete(run_dir, cfg):
-            o.status, o.summary = "skipped", json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            o.status, o.summary = "skipped", RunSummary.read(run_dir).to_dict()
         else:
             todo.append(o)
         outcomes.append(o)

@@ -112,15 +112,13 @@ def audit_privacy(
     update; the claim is the ε of those releases. Writes RUN_DIR/privacy_audit.json. Exits 3 when a lower
     bound exceeds the claimed ε: the DP path is broken.
     """
-    from fedcrm.config import load_saved_config
     from fedcrm.evaluation.privacy_audit import audit_region, verdict
     from fedcrm.evaluation.served import ServedModel
     from fedcrm.evaluation.white_box_audit import audit_region_white_box
+    from fedcrm.runs import RunDir
 
     try:
-        if not (run_dir / "summary.json").exists():
-            raise ConfigError(f"{run_dir}: no summary.json (not a finished run folder)")
-        cfg = load_saved_config(run_dir / "config.yaml")
+        cfg = RunDir.open(run_dir, finished=True).config
         served = ServedModel.load(run_dir)
         regions = region or list(cfg.regions)
         if data is not None and len(regions) != 1:

@@ -6,7 +6,6 @@ feature names, the run's config). The served score is the mean of the constituen
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.schema import Schema
 from fedcrm.errors import StorageError
 from fedcrm.models import build_model, ensemble_proba, set_weights
-from fedcrm.runs import load_weights
+from fedcrm.runs import MODEL_META, ModelMeta, load_weights
 
 
 @dataclass
@@ -32,25 +31,21 @@ class ServedModel:
 
     @classmethod
     def load(cls, run_dir: Path) -> ServedModel:
-        meta_path = run_dir / "model" / "model.json"
-        if not meta_path.exists():
-            raise StorageError(f"{meta_path}: no served model here (is {run_dir} a finished run folder?)")
+        meta = ModelMeta.read(run_dir)
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            spec = ModelConfig(kind=meta["kind"], hidden=tuple(meta["hidden"]))
-            shards, names = list(meta["shards"]), list(meta["feature_names"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise StorageError(f"{meta_path}: damaged model description ({e})") from None
+            spec = ModelConfig(kind=meta.kind, hidden=meta.hidden)
+        except ValueError as e:
+            raise StorageError(f"{run_dir / MODEL_META}: damaged model description ({e})") from None
+        names = meta.feature_names
         models = []
-        for k in shards:
+        for k in meta.shards:
             m = build_model(spec, n_features=len(names), seed=0)
             try:
                 set_weights(m, load_weights(run_dir / "model" / f"constituent-{k}.npz"))
             except ValueError as e:
                 raise StorageError(f"{run_dir / 'model'}: constituent {k} does not fit model.json ({e})") from None
             models.append(m)
-        return cls(models=models, kind=spec.kind, feature_names=names, config=dict(meta.get("config", {})),
-                   version=int(meta.get("version", 1)))
+        return cls(models=models, kind=spec.kind, feature_names=names, config=meta.config, version=meta.version)
 
     def schema_path(self) -> Path | None:
         """The schema file the run was trained with, as its config recorded it."""

@@ -9,6 +9,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from flwr.serverapp import Grid
 from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
-from fedcrm.data.schema import load_schema
+from fedcrm.data.schema import Schema, load_schema
 from fedcrm.errors import FederationError
 from fedcrm.fl.codec import extend, from_record, pack_constituents, plan_config, to_record
 from fedcrm.fl.registry import NodeRegistry
@@ -34,6 +35,7 @@ from fedcrm.fl.strategy import (
 )
 from fedcrm.governance.audit_trail import audited_run, server_audit_log
 from fedcrm.models import build_model, get_weights
+from fedcrm.run_summary import EVENT_KINDS, RunSummary
 from fedcrm.runs import RunDir, code_version, completed_rounds, load_weights
 
 log = logging.getLogger("fedcrm.server")
@@ -99,43 +101,56 @@ def _epsilon_text(eps: dict[str, float], *, listed: int = 8) -> str:
             f"median {statistics.median(eps.values()):.2f}")
 
 
-@audited_run  # run_started / run_finished / run_failed in RUN_DIR/audit.log
-def run_federation(
-    grid: Grid,
-    cfg: ExperimentConfig,
-    *,
-    run_dir: Path,
-    report: Report = print,
-    shards: list[int] | None = None,
-    initial: dict[int, dict[str, np.ndarray]] | None = None,
-    model_version: int = 1,
-    resume: bool = False,
-    registry: NodeRegistry | None = None,
-) -> dict[str, Any]:
-    """Train (the given constituents of) the served model federatedly; return the run summary.
+@dataclass
+class Preflight:
+    """What the pre-flight settled: the run's folder and id, the plan, and which regions take part."""
 
-    With ``resume``, rounds already completed in ``run_dir`` (metrics.jsonl + checkpoints) are not
-    trained again: each constituent continues from its last checkpoint, with the same run id and the
-    same per-round seeds, so the result equals an uninterrupted run. ``registry`` says which node was
-    registered for which region: a reply claiming another region is rejected (without it, the regions'
-    own claims are taken, with a warning).
-    """
+    run: RunDir
+    run_id: str
+    started: float  # Unix seconds: metrics.jsonl's time_s and the summary's wall time count from here
+    plan: ConfigRecord
+    schema: Schema
+    feature_names: list[str]
+    nodes: list[int]  # every node that connected
+    excluded: set[int]  # nodes that refused, misclaimed or did not answer: never asked again
+    described: dict[str, dict[str, float]]  # region -> its public figures (declared size, ε, δ, budget)
+    refused: dict[str, str]  # region -> why it will not take part
+    node_regions: dict[int, str]  # node id -> region, to name a region that later goes silent
+    events: dict[str, dict[str, str]]  # refused / failed / rejected over the whole run: who -> why
+    notes: list[str]  # warnings for the summary
+
+    @property
+    def taking_part(self) -> list[int]:
+        return sorted(set(self.nodes) - self.excluded)
+
+
+@dataclass
+class ServedEvaluation:
+    """The regions' DP answers about the served model, pooled."""
+
+    per_region: dict[str, dict[str, float]]
+    pooled: dict[str, float]
+    suppressed: dict[str, str]  # regions left out of the pooled figures, and why
+    trust: dict[str, Any]  # fairness per group, feature importance
+
+
+def preflight(
+    grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, report: Report, resume: bool, registry: NodeRegistry | None
+) -> Preflight:
+    """Create (or reopen) the run folder, wait for the nodes, and let every region check the plan."""
     t0 = time.time()
     schema_text = cfg.schema_path.read_text(encoding="utf-8")
     schema = load_schema(cfg.schema_path)
-    feature_names = FeatureEncoder(schema).feature_names
-    done_rounds = completed_rounds(run_dir) if resume else {}
     run = RunDir.create(run_dir, cfg)
     run_id = run.run_id(resume=resume, new=f"{cfg.name}-{uuid.uuid4().hex[:8]}")
     timeout = cfg.federation.round_timeout_s
-    n_regions = len(cfg.regions)
 
-    nodes = _wait_for_nodes(grid, expected=n_regions, timeout=min(timeout, 120))
+    nodes = _wait_for_nodes(grid, expected=len(cfg.regions), timeout=min(timeout, 120))
     if len(nodes) < cfg.federation.min_regions:
         raise FederationError(
             f"only {len(nodes)} region node(s) connected, need federation.min_regions = {cfg.federation.min_regions}"
         )
-    # Pre-flight: every region checks the plan against its policy and data, all at once.
+    # Every region checks the plan against its policy and data, all at once.
     plan = plan_config(cfg, schema_text=schema_text, run_id=run_id)
     replies = _query(grid, nodes, extend(plan, {wire.ACTION: wire.ACTION_DESCRIBE}), timeout=timeout)
     answered = {m.metadata.src_node_id for m in replies}
@@ -143,7 +158,7 @@ def run_federation(
     described: dict[str, dict[str, float]] = {}
     refused: dict[str, str] = {}
     excluded: set[int] = set(nodes)
-    node_regions: dict[int, str] = {}  # node id -> region, to name a region that later goes silent
+    node_regions: dict[int, str] = {}
     for msg in replies:
         region, outcome, reason = _status(msg)
         node_regions[msg.metadata.src_node_id] = region
@@ -164,142 +179,189 @@ def run_federation(
     )
     for note in notes:
         report(f"[warning] {note}")
-
-    shards = list(range(cfg.unlearning.shards)) if shards is None else shards
-    constituents: dict[int, dict[str, np.ndarray]] = dict(initial or {})
-    rounds_log: list[dict[str, Any]] = []
-    all_events: dict[str, dict[str, str]] = {"refused": dict(refused), "failed": {}, "rejected": dict(misclaimed)}
+    events: dict[str, dict[str, str]] = {"refused": dict(refused), "failed": {}, "rejected": dict(misclaimed)}
     for node in sorted(set(nodes) - answered):
-        all_events["failed"][f"node-{node}"] = "no reply to the pre-flight within the round timeout"
+        events["failed"][f"node-{node}"] = "no reply to the pre-flight within the round timeout"
+    return Preflight(run=run, run_id=run_id, started=t0, plan=plan, schema=schema,
+                     feature_names=FeatureEncoder(schema).feature_names, nodes=nodes, excluded=excluded,
+                     described=described, refused=refused, node_regions=node_regions, events=events, notes=notes)
 
-    for k in shards:
-        offset = done_rounds.get(k, 0)
-        if offset >= cfg.training.rounds:
-            constituents[k] = load_weights(run.checkpoint_path(round_=offset, shard=k))
-            report(f"shard {k}: all {offset} rounds already completed, not trained again")
-            continue
-        if offset:
-            report(f"resuming shard {k} after round {offset} from its checkpoint")
 
-        def on_round(
-            rnd: int,
-            ev: RoundEvents,
-            per_region: dict[str, dict[str, float]],
-            pooled: dict[str, float],
-            shard: int = k,
-            offset: int = offset,
-        ) -> None:
-            rnd += offset
-            eps = {r: m["epsilon"] for r, m in ev.train.items()}
-            row = {
-                "round": rnd,
-                "shard": shard,
-                "time_s": round(time.time() - t0, 3),
-                "pooled": pooled,
-                "regions": per_region,
-                "epsilon": eps,
-                "refused": ev.refused,
-                "failed": ev.failed,
-                "rejected": ev.rejected,
-            }
-            run.append_metrics(row)
-            rounds_log.append(row)
-            for kind in ("refused", "failed", "rejected"):
-                all_events[kind].update(getattr(ev, kind))
-            eps_text = _epsilon_text(eps)
-            shard_text = f" shard {shard + 1}/{cfg.unlearning.shards}" if cfg.unlearning.shards > 1 else ""
-            quality = (f"  pooled AUC {pooled['auc']:.4f}  log-loss {pooled.get('log_loss', float('nan')):.4f}"
-                       if "auc" in pooled else "")
-            report(
-                f"round {rnd:>3}/{cfg.training.rounds}{shard_text}:{quality}  ε spent: {eps_text or '-'}"
-                f"  ({time.time() - t0:.1f}s)"
-            )
+def train_constituent(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    pre: Preflight,
+    *,
+    shard: int,
+    offset: int,
+    report: Report,
+    registry: NodeRegistry | None,
+) -> dict[str, np.ndarray]:
+    """Federated training of constituent ``shard`` from round ``offset`` on (its checkpoint, or its init)."""
+    run, t0 = pre.run, pre.started
 
-        strategy = GuardedStrategy(
-            build_strategy(cfg, regions=len(described)),
-            min_regions=cfg.federation.min_regions,
-            max_update_norm=cfg.federation.max_update_norm,
-            outlier_norm_ratio=cfg.federation.outlier_norm_ratio,
-            excluded_nodes=excluded,
-            on_round=on_round,
-            node_regions=node_regions,
-            registry=registry,
+    def on_round(rnd: int, ev: RoundEvents, per_region: dict[str, dict[str, float]], pooled: dict[str, float]) -> None:
+        rnd += offset
+        eps = {r: m["epsilon"] for r, m in ev.train.items()}
+        run.append_metrics({
+            "round": rnd,
+            "shard": shard,
+            "time_s": round(time.time() - t0, 3),
+            "pooled": pooled,
+            "regions": per_region,
+            "epsilon": eps,
+            "refused": ev.refused,
+            "failed": ev.failed,
+            "rejected": ev.rejected,
+        })
+        for kind in EVENT_KINDS:
+            pre.events[kind].update(getattr(ev, kind))
+        eps_text = _epsilon_text(eps)
+        shard_text = f" shard {shard + 1}/{cfg.unlearning.shards}" if cfg.unlearning.shards > 1 else ""
+        quality = (f"  pooled AUC {pooled['auc']:.4f}  log-loss {pooled.get('log_loss', float('nan')):.4f}"
+                   if "auc" in pooled else "")
+        report(
+            f"round {rnd:>3}/{cfg.training.rounds}{shard_text}:{quality}  ε spent: {eps_text or '-'}"
+            f"  ({time.time() - t0:.1f}s)"
         )
-        init = build_model(cfg.model, n_features=len(feature_names), seed=cfg.seed * 1000 + k)
 
-        def checkpoint(rnd: int, arrays: ArrayRecord, shard: int = k, offset: int = offset) -> None:
-            if rnd > 0:
-                run.save_checkpoint(round_=rnd + offset, shard=shard, weights=from_record(arrays))
+    def checkpoint(rnd: int, arrays: ArrayRecord) -> None:
+        if rnd > 0:
+            run.save_checkpoint(round_=rnd + offset, shard=shard, weights=from_record(arrays))
 
-        start = load_weights(run.checkpoint_path(round_=offset, shard=k)) if offset else get_weights(init)
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=to_record(start),
-            num_rounds=cfg.training.rounds - offset,
-            timeout=timeout,
-            train_config=extend(plan, {wire.SHARD: k, wire.ROUND_OFFSET: offset}),
-            evaluate_config=plan,
-            evaluate_fn=checkpoint,  # type: ignore[arg-type]
-        )
-        constituents[k] = from_record(result.arrays)
+    strategy = GuardedStrategy(
+        build_strategy(cfg, regions=len(pre.described)),
+        min_regions=cfg.federation.min_regions,
+        max_update_norm=cfg.federation.max_update_norm,
+        outlier_norm_ratio=cfg.federation.outlier_norm_ratio,
+        excluded_nodes=pre.excluded,
+        on_round=on_round,
+        node_regions=pre.node_regions,
+        registry=registry,
+    )
+    init = build_model(cfg.model, n_features=len(pre.feature_names), seed=cfg.seed * 1000 + shard)
+    start = load_weights(run.checkpoint_path(round_=offset, shard=shard)) if offset else get_weights(init)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_record(start),
+        num_rounds=cfg.training.rounds - offset,
+        timeout=cfg.federation.round_timeout_s,
+        train_config=extend(pre.plan, {wire.SHARD: shard, wire.ROUND_OFFSET: offset}),
+        evaluate_config=pre.plan,
+        evaluate_fn=checkpoint,  # type: ignore[arg-type]
+    )
+    return from_record(result.arrays)
 
-    run.save_model(constituents=constituents, feature_names=feature_names, version=model_version)
-    ordered = [constituents[k] for k in sorted(constituents)]
+
+def evaluate_served(
+    grid: Grid, cfg: ExperimentConfig, pre: Preflight, *, constituents: dict[int, dict[str, np.ndarray]],
+    registry: NodeRegistry | None,
+) -> ServedEvaluation:
+    """Every region taking part scores the served model on its hold-out and answers with DP noise."""
     final = _query(
         grid,
-        sorted(set(nodes) - excluded),
-        extend(plan, {wire.ACTION: wire.ACTION_EVALUATE_SERVED}),
-        arrays=pack_constituents(ordered),
-        timeout=timeout,
+        pre.taking_part,
+        extend(pre.plan, {wire.ACTION: wire.ACTION_EVALUATE_SERVED}),
+        arrays=pack_constituents([constituents[k] for k in sorted(constituents)]),
+        timeout=cfg.federation.round_timeout_s,
     )
     final, misclaimed = screen_claims(final, registry)
-    all_events["rejected"].update(misclaimed)
+    pre.events["rejected"].update(misclaimed)
     per_region, pooled, skipped = pooled_evaluation(final)
+    return ServedEvaluation(per_region=per_region, pooled=pooled, suppressed=skipped,
+                            trust=pooled_trust(final, schema=pre.schema))
+
+
+def summarise(
+    cfg: ExperimentConfig, pre: Preflight, ev: ServedEvaluation, *, model_version: int, report: Report
+) -> RunSummary:
+    """The run's summary: public figures only (declared sizes, noisy metrics, ε per region)."""
     privacy = {}
     for region in cfg.regions:
-        d = described.get(region, {})
+        d = pre.described.get(region, {})
+        answer = ev.per_region.get(region, {})
         privacy[region] = {
-            "epsilon": per_region.get(region, {}).get("epsilon", d.get("epsilon")),
-            "delta": per_region.get(region, {}).get("delta", d.get("delta")),  # the region's, from its policy
+            "epsilon": answer.get("epsilon", d.get("epsilon")),
+            "delta": answer.get("delta", d.get("delta")),  # the region's, from its policy
             "budget": d.get("budget"),
             "accountant": cfg.privacy.accountant,
             "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.mode == "sample_dp" else None,
-            "refused": refused.get(region) or all_events["refused"].get(region),
+            "refused": pre.refused.get(region) or pre.events["refused"].get(region),
             # Every release of this run that the ledger holds, a round retried after a crash included.
-            "releases_this_run": per_region.get(region, {}).get("releases_this_run"),
+            "releases_this_run": answer.get("releases_this_run"),
         }
-    summary = {
-        "name": cfg.name,
-        "run_id": run_id,
-        "task": cfg.task,
-        "privacy_mode": cfg.privacy.mode,
-        "final_metrics": {k: pooled[k] for k in ("auc", "auc_noise_sd", "log_loss", "accuracy", "brier", "customers")
-                          if k in pooled},
-        "final_metrics_by_region": {r: m for r, m in per_region.items() if "auc" in m},
-        "suppressed_regions": skipped,
-        "privacy": privacy,
-        # As the regions' policies declare them (rounded by default): exact counts never leave a region.
-        "regions": {r: {"train": d["train"]} for r, d in described.items() if "train" in d},
-        "events": all_events,
-        "warnings": notes,
-        "shards": cfg.unlearning.shards,
-        "model_version": model_version,
-        "rounds_completed": cfg.training.rounds,
-        "config_sha256": cfg.digest(),
-        "code_version": code_version(),
-        "started": t0,  # when this run began (Unix seconds): metrics.jsonl's time_s counts from here
-        "wall_time_s": round(time.time() - t0, 2),
-        # The server's audit log as this run found it (its run_started entry included): a later
-        # `fedcrm audit verify RUN_DIR/audit.log --expect-head` shows the log was not cut back or rewritten.
-        "audit_head": server_audit_log(run_dir).head(),
-    }
-    summary |= pooled_trust(final, schema=schema)  # fairness per group, feature importance
-    noise_sd = pooled.get("auc_noise_sd", 0.0)
+    wall_time_s = round(time.time() - pre.started, 2)
+    notes = list(pre.notes)
+    noise_sd = ev.pooled.get("auc_noise_sd", 0.0)
     if noise_sd > AUC_NOISE_WARNING:
         note = (f"the pooled AUC is a DP answer and its noise alone moves it by ±{noise_sd:.2f} (one standard "
                 "deviation): the regions' hold-outs are too small for a precise evaluation at their policies' "
                 "evaluation_noise; read it as a rough figure, or evaluate on more customers")
-        notes.append(note)  # the list summary["warnings"] holds
+        notes.append(note)
         report(f"[warning] {note}")
-    run.write_summary(summary)
-    return summary
+    return RunSummary(
+        name=cfg.name,
+        run_id=pre.run_id,
+        task=cfg.task,
+        privacy_mode=cfg.privacy.mode,
+        final_metrics={k: ev.pooled[k] for k in ("auc", "auc_noise_sd", "log_loss", "accuracy", "brier", "customers")
+                       if k in ev.pooled},
+        final_metrics_by_region={r: m for r, m in ev.per_region.items() if "auc" in m},
+        suppressed_regions=ev.suppressed,
+        privacy=privacy,
+        # As the regions' policies declare them (rounded by default): exact counts never leave a region.
+        regions={r: {"train": d["train"]} for r, d in pre.described.items() if "train" in d},
+        events=pre.events,
+        warnings=notes,
+        shards=cfg.unlearning.shards,
+        model_version=model_version,
+        rounds_completed=cfg.training.rounds,
+        config_sha256=cfg.digest(),
+        code_version=code_version(),
+        started=pre.started,
+        wall_time_s=wall_time_s,
+        # The server's audit log as this run found it (its run_started entry included): a later
+        # `fedcrm audit verify RUN_DIR/audit.log --expect-head` shows the log was not cut back or rewritten.
+        audit_head=server_audit_log(pre.run.path).head(),
+        fairness=ev.trust.get("fairness"),
+        feature_importance=ev.trust.get("feature_importance"),
+    )
+
+
+@audited_run  # run_started / run_finished / run_failed in RUN_DIR/audit.log
+def run_federation(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    *,
+    run_dir: Path,
+    report: Report = print,
+    shards: list[int] | None = None,
+    initial: dict[int, dict[str, np.ndarray]] | None = None,
+    model_version: int = 1,
+    resume: bool = False,
+    registry: NodeRegistry | None = None,
+) -> dict[str, Any]:
+    """Train (the given constituents of) the served model federatedly; return the run summary.
+
+    With ``resume``, rounds already completed in ``run_dir`` (metrics.jsonl + checkpoints) are not
+    trained again: each constituent continues from its last checkpoint, with the same run id. ``registry``
+    says which node was registered for which region: a reply claiming another region is rejected (without
+    it, the regions' own claims are taken, with a warning).
+    """
+    done_rounds = completed_rounds(run_dir) if resume else {}
+    pre = preflight(grid, cfg, run_dir=run_dir, report=report, resume=resume, registry=registry)
+    constituents: dict[int, dict[str, np.ndarray]] = dict(initial or {})
+    for k in range(cfg.unlearning.shards) if shards is None else shards:
+        offset = done_rounds.get(k, 0)
+        if offset >= cfg.training.rounds:
+            constituents[k] = load_weights(pre.run.checkpoint_path(round_=offset, shard=k))
+            report(f"shard {k}: all {offset} rounds already completed, not trained again")
+            continue
+        if offset:
+            report(f"resuming shard {k} after round {offset} from its checkpoint")
+        constituents[k] = train_constituent(grid, cfg, pre, shard=k, offset=offset, report=report, registry=registry)
+    pre.run.save_model(constituents=constituents, feature_names=pre.feature_names, version=model_version)
+    evaluation = evaluate_served(grid, cfg, pre, constituents=constituents, registry=registry)
+    summary = summarise(cfg, pre, evaluation, model_version=model_version, report=report)
+    pre.run.write_summary(summary)
+    return summary.to_dict()

@@ -29,21 +29,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from fedcrm.config import ExperimentConfig, ModelConfig, without_removed_settings
+from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.io import load_table, read_raw
 from fedcrm.data.schema import Schema
 from fedcrm.durable import storage_error, write_text_atomically
-from fedcrm.errors import DataError, StorageError, UnlearningError
+from fedcrm.errors import DataError, UnlearningError
+from fedcrm.evaluation.served import ServedModel
 from fedcrm.governance.audit_log import AuditLog
 from fedcrm.governance.consent import ConsentWithdrawals
-from fedcrm.models import build_model, get_weights, predict_proba, set_weights
-from fedcrm.runs import load_weights
+from fedcrm.models import get_weights, predict_proba
+from fedcrm.run_summary import RunSummary
+from fedcrm.runs import MODEL_META, ModelMeta, RunDir
 from fedcrm.unlearning.shards import holdout_mask, region_secret, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
-from fedcrm.yamlio import validate_mapping
 
 FORMAT = "fedcrm-customer-export"
 VERSION = 1
@@ -136,47 +136,34 @@ def build_export(request: ExportRequest, *, audit: AuditLog) -> dict[str, Any]:
 
 def run_config(run: Path) -> ExperimentConfig:
     """The resolved config a run folder was trained with."""
-    path = run / "config.yaml"
-    if not path.exists():
-        raise StorageError(f"{run}: not a run folder (no config.yaml)")
-    raw = without_removed_settings(yaml.safe_load(path.read_text(encoding="utf-8")))
-    return validate_mapping(ExperimentConfig, raw, source=str(path))
+    return RunDir.open(run, schema_required=False).config  # the export encodes with the request's schema
 
 
 def _model_entry(
     run: Path, *, request: ExportRequest, x: np.ndarray, effective: dict[str, bool], secret: str, names: list[str]
 ) -> dict[str, Any]:
     cfg = run_config(run)
-    meta_path = run / "model" / "model.json"
-    if not meta_path.exists():
-        raise StorageError(f"{run}: the run has no served model (model/model.json): did it finish?")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("feature_names") != names:
+    meta = ModelMeta.read(run)
+    if meta.feature_names != names:
         raise DataError(
-            f"{meta_path}: the model was trained on other features than schema {request.schema.name} encodes; "
+            f"{run / MODEL_META}: the model was trained on other features than schema {request.schema.name} encodes; "
             f"give the run's own schema"
         )
-    summary_path = run / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+    summary = RunSummary.read(run) if RunSummary.exists_in(run) else None
     ids = np.asarray([request.customer_id], dtype=object)
     shard = int(shard_of(ids, shards=cfg.unlearning.shards, secret=secret)[0])
     held_out = bool(holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, secret=secret)[0])
     in_run = request.region in cfg.regions
     consent_ok = effective.get(cfg.task, False)
-    spec = ModelConfig(kind=meta["kind"], hidden=tuple(meta.get("hidden", ())))
-    models = []
-    for k in meta["shards"]:
-        m = build_model(spec, n_features=len(names), seed=0)
-        set_weights(m, load_weights(run / "model" / f"constituent-{k}.npz"))
-        models.append(m)
+    models = ServedModel.load(run).models
     scores = [float(predict_proba(m, x)[0]) for m in models]
     return {
         "run_dir": str(run.resolve()),
-        "run_id": summary.get("run_id"),
+        "run_id": summary.run_id if summary is not None else None,
         "name": cfg.name,
         "task": cfg.task,
-        "model_version": meta.get("version"),
-        "model_kind": meta["kind"],
+        "model_version": meta.version,
+        "model_kind": meta.kind,
         "region_in_run": in_run,
         "shards": cfg.unlearning.shards,
         "shard": shard,
@@ -185,7 +172,7 @@ def _model_entry(
         "trained_on_their_data": bool(in_run and consent_ok and not held_out),
         "score": float(np.mean(scores)),
         "constituent_scores": scores,
-        "explanation": explain(models, x=x[0], names=names, kind=meta["kind"]),
+        "explanation": explain(models, x=x[0], names=names, kind=meta.kind),
     }
 
 

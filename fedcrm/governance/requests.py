@@ -15,7 +15,6 @@ request gets a receipt.
 from __future__ import annotations
 
 import hashlib
-import json
 import typing
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from fedcrm.governance.audit_log import AuditAction
 from fedcrm.governance.audit_trail import region_audit_log
 from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.export import FORMATS, ExportRequest, build_export, render, run_config, write_export
+from fedcrm.runs import ModelMeta
 from fedcrm.unlearning.exclusion import serve_on_runs
 from fedcrm.unlearning.shards import holdout_mask, region_secret, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
@@ -52,8 +52,7 @@ def _run_entries(
         cfg = run_config(run)
         if cfg.task != purpose or region not in cfg.regions:
             continue
-        meta = run / "model" / "model.json"
-        version = json.loads(meta.read_text(encoding="utf-8")).get("version") if meta.exists() else None
+        version = ModelMeta.read(run).version if ModelMeta.exists_in(run) else None
         shards = cfg.unlearning.shards
         held_out = bool(holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, secret=secret)[0])
         if held_out or not _consented_in_table(cfg, region=region, customer_id=customer_id):

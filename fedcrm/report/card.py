@@ -17,13 +17,13 @@ def _plain_epsilon(eps: float, delta: float) -> str:
 
 def model_card(view: RunView) -> str:
     s, cfg = view.summary, view.config
-    task = s.get("task", cfg.get("task", "?"))
+    task = s.task
     purpose = {"churn": "rank existing customers by their risk of leaving, to prioritise retention offers",
                "propensity": "rank customers by their propensity to take up an offer, to prioritise outreach"}.get(
         task, task)
-    m = s.get("final_metrics", {})
-    by_region = s.get("final_metrics_by_region", {})
-    lines = [f"# Model card: {s.get('name', view.path.name)}", "",
+    m = s.final_metrics
+    by_region = s.final_metrics_by_region or {}
+    lines = [f"# Model card: {s.name}", "",
              "## Intended use", "",
              f"Task: **{task}**. Use: {purpose}. The output is a score in [0, 1] for ranking; it is not calibrated "
              "for individual decisions with legal or similarly significant effects, and must not be used for "
@@ -40,12 +40,12 @@ def model_card(view: RunView) -> str:
               + f", trained for "
               f"{training.get('rounds')} federated rounds × {training.get('local_epochs')} local epoch(s), "
               f"{(cfg.get('federation') or {}).get('strategy', 'fedavg')}, "
-              f"{s.get('shards', 1)} SISA shard(s) (served model = mean of the constituents' probabilities).", "",
+              f"{s.shards or 1} SISA shard(s) (served model = mean of the constituents' probabilities).", "",
               "## Data", "",
               "| region | customers in table | excluded (no consent) | forgotten | training | hold-out | "
               "hold-out label rate |",
               "|---|---|---|---|---|---|---|"]
-    for r, d in s.get("regions", {}).items():
+    for r, d in s.regions.items():
         rate = by_region.get(r, {}).get("positive_rate")
         lines.append(f"| {r} | {int(d.get('customers_in_table', 0))} | {int(d.get('excluded_no_consent', 0))} | "
                      f"{int(d.get('forgotten', 0))} | {int(d.get('train', 0))} | {int(d.get('holdout', 0))} | "
@@ -55,8 +55,8 @@ def model_card(view: RunView) -> str:
               "weights and aggregate metrics left it. Label rates are of the hold-out, reported only where the "
               "hold-out has at least the policy's minimum of customers.", "",
               "## Privacy guarantee", ""]
-    mode = s.get("privacy_mode", "none")
-    priv = s.get("privacy", {})
+    mode = s.privacy_mode
+    priv = s.privacy
     if mode == "sample_dp" and priv:
         worst = max((p for p in priv.values() if p.get("epsilon") is not None),
                     key=lambda p: p["epsilon"], default=None)
@@ -97,6 +97,6 @@ def model_card(view: RunView) -> str:
               "- The hold-out comes from the same regions and period as the training data: drift over time and "
               "new regions are not measured.",
               "- Per-group fairness is not part of this card; check it before any use that affects customers.",
-              *[f"- {w}" for w in s.get("warnings", [])],
-              "", f"Code version {s.get('code_version', 'unknown')}, config sha256 {s.get('config_sha256')}.", ""]
+              *[f"- {w}" for w in s.warnings],
+              "", f"Code version {s.code_version}, config sha256 {s.config_sha256}.", ""]
     return "\n".join(lines)

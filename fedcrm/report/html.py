@@ -24,6 +24,7 @@ from fedcrm.report.plots import (
 )
 from fedcrm.report.reading import RunView, provenance
 from fedcrm.report.tables import markdown_table, other_grid_keys, parameter_table, privacy_utility_table
+from fedcrm.run_summary import RunSummary
 from fedcrm.sweep_results import read_results
 
 PRIVACY_MODES_TEXT = (
@@ -111,24 +112,24 @@ def _provenance_text(view: RunView) -> str:
 
 def run_sections(view: RunView) -> list[Section]:
     s = view.summary
-    m = s.get("final_metrics", {})
+    m = s.final_metrics
     metrics_md = ", ".join(f"{k} {v:.4f}" if k != "customers" else f"{int(v)} customers"
                            for k, v in m.items() if isinstance(v, int | float))
     sections = [Section("Result", f"Served model on the pooled hold-out: {metrics_md}. Privacy mode: "
-                                  f"{s.get('privacy_mode', 'none')}. Wall time {s.get('wall_time_s', 0):.1f} s.")]
+                                  f"{s.privacy_mode}. Wall time {s.wall_time_s:.1f} s.")]
     if view.rows and not view.is_centralised:
         sections.append(Section("Utility per round", figure=("utility", plot_utility_per_round(view.rows))))
-        if s.get("privacy_mode") != "none":
+        if s.privacy_mode != "none":
             sections.append(Section(
                 "Privacy spent per round per region",
                 "ε after each round, composed over the region's whole ledger history, against the region's budget.",
-                figure=("epsilon", plot_epsilon_per_round(view.rows, s.get("privacy", {})))))
+                figure=("epsilon", plot_epsilon_per_round(view.rows, s.privacy))))
     priv = pd.DataFrame([{"region": r, **{k: p.get(k) for k in ("epsilon", "delta", "budget", "target_epsilon",
                                                                 "refused")}}
-                         for r, p in s.get("privacy", {}).items()])
+                         for r, p in s.privacy.items()])
     if not priv.empty:
         sections.append(Section("Privacy per region", table=priv))
-    for w in s.get("warnings", []):
+    for w in s.warnings:
         sections.append(Section("Warning", w))
     sections.append(Section("Privacy modes", PRIVACY_MODES_TEXT))
     sections.append(Section("Provenance", pre=_provenance_text(view)))
@@ -139,7 +140,7 @@ def run_sections(view: RunView) -> list[Section]:
 def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     view = RunView.load(run_dir)
     (run_dir / "model_card.md").write_text(model_card(view), encoding="utf-8")
-    return render(f"fedcrm run {view.summary.get('name', run_dir.name)}", run_sections(view), out_dir=run_dir)
+    return render(f"fedcrm run {view.summary.name}", run_sections(view), out_dir=run_dir)
 
 
 def write_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
@@ -165,10 +166,10 @@ def write_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
     if len(failed):
         sections.append(Section("Failed cells", table=failed[["cell", "error"]]))
     runs = [RunView.load(Path(p)) for p in df.loc[df["status"] == "done", "run_dir"]
-            if (Path(p) / "summary.json").exists()]
+            if RunSummary.exists_in(Path(p))]
     for v in runs:
         (v.path / "model_card.md").write_text(model_card(v), encoding="utf-8")
-    versions = sorted({str(v.summary.get("code_version")) for v in runs})
+    versions = sorted({v.summary.code_version for v in runs})
     prov = [f"code version(s): {', '.join(versions) or 'unknown'}", f"seeds: {spec.get('seeds', [])}"]
     if runs:
         prov += [f"{n}: sha256 {h}" for n, h in provenance(runs[0]).get("files_sha256", {}).items()]
@@ -185,7 +186,7 @@ def write_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
 
 def write_report(path: Path) -> tuple[Path, Path]:
     """A run folder (summary.json) or a sweep folder (results table)."""
-    if (path / "summary.json").exists():
+    if RunSummary.exists_in(path):
         return write_run_report(path)
     if (path / "results.parquet").exists() or (path / "results.csv").exists():
         return write_sweep_report(path)

@@ -3,37 +3,34 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fedcrm.errors import StorageError
-from fedcrm.runs import read_metrics
+from fedcrm.run_summary import RunSummary
+from fedcrm.runs import CONFIG_FILE, read_metrics
 
 
 @dataclass
 class RunView:
     path: Path
     config: dict[str, Any]
-    summary: dict[str, Any]
+    summary: RunSummary
     rows: list[dict[str, Any]]
 
     @classmethod
     def load(cls, run_dir: Path) -> RunView:
-        s = run_dir / "summary.json"
-        if not s.exists():
-            raise StorageError(f"{run_dir}: no summary.json (the run did not finish, or this is not a run folder)")
-        cfg_path = run_dir / "config.yaml"
+        summary = RunSummary.read(run_dir)
+        # The config as written, not validated: a report shows what the run was given, old settings included.
+        cfg_path = run_dir / CONFIG_FILE
         config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-        return cls(path=run_dir, config=config or {}, summary=json.loads(s.read_text(encoding="utf-8")),
-                   rows=read_metrics(run_dir / "metrics.jsonl"))
+        return cls(path=run_dir, config=config or {}, summary=summary, rows=read_metrics(run_dir / "metrics.jsonl"))
 
     @property
     def is_centralised(self) -> bool:
-        return self.summary.get("kind") == "centralised"
+        return self.summary.is_centralised
 
 
 def sha256_of(path: Path) -> str | None:
@@ -58,9 +55,9 @@ def provenance(view: RunView) -> dict[str, Any]:
     if cfg.get("schema"):
         files[f"schema: {cfg['schema']}"] = sha256_of(Path(cfg["schema"]))
     return {
-        "code_version": view.summary.get("code_version", "unknown"),
-        "config_sha256": view.summary.get("config_sha256"),
-        "run_id": view.summary.get("run_id"),
+        "code_version": view.summary.code_version,
+        "config_sha256": view.summary.config_sha256,
+        "run_id": view.summary.run_id,
         "seed": cfg.get("seed"),
         "split_seed": split.get("seed"),
         "files_sha256": files,

@@ -30,10 +30,9 @@ from fedcrm.governance.request_store import (
     record_receipt,
     run_key,
 )
-from fedcrm.unlearning.marker import mark_stale, read_json, read_marker, write_marker
+from fedcrm.runs import MODEL_META, ModelMeta
+from fedcrm.unlearning.marker import mark_stale, read_marker, write_marker
 from fedcrm.unlearning.shred import destroy_constituent, discard_staging
-
-MODEL_META = Path("model") / "model.json"
 
 
 @dataclass(frozen=True)
@@ -54,15 +53,16 @@ def exclude_shards(run_dir: Path, shards: set[int]) -> Exclusion:
     """
     run_dir = Path(run_dir)
     meta_path = run_dir / MODEL_META
-    meta: dict[str, Any] = read_json(meta_path)
-    served = [int(k) for k in meta["shards"]]
+    model = ModelMeta.read(run_dir)
+    meta: dict[str, Any] = model.raw  # rewritten below with every key it has, as found
+    served = model.shards
     keep = [k for k in served if k not in shards]
     if not keep:
         why = ("the run has a single constituent (unlearning.shards = 1)" if len(served) == 1 and
-               int(meta.get("config", {}).get("unlearning", {}).get("shards", 1)) == 1
+               int(model.config.get("unlearning", {}).get("shards", 1)) == 1
                else f"constituent(s) {sorted(shards)} are the only one(s) still served")
         return Exclusion(run_dir, None, (), f"{why}: nothing to serve without them; served by retrain instead")
-    version = int(meta["version"])
+    version = model.version
     if keep != served:
         marker = read_marker(run_dir)
         attempt = marker.get("attempt")

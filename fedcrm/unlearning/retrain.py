@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcrm.config import ExperimentConfig, load_saved_config
+from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import load_schema
 from fedcrm.durable import append_line, write_json_atomically
 from fedcrm.errors import FedcrmError, PolicyError, PrivacyBudgetError, StorageError, UnlearningError
@@ -44,10 +44,11 @@ from fedcrm.governance.request_store import (
 )
 from fedcrm.privacy.accountant import GaussianRelease
 from fedcrm.region import NodeSettings, Region
-from fedcrm.runs import load_weights
+from fedcrm.run_summary import RunSummary
+from fedcrm.runs import CONFIG_FILE, ModelMeta, RunDir, load_weights
 from fedcrm.training import sampling_plan
 from fedcrm.unlearning.erasure import RunView
-from fedcrm.unlearning.marker import RUN_MARKER, read_json, read_marker, write_marker
+from fedcrm.unlearning.marker import RUN_MARKER, read_marker, write_marker
 from fedcrm.unlearning.shred import destroy, discard_staging, swap_in
 
 Simulate = Callable[..., dict[str, Any]]
@@ -56,17 +57,15 @@ READY = "READY.json"
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
+    if not (Path(run_dir) / CONFIG_FILE).exists():
         raise UnlearningError(f"{run_dir}: not a run folder (no config.yaml); give the folder `fedcrm run` wrote")
-    return load_saved_config(path)
+    return RunDir.open(Path(run_dir)).config
 
 
 def model_version(run_dir: Path) -> int:
-    path = Path(run_dir) / "model" / "model.json"
-    if not path.exists():
+    if not ModelMeta.exists_in(run_dir):
         raise UnlearningError(f"{run_dir}: the run has no served model (model/model.json); finish the run first")
-    return int(read_json(path)["version"])
+    return ModelMeta.read(run_dir).version
 
 
 def node_settings(cfg: ExperimentConfig, *, region: str, state_root: Path) -> NodeSettings:
@@ -134,12 +133,8 @@ def _pending(run_dir: Path, cfg: ExperimentConfig, state_root: Path) -> list[Pen
 
 
 def run_delta(run_dir: Path, cfg: ExperimentConfig) -> float:
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        for p in read_json(summary).get("privacy", {}).values():
-            if p.get("delta"):
-                return float(p["delta"])
-    return cfg.privacy.delta or DEFAULT_DELTA
+    recorded = RunSummary.read(run_dir).delta() if RunSummary.exists_in(run_dir) else None
+    return recorded or cfg.privacy.delta or DEFAULT_DELTA
 
 
 def epsilon_by_region(plan: RetrainPlan) -> dict[str, dict[int, float]]:
@@ -288,15 +283,13 @@ def retrain(run_dir: Path, *, state_root: Path, simulate: Simulate, report: Repo
         write_json_atomically(plan.staging / READY, {"target_version": plan.target_version, "stale": plan.stale,
                                                      "finished_at": now()}, what="mark the staged retrain complete")
     receipts = commit(plan)
-    summary = read_json(plan.run_dir / "summary.json")
+    summary = RunSummary.read(plan.run_dir).to_dict()
     return RetrainResult(plan.run_dir, plan.stale, plan.target_version, receipts, plan.warnings, summary, resumed)
 
 
 def _check_complete(plan: RetrainPlan, summary: dict[str, Any]) -> None:
     """An erasure retrain must be the same federation as the original: every region, every round."""
-    events = summary.get("events", {})
-    problems = {**events.get("refused", {}), **events.get("failed", {}), **events.get("rejected", {})}
-    problems |= {r: p["refused"] for r, p in summary.get("privacy", {}).items() if p.get("refused")}
+    problems = RunSummary.from_dict(summary, source=f"the retrain of {plan.run_dir}").problems()
     if problems:
         kind = PrivacyBudgetError if any("budget" in str(v) for v in problems.values()) else UnlearningError
         raise kind(
@@ -322,12 +315,9 @@ def commit(plan: RetrainPlan) -> list[dict[str, Any]]:
                 destroy(old)
     _append_metrics(plan)
     swap_in(staging / "model" / "model.json", run_dir / "model" / "model.json")  # the new version is served
-    staged_summary = staging / "summary.json"
-    if staged_summary.exists():
-        summary = read_json(staged_summary)
-        summary["retrained_shards"] = plan.stale
-        write_json_atomically(run_dir / "summary.json", summary, what="record the retrain's summary")
-        staged_summary.unlink()
+    if RunSummary.exists_in(staging):
+        RunDir(path=run_dir, config=plan.cfg).write_summary(RunSummary.read(staging).with_retrained(plan.stale))
+        RunSummary.path_in(staging).unlink()
     if (staging / "audit.log").exists():
         os.replace(staging / "audit.log", run_dir / f"audit-retrain-v{plan.target_version}.log")
     receipts = _serve_requests(plan)

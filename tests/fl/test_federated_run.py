@@ -95,6 +95,15 @@ def test_dp_run_writes_results_and_ledger_matches_dp_accounting_and_spend_contin
     assert (noise_sd > 0.03) == any("noise alone moves it" in w for w in summary["warnings"])
     on_disk = json.loads((tmp_path / "run1" / "summary.json").read_text())
     assert on_disk["final_metrics"] == summary["final_metrics"]
+    # The summary's shape, pinned: reports, sweeps, MLflow and old run folders read these keys.
+    assert list(on_disk) == [
+        "name", "run_id", "task", "privacy_mode", "final_metrics", "final_metrics_by_region", "suppressed_regions",
+        "privacy", "regions", "events", "warnings", "shards", "model_version", "rounds_completed",
+        "config_sha256", "code_version", "started", "wall_time_s", "audit_head", "fairness", "feature_importance",
+    ]
+    assert sorted(on_disk["events"]) == ["failed", "refused", "rejected"]
+    assert sorted(next(iter(on_disk["privacy"].values()))) == [
+        "accountant", "budget", "delta", "epsilon", "refused", "releases_this_run", "target_epsilon"]
     # The start time MLflow's metric timestamps count from (metrics.jsonl's time_s is relative to it).
     assert before <= on_disk["started"] <= on_disk["started"] + on_disk["wall_time_s"] <= after + 0.01
     rows = read_metrics(tmp_path / "run1" / "metrics.jsonl")

@@ -27,6 +27,7 @@ from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.request_store import RequestStore
 from fedcrm.models import build_model, get_weights
 from fedcrm.region import NodeSettings, Region
+from fedcrm.run_summary import RunSummary
 from fedcrm.runs import RunDir
 from fedcrm.unlearning.shards import holdout_mask, region_secret, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
@@ -59,7 +60,9 @@ def _fake_run(tmp_path: Path, cfg: ExperimentConfig, *, name: str, kind: str, sh
     names = FeatureEncoder(load_schema(cfg.schema_path)).feature_names
     constituents = {k: get_weights(build_model(cfg.model, n_features=len(names), seed=10 + k)) for k in range(shards)}
     rd.save_model(constituents=constituents, feature_names=names, version=3)
-    rd.write_summary({"run_id": f"{name}-0001"})
+    rd.write_summary(RunSummary(name=name, run_id=f"{name}-0001", task=cfg.task, privacy_mode="sample_dp",
+                                final_metrics={}, privacy={}, regions={}, warnings=[], config_sha256=cfg.digest(),
+                                code_version="test", wall_time_s=0.0))
     return run
 
 
