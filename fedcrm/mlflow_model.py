@@ -19,11 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec
+from mlflow.pyfunc.model import PythonModel
+from mlflow.types import ColSpec, TensorSpec
 from mlflow.types import Schema as MlflowSchema
 
 from fedcrm.data.schema import NumericColumn, Schema
@@ -34,13 +35,13 @@ PYFUNC_PATH = "pyfunc"  # where the pyfunc model goes among the MLflow run's art
 
 def input_schema(schema: Schema) -> MlflowSchema:
     """MLflow's input schema for raw rows of a fedcrm schema: the id (optional) and the model's columns."""
-    cols = [ColSpec("string", schema.id.column, required=False)] if schema.id.column else []
+    cols: list[ColSpec | TensorSpec] = [ColSpec("string", schema.id.column, required=False)] if schema.id.column else []
     # Categorical and boolean values arrive as the table's spellings ("yes", "premium"): strings.
     cols += [ColSpec("double" if isinstance(c, NumericColumn) else "string", c.name) for c in schema.model_columns]
     return MlflowSchema(cols)
 
 
-class FedcrmPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class FedcrmPyfunc(PythonModel):  # type: ignore[misc,unused-ignore]
     """The served model behind MLflow's pyfunc interface: raw rows in, served scores (probabilities) out."""
 
     def load_context(self, context: Any) -> None:
