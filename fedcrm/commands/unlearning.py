@@ -205,7 +205,6 @@ def erasures_status(
     region: Annotated[str, typer.Option("--region", help="The region whose requests to list.")],
     state: StateOpt = Path("state"),
     policy: Annotated[Path | None, typer.Option("--policy", help="The region's policy (budget, deadline).")] = None,
-    delta: Annotated[float, typer.Option(help="δ at which to price a retrain.")] = 1e-5,
     accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     operator: Annotated[str | None, typer.Option("--operator", help="Who checks, for the audit log.")] = None,
@@ -222,8 +221,10 @@ def erasures_status(
     from fedcrm.unlearning.deadlines import audit_overdue, open_requests
 
     try:
-        budget = region_policy(None, region=region, policy=policy).privacy_budget
-        found = open_requests(state / region, region=region, budget=budget, delta=delta, accountant=accountant)
+        rules = region_policy(None, region=region, policy=policy)
+        # δ is the region's (its policy's), as for every release of its data: a retrain is priced at it.
+        found = open_requests(state / region, region=region, budget=rules.privacy_budget, delta=rules.delta,
+                              accountant=accountant)
         overdue = [o for o in found if o.overdue]
         if overdue:
             audit_overdue(state / region, overdue, actor=operator_actor(operator))
