@@ -178,8 +178,10 @@ def _retrain_and_print(run_dir: Path, state_root: Path, *, as_json: bool = False
     import json
 
     from fedcrm.cli import console, out
+    from fedcrm.progress import ProgressBar, counting_rounds
 
-    result = retrain_run(run_dir, state_root=state_root, report=lambda s: console.print(s))
+    with ProgressBar(description=f"retrain {run_dir.name}: rounds", total=None, console=console) as bar:
+        result = retrain_run(run_dir, state_root=state_root, report=counting_rounds(bar))
     if as_json:
         out.print_json(json.dumps({"run_dir": str(run_dir), "stale": result.stale,
                                    "model_version": result.model_version, "resumed": result.resumed,
