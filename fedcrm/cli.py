@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcrm.commands.common import EXIT_INTERRUPTED, console, exit_with
-from fedcrm.errors import ConfigError, FedcrmError
+from fedcrm.errors import FedcrmError
+from fedcrm.overrides import parse_overrides  # re-exported: `fedcrm run --set` and the deployment run config
 
 out = Console(soft_wrap=True)
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # inherited by every group and command below
@@ -66,22 +67,6 @@ def _main(
     ] = False,
 ) -> None:
     """Exit codes: 0 ok, 1 a check failed, 2 usage or input error, 3 privacy refusal, 130 interrupted."""
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs as a dict, each value typed by YAML (``20`` int, ``1e-5`` float, ``[a, b]``)."""
-    import yaml
-
-    found: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set training.rounds=20")
-        try:
-            found[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({e})") from None
-    return found
 
 
 @data_app.command("validate")
