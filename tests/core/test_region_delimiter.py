@@ -89,3 +89,15 @@ def test_data_validate_says_which_delimiter_it_read_with(tmp_path: Path) -> None
         "delimiter": ":", "delimiter_from": "region"}
     res = runner.invoke(app, ["data", "validate", str(cfg.regions["eu"]), "--schema", str(cfg.schema_path)])
     assert res.exit_code == 0 and "read with delimiter ',' (the schema's)" in res.stdout, res.output
+
+
+def test_the_plan_sent_to_regions_carries_no_regions_file_format(tmp_path: Path) -> None:
+    import json
+
+    from fedcrm import wire
+    from fedcrm.fl.codec import plan_config
+
+    cfg = load_config(_config(tmp_path, lambda r: {"eu": {"path": r["eu"], "delimiter": ";"}, "us": r["us"]}))
+    plan = json.loads(str(plan_config(cfg, schema_text="x", run_id="r")[wire.EXPERIMENT]))
+    assert plan["region_delimiters"] == {}
+    assert type(cfg).model_validate(plan | {"schema": str(cfg.schema_path)}).region_delimiters == {}
