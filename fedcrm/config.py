@@ -135,6 +135,10 @@ class ExperimentConfig(_Section):
     task: Literal["churn", "propensity"]
     schema_path: Path = Field(alias="schema")
     regions: dict[str, Path] = Field(default_factory=dict, description="region name -> its data file (simulation)")
+    region_delimiters: dict[str, str] = Field(
+        default_factory=dict,
+        description="region name -> its CSV file's delimiter, from `regions: {eu: {path: ..., delimiter: ';'}}`",
+    )
     split: SplitConfig | None = None
     policies: dict[str, Path] = Field(
         default_factory=dict, description="simulation only: region name -> that data owner's policy file"
@@ -150,6 +154,31 @@ class ExperimentConfig(_Section):
     output_dir: Path = Path("runs")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _region_entries(cls, data: Any) -> Any:
+        """``regions: {eu: {path: eu.csv, delimiter: ";"}}``: the file and its delimiter (a data owner's
+        spreadsheet export); the plain ``eu: eu.csv`` form stays. Delimiters go to ``region_delimiters``."""
+        if not isinstance(data, dict) or not isinstance(data.get("regions"), dict):
+            return data
+        paths: dict[str, Any] = {}
+        delimiters = dict(data.get("region_delimiters") or {})
+        for name, entry in data["regions"].items():
+            if not isinstance(entry, dict):
+                paths[name] = entry
+                continue
+            unknown = sorted(set(entry) - {"path", "delimiter"})
+            if unknown or "path" not in entry:
+                raise ValueError(f"regions.{name}: expected a data file path or {{path: ..., delimiter: ...}}, "
+                                 f"found keys {sorted(entry)}")
+            paths[name] = entry["path"]
+            if entry.get("delimiter") is not None:
+                delimiters[name] = entry["delimiter"]
+        bad = {r: d for r, d in delimiters.items() if not (isinstance(d, str) and len(d) == 1 and d not in "\"\r\n")}
+        if bad:
+            raise ValueError(f"regions: a delimiter is one character (e.g. ';' or a tab), found {bad}")
+        return {**data, "regions": paths, "region_delimiters": delimiters}
 
     @field_validator("regions", mode="before")
     @classmethod
@@ -171,6 +200,9 @@ class ExperimentConfig(_Section):
         unknown = sorted(set(self.policies) - set(self.regions))
         if unknown:
             raise ValueError(f"policies given for unknown regions {unknown}")
+        unknown = sorted(set(self.region_delimiters) - set(self.regions))
+        if unknown:
+            raise ValueError(f"region_delimiters given for unknown regions {unknown}")
         bad = [r for r in self.regions if not r.replace("-", "").replace("_", "").isalnum()]
         if bad:
             raise ValueError(f"region names must be letters, digits, - or _, got {bad}")

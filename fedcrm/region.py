@@ -54,6 +54,7 @@ class NodeSettings:
     data_path: Path
     state_dir: Path
     policy_path: Path | None = None
+    delimiter: str | None = None  # the data file's CSV delimiter, when the owner fixes it (else the schema's)
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
@@ -69,6 +70,7 @@ class NodeSettings:
             data_path=Path(str(node_config["data-path"])),
             state_dir=Path(str(node_config["state-dir"])),
             policy_path=Path(str(policy)) if policy else None,
+            delimiter=str(node_config["delimiter"]) if node_config.get("delimiter") else None,
         )
 
 
@@ -147,14 +149,15 @@ class Region:
             "region-data", self.name, str(self.settings.data_path.resolve()), table_version,
             file_version(self.tombstones.path), file_version(self.consent_withdrawals.path),
             str(state.resolve()), file_version(region_secret_path(state)), schema.model_dump_json(), cfg.task,
-            self.policy.holdout_fraction, cfg.unlearning.shards,
+            self.policy.holdout_fraction, cfg.unlearning.shards, self.settings.delimiter,
         )
         return self.cache.remember(key, lambda: self._load(cfg, schema), rows=lambda d: len(d.ids))
 
     def _load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
         # The table itself is not cached: the encoded result is what is kept, and keeping the table
         # too would double the rows held for each region and evict sooner.
-        table, counts = usable_for(load_table(self.settings.data_path, schema), purpose=cfg.task,
+        table, counts = usable_for(load_table(self.settings.data_path, schema, delimiter=self.settings.delimiter),
+                                   purpose=cfg.task,
                                    tombstones=self.tombstones, withdrawals=self.consent_withdrawals)
         if len(table) == 0:
             raise DataError(

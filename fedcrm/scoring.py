@@ -138,6 +138,7 @@ def score_region(
     reasons: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     actor: str | None = None,
+    delimiter: str | None = None,
 ) -> ScoringResult:
     """Score the region's usable customers into ``out`` (CSV or Parquet, all or nothing) and audit it."""
     from fedcrm.governance.audit_log import AuditAction
@@ -156,7 +157,7 @@ def score_region(
     report: dict[str, Any] = {}
 
     def frames() -> Iterator[pd.DataFrame]:
-        for chunk in iter_table(data, model.schema, chunk_rows=chunk_rows):
+        for chunk in iter_table(data, model.schema, chunk_rows=chunk_rows, delimiter=delimiter):
             usable, c = usable_for(chunk, purpose=model.task, tombstones=tombstones, withdrawals=withdrawals)
             for k, v in c.items():
                 counts[k] = counts.get(k, 0) + v

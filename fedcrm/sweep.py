@@ -248,8 +248,12 @@ def run_sweep(
     out_dir: Path | None = None,
     engine: Literal["shared", "per_cell"] | None = None,
     report: Report = print,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
-    """Run every incomplete cell; write the results table after each cell; return it."""
+    """Run every incomplete cell; write the results table after each cell; return it.
+
+    ``progress(done, to_run)`` is called before the first cell and after each one (a progress bar's hook).
+    """
     from fedcrm.baseline import run_centralised
 
     sweep_dir = (out_dir or spec.output_dir / spec.name).resolve()
@@ -278,6 +282,8 @@ def run_sweep(
            f"(engine: {engine}) -> {sweep_dir}")
     timings: dict[str, Any] = {"engine": engine, "engines_started": 0, "cells_run": 0}
     t0 = time.time()
+    if progress is not None:
+        progress(0, len(todo))
 
     def done(o: CellOutcome, result: dict[str, Any] | BaseException) -> None:
         if isinstance(result, BaseException):
@@ -290,6 +296,8 @@ def run_sweep(
                    f"({result.get('wall_time_s', math.nan):.1f}s)")
         timings["cells_run"] += 1
         write_results(outcomes, sweep_dir)
+        if progress is not None:
+            progress(timings["cells_run"], len(todo))
 
     # A fresh start for every incomplete cell: the ledger of an interrupted attempt belongs to no result,
     # and keeping it would charge that attempt's spend to the new one.

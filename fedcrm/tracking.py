@@ -2,7 +2,9 @@
 
 Logging happens after the run, from the run folder, on the server's side: parameters (the flattened
 config), per-round metrics (pooled and per region), ε per region per round, final metrics, and the
-artifacts (report, model card, model, summary). Nothing here touches a region or its data. Without
+artifacts (report, model card, model, summary), and the served model as an MLflow pyfunc model
+(:mod:`fedcrm.mlflow_model`) that ``mlflow.pyfunc.load_model("runs:/RID/pyfunc")`` scores raw rows
+with. Nothing here touches a region or its data. Without
 a ``uri`` the store is a local file store in the run folder (``RUN_DIR/mlruns``), which MLflow 3 keeps
 in maintenance mode: fedcrm opts in to it explicitly (``MLFLOW_ALLOW_FILE_STORE``).
 
@@ -50,6 +52,19 @@ def round_metrics(row: dict[str, Any]) -> dict[str, float]:
     for region, e in row.get("epsilon", {}).items():
         out[f"epsilon_{region}"] = float(e)
     return out
+
+
+def _log_pyfunc(client: Any, rid: str, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """The served model as an MLflow pyfunc model (``runs:/RID/pyfunc``) that scores raw rows."""
+    import tempfile
+
+    from fedcrm.data.schema import load_schema
+    from fedcrm.mlflow_model import PYFUNC_PATH, save_pyfunc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = save_pyfunc(run_dir=run_dir, schema_path=cfg.schema_path, schema=load_schema(cfg.schema_path),
+                           dest=Path(tmp) / PYFUNC_PATH)
+        client.log_artifacts(rid, str(dest), artifact_path=PYFUNC_PATH)
 
 
 def log_run(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> str | None:
@@ -104,6 +119,7 @@ def log_run(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> st
                 client.log_artifact(rid, str(run_dir / name_))
         if (run_dir / "model").is_dir():
             client.log_artifacts(rid, str(run_dir / "model"), artifact_path="model")
+            _log_pyfunc(client, rid, cfg, run_dir)
         client.set_terminated(rid, "FINISHED")
     except Exception:
         client.set_terminated(rid, "FAILED")

@@ -4,6 +4,9 @@ The experiment config comes from the run config key ``experiment-config``: a pat
 (``configs/demo.yaml``), resolved against the installed app directory, or an absolute path on the
 SuperLink's machine. The run folder comes from ``run-dir`` (empty: ``OUTPUT_DIR/NAME`` of the config),
 the node registry (which node id the operator registered for which region) from ``node-registry``.
+``overrides`` changes config values for this run as ``fedcrm run --set`` does, space-separated
+(``flwr run . --run-config 'overrides="training.rounds=20 privacy.target_epsilon=1"'``): typed and
+validated like the file, and recorded in the run's config.yaml.
 
 Why the app directory: in deployment the ServerApp runs in a ``flwr-serverapp`` process whose working
 directory is wherever ``flower-superlink`` was started, while the code (and the configs shipped with
@@ -14,13 +17,15 @@ section) are not read on this side.
 """
 
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcrm.config import load_config
+from fedcrm.config import ExperimentConfig, load_config
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import run_federation
+from fedcrm.overrides import parse_override_text
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -33,9 +38,20 @@ def resolve_app_path(value: str, *, app_dir: Path = APP_DIR) -> Path:
     return path if path.is_absolute() else app_dir / path
 
 
+def experiment_config(run_config: dict[str, Any], *, app_dir: Path = APP_DIR) -> ExperimentConfig:
+    """The experiment config named by the run config, with the run config's ``overrides`` applied."""
+    path = resolve_app_path(str(run_config["experiment-config"]), app_dir=app_dir)
+    cfg = load_config(path)
+    text = str(run_config.get("overrides", "") or "").strip()
+    if text:
+        option = "run config `overrides`"
+        cfg = cfg.with_overrides(parse_override_text(text, option=option), source=f"{path} + {option}")
+    return cfg
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = load_config(resolve_app_path(str(context.run_config["experiment-config"])))
+    cfg = experiment_config(dict(context.run_config))
     run_dir_value = str(context.run_config.get("run-dir", "") or "")
     run_dir = resolve_app_path(run_dir_value) if run_dir_value else cfg.output_dir / cfg.name
     registry_value = str(context.run_config.get("node-registry", "") or "")

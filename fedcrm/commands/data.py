@@ -24,6 +24,8 @@ def data_validate(
     file: Annotated[Path, typer.Argument(help="CSV or Parquet table to check.")],
     schema: Annotated[Path, typer.Option(help="Declared schema (YAML), e.g. configs/schemas/telco_churn.yaml.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    delimiter: Annotated[str | None, typer.Option(help="The file's CSV delimiter, as the region's config fixes "
+                                                  "it (default: the schema's, else detected).")] = None,
 ) -> None:
     """Check a customer table against its schema and print what was read, repaired and dropped.
 
@@ -36,14 +38,16 @@ def data_validate(
     from fedcrm.data.schema import load_schema
 
     try:
-        table = load_table(file, load_schema(schema))
+        table = load_table(file, load_schema(schema), delimiter=delimiter)
     except FedcrmError as e:
         exit_with(e)
     report = table.report.as_dict()
     if as_json:
         out.print_json(json.dumps(report))
         return
-    read_as = f", read with delimiter {report['delimiter']!r}" if report.get("delimiter") else ""
+    sources = {"region": "as given", "schema": "the schema's", "detected": "detected"}
+    whose = sources.get(str(report.get("delimiter_from")))
+    read_as = f", read with delimiter {report['delimiter']!r} ({whose})" if report.get("delimiter") else ""
     out.print(f"[bold]{file}[/]: {report['rows_read']} rows read, {report['rows_kept']} kept{read_as}", highlight=False)
     for why, n in report["rows_dropped"].items():
         out.print(f"  dropped {n} rows: {why}")

@@ -10,23 +10,8 @@ import typer
 from rich.table import Table
 
 from fedcrm.commands.common import DEFAULT_STATE, StateOpt, console, exit_with, out, progress
-from fedcrm.errors import ConfigError, FedcrmError
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs as a dict, each value typed by YAML (``20`` int, ``1e-5`` float, ``[a, b]``)."""
-    import yaml
-
-    found: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set training.rounds=20")
-        try:
-            found[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({e})") from None
-    return found
+from fedcrm.errors import FedcrmError
+from fedcrm.overrides import parse_overrides  # `fedcrm run --set`, and the deployment run config
 
 
 def run(

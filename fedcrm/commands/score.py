@@ -31,6 +31,9 @@ def score(
         100_000
     ),
     operator: Annotated[str | None, typer.Option("--operator", help="Who scores, for the audit log.")] = None,
+    delimiter: Annotated[str | None, typer.Option(
+        help="Your table's CSV delimiter (default: the run config's for your region, else the schema's, else detected)."
+    )] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was done as one JSON document.")] = False,
 ) -> None:
     """Score your region's customers with a run's served model; nothing is sent anywhere.
@@ -48,8 +51,10 @@ def score(
         data_path = data or scorer.served.region_data(region)
         if data_path is None:
             raise ConfigError(f"the run does not record a data file for region {region}: pass --data")
+        delimiter = delimiter or (scorer.served.config.get("region_delimiters") or {}).get(region)
         result = score_region(region=region, model=scorer, data=data_path, state_dir=state / region, out=out_file,
-                              reasons=reasons, chunk_rows=chunk_rows, actor=operator_actor(operator))
+                              reasons=reasons, chunk_rows=chunk_rows, actor=operator_actor(operator),
+                              delimiter=delimiter)
     except FedcrmError as e:
         exit_with(e)
     if as_json:

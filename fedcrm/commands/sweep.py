@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         Complete cells (summary.json with the cell's config digest) are not rerun; a failing cell is
         recorded with its error and the sweep goes on. Results: results.csv and results.parquet.
         """
+        from fedcrm.progress import ProgressBar
         from fedcrm.sweep import load_sweep, run_sweep
 
         if engine not in (None, "shared", "per_cell"):
@@ -43,7 +44,9 @@ def register(app: typer.Typer) -> None:
         try:
             spec = load_sweep(spec_path)
             sweep_dir = (out_dir or spec.output_dir / spec.name).resolve()
-            df = run_sweep(spec, out_dir=sweep_dir, engine=engine, report=lambda s: console.print(escape(s)))  # type: ignore[arg-type]
+            with ProgressBar(description=f"sweep {spec.name}: cells", total=None, console=console) as bar:
+                df = run_sweep(spec, out_dir=sweep_dir, engine=engine, report=bar.log,  # type: ignore[arg-type]
+                               progress=lambda done, total: bar.update(completed=done, total=total))
             if report:
                 from fedcrm.report import write_sweep_report
 

@@ -166,8 +166,10 @@ def _print_receipts(receipts: list[dict[str, Any]]) -> None:
 def _retrain_and_print(run_dir: Path, state_root: Path, *, as_json: bool = False) -> None:
     import json
 
+    from fedcrm.progress import ProgressBar, counting_rounds
 
-    result = retrain_run(run_dir, state_root=state_root, report=lambda s: console.print(s))
+    with ProgressBar(description=f"retrain {run_dir.name}: rounds", total=None, console=console) as bar:
+        result = retrain_run(run_dir, state_root=state_root, report=counting_rounds(bar))
     if as_json:
         out.print_json(json.dumps({"run_dir": str(run_dir), "stale": result.stale,
                                    "model_version": result.model_version, "resumed": result.resumed,
@@ -193,7 +195,6 @@ def erasures_status(
     region: Annotated[str, typer.Option("--region", help="The region whose requests to list.")],
     state: StateOpt = DEFAULT_STATE,
     policy: Annotated[Path | None, typer.Option("--policy", help="The region's policy (budget, deadline).")] = None,
-    delta: Annotated[float, typer.Option(help="δ at which to price a retrain.")] = 1e-5,
     accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     operator: Annotated[str | None, typer.Option("--operator", help="Who checks, for the audit log.")] = None,
@@ -209,8 +210,10 @@ def erasures_status(
     from fedcrm.unlearning.deadlines import audit_overdue, open_requests
 
     try:
-        budget = region_policy(None, region=region, policy=policy).privacy_budget
-        found = open_requests(state / region, region=region, budget=budget, delta=delta, accountant=accountant)
+        rules = region_policy(None, region=region, policy=policy)
+        # δ is the region's (its policy's), as for every release of its data: a retrain is priced at it.
+        found = open_requests(state / region, region=region, budget=rules.privacy_budget, delta=rules.delta,
+                              accountant=accountant)
         overdue = [o for o in found if o.overdue]
         if overdue:
             audit_overdue(state / region, overdue, actor=operator_actor(operator))

@@ -70,6 +70,7 @@ class ColumnIssues:
 class ValidationReport:
     path: str
     delimiter: str | None = None  # the CSV delimiter the file was read with (None: Parquet)
+    delimiter_from: str | None = None  # who said so: "region" (its config), "schema" or "detected"
     rows_read: int = 0
     rows_kept: int = 0
     rows_dropped: Counter[str] = field(default_factory=Counter)
@@ -82,6 +83,7 @@ class ValidationReport:
         return {
             "path": self.path,
             "delimiter": self.delimiter,
+            "delimiter_from": self.delimiter_from,
             "rows_read": self.rows_read,
             "rows_kept": self.rows_kept,
             "rows_dropped": dict(self.rows_dropped),
@@ -149,18 +151,26 @@ def _split_header(line: str, delimiter: str) -> list[str]:
     return [h.strip() for h in next(csv.reader([line], delimiter=delimiter), [])]
 
 
-def csv_delimiter(path: Path, schema: Schema) -> str:
-    """The delimiter of this file: the schema's when the header reads right with it, else detected.
+def csv_delimiter(path: Path, schema: Schema, *, given: str | None = None) -> str:
+    """The delimiter of this file; see :func:`delimiter_and_source`."""
+    return delimiter_and_source(path, schema, given=given)[0]
+
+
+def delimiter_and_source(path: Path, schema: Schema, *, given: str | None = None) -> tuple[str, str]:
+    """The delimiter of this file and who said so: the region's, else the schema's, else detected.
 
     The delimiter belongs to the file, not to the schema: the same Telco table exported by a European
-    spreadsheet uses `;`. The schema's delimiter is a default, kept whenever the header names all the
-    schema's columns under it.
+    spreadsheet uses `;`. A region may say so (``regions: {eu: {path: ..., delimiter: ";"}}`` or its
+    node config's ``delimiter``); then that one is used, never second-guessed. Otherwise the schema's
+    delimiter is a default, kept whenever the header names all the schema's columns under it.
     """
+    if given:
+        return given, "region"
     with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
         header_line = _first_line(f.read(_SNIFF_BYTES))
     if schema.delimiter and set(schema.columns_read()) <= set(_split_header(header_line, schema.delimiter)):
-        return schema.delimiter
-    return _detect_delimiter(header_line, schema)
+        return schema.delimiter, "schema"
+    return _detect_delimiter(header_line, schema), "detected"
 
 
 def _detect_delimiter(header_line: str, schema: Schema) -> str:
@@ -270,7 +280,7 @@ def _picker(keep: list[int]) -> Callable[[list[str]], tuple[str, ...]]:
 
 
 def _csv_chunks(
-    path: Path, schema: Schema, *, all_columns: bool, chunk_rows: int | None
+    path: Path, schema: Schema, *, all_columns: bool, chunk_rows: int | None, given_delimiter: str | None = None
 ) -> Iterator[pd.DataFrame]:
     """Parse the CSV with the standard library, keeping the line every record starts on.
 
@@ -279,7 +289,7 @@ def _csv_chunks(
     Yields frames of at most ``chunk_rows`` rows (all rows in one when None); a table with only a
     header yields one empty frame.
     """
-    delimiter = csv_delimiter(path, schema)
+    delimiter, source = delimiter_and_source(path, schema, given=given_delimiter)
     header: list[str] | None = None
     header_at = 1
     keep: list[int] = []
@@ -297,7 +307,7 @@ def _csv_chunks(
                            index=range(len(rows)), dtype=object)
         out.columns = [header[i] for i in keep]
         out.attrs["lines"] = np.asarray(lines, dtype=np.int64)
-        out.attrs["delimiter"] = delimiter
+        out.attrs["delimiter"], out.attrs["delimiter_from"] = delimiter, source
         return out
 
     try:
@@ -338,21 +348,25 @@ def _csv_chunks(
         yield frame()
 
 
-def _read_csv(path: Path, schema: Schema, *, all_columns: bool) -> pd.DataFrame:
-    return next(_csv_chunks(path, schema, all_columns=all_columns, chunk_rows=None))
+def _read_csv(path: Path, schema: Schema, *, all_columns: bool, delimiter: str | None) -> pd.DataFrame:
+    return next(_csv_chunks(path, schema, all_columns=all_columns, chunk_rows=None, given_delimiter=delimiter))
 
 
-def read_raw(path: Path, schema: Schema, *, all_columns: bool = False) -> pd.DataFrame:
+def read_raw(
+    path: Path, schema: Schema, *, all_columns: bool = False, delimiter: str | None = None
+) -> pd.DataFrame:
     """The schema's columns of the file, as text; nothing else is kept (data minimisation).
 
     A table whose schema derives ids may carry them in ``id.derived_column`` (written by a split).
     ``all_columns`` keeps every column (for :func:`fedcrm.data.split.split_table`, which copies rows
     as they are). ``frame.attrs["lines"]`` holds the line each row starts on (the header is line 1).
+    ``delimiter``: the region's own for this file (else the schema's or detected; see
+    :func:`delimiter_and_source`).
     """
     path = Path(path)
     if _table_kind(path) == "parquet":
         return _read_parquet(path, schema, all_columns=all_columns)
-    return _read_csv(path, schema, all_columns=all_columns)
+    return _read_csv(path, schema, all_columns=all_columns, delimiter=delimiter)
 
 
 def _table_kind(path: Path) -> str:
@@ -481,13 +495,17 @@ def _band(values: np.ndarray, bands: tuple[float, ...]) -> np.ndarray:
     return banded
 
 
-def load_table(path: str | Path, schema: Schema) -> CustomerTable:
-    """Read and validate a customer table; raises :class:`DataError` naming file, line and column."""
+def load_table(path: str | Path, schema: Schema, *, delimiter: str | None = None) -> CustomerTable:
+    """Read and validate a customer table; raises :class:`DataError` naming file, line and column.
+
+    ``delimiter``: the region's own for a CSV file (its config), used as given instead of the schema's.
+    """
     path = Path(path)
-    raw = read_raw(path, schema)
+    raw = read_raw(path, schema, delimiter=delimiter)
     if len(raw) == 0:
         raise _only_header(path)
-    report = ValidationReport(path=str(path), delimiter=raw.attrs.get("delimiter"))
+    report = ValidationReport(path=str(path), delimiter=raw.attrs.get("delimiter"),
+                              delimiter_from=raw.attrs.get("delimiter_from"))
     return _validate(raw, schema=schema, path=path, report=report)
 
 
@@ -495,7 +513,7 @@ DEFAULT_CHUNK_ROWS = 100_000
 
 
 def iter_table(
-    path: str | Path, schema: Schema, *, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    path: str | Path, schema: Schema, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, delimiter: str | None = None
 ) -> Iterator[CustomerTable]:
     """The table in validated chunks of about ``chunk_rows`` rows, for tables too large to hold at once.
 
@@ -509,24 +527,24 @@ def iter_table(
     kind = _table_kind(path)
     report = ValidationReport(path=str(path))
     seen = _SeenIds(path)
-    fast = kind == "csv" and _arrow_can_read(path, schema)
+    fast = kind == "csv" and _arrow_can_read(path, schema, delimiter=delimiter)
     if kind == "parquet":
         chunks = _parquet_chunks(path, schema, chunk_rows=chunk_rows)
     elif fast:
-        chunks = _arrow_csv_chunks(path, schema, chunk_rows=chunk_rows)
+        chunks = _arrow_csv_chunks(path, schema, chunk_rows=chunk_rows, delimiter=delimiter)
     else:
-        chunks = _csv_chunks(path, schema, all_columns=False, chunk_rows=chunk_rows)
+        chunks = _csv_chunks(path, schema, all_columns=False, chunk_rows=chunk_rows, given_delimiter=delimiter)
     rows = 0
     try:
         for raw in chunks:
-            report.delimiter = raw.attrs.get("delimiter")
+            report.delimiter, report.delimiter_from = raw.attrs.get("delimiter"), raw.attrs.get("delimiter_from")
             if len(raw) == 0:
                 continue
             rows += len(raw)
             yield _validate(raw, schema=schema, path=path, report=report, seen=seen)
     except DataError:
         if fast:
-            load_table(path, schema)  # raises the same problem with the line an editor shows
+            load_table(path, schema, delimiter=delimiter)  # raises the same problem with the line an editor shows
         raise
     if rows == 0:
         raise _only_header(path)
@@ -561,21 +579,24 @@ def _only_header(path: Path) -> DataError:
                      path=str(path), line=1)
 
 
-def _arrow_can_read(path: Path, schema: Schema) -> bool:
+def _arrow_can_read(path: Path, schema: Schema, *, delimiter: str | None) -> bool:
     """Whether Arrow's CSV parser reads this file as fedcrm's own would (same header, derived ids)."""
     if schema.id.derive:
         return False  # derived ids are line numbers, which only the line-counting reader knows
     with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
         header_line = _first_line(f.read(_SNIFF_BYTES))
-    fields = next(csv.reader([header_line], delimiter=csv_delimiter(path, schema)), [])
+    fields = next(csv.reader([header_line], delimiter=csv_delimiter(path, schema, given=delimiter)), [])
     return fields == [h.strip() for h in fields] and len(set(fields)) == len(fields)
 
 
-def _arrow_csv_chunks(path: Path, schema: Schema, *, chunk_rows: int) -> Iterator[pd.DataFrame]:
+def _arrow_csv_chunks(
+    path: Path, schema: Schema, *, chunk_rows: int, delimiter: str | None
+) -> Iterator[pd.DataFrame]:
     import pyarrow as pa
     import pyarrow.csv as pv
 
-    delimiter = csv_delimiter(path, schema)
+    given = delimiter
+    delimiter, source = delimiter_and_source(path, schema, given=given)
     with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
         head = f.read(_SNIFF_BYTES)
         header = _split_header(_first_line(head), delimiter)
@@ -598,7 +619,7 @@ def _arrow_csv_chunks(path: Path, schema: Schema, *, chunk_rows: int) -> Iterato
         for batch in reader:
             frame = batch.to_pandas()
             frame.attrs["lines"] = np.arange(header_at + 1 + done, header_at + 1 + done + len(frame))
-            frame.attrs["delimiter"] = delimiter
+            frame.attrs["delimiter"], frame.attrs["delimiter_from"] = delimiter, source
             done += len(frame)
             yield frame
     except pa.ArrowInvalid as e:

@@ -34,6 +34,8 @@ def simulated_nodes(cfg: ExperimentConfig, *, state_root: Path) -> NodeConfigs:
         nodes[i] = {"region": name, "data-path": str(path), "state-dir": str((state_root / name).resolve())}
         if name in cfg.policies:
             nodes[i]["policy-path"] = str(cfg.policies[name])
+        if name in cfg.region_delimiters:
+            nodes[i]["delimiter"] = cfg.region_delimiters[name]
     return nodes
 
 

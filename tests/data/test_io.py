@@ -493,3 +493,21 @@ def test_telco_as_a_european_spreadsheet_exports_it_loads_like_the_original(tmp_
                                                                          "telco_churn.yaml"), str(eu), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["delimiter"] == ";"
+
+
+def test_a_regions_own_delimiter_is_used_as_given_and_reported(tmp_path: Path, schema: Schema) -> None:
+    semi = write(tmp_path, [r.replace(",", ";") for r in GOOD_ROWS], header=HEADER.replace(",", ";"), name="s.csv")
+    given = load_table(semi, schema, delimiter=";")
+    assert list(given.ids) == ["c1", "c2", "c3"]
+    assert given.report.as_dict()["delimiter_from"] == "region"
+    assert (given.report.delimiter, given.report.delimiter_from) == (";", "region")
+    assert load_table(semi, schema).report.delimiter_from == "detected"
+    comma = write(tmp_path, GOOD_ROWS, name="c.csv")
+    assert load_table(comma, schema).report.delimiter_from == "schema"
+    # Streaming reads (fedcrm score) take it too, on both of their parsers.
+    chunks = list(iter_table(semi, schema, chunk_rows=2, delimiter=";"))
+    assert [c for t in chunks for c in t.ids] == ["c1", "c2", "c3"]
+    assert (chunks[-1].report.delimiter, chunks[-1].report.delimiter_from) == (";", "region")
+    # Given is given: a region that says "," about a ";" file gets the wrong-delimiter error, no guess.
+    with pytest.raises(DataError, match="wrong delimiter"):
+        load_table(semi, schema, delimiter=",")

@@ -82,3 +82,24 @@ def test_retrains_left_repeat_the_shards_last_run_until_the_budget(tmp_path: Pat
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["retrains_left_by_shard"] == {"0": want}
     assert np.isfinite(b.epsilon_now)
+
+
+def test_status_prices_a_retrain_at_the_regions_own_delta(tmp_path: Path) -> None:
+    """δ is the region's (its policy's, default 1e-6): the status's price is the ledger's ε at that δ."""
+    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 200}))
+    ids = load_table(cfg.regions["eu"], load_schema(cfg.schema_path)).ids
+    state = tmp_path / "state"
+    single = _run(tmp_path, cfg, shards=1, name="single")
+    ledger = PrivacyLedger.open(state / "eu", region="eu")
+    release = GaussianRelease(1.1, 0.05, 200)
+    delta = RegionPolicy().delta
+    for round_ in (1, 2):
+        ledger.record_release(shard=0, purpose="churn", run_id="r1", round=round_, release=release, delta=delta)
+    forget(state_dir=state / "eu", region="eu", customer_ids=[str(ids[0])], table_ids=ids,
+           runs=[RunView(run_dir=single, shards=1, model_version=1, trained={str(ids[0]): 0})], deadline_days=10)
+    res = runner.invoke(app, ["erasures", "status", "--region", "eu", "--state", str(state), "--json"])
+    assert res.exit_code == 0, res.output
+    priced = json.loads(res.output)["open"][0]["runs"][0]["retrain"]
+    mine = retrain_budget(ledger, shard=0, budget=RegionPolicy().privacy_budget, delta=delta, accountant="rdp")
+    assert priced["epsilon_now"] == pytest.approx(mine.epsilon_now)
+    assert priced["epsilon_now"] > epsilon([release] * 2, delta=1e-5, accountant="rdp") + 1e-3  # not at 1e-5
