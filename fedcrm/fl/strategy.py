@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -309,7 +310,8 @@ class GuardedStrategy(Strategy):
         round it was in ends: without a wait it misses the next round by a race, and without a record
         nothing says it was left out.
         """
-        expected = set(self.node_regions) - self.excluded_nodes
+        # The nodes that passed pre-flight; a pre-flight error reply came from the SuperLink, not a region.
+        expected = set(self.node_regions) - self.excluded_nodes - {SUPERLINK_NODE_ID}
         if not expected:
             return
         deadline = time.monotonic() + self.wait_for_regions_s

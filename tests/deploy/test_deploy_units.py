@@ -221,6 +221,11 @@ def test_a_round_waits_for_a_restarted_region_and_names_one_that_stays_away() ->
     sent = list(bounded.configure_train(3, arrays, ConfigRecord({}), _RejoiningGrid(absent_calls=10**6)))  # type: ignore[arg-type]
     assert 1.0 <= time.monotonic() - t0 < 5
     assert [m.metadata.dst_node_id for m in sent] == [22] and "waited 1 s" in bounded.events[3].failed["eu"]
+    # A pre-flight error reply comes from the SuperLink's own node id (1): that is no region to wait for.
+    superlink_error = _guard([], node_regions={1: "node-1", 11: "eu", 22: "us"}, wait_for_regions_s=30.0)
+    t0 = time.monotonic()
+    list(superlink_error.configure_train(3, arrays, ConfigRecord({}), _RejoiningGrid(absent_calls=0)))  # type: ignore[arg-type]
+    assert superlink_error.events[3].failed == {} and time.monotonic() - t0 < 10
 
 
 @pytest.mark.usefixtures("task_identity")
