@@ -77,6 +77,11 @@ class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_regions: int = Field(1, ge=1, description="fewest regions a round may aggregate")
     round_timeout_s: float = Field(600.0, gt=0)
+    wait_for_regions_s: float = Field(
+        0.0, ge=0, description="before each round, wait up to this long for every region that passed pre-flight "
+        "to be connected (a SuperNode restarted after a crash rejoins); 0: start with the regions connected now. "
+        "A region still missing is named in the round's `failed` events",
+    )
     max_update_norm: float | None = Field(
         None, gt=0, description="reject an update that moves the model farther than this (L2 norm of the change)"
     )

@@ -234,6 +234,7 @@ def train_constituent(
         min_regions=cfg.federation.min_regions,
         max_update_norm=cfg.federation.max_update_norm,
         outlier_norm_ratio=cfg.federation.outlier_norm_ratio,
+        wait_for_regions_s=cfg.federation.wait_for_regions_s,
         excluded_nodes=pre.excluded,
         on_round=on_round,
         node_regions=pre.node_regions,

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import statistics
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -264,8 +266,10 @@ class GuardedStrategy(Strategy):
         registry: NodeRegistry | None = None,
         max_update_norm: float | None = None,
         outlier_norm_ratio: float | None = None,
+        wait_for_regions_s: float = 0.0,
     ) -> None:
         self.inner = inner
+        self.wait_for_regions_s = wait_for_regions_s
         self.max_update_norm = max_update_norm
         self.outlier_norm_ratio = outlier_norm_ratio
         # digest -> (region, round) of every update accepted so far: a replay is refused, naming the original.
@@ -290,10 +294,40 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         self.expected = {k: tuple(v.shape) for k, v in arrays.items()}
         self.global_weights = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
+        self._await_regions(server_round, grid)
         msgs = self.inner.configure_train(server_round, arrays, config, grid)
         out = [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
         self.sent[("train", server_round)] = out
         return out
+
+    def _await_regions(self, server_round: int, grid: Grid, *, poll_s: float = 0.5) -> None:
+        """Wait, up to ``wait_for_regions_s``, until every region that passed pre-flight is connected; name
+        those still missing in the round's ``failed`` events.
+
+        Flower samples a round's regions among the nodes connected when it starts, and a round can start
+        the moment the previous one ends. A SuperNode restarted after a crash can only rejoin once the
+        SuperLink has marked it offline (up to a minute of missed heartbeats), which is also when the
+        round it was in ends: without a wait it misses the next round by a race, and without a record
+        nothing says it was left out.
+        """
+        # The nodes that passed pre-flight; a pre-flight error reply came from the SuperLink, not a region.
+        expected = set(self.node_regions) - self.excluded_nodes - {SUPERLINK_NODE_ID}
+        if not expected:
+            return
+        deadline = time.monotonic() + self.wait_for_regions_s
+        missing = expected - set(grid.get_node_ids())
+        if missing and self.wait_for_regions_s > 0:
+            log.info("round %d: waiting up to %g s for %s to connect", server_round, self.wait_for_regions_s,
+                     ", ".join(sorted(self._region_of(n) for n in missing)))
+        while missing and time.monotonic() < deadline:
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            missing = expected - set(grid.get_node_ids())
+        ev = self.events.setdefault(server_round, RoundEvents())
+        for node in sorted(missing):
+            region = self._region_of(node)
+            ev.failed.setdefault(region, f"not connected when the round started (waited "
+                                         f"{self.wait_for_regions_s:g} s, federation.wait_for_regions_s)")
+            log.warning("round %d: region %s is not connected: %s", server_round, region, ev.failed[region])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

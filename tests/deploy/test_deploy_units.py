@@ -163,7 +163,7 @@ def test_a_forbidden_key_is_blocked_not_sent_and_logged(tmp_path: Path, caplog: 
     assert "customer-eu-0000007-score" in caplog.text and "blocked" in caplog.text
 
 
-def _guard(seen: list, *, node_regions: dict[int, str]):  # noqa: ANN202
+def _guard(seen: list, *, node_regions: dict[int, str], wait_for_regions_s: float = 0.0):  # noqa: ANN202
     """fedcrm's guard around plain FedAvg, recording each round's events in ``seen``."""
     from flwr.serverapp.strategy import FedAvg
 
@@ -175,7 +175,57 @@ def _guard(seen: list, *, node_regions: dict[int, str]):  # noqa: ANN202
         excluded_nodes=set(),
         on_round=lambda rnd, ev, per_region, pooled: seen.append(ev),
         node_regions=node_regions,
+        wait_for_regions_s=wait_for_regions_s,
     )
+
+
+class _RejoiningGrid:
+    """A grid on which node 11 (eu) is offline for the first ``absent_calls`` looks, then back."""
+
+    def __init__(self, *, absent_calls: int) -> None:
+        self.calls = 0
+        self.absent_calls = absent_calls
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return [22] if self.calls <= self.absent_calls else [11, 22]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_round_waits_for_a_restarted_region_and_names_one_that_stays_away() -> None:
+    """Flower samples a round among the nodes online when it starts: a SuperNode restarted after a crash
+    is back only after the round it was in has ended. The guard waits (bounded) for the regions that
+    passed pre-flight, and names the ones still missing instead of leaving them out silently."""
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedcrm.fl.codec import to_record
+
+    arrays: ArrayRecord = to_record({"w": np.zeros((2,), dtype=np.float32)})
+    # eu comes back while the round waits: it is sent its training message, nothing is marked failed.
+    waiting = _guard([], node_regions={11: "eu", 22: "us"}, wait_for_regions_s=30.0)
+    grid = _RejoiningGrid(absent_calls=3)
+    t0 = time.monotonic()
+    sent = list(waiting.configure_train(3, arrays, ConfigRecord({}), grid))  # type: ignore[arg-type]
+    assert sorted(m.metadata.dst_node_id for m in sent) == [11, 22]
+    assert waiting.events[3].failed == {} and time.monotonic() - t0 < 10  # it stopped waiting once eu was back
+    # Without a wait (the default), the same race leaves eu out, and the round's events say so.
+    eager = _guard([], node_regions={11: "eu", 22: "us"})
+    sent = list(eager.configure_train(3, arrays, ConfigRecord({}), _RejoiningGrid(absent_calls=3)))  # type: ignore[arg-type]
+    assert [m.metadata.dst_node_id for m in sent] == [22]
+    assert list(eager.events[3].failed) == ["eu"] and "not connected when the round started" in (
+        eager.events[3].failed["eu"])
+    # A region that never comes back: the wait is bounded, the round goes on with the others.
+    bounded = _guard([], node_regions={11: "eu", 22: "us"}, wait_for_regions_s=1.0)
+    t0 = time.monotonic()
+    sent = list(bounded.configure_train(3, arrays, ConfigRecord({}), _RejoiningGrid(absent_calls=10**6)))  # type: ignore[arg-type]
+    assert 1.0 <= time.monotonic() - t0 < 5
+    assert [m.metadata.dst_node_id for m in sent] == [22] and "waited 1 s" in bounded.events[3].failed["eu"]
+    # A pre-flight error reply comes from the SuperLink's own node id (1): that is no region to wait for.
+    superlink_error = _guard([], node_regions={1: "node-1", 11: "eu", 22: "us"}, wait_for_regions_s=30.0)
+    t0 = time.monotonic()
+    list(superlink_error.configure_train(3, arrays, ConfigRecord({}), _RejoiningGrid(absent_calls=0)))  # type: ignore[arg-type]
+    assert superlink_error.events[3].failed == {} and time.monotonic() - t0 < 10
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -164,10 +164,14 @@ def _ledger(state: Path, region: str) -> list[tuple[int, int, str]]:
 def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledger(tmp_path: Path) -> None:
     # 2 regions, min_regions 1: the run may go on with `us` alone. The timeout bounds the wait for the dead
     # node; it must still let a live node answer (a message costs a process start importing torch).
+    # eu can be restarted only once the SuperLink has marked it offline, which is also when round 2 ends
+    # (its "Node Unavailable" reply): round 3 would start without it, by a race it nearly always loses.
+    # wait_for_regions_s holds round 3 until eu is back, so the rejoin is tested, not the race.
     cfg_path = write_tiny_config(
         tmp_path,
         regions={"eu": 500, "us": 400},
-        overrides={"training.rounds": 3, "federation.min_regions": 1, "federation.round_timeout_s": 150},
+        overrides={"training.rounds": 3, "federation.min_regions": 1, "federation.round_timeout_s": 150,
+                   "federation.wait_for_regions_s": 600},
     )
     cfg = load_config(cfg_path)
     state = tmp_path / "state"
@@ -219,6 +223,10 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
     assert "killed" in seen and "restarted" in seen, seen
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    ended = {r["round"]: summary["started"] + r["time_s"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
+    print(f"eu killed {float(seen['killed']) - summary['started']:.0f} s into the run, round 2 ended at "  # type: ignore[arg-type]
+          f"{ended[2] - summary['started']:.0f} s, eu back at {float(seen['restarted']) - summary['started']:.0f} s, "  # type: ignore[arg-type]
+          f"round 3 ended at {ended[3] - summary['started']:.0f} s")
     assert summary["rounds_completed"] == 3
     # What happened, by region: no reply within the round timeout, or (once eu's heartbeat expired, which
     # can come first) the SuperLink's own "Node Unavailable" error reply for it.
@@ -228,7 +236,7 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
     rows = {r["round"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
     assert set(rows[1]["epsilon"]) == {"eu", "us"}
     assert "eu" in rows[2]["failed"] and set(rows[2]["epsilon"]) == {"us"}
-    assert set(rows[3]["epsilon"]) == {"eu", "us"}  # it rejoined and trained again
+    assert set(rows[3]["epsilon"]) == {"eu", "us"} and rows[3]["failed"] == {}  # it rejoined and trained again
 
     after_kill = seen["ledger_after_kill"]
     assert isinstance(after_kill, list) and len(after_kill) >= 1  # round 1's release is on disk
