@@ -76,3 +76,30 @@ def one_thread() -> Iterator[None]:
 
 def requires_shared_data() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"the public CRM tables are not at {SHARED_DATA}")
+
+
+def exact_holdout_metrics(cfg, *, run_dir: Path, state: Path) -> dict[str, float]:  # noqa: ANN001
+    """The served model's AUC and log-loss on the pooled hold-outs, computed at the regions without noise.
+
+    The summary's metrics are DP answers (noisy by design, very noisy on small test hold-outs): tests that
+    judge the model's quality read it here, against scikit-learn.
+    """
+    import numpy as np
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from fedcrm.data.schema import load_schema
+    from fedcrm.evaluation.served import ServedModel
+    from fedcrm.region import NodeSettings, Region
+
+    served, schema = ServedModel.load(run_dir), load_schema(cfg.schema_path)
+    scores, labels = [], []
+    for region, path in cfg.regions.items():
+        data = Region(NodeSettings(region=region, data_path=Path(path), state_dir=state / region,
+                                   policy_path=cfg.policies.get(region))).load(cfg, schema)
+        scores.append(served.proba(data.x[data.holdout]))
+        labels.append(data.y[data.holdout])
+    y, p = np.concatenate(labels), np.clip(np.concatenate(scores), 1e-7, 1 - 1e-7)
+    return {"auc": float(roc_auc_score(y, p)), "log_loss": float(log_loss(y, p))}
+
+
+PERMISSIVE_POLICY = REPO / "configs" / "policies" / "permissive.yaml"

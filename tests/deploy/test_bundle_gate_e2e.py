@@ -22,7 +22,7 @@ from probe_app import read_result, write_probe_app
 from test_deployment_e2e import flower_processes_of
 
 from fedcrm.deploy.approval import SIGNATURE_KEY, bundle_digest, sign_bundle
-from fedcrm.deploy.certs import create_bundle_signing_key, create_certificates
+from fedcrm.deploy.certs import create_bundle_signing_key, create_certificates, create_node_key
 from fedcrm.deploy.local import COMPLETED, LocalDeployment, build_bundle
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
@@ -58,12 +58,13 @@ def test_region_runs_only_approved_bundles_and_refuses_others_before_their_code_
     app_dirs = {"unapproved": unapproved, "tampered": tampered, "shadowing": shadowing, "approved": approved}
 
     workdir = tmp_path / "work"
-    certs = create_certificates(out_dir=workdir / "certs", regions=["eu"])
+    node_private, node_public = create_node_key(out_dir=workdir / "regions" / "eu", region="eu")  # the data owner's
+    certs = create_certificates(out_dir=workdir / "certs", node_public_keys={"eu": node_public})
     results: dict[str, dict[str, object]] = {}
     with LocalDeployment(workdir=workdir, certs=certs, report=lambda s: None) as dep:
         dep.start_superlink()
         node_id = dep.register(certs.supernode_public_keys["eu"])
-        dep.start_supernode("eu", private_key=certs.supernode_private_keys["eu"], trust=trust)
+        dep.start_supernode("eu", private_key=node_private, trust=trust)
         dep.wait_nodes([node_id], status="online")
         for case, app_dir in app_dirs.items():
             out = tmp_path / f"result-{case}.json"

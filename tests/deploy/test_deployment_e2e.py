@@ -124,8 +124,9 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
     assert summary["events"] == {"refused": {}, "failed": {}, "rejected": {}}
     # Each region's key was made in its own folder; the operator's holds no region's private key. The
     # server checked every reply against the registry deploy_local recorded (no "unchecked" warning).
+    # (plus the local bundle reviewer's signing key, which plays every data owner's trusted signer here).
     assert sorted(p.name for p in (tmp_path / "work" / "certs").iterdir()) == [
-        "ca.crt", "ca.key", "server.crt", "server.key"]
+        "bundle-signer-local.key", "bundle-signer-local.pub", "ca.crt", "ca.key", "server.crt", "server.key"]
     assert all((tmp_path / "work" / "regions" / r / f"supernode-{r}.key").is_file() for r in ("eu", "us", "apac"))
     assert not any("no node registry" in w for w in summary["warnings"])
     assert verify(result.run_dir / "audit.log", expect_head=summary["audit_head"]).ok
@@ -368,8 +369,8 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
 
     # -- every num-examples on the wire aggregates at least the policy's minimum of customers ---------
     sent_counts = metric_values(wire_bytes, b"num-examples")
-    # eu and us: 2 training + 2 evaluation replies + the final evaluation each
-    assert len(sent_counts) >= 10, sent_counts
+    # eu and us: 2 training replies + the served model's evaluation each (per-round evaluation is off)
+    assert len(sent_counts) >= 6, sent_counts
     assert min(sent_counts) >= min_customers, sent_counts
     for row in read_metrics(tmp_path / "run" / "metrics.jsonl"):
         for r, m in row["regions"].items():

@@ -12,7 +12,7 @@ import dp_accounting
 import numpy as np
 import pytest
 import yaml
-from conftest import write_tiny_config
+from conftest import exact_holdout_metrics, write_tiny_config
 
 from fedcrm import wire
 from fedcrm.config import load_config
@@ -40,23 +40,6 @@ def worst_customer_epsilon(events: list, delta: float) -> float:
     train = [e for e in events if e.mechanism != "gaussian"]
     holdout = [e for e in events if e.mechanism == "gaussian"]
     return max(dp_accounting_epsilon(train, delta), dp_accounting_epsilon(holdout, delta))
-
-
-def _exact_holdout_auc(cfg, *, run_dir: Path, state: Path) -> float:  # noqa: ANN001
-    """The served model's AUC on the pooled hold-outs, computed at the regions without noise."""
-    from sklearn.metrics import roc_auc_score
-
-    from fedcrm.data.schema import load_schema
-    from fedcrm.evaluation.served import ServedModel
-    from fedcrm.region import NodeSettings, Region
-
-    served, schema = ServedModel.load(run_dir), load_schema(cfg.schema_path)
-    scores, labels = [], []
-    for region, path in cfg.regions.items():
-        data = Region(NodeSettings(region=region, data_path=Path(path), state_dir=state / region)).load(cfg, schema)
-        scores.append(served.proba(data.x[data.holdout]))
-        labels.append(data.y[data.holdout])
-    return float(roc_auc_score(np.concatenate(labels), np.concatenate(scores)))
 
 
 def _ray_processes() -> list[str]:
@@ -89,7 +72,7 @@ def test_dp_run_writes_results_and_ledger_matches_dp_accounting_and_spend_contin
     # large. The model itself is checked exactly, at the regions, against scikit-learn.
     noisy, noise_sd = summary["final_metrics"]["auc"], summary["final_metrics"]["auc_noise_sd"]
     assert 0 <= noisy <= 1 and noise_sd > 0
-    exact = _exact_holdout_auc(cfg, run_dir=tmp_path / "run1", state=tmp_path / "state")
+    exact = exact_holdout_metrics(cfg, run_dir=tmp_path / "run1", state=tmp_path / "state")["auc"]
     assert exact > 0.6  # the synthetic label depends on the features
     assert abs(noisy - exact) < 5 * noise_sd + 0.05
     assert (noise_sd > 0.03) == any("noise alone moves it" in w for w in summary["warnings"])

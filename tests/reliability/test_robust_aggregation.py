@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tiny_config
+from conftest import PERMISSIVE_POLICY, exact_holdout_metrics, write_tiny_config
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from fedcrm import wire
@@ -37,11 +37,18 @@ def _run(tmp_path: Path, strategy: str, *, poisoned: bool, guard: bool = False) 
     # guard=False switches off the norm screen, to see what the aggregation rule alone does.
     name = f"{strategy}-{poisoned}-{guard}"
     path = write_tiny_config(tmp_path / name, regions=REGIONS, overrides={
-        "federation.strategy": strategy, "privacy.mode": "none", "training.rounds": 3, "federation.min_regions": 3,
-        "federation.outlier_norm_ratio": 10.0 if guard else None})
+        "federation.strategy": strategy, "privacy.mode": "none", "privacy.target_epsilon": None,
+        "training.rounds": 3, "federation.min_regions": 3, "federation.outlier_norm_ratio": 10.0 if guard else None,
+        # Non-private training needs the regions' consent (their policies).
+        "policies": {r: str(PERMISSIVE_POLICY) for r in REGIONS}})
     mods = [scaled_updates_from("r0", -40.0)] if poisoned else []
-    return run_simulated(load_config(path), run_dir=tmp_path / name / "run",
-                         state_root=tmp_path / name / "state", report=lambda s: None, client_mods=mods)
+    cfg = load_config(path)
+    summary = run_simulated(cfg, run_dir=tmp_path / name / "run", state_root=tmp_path / name / "state",
+                            report=lambda s: None, client_mods=mods)
+    # The model's quality exactly (the summary's metrics are DP answers, too noisy on these small hold-outs).
+    summary["final_metrics"] = exact_holdout_metrics(cfg, run_dir=tmp_path / name / "run",
+                                                     state=tmp_path / name / "state")
+    return summary
 
 
 @pytest.mark.slow  # six 5-region simulations
