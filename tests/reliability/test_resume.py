@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import write_tiny_config
 from flwr.app import Context, Message
 
@@ -39,6 +40,7 @@ def record_first_start(store: Path) -> Callable[[Message, Context, Callable[...,
     return mod
 
 
+@pytest.mark.slow  # two full runs, one killed mid-way (~95 s): make test-slow
 def test_killed_run_resumes_from_its_checkpoints_and_keeps_every_charge(tmp_path: Path) -> None:
     """A resumed run cannot equal an uninterrupted one bit for bit: each round retried after the crash is a
     new release with fresh noise. What holds: the checkpoints of the rounds completed before the crash are
