@@ -103,3 +103,17 @@ def exact_holdout_metrics(cfg, *, run_dir: Path, state: Path) -> dict[str, float
 
 
 PERMISSIVE_POLICY = REPO / "configs" / "policies" / "permissive.yaml"
+
+
+def one_region(tmp_path: Path, *, customers: int, overrides: dict | None = None, policy: dict | None = None):  # noqa: ANN201
+    """A tiny one-region config and the node settings of its region ``eu`` (with ``policy`` as its file)."""
+    from fedcrm.config import load_config
+    from fedcrm.region import NodeSettings
+
+    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": customers}, overrides=overrides))
+    policy_path = None
+    if policy is not None:
+        policy_path = tmp_path / "eu-policy.yaml"
+        policy_path.write_text(yaml.safe_dump(policy))
+    return cfg, NodeSettings(region="eu", data_path=Path(cfg.regions["eu"]), state_dir=tmp_path / "state" / "eu",
+                             policy_path=policy_path)

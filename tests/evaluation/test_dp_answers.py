@@ -12,27 +12,20 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
-import yaml
-from conftest import write_tiny_config
+from conftest import one_region
 
-from fedcrm.config import ExperimentConfig, load_config
+from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import load_schema
 from fedcrm.errors import PolicyError
 from fedcrm.models import build_model, get_weights
-from fedcrm.region import NodeSettings, Region
+from fedcrm.region import Region
 from fedcrm.unlearning.shards import holdout_mask
 from fedcrm.unlearning.tombstones import Tombstones
 
 
 def _region(tmp_path: Path, *, policy: dict | None = None, overrides: dict | None = None,
             customers: int = 800) -> tuple[ExperimentConfig, Region]:
-    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": customers}, overrides=overrides))
-    policy_path = None
-    if policy is not None:
-        policy_path = tmp_path / "policy.yaml"
-        policy_path.write_text(yaml.safe_dump(policy))
-    settings = NodeSettings(region="eu", data_path=Path(cfg.regions["eu"]), state_dir=tmp_path / "state" / "eu",
-                            policy_path=policy_path)
+    cfg, settings = one_region(tmp_path, customers=customers, overrides=overrides, policy=policy)
     return cfg, Region(settings)
 
 

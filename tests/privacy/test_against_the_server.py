@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import write_tiny_config
+from conftest import one_region, write_tiny_config
 
 from fedcrm.config import ExperimentConfig, load_config
 from fedcrm.data.schema import load_schema
@@ -28,13 +27,7 @@ Weights = dict[str, np.ndarray]
 
 def _setup(tmp_path: Path, *, overrides: dict | None = None, policy: dict | None = None,
            customers: int = 600) -> tuple[ExperimentConfig, NodeSettings]:
-    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": customers}, overrides=overrides))
-    policy_path = None
-    if policy is not None:
-        policy_path = tmp_path / "eu-policy.yaml"
-        policy_path.write_text(yaml.safe_dump(policy))
-    return cfg, NodeSettings(region="eu", data_path=Path(cfg.regions["eu"]), state_dir=tmp_path / "state" / "eu",
-                             policy_path=policy_path)
+    return one_region(tmp_path, customers=customers, overrides=overrides, policy=policy)
 
 
 def _start(cfg: ExperimentConfig, region: Region) -> Weights:
