@@ -189,11 +189,12 @@ def plan_retrain(run_dir: Path, *, state_root: Path) -> RetrainPlan:
     return plan
 
 
-def check_retrain_budget(plan: RetrainPlan) -> None:
-    """Refuse, before anything is trained or spent, a retrain that a region's policy or budget would refuse.
+def retrain_releases(plan: RetrainPlan) -> dict[str, tuple[Region, dict[int, GaussianRelease]]]:
+    """What each region would release for each stale shard: the whole retrain, all rounds, as one release.
 
     Each region plans σ exactly as it will when training (σ depends only on its shard's size, the batch
-    size, the rounds and the target ε) and checks the whole retrain, all rounds, against its ledger.
+    size, the rounds and the target ε). A region that would refuse to take part raises here. Regions of a
+    non-private run (privacy.mode none) release nothing the accountant can price: their dict is empty.
     """
     cfg = plan.cfg
     schema = load_schema(cfg.schema_path)
@@ -207,22 +208,32 @@ def check_retrain_budget(plan: RetrainPlan) -> None:
             raise UnlearningError(f"region {region} refuses the erasure retrain: {e}") from e
         except FedcrmError as e:
             raise UnlearningError(f"region {region} cannot take part in the erasure retrain: {e}") from e
+    out: dict[str, tuple[Region, dict[int, GaussianRelease]]] = {}
     for region, (r, data) in loaded.items():
+        releases: dict[int, GaussianRelease] = {}
         for k in plan.stale:
             n = int((~data.holdout & (data.shard == k)).sum())
             if n < r.policy.min_customers:
                 raise UnlearningError(
                     f"region {region} refuses the erasure retrain: shard {k} keeps {n} training customers, fewer "
                     f"than its policy's minimum {r.policy.min_customers} behind any update")
-            if cfg.privacy.mode == "none":
-                continue
             if cfg.privacy.mode == "sample_dp":
                 declared = r.policy.declared_size(n)
                 q, steps = sampling_plan(n=declared, batch_size=cfg.training.batch_size,
                                          epochs=cfg.training.local_epochs)
-                release = GaussianRelease(r.noise_multiplier(cfg, n=declared), q, steps * cfg.training.rounds)
-            else:
-                release = GaussianRelease(cfg.privacy.client_noise_multiplier, 1.0, cfg.training.rounds)
+                releases[k] = GaussianRelease(r.noise_multiplier(cfg, n=declared), q, steps * cfg.training.rounds)
+            elif cfg.privacy.mode != "none":
+                releases[k] = GaussianRelease(cfg.privacy.client_noise_multiplier, 1.0, cfg.training.rounds)
+        out[region] = (r, releases)
+    return out
+
+
+def check_retrain_budget(plan: RetrainPlan) -> None:
+    """Refuse, before anything is trained or spent, a retrain that a region's policy or budget would refuse:
+    every region's whole retrain (:func:`retrain_releases`) checked against its ledger."""
+    cfg = plan.cfg
+    for region, (r, releases) in retrain_releases(plan).items():
+        for k, release in releases.items():
             try:
                 r.ledger.check_budget(budget=r.policy.privacy_budget, delta=r.delta, accountant=cfg.privacy.accountant,
                                       shard=k, shards=cfg.unlearning.shards, next_release=release)
