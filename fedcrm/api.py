@@ -63,9 +63,13 @@ def run(
     out: str | Path | None = None,
     state: str | Path = "state",
     quiet: bool = True,
+    ray_address: str | None = None,
     **overrides: Any,
 ) -> Run:
     """Train in simulation, as ``fedcrm run`` does; ``overrides`` replace config keys before it starts.
+
+    ``ray_address``: run the simulation's ClientApps on this running Ray cluster (``HOST:PORT``), as
+    ``fedcrm run --ray-address`` does.
 
     A key names a config entry with ``__`` or ``.`` between levels (``training__rounds=20``,
     ``**{"privacy.target_epsilon": 1}``); the result is validated like the file and recorded in the
@@ -79,7 +83,7 @@ def run(
         cfg = cfg.with_overrides({k.replace("__", "."): v for k, v in overrides.items()}, source="fedcrm.run()")
     run_dir = Path(out) if out else cfg.output_dir / cfg.name
     cfg = materialise_regions(cfg, data_dir=run_dir / "regions")
-    summary = run_simulated(cfg, run_dir=run_dir, state_root=Path(state),
+    summary = run_simulated(cfg, run_dir=run_dir, state_root=Path(state), ray_address=ray_address,
                             report=(lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)))
     return Run(path=run_dir, summary=summary)
 

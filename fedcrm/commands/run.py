@@ -35,6 +35,15 @@ def run(
             "8 regions, at most one per core; more only pays off when regions have large tables."
         ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address", envvar="FEDCRM_RAY_ADDRESS",
+            help="Run the simulation's ClientApps on this running Ray cluster (HOST:PORT of its head, as "
+            "`ray start --head` prints) instead of starting Ray here: one ClientApp per CPU of every node. "
+            "Every node must see the regions' data files and the fedcrm install (docs/deployment.md).",
+        ),
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="KEY=VALUE replacing a config key (repeatable), typed as YAML and validated "
@@ -65,7 +74,8 @@ def run(
         if resume and not (run_dir / "config.yaml").exists():
             raise FedcrmError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
         summary = run_simulated(
-            cfg, run_dir=run_dir, state_root=state, report=progress, resume=resume, processes=processes
+            cfg, run_dir=run_dir, state_root=state, report=progress, resume=resume, processes=processes,
+            ray_address=ray_address,
         )
         if cfg.tracking.kind != "none":
             from fedcrm.report import write_run_report

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.config import ExperimentConfig
+from fedcrm.errors import ConfigError
 from fedcrm.fl.client import build_client_app
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
@@ -103,13 +105,16 @@ def run_simulated(
     report: Report = print,
     client_mods: Sequence[Callable[..., Message]] = (),
     processes: int | None = None,
+    ray_address: str | None = None,
     **federation_kwargs: Any,
 ) -> dict[str, Any]:
     """Run the experiment in simulation; returns the run summary. Leaves no process behind.
 
     ``client_mods`` are extra Flower client mods (e.g. fault injection in tests), applied inside the
     node-config mod so they see the region's settings. ``processes``: ClientApp processes to run
-    (default: :func:`client_processes`).
+    (default: :func:`client_processes`). ``ray_address``: attach to this running Ray cluster (``HOST:PORT``
+    of its head) instead of starting Ray here; the cluster's CPUs decide how many ClientApps run, one per
+    CPU on every node, and the cluster is left running.
     """
     from flwr.simulation import run_simulation
 
@@ -136,18 +141,9 @@ def run_simulated(
             outcome["error"] = e
 
     client_app = build_client_app(mods=[simulated_node_config(nodes, registry=registry), *client_mods])
-    # Ray starts as many actors as the CPUs it is given allow at 1 CPU each.
-    actors = client_processes(len(nodes)) if processes is None else processes
-    if actors < 1:
-        raise ValueError(f"processes must be >= 1, got {actors}")
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": actors,
-            "include_dashboard": False,
-            "log_to_driver": False,
-            "logging_level": logging.ERROR,
-        },
+        "init_args": _ray_init_args(len(nodes), processes=processes, ray_address=ray_address),
     }
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=len(nodes), backend_config=backend_config
@@ -159,6 +155,39 @@ def run_simulated(
         raise RuntimeError("the simulation ended without a result (see Flower's log above)")
     summary: dict[str, Any] = outcome["summary"]
     return summary
+
+
+def _ray_init_args(regions: int, *, processes: int | None, ray_address: str | None) -> dict[str, Any]:
+    """How Flower's Ray backend starts Ray, or attaches to a cluster that is already running.
+
+    Flower starts as many ClientApp actors as the CPUs Ray has allow at 1 CPU each: here, the processes
+    asked for; on an existing cluster, every CPU of every node (Ray refuses a CPU count when it attaches).
+    """
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if ray_address is not None:
+        if processes is not None:
+            raise ConfigError("--processes and --ray-address: on a Ray cluster the cluster's CPUs decide how many "
+                              "ClientApps run; give one or the other")
+        _check_reachable(ray_address)
+        return {"address": ray_address, **quiet}
+    actors = client_processes(regions) if processes is None else processes
+    if actors < 1:
+        raise ValueError(f"processes must be >= 1, got {actors}")
+    return {"num_cpus": actors, "include_dashboard": False, **quiet}
+
+
+def _check_reachable(ray_address: str) -> None:
+    """Fail at once, in words, when the head is not there (Ray itself retries for a minute, then hangs
+    Flower's backend thread)."""
+    host, _, port = ray_address.rpartition(":")
+    if not host or not port.isdigit() or "://" in host:
+        raise ConfigError(f"--ray-address {ray_address!r}: expected HOST:PORT of the Ray head's GCS "
+                          "(what `ray start --head --port PORT` prints), e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"--ray-address {ray_address}: no Ray head answers there ({e}). Start one with "
+                          f"`ray start --head --port {port}`, or leave --ray-address out to run on this machine") from e
 
 
 def _stop_ray() -> None:
