@@ -173,7 +173,9 @@ def _ray_init_args(regions: int, *, processes: int | None, ray_address: str | No
     actors = client_processes(regions) if processes is None else processes
     if actors < 1:
         raise ValueError(f"processes must be >= 1, got {actors}")
-    return {"num_cpus": actors, "include_dashboard": False, **quiet}
+    # "local": a Ray of this run's own, even when a cluster runs on this machine (`ray start` leaves its
+    # address in /tmp/ray for ray.init() to join, and joining refuses a CPU count).
+    return {"address": "local", "num_cpus": actors, "include_dashboard": False, **quiet}
 
 
 def _check_reachable(ray_address: str) -> None:

@@ -8,10 +8,12 @@ cluster is left running for the next run, and stops only the nodes it started.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,11 +55,15 @@ def loopback_ray_cluster(nodes: int, *, logs: Path) -> Iterator[str]:
     port = _free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The head's own temp folder (short: Ray's socket paths must fit 107 bytes), so that the address
+    # `ray start` leaves for ray.init() to join is not /tmp/ray's, which every Ray on the machine reads.
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     started: list[subprocess.Popen[bytes]] = []
     logs.mkdir(parents=True, exist_ok=True)
     try:
         for i in range(nodes):
-            where = ["--head", f"--port={port}", "--include-dashboard=false"] if i == 0 else [f"--address={address}"]
+            head = ["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"]
+            where = head if i == 0 else [f"--address={address}"]
             with (logs / f"node-{i}.log").open("wb") as log:
                 started.append(subprocess.Popen([str(RAY), "start", *where, "--num-cpus=1", "--block"],
                                                 stdout=log, stderr=subprocess.STDOUT, env=env))
@@ -74,6 +80,7 @@ def loopback_ray_cluster(nodes: int, *, logs: Path) -> Iterator[str]:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _head_up(port: int) -> set[str]:
