@@ -249,8 +249,11 @@ def run_sweep(
     engine: Literal["shared", "per_cell"] | None = None,
     report: Report = print,
     progress: Callable[[int, int], None] | None = None,
+    ray_address: str | None = None,
 ) -> pd.DataFrame:
     """Run every incomplete cell; write the results table after each cell; return it.
+
+    ``ray_address``: the federated cells run on that running Ray cluster (``fedcrm sweep --ray-address``).
 
     ``progress(done, to_run)`` is called before the first cell and after each one (a progress bar's hook).
     """
@@ -323,7 +326,8 @@ def run_sweep(
             timings["engines_started"] += 1
             try:
                 result: dict[str, Any] | BaseException = run_simulated(
-                    o.cfg, run_dir=o.run_dir, state_root=sweep_dir / "state" / o.cell.id, report=lambda s: None)
+                    o.cfg, run_dir=o.run_dir, state_root=sweep_dir / "state" / o.cell.id, report=lambda s: None,
+                    ray_address=ray_address)
             except Exception as e:
                 result = e
             done(o, result)
@@ -344,7 +348,7 @@ def run_sweep(
                 done(by_name[r.cfg.name], result)
 
             try:
-                run_many_simulated(runs, report=lambda s: None, on_done=on_done)
+                run_many_simulated(runs, report=lambda s: None, on_done=on_done, ray_address=ray_address)
             except Exception as e:
                 for o in group:
                     if o.status == "pending":

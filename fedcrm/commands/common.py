@@ -35,6 +35,15 @@ out = Console(soft_wrap=True)
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # inherited by every group and command
 
 DEFAULT_STATE = Path("state")
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", envvar="FEDCRM_RAY_ADDRESS",
+        help="Run the simulation's ClientApps on this running Ray cluster (HOST:PORT of its head, as "
+        "`ray start --head` prints) instead of starting Ray here: one ClientApp per CPU of every node. "
+        "Every node must see the regions' data files and the fedcrm install (docs/deployment.md).",
+    ),
+]
 StateOpt = Annotated[
     Path,
     typer.Option(

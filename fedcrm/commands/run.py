@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from fedcrm.commands.common import DEFAULT_STATE, StateOpt, console, exit_with, out, progress
+from fedcrm.commands.common import DEFAULT_STATE, RayAddressOpt, StateOpt, console, exit_with, out, progress
 from fedcrm.errors import FedcrmError
 from fedcrm.overrides import parse_overrides  # `fedcrm run --set`, and the deployment run config
 
@@ -35,15 +35,7 @@ def run(
             "8 regions, at most one per core; more only pays off when regions have large tables."
         ),
     ] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            "--ray-address", envvar="FEDCRM_RAY_ADDRESS",
-            help="Run the simulation's ClientApps on this running Ray cluster (HOST:PORT of its head, as "
-            "`ray start --head` prints) instead of starting Ray here: one ClientApp per CPU of every node. "
-            "Every node must see the regions' data files and the fedcrm install (docs/deployment.md).",
-        ),
-    ] = None,
+    ray_address: RayAddressOpt = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="KEY=VALUE replacing a config key (repeatable), typed as YAML and validated "

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from fedcrm.commands.common import EXIT_CHECK_FAILED, EXIT_USAGE, console, exit_with, out
+from fedcrm.commands.common import EXIT_CHECK_FAILED, EXIT_USAGE, RayAddressOpt, console, exit_with, out
 from fedcrm.errors import FedcrmError
 
 
@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
                          "a fresh engine per cell. Default: the sweep file's `engine`."),
         ] = None,
         report: Annotated[bool, typer.Option(help="Write the sweep report (HTML + Markdown) at the end.")] = True,
+        ray_address: RayAddressOpt = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the cells' results as one JSON document.")] = False,
     ) -> None:
         """Run a grid of experiments × seeds: one run folder and one state folder per cell.
@@ -46,7 +47,8 @@ def register(app: typer.Typer) -> None:
             sweep_dir = (out_dir or spec.output_dir / spec.name).resolve()
             with ProgressBar(description=f"sweep {spec.name}: cells", total=None, console=console) as bar:
                 df = run_sweep(spec, out_dir=sweep_dir, engine=engine, report=bar.log,  # type: ignore[arg-type]
-                               progress=lambda done, total: bar.update(completed=done, total=total))
+                               progress=lambda done, total: bar.update(completed=done, total=total),
+                               ray_address=ray_address)
             if report:
                 from fedcrm.report import write_sweep_report
 

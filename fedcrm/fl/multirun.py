@@ -31,7 +31,7 @@ from fedcrm.errors import FederationError
 from fedcrm.fl.client import build_client_app
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
-from fedcrm.fl.simulation import NodeConfigs, client_processes, simulated_nodes
+from fedcrm.fl.simulation import NodeConfigs, simulated_nodes
 
 log = logging.getLogger("fedcrm.sweep")
 
@@ -89,15 +89,17 @@ def run_many_simulated(
     *,
     report: Report = print,
     on_done: OnDone | None = None,
+    ray_address: str | None = None,
 ) -> list[Outcome]:
     """Run every experiment in one engine, in order; one outcome (summary or exception) per run.
 
     All runs must have the same number of regions (one virtual node per region). A failing run is
     returned as its exception and the next one starts; ``on_done`` is called after each run.
+    ``ray_address``: run on that running Ray cluster (see :func:`fedcrm.fl.simulation.run_simulated`).
     """
     from flwr.simulation import run_simulation
 
-    from fedcrm.fl.simulation import _quiet_flower, _stop_ray
+    from fedcrm.fl.simulation import _quiet_flower, _stop_ray, ray_init_args
 
     if not runs:
         return []
@@ -139,8 +141,7 @@ def run_many_simulated(
     client_app = build_client_app(mods=[cell_node_config(tables, registries=registries)])
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": client_processes(n_nodes), "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": logging.ERROR},
+        "init_args": ray_init_args(n_nodes, processes=None, ray_address=ray_address),
     }
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes,
                    backend_config=backend_config)

@@ -143,7 +143,7 @@ def run_simulated(
     client_app = build_client_app(mods=[simulated_node_config(nodes, registry=registry), *client_mods])
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": _ray_init_args(len(nodes), processes=processes, ray_address=ray_address),
+        "init_args": ray_init_args(len(nodes), processes=processes, ray_address=ray_address),
     }
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=len(nodes), backend_config=backend_config
@@ -157,7 +157,7 @@ def run_simulated(
     return summary
 
 
-def _ray_init_args(regions: int, *, processes: int | None, ray_address: str | None) -> dict[str, Any]:
+def ray_init_args(regions: int, *, processes: int | None, ray_address: str | None) -> dict[str, Any]:
     """How Flower's Ray backend starts Ray, or attaches to a cluster that is already running.
 
     Flower starts as many ClientApp actors as the CPUs Ray has allow at 1 CPU each: here, the processes
