@@ -143,6 +143,9 @@ def run_simulated(
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
+            # "local": always a Ray of this run's own. Without an address, ray.init attaches to any Ray
+            # already running on the machine (another run's, another user's) and then refuses num_cpus.
+            "address": "local",
             "num_cpus": actors,
             "include_dashboard": False,
             "log_to_driver": False,
