@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.config import ExperimentConfig
 from fedcrm.fl.client import build_client_app
+from fedcrm.fl.delivery import use_one_pass_delivery
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
 
@@ -152,9 +153,10 @@ def run_simulated(
             "logging_level": logging.ERROR,
         },
     }
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=len(nodes), backend_config=backend_config
-    )
+    with use_one_pass_delivery():  # Flower's delivery scans its store once per node: N² per sweep
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=len(nodes), backend_config=backend_config
+        )
     _stop_ray()
     if "error" in outcome:
         raise outcome["error"]
