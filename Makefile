@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedcrm-installed
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo test test-slow test-soak test-deployment lint bench bench-scale clean
+.PHONY: setup demo test test-slow test-soak test-deployment lint bench bench-scale bench-tenants clean
 
 setup: $(STAMP)
 
@@ -44,10 +44,12 @@ test-deployment: $(STAMP)
 # The issue's benchmarks in about 8 minutes, each printing its table (docs/benchmarks.md has the figures):
 # local DP training, end-to-end Telco vs the baseline, 100 tenants, erasure latency, scoring throughput,
 # the cost of DP evaluation answers, retrains a budget serves, the privacy audit's power.
+# BENCH_SCALE_CELLS picks the tenant rows (`make bench-tenants` runs the 100 / 500 / 1,000 rows).
+BENCH_SCALE_CELLS ?= 10x1000,100x1000
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_local_training.py --reps 3
 	$(BIN)/python experiments/bench_end_to_end.py --rounds 20
-	$(BIN)/python experiments/bench_scale.py --cells 10x1000,100x1000 --rounds 10
+	$(BIN)/python experiments/bench_scale.py --cells $(BENCH_SCALE_CELLS) --rounds 10
 	$(BIN)/python experiments/bench_erasure.py --datasets telco --shards 1,8 --rounds 5
 	$(BIN)/python experiments/bench_scoring.py --customers 1000000 --reasons-customers 100000
 	$(BIN)/python experiments/bench_dp_evaluation.py --datasets telco,bank --draws 200
@@ -57,6 +59,11 @@ bench: $(STAMP)
 # The whole scale grid: 10-200 tenants, 1k-100k customers each (about 7 minutes on 2 cores).
 bench-scale: $(STAMP)
 	$(BIN)/python experiments/bench_scale.py --cells 10x1000,50x1000,100x1000,200x1000,10x10000,10x100000
+
+# 100, 500 and 1,000 tenants x 1k customers x 10 rounds, and 1,000 tenants with 10 % drawn per round
+# (federation.fraction_train): about 15 minutes on 2 quiet cores.
+bench-tenants: $(STAMP)
+	$(BIN)/python experiments/bench_scale.py --cells 100x1000,500x1000,1000x1000,1000x1000@0.1 --rounds 10
 
 clean:
 	rm -rf runs state data/demo .pytest_cache .mypy_cache .ruff_cache

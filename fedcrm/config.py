@@ -74,7 +74,13 @@ class FederationConfig(_Section):
         0.2, ge=0, lt=0.5, description="fedtrimmedavg: share of regions cut at each end, per coordinate"
     )
     hostile_regions: int = Field(1, ge=0, description="krum: how many regions may send hostile updates")
-    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="share of the regions taking part that each round trains (Flower's "
+        "FedAvg parameter): int(regions × fraction_train), at least min_regions, drawn at random by the server. "
+        "Only the regions drawn train and are charged. The server knows whom it drew, so this sampling gives "
+        "the customers no privacy amplification and no accountant counts it; each region still plans σ for "
+        "all training.rounds, so a region drawn in fewer rounds ends below its target ε (conservative)",
+    )
     min_regions: int = Field(1, ge=1, description="fewest regions a round may aggregate")
     round_timeout_s: float = Field(600.0, gt=0)
     wait_for_regions_s: float = Field(

@@ -209,7 +209,8 @@ def train_constituent(
             "time_s": round(time.time() - t0, 3),
             "pooled": pooled,
             "regions": per_region,
-            "epsilon": eps,
+            "epsilon": eps,  # the regions that trained this round (their ledgers hold a release for it)
+            "selected": ev.selected,  # the regions the server's sample asked to train (federation.fraction_train)
             "refused": ev.refused,
             "failed": ev.failed,
             "rejected": ev.rejected,

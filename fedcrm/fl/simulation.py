@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcrm.config import ExperimentConfig
 from fedcrm.errors import ConfigError
 from fedcrm.fl.client import build_client_app
+from fedcrm.fl.delivery import use_one_pass_delivery
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
 
@@ -145,9 +146,10 @@ def run_simulated(
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": ray_init_args(len(nodes), processes=processes, ray_address=ray_address),
     }
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=len(nodes), backend_config=backend_config
-    )
+    with use_one_pass_delivery():  # Flower's delivery scans its store once per node: N² per sweep
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=len(nodes), backend_config=backend_config
+        )
     _stop_ray()
     if "error" in outcome:
         raise outcome["error"]

@@ -16,7 +16,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -51,11 +51,14 @@ class RoundEvents:
     failed: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     train: dict[str, dict[str, float]] = field(default_factory=dict)
+    selected: list[str] = field(default_factory=list)  # regions the server asked to train (its sample)
 
 
 def build_strategy(cfg: ExperimentConfig, *, regions: int) -> Strategy:
     fed = cfg.federation
     common: dict[str, Any] = dict(
+        # Flower's own sampler: each round trains int(eligible × fraction_train) regions, at least
+        # min_regions, drawn by the server (see FederationConfig.fraction_train: no privacy amplification).
         fraction_train=fed.fraction_train,
         # Every evaluation answer is a DP release charged to the regions' hold-outs: per round only on request.
         fraction_evaluate=1.0 if cfg.evaluation.every_round else 0.0,
@@ -252,6 +255,26 @@ def pooled_trust(replies: Iterable[Message], *, schema: Schema) -> dict[str, Any
     return pooled.report(schema=schema)
 
 
+class EligibleNodes:
+    """The grid as the inner strategy's sampler sees it: only the nodes that may train in this run.
+
+    Flower's FedAvg samples ``int(connected × fraction_train)`` of the *connected* nodes. A node that refused
+    the plan at pre-flight (or misclaimed its region) is still connected: drawn and then dropped, it would
+    leave the round with fewer regions than the fraction asks, or fewer than ``min_regions``.
+    Everything else is the real grid's.
+    """
+
+    def __init__(self, grid: Grid, *, excluded: set[int]) -> None:
+        self._grid = grid
+        self._excluded = excluded
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class GuardedStrategy(Strategy):
     """Wraps a Flower strategy: screens replies before the inner strategy aggregates them."""
 
@@ -295,9 +318,12 @@ class GuardedStrategy(Strategy):
         self.expected = {k: tuple(v.shape) for k, v in arrays.items()}
         self.global_weights = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
         self._await_regions(server_round, grid)
-        msgs = self.inner.configure_train(server_round, arrays, config, grid)
+        eligible = cast(Grid, EligibleNodes(grid, excluded=self.excluded_nodes))
+        msgs = self.inner.configure_train(server_round, arrays, config, eligible)
         out = [m for m in msgs if m.metadata.dst_node_id not in self.excluded_nodes]
         self.sent[("train", server_round)] = out
+        ev = self.events.setdefault(server_round, RoundEvents())
+        ev.selected = sorted(self._region_of(m.metadata.dst_node_id) for m in out)
         return out
 
     def _await_regions(self, server_round: int, grid: Grid, *, poll_s: float = 0.5) -> None:
