@@ -29,6 +29,7 @@ from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.errors import FederationError
 from fedcrm.fl.client import build_client_app
+from fedcrm.fl.delivery import use_one_pass_delivery
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
 from fedcrm.fl.simulation import NodeConfigs, simulated_nodes
@@ -143,8 +144,9 @@ def run_many_simulated(
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": ray_init_args(n_nodes, processes=None, ray_address=ray_address),
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes,
-                   backend_config=backend_config)
+    with use_one_pass_delivery():
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes,
+                       backend_config=backend_config)
     _stop_ray()
     # Runs the engine never reached (it failed to start) are reported as such.
     for r in runs[len(outcomes):]:
