@@ -33,7 +33,6 @@ def region_secret(state_dir: Path) -> str:
     if not path.exists():
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         create_once(path, secrets.token_hex(32).encode("ascii"), what="create the region's secret", mode=0o600)
-    check_private(path, what="the region's secret")
     secret = path.read_text().strip()
     if not secret:
         # An empty key would still hash ids: every token and shard would silently change meaning.
@@ -42,6 +41,7 @@ def region_secret(state_dir: Path) -> str:
             "withdrawals and shards depend on it: restore the file from a backup, or delete it only if the "
             "region has no tombstones, withdrawals or trained shards yet"
         )
+    check_private(path, what="the region's secret")
     return secret
 
 
