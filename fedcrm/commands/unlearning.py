@@ -152,7 +152,7 @@ def _print_receipts(receipts: list[dict[str, Any]]) -> None:
 
     if not receipts:
         return
-    t = Table("request", "region", "customer (salted hash)", "shard", "version", "status", "ε before -> after")
+    t = Table("request", "region", "customer (keyed hash)", "shard", "version", "status", "ε before -> after")
     for receipt in receipts:
         for r in receipt["runs"]:
             p = r.get("privacy") or {}

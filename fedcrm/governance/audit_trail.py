@@ -5,7 +5,8 @@ Every region keeps ``<state>/<region>/audit.log`` next to its ledger; the server
 checks are :mod:`fedcrm.governance.audit_log`; this module only decides what goes in.
 
 Actors: a command run by a person names them (``--operator NAME``, else ``$USER``); things a node does
-on its own name the node (``region:<name>``, ``server``). Customer ids appear only as salted hashes.
+on its own name the node (``region:<name>``, ``server``). Customer ids appear only in a region's log, as
+keyed hashes under the region's secret.
 """
 
 from __future__ import annotations
@@ -21,22 +22,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec
 
-from fedcrm.governance.audit_log import AuditAction, AuditLog
+from fedcrm.governance.audit_log import AUDIT_FILE, AuditAction, AuditLog
+from fedcrm.governance.customer_refs import RegionAuditLog
 from fedcrm.governance.policy import RegionPolicy
 
-AUDIT_FILE = "audit.log"
 SERVER_ACTOR = "server"
 
 P = ParamSpec("P")
 
 
-def region_audit_log(state_dir: Path) -> AuditLog:
-    """The region's own audit log, in its state folder (created on first use)."""
-    return AuditLog.open(Path(state_dir) / AUDIT_FILE)
+def region_audit_log(state_dir: Path) -> RegionAuditLog:
+    """The region's own audit log, in its state folder (created on first use); customers in it are keyed
+    hashes under the region's secret (:mod:`fedcrm.governance.customer_refs`)."""
+    return RegionAuditLog.in_state(Path(state_dir))
 
 
 def server_audit_log(run_dir: Path) -> AuditLog:
-    """The server's audit log of a run folder: every run and retrain written into it."""
+    """The server's audit log of a run folder: every run and retrain written into it. It never names a
+    customer, so it has no customer key (the server holds no region's secret)."""
     return AuditLog.open(Path(run_dir) / AUDIT_FILE)
 
 

@@ -10,7 +10,7 @@ described by ``schemas/export-v1.schema.json``:
 - ``models``: per run given, whether their data trained it (their shard, whether they were held out),
   their current score from the served model and a short explanation of it;
 - ``history``: the region's audit log entries about this customer (erasure, consent, exports), in
-  which the customer appears only as a salted hash.
+  which the customer appears only as a keyed hash.
 
 The CSV form is the same document flattened: one row per leaf, ``field`` its JSON path.
 """
@@ -37,8 +37,8 @@ from fedcrm.data.schema import Schema
 from fedcrm.durable import storage_error, write_text_atomically
 from fedcrm.errors import DataError, UnlearningError
 from fedcrm.evaluation.served import ServedModel
-from fedcrm.governance.audit_log import AuditLog
 from fedcrm.governance.consent import ConsentWithdrawals
+from fedcrm.governance.customer_refs import RegionAuditLog
 from fedcrm.models import get_weights, predict_proba
 from fedcrm.run_summary import RunSummary
 from fedcrm.runs import MODEL_META, ModelMeta, RunDir
@@ -64,7 +64,7 @@ class ExportRequest:
     runs: tuple[Path, ...] = ()
 
 
-def build_export(request: ExportRequest, *, audit: AuditLog) -> dict[str, Any]:
+def build_export(request: ExportRequest, *, audit: RegionAuditLog) -> dict[str, Any]:
     """The export document; UnlearningError for a forgotten customer, DataError for an unknown one."""
     cid = request.customer_id
     tombstones = Tombstones(request.state_dir)
@@ -123,13 +123,14 @@ def build_export(request: ExportRequest, *, audit: AuditLog) -> dict[str, Any]:
         "features": features,
         "consent": consent,
         "models": models,
-        "history": _history(audit, ref),
+        "history": _history(audit, cid),
         "notes": [
             "record: the row as stored, columns the schema declares only; other columns are never read.",
             "features: values in [0, 1] computed from the schema's declared bounds and vocabularies.",
             "models.trained_on_their_data uses today's consent; a withdrawal after a run took effect from "
             "the retrain or run that followed it.",
-            "history: the customer appears in the audit log only as customer_ref, a salted hash.",
+            "history: the customer appears in the audit log only as customer_ref, a keyed hash under the "
+            "region's secret.",
         ],
     }
 
@@ -214,24 +215,12 @@ def explain(
     }
 
 
-def _mentions(obj: Any, ref: str) -> bool:
-    if isinstance(obj, str):
-        return obj == ref
-    if isinstance(obj, dict):
-        return any(_mentions(v, ref) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_mentions(v, ref) for v in obj)
-    return False
-
-
-def _history(audit: AuditLog, ref: str) -> list[dict[str, Any]]:
-    """The region's audit entries about this customer (only intact chains are read)."""
-    if not audit.path.exists() or audit.path.stat().st_size == 0:
-        return []
+def _history(audit: RegionAuditLog, customer_id: str) -> list[dict[str, Any]]:
+    """The region's audit entries about this customer (only intact chains are read), under today's key
+    and, for entries written before the region's key took over, the log's legacy salt."""
     return [
         {"seq": e.seq, "time": e.time, "actor": e.actor, "action": e.action, "details": e.details}
-        for e in audit.entries()
-        if _mentions(e.details, ref)
+        for e in audit.entries_about(customer_id)
     ]
 
 

@@ -4,7 +4,7 @@ Erasure and consent withdrawal are the same kind of request: the customer's data
 (every purpose, or one), the constituents that trained on them are served without them, and the
 request gets a receipt. One store holds both, ``<state>/requests/<request_id>.json`` (one file each,
 rewritten atomically through :mod:`fedcrm.durable`), with a ``kind`` (``erasure`` or
-``consent_withdrawal``), the customer's salted reference (the audit log's HMAC, never the id), its
+``consent_withdrawal``), the customer's keyed reference (the audit log's HMAC, never the id), its
 deadline, and per run the constituent to serve and how it was served:
 
 - ``pending``: the customer is still in the run's served model;

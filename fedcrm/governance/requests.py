@@ -2,7 +2,7 @@
 
 Each request is checked completely before anything is written, so a refused request leaves no file
 and no state behind; what is served is recorded in the region's audit log under the operator's name
-with the customer as a salted hash only.
+with the customer as a keyed hash only.
 
 A consent withdrawal is served like an erasure for that purpose's models (the same request store,
 :mod:`fedcrm.governance.request_store`, with ``kind: consent_withdrawal``): the withdrawal is recorded

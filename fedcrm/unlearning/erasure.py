@@ -14,7 +14,7 @@ A request is served in steps that may be days apart and may crash in between:
    serves them again, and marks the requests served, with a receipt per request.
 
 What is stored where: the region's state folder holds the requests, which carry the customer's
-salted reference (the audit log's HMAC, never the id) and a keyed shard hash that lets a later run with
+keyed reference (the audit log's HMAC, never the id) and a keyed shard hash that lets a later run with
 any number of shards find the customer's shard. The run folder (the server's side) learns only a shard
 index and a random request id, never anything derived from the id.
 """
@@ -87,7 +87,7 @@ def forget(
     existing = {r.customer_ref: r for r in store.all(kind=ERASURE)}
     already = [i for i in ids if tombstones.contains(i)]
     if already:
-        refs = [existing[r].request_id for r in (audit.customer_ref(i) for i in already) if r in existing]
+        refs = [existing[r].request_id for i in already for r in audit.customer_refs(i) if r in existing]
         raise UnlearningError(
             f"region {region}: {len(already)} of the {len(ids)} customer(s) were already forgotten "
             f"({', '.join(already[:5])}{' ...' if len(already) > 5 else ''}"
@@ -106,7 +106,8 @@ def forget(
     requests: list[Request] = []
     for cid in ids:
         ref = audit.customer_ref(cid)
-        req = existing.get(ref)
+        # A request made before the region's key took over is stored under the log's legacy reference.
+        req = next((existing[r] for r in audit.customer_refs(cid) if r in existing), None)
         if req is None:
             req = Request.new(kind=ERASURE, region=region, customer_ref=ref, actor=actor,
                               deadline_days=deadline_days, shard_key=stable_hash(cid, key=f"shard:{secret}"))

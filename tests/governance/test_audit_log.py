@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
-import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +15,6 @@ from fedcrm.governance.audit_log import (
     GENESIS_PREV,
     AuditAction,
     AuditLog,
-    hash_customer_id,
-    load_or_create_salt,
-    salt_path,
     verify,
 )
 
@@ -307,54 +301,3 @@ def test_concurrent_appenders_keep_one_chain(tmp_path: Path) -> None:
     report = verify(path)
     assert report.ok, report.problem
     assert report.entries == 100
-
-
-# --- customer ids ---------------------------------------------------------------------------------------
-
-
-def test_customer_ids_are_hashed_and_never_written_in_clear(tmp_path: Path) -> None:
-    log = AuditLog.open(tmp_path / "log.jsonl")
-    raw_id = "CUST-7590-VHVEG"
-    ref = log.customer_ref(raw_id)
-    log.append(actor="eu-west", action="erasure_requested", details={"customer": ref})
-    assert raw_id.encode() not in log.path.read_bytes()
-    salt = load_or_create_salt(log.path)
-    assert ref == hmac.new(salt, raw_id.encode(), hashlib.sha256).hexdigest()
-    assert log.entries()[0].details == {"customer": ref}
-
-
-def test_customer_hash_is_stable_under_one_salt_and_differs_across_salts() -> None:
-    a, b = b"a" * 32, b"b" * 32
-    assert hash_customer_id("42", salt=a) == hash_customer_id("42", salt=a)
-    assert hash_customer_id("42", salt=a) != hash_customer_id("42", salt=b)
-    assert hash_customer_id("42", salt=a) != hash_customer_id("43", salt=a)
-    with pytest.raises(ValueError, match="salt"):
-        hash_customer_id("42", salt=b"short")
-
-
-def test_salt_file_is_private_and_reused(tmp_path: Path) -> None:
-    log_path = tmp_path / "log.jsonl"
-    salt = load_or_create_salt(log_path)
-    path = salt_path(log_path)
-    assert path == tmp_path / "log.jsonl.salt"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert len(salt) == 32
-    assert load_or_create_salt(log_path) == salt
-    assert AuditLog.open(log_path).customer_ref("42") == hash_customer_id("42", salt=salt)
-
-
-def test_salt_file_readable_by_others_is_refused(tmp_path: Path) -> None:
-    log_path = tmp_path / "log.jsonl"
-    load_or_create_salt(log_path)
-    os.chmod(salt_path(log_path), 0o644)
-    with pytest.raises(StorageError, match="chmod 600"):
-        load_or_create_salt(log_path)
-
-
-def test_damaged_salt_file_is_refused(tmp_path: Path) -> None:
-    log_path = tmp_path / "log.jsonl"
-    load_or_create_salt(log_path)
-    path = salt_path(log_path)
-    path.write_text(path.read_text()[:10])
-    with pytest.raises(StorageError, match="damaged"):
-        load_or_create_salt(log_path)

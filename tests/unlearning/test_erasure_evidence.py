@@ -69,6 +69,7 @@ def test_forgotten_customers_lose_their_membership_signal(tmp_path: Path) -> Non
     for r in ("eu", "us"):
         (state / r).mkdir(parents=True)
         (state / r / "region_secret.key").write_text(f"{r}-test-secret-0123456789abcdef\n")
+        (state / r / "region_secret.key").chmod(0o600)  # a key others can read is refused
     run_simulated(cfg, run_dir=run, state_root=state, report=lambda s: None)
 
     data = Region(node_settings(cfg, region="eu", state_root=state)).load(cfg, load_schema(cfg.schema_path))
