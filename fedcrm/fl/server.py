@@ -311,7 +311,7 @@ def summarise(
         suppressed_regions=ev.suppressed,
         privacy=privacy,
         # As the regions' policies declare them (rounded by default): exact counts never leave a region.
-        regions={r: {"train": d["train"]} for r, d in pre.described.items() if "train" in d},
+        regions={r: {"train": d[wire.DECLARED_TRAIN]} for r, d in pre.described.items() if wire.DECLARED_TRAIN in d},
         events=pre.events,
         warnings=notes,
         shards=cfg.unlearning.shards,
