@@ -59,13 +59,13 @@ def pooled_auc(cfg: Any, run_dir: Path, state: Path) -> float:
 
     from fedcrm.data.schema import load_schema
     from fedcrm.evaluation.served import ServedModel
+    from fedcrm.node_settings import region_settings
     from fedcrm.region import Region
-    from fedcrm.unlearning.retrain import node_settings
 
     served, schema = ServedModel.load(run_dir), load_schema(cfg.schema_path)
     ys, ps = [], []
     for region in sorted(cfg.regions):
-        data = Region(node_settings(cfg, region=region, state_root=state)).load(cfg, schema)
+        data = Region(region_settings(cfg, state_root=state)[region]).load(cfg, schema)
         ys.append(data.y[data.holdout])
         ps.append(served.proba(data.x[data.holdout]))
     return float(roc_auc_score(np.concatenate(ys), np.concatenate(ps)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.eligibility import usable_for
 from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, ensemble_proba, get_weights, set_weights
+from fedcrm.node_settings import NodeSettings
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
 from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised, sensitivity
 from fedcrm.privacy.clipping import clip_update
@@ -44,34 +44,6 @@ from fedcrm.unlearning.shards import holdout_mask, region_secret, region_secret_
 from fedcrm.unlearning.tombstones import Tombstones
 
 Weights = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """What the data owner sets on their node: nothing of this comes from the server."""
-
-    region: str
-    data_path: Path
-    state_dir: Path
-    policy_path: Path | None = None
-    delimiter: str | None = None  # the data file's CSV delimiter, when the owner fixes it (else the schema's)
-
-    @classmethod
-    def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
-        missing = [k for k in ("region", "data-path", "state-dir") if not node_config.get(k)]
-        if missing:
-            raise DataError(
-                f"this node's config lacks {missing}: start the SuperNode with "
-                '--node-config \'region="eu" data-path="/data/eu.csv" state-dir="/var/lib/fedcrm/eu"\''
-            )
-        policy = node_config.get("policy-path")
-        return cls(
-            region=str(node_config["region"]),
-            data_path=Path(str(node_config["data-path"])),
-            state_dir=Path(str(node_config["state-dir"])),
-            policy_path=Path(str(policy)) if policy else None,
-            delimiter=str(node_config["delimiter"]) if node_config.get("delimiter") else None,
-        )
 
 
 @dataclass

@@ -38,7 +38,7 @@ from fedcrm.deploy.certs import (
     supernode_key_paths,
 )
 from fedcrm.deploy.supervisor import Component, Report, free_port, terminate_as_interrupt
-from fedcrm.deploy.topology import COMPLETED, CONNECTION, LocalDeployment, RegionNode, node_config_arg, region_nodes
+from fedcrm.deploy.topology import COMPLETED, CONNECTION, LocalDeployment, node_config_arg, region_nodes
 from fedcrm.errors import ConfigError
 from fedcrm.fl.registry import NodeRegistry
 
@@ -48,7 +48,6 @@ __all__ = [
     "Component",
     "DeploymentResult",
     "LocalDeployment",
-    "RegionNode",
     "approve_locally",
     "build_bundle",
     "default_app_dir",

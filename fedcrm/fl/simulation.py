@@ -23,20 +23,14 @@ from fedcrm.config import ExperimentConfig
 from fedcrm.fl.client import build_client_app
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
+from fedcrm.node_settings import REGION, region_settings
 
 NodeConfigs = dict[int, dict[str, str]]
 
 
 def simulated_nodes(cfg: ExperimentConfig, *, state_root: Path) -> NodeConfigs:
-    """What each region's data owner would put in ``--node-config`` on a real SuperNode."""
-    nodes: NodeConfigs = {}
-    for i, (name, path) in enumerate(cfg.regions.items()):
-        nodes[i] = {"region": name, "data-path": str(path), "state-dir": str((state_root / name).resolve())}
-        if name in cfg.policies:
-            nodes[i]["policy-path"] = str(cfg.policies[name])
-        if name in cfg.region_delimiters:
-            nodes[i]["delimiter"] = cfg.region_delimiters[name]
-    return nodes
+    """What each region's data owner would put in ``--node-config`` on a real SuperNode, by partition id."""
+    return {i: s.node_config() for i, s in enumerate(region_settings(cfg, state_root=state_root).values())}
 
 
 def simulated_node_config(
@@ -52,7 +46,7 @@ def simulated_node_config(
     def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         pid = int(context.node_config["partition-id"])
         if registry is not None and registry.region_of(context.node_id) is None:
-            registry.record(node_id=context.node_id, region=nodes[pid]["region"])
+            registry.record(node_id=context.node_id, region=nodes[pid][REGION])
         context.node_config.update(nodes[pid])
         return call_next(msg, context)
 

@@ -20,10 +20,10 @@ from fedcrm.config import load_config
 from fedcrm.data.schema import load_schema
 from fedcrm.evaluation.served import ServedModel
 from fedcrm.fl.simulation import run_simulated
+from fedcrm.node_settings import region_settings
 from fedcrm.privacy.ledger import MECHANISM_DP_SGD, MECHANISM_GAUSSIAN, PrivacyLedger
 from fedcrm.region import Region
 from fedcrm.runs import load_weights, read_metrics
-from fedcrm.unlearning.retrain import node_settings
 
 Mod = Callable[[Message, Context, Callable[..., Message]], Message]
 
@@ -99,7 +99,7 @@ def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: 
     schema, served = load_schema(cfg.schema_path), ServedModel.load(tmp_path / "run")
     scores, labels = [], []
     for region in regions:
-        data = Region(node_settings(cfg, region=region, state_root=tmp_path / "state")).load(cfg, schema)
+        data = Region(region_settings(cfg, state_root=tmp_path / "state")[region]).load(cfg, schema)
         scores.append(served.proba(data.x))
         labels.append(data.y)
     assert roc_auc_score(np.concatenate(labels), np.concatenate(scores)) > 0.55
