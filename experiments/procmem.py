@@ -130,4 +130,4 @@ def simulate_marking_rounds(cfg: object, out: Path) -> None:
             ends.append(time.time())
 
     summary = run_simulated(cfg, run_dir=out / "run", state_root=out / "state", report=report)  # type: ignore[arg-type]
-    (out / "marks.json").write_text(json.dumps({"round_ends": ends, "auc": summary["final_metrics"]["auc"]}))
+    (out / "marks.json").write_text(json.dumps({"round_ends": ends, "auc": summary.final_metrics["auc"]}))

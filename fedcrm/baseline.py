@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -30,7 +29,7 @@ from fedcrm.runs import RunDir, code_version
 from fedcrm.training import train_locally
 
 
-def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -> dict[str, Any]:
+def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -> RunSummary:
     """Train on the pooled training rows of every region; write summary.json like a federated run.
 
     ``state_root`` holds every region's state, one sub-folder per region: the customers a region has
@@ -75,4 +74,4 @@ def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -
     )
     run.write_summary(summary)
     (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "pooled": summary.final_metrics}) + "\n")
-    return summary.to_dict()
+    return summary

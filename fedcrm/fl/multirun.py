@@ -32,6 +32,7 @@ from fedcrm.fl.client import build_client_app
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
 from fedcrm.fl.simulation import NodeConfigs, client_processes, simulated_nodes
+from fedcrm.run_summary import RunSummary
 
 log = logging.getLogger("fedcrm.sweep")
 
@@ -45,7 +46,7 @@ class SimulatedRun:
     state_root: Path
 
 
-Outcome = dict[str, Any] | BaseException
+Outcome = RunSummary | BaseException
 OnDone = Callable[[SimulatedRun, Outcome], None]
 
 

@@ -341,7 +341,7 @@ def run_federation(
     model_version: int = 1,
     resume: bool = False,
     registry: NodeRegistry | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train (the given constituents of) the served model federatedly; return the run summary.
 
     With ``resume``, rounds already completed in ``run_dir`` (metrics.jsonl + checkpoints) are not
@@ -365,4 +365,4 @@ def run_federation(
     evaluation = evaluate_served(grid, cfg, pre, constituents=constituents, registry=registry)
     summary = summarise(cfg, pre, evaluation, model_version=model_version, report=report)
     pre.run.write_summary(summary)
-    return summary.to_dict()
+    return summary

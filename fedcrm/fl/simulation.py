@@ -24,6 +24,7 @@ from fedcrm.fl.client import build_client_app
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
 from fedcrm.node_settings import REGION, region_settings
+from fedcrm.run_summary import RunSummary
 
 NodeConfigs = dict[int, dict[str, str]]
 
@@ -98,7 +99,7 @@ def run_simulated(
     client_mods: Sequence[Callable[..., Message]] = (),
     processes: int | None = None,
     **federation_kwargs: Any,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run the experiment in simulation; returns the run summary. Leaves no process behind.
 
     ``client_mods`` are extra Flower client mods (e.g. fault injection in tests), applied inside the
@@ -151,7 +152,7 @@ def run_simulated(
         raise outcome["error"]
     if "summary" not in outcome:
         raise RuntimeError("the simulation ended without a result (see Flower's log above)")
-    summary: dict[str, Any] = outcome["summary"]
+    summary: RunSummary = outcome["summary"]
     return summary
 
 

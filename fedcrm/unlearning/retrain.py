@@ -52,7 +52,7 @@ from fedcrm.unlearning.erasure import RunView
 from fedcrm.unlearning.marker import RUN_MARKER, read_marker, write_marker
 from fedcrm.unlearning.shred import destroy, discard_staging, swap_in
 
-Simulate = Callable[..., dict[str, Any]]
+Simulate = Callable[..., RunSummary]  # fedcrm.fl.simulation.run_simulated
 Report = Callable[[str], None]
 READY = "READY.json"
 
@@ -250,7 +250,7 @@ class RetrainResult:
     model_version: int
     receipts: list[dict[str, Any]]
     warnings: list[str]
-    summary: dict[str, Any] | None
+    summary: RunSummary | None
     resumed: bool = False
 
 
@@ -288,13 +288,13 @@ def retrain(run_dir: Path, *, state_root: Path, simulate: Simulate, report: Repo
         write_json_atomically(plan.staging / READY, {"target_version": plan.target_version, "stale": plan.stale,
                                                      "finished_at": now()}, what="mark the staged retrain complete")
     receipts = commit(plan)
-    summary = RunSummary.read(plan.run_dir).to_dict()
+    summary = RunSummary.read(plan.run_dir)
     return RetrainResult(plan.run_dir, plan.stale, plan.target_version, receipts, plan.warnings, summary, resumed)
 
 
-def _check_complete(plan: RetrainPlan, summary: dict[str, Any]) -> None:
+def _check_complete(plan: RetrainPlan, summary: RunSummary) -> None:
     """An erasure retrain must be the same federation as the original: every region, every round."""
-    problems = RunSummary.from_dict(summary, source=f"the retrain of {plan.run_dir}").problems()
+    problems = summary.problems()
     if problems:
         kind = PrivacyBudgetError if any("budget" in str(v) for v in problems.values()) else UnlearningError
         raise kind(

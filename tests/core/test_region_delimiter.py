@@ -121,4 +121,4 @@ def test_every_region_settings_builder_carries_the_regions_delimiter(tmp_path: P
     assert NodeSettings.from_node_config(node.node_config()) == node
     assert region_settings(cfg, state_root=tmp_path / "state")["eu"] == node  # the simulation's, the retrain's
     summary = run_centralised(cfg, run_dir=tmp_path / "baseline", state_root=tmp_path / "state")
-    assert summary["regions"]["eu"]["train"] > 0
+    assert summary.regions["eu"]["train"] > 0

@@ -81,7 +81,7 @@ def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: 
         assert "x the round's median" in row["rejected"]["r1"]
         assert "NaN" in row["rejected"]["r2"]
         assert set(row["epsilon"]) == {"r3", "r4"} | ({"r0"} if row["round"] == 1 else set())
-    assert set(summary["events"]["rejected"]) == {"r0", "r1", "r2"}
+    assert set(summary.events["rejected"]) == {"r0", "r1", "r2"}
     # Rejected or not, every region trained and released each round: all of it is charged.
     for region in regions:
         ledger = PrivacyLedger.open(tmp_path / "state" / region, region=region)
@@ -103,4 +103,4 @@ def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: 
         scores.append(served.proba(data.x))
         labels.append(data.y)
     assert roc_auc_score(np.concatenate(labels), np.concatenate(scores)) > 0.55
-    assert 0 <= summary["final_metrics"]["auc"] <= 1 and np.isfinite(summary["final_metrics"]["log_loss"])
+    assert 0 <= summary.final_metrics["auc"] <= 1 and np.isfinite(summary.final_metrics["log_loss"])
