@@ -59,13 +59,13 @@ def pooled_auc(cfg: Any, run_dir: Path, state: Path) -> float:
 
     from fedcrm.data.schema import load_schema
     from fedcrm.evaluation.served import ServedModel
+    from fedcrm.node_settings import region_settings
     from fedcrm.region import Region
-    from fedcrm.unlearning.retrain import node_settings
 
     served, schema = ServedModel.load(run_dir), load_schema(cfg.schema_path)
     ys, ps = [], []
     for region in sorted(cfg.regions):
-        data = Region(node_settings(cfg, region=region, state_root=state)).load(cfg, schema)
+        data = Region(region_settings(cfg, state_root=state)[region]).load(cfg, schema)
         ys.append(data.y[data.holdout])
         ps.append(served.proba(data.x[data.holdout]))
     return float(roc_auc_score(np.concatenate(ys), np.concatenate(ps)))
@@ -99,22 +99,22 @@ def bench_one(cfg: Any, *, shards: int, rounds: int | None, epochs: int | None, 
     auc_excluded = pooled_auc(cfg, run_dir, state) if shards > 1 else None
     result = retrain_run(run_dir, state_root=state, report=quiet)
     erasure_s = time.perf_counter() - t1
-    after = result.summary or {}
+    after = result.summary
     return {
         "shards": shards,
         "rounds": cfg.training.rounds,
         "epochs": cfg.training.local_epochs,
         "train_s": round(train_s, 1),
-        "train_fed_s": summary.get("wall_time_s"),
+        "train_fed_s": summary.wall_time_s,
         "exclusion_s": round(exclusion_s, 3) if shards > 1 else None,
         "erasure_s": round(erasure_s, 1),
         "served_auc_all": auc_all,
         "served_auc_one_excluded": auc_excluded,
-        "erasure_fed_s": after.get("wall_time_s"),
+        "erasure_fed_s": after.wall_time_s if after else None,
         "retrained_shards": result.stale,
-        "auc": summary["final_metrics"].get("auc"),
-        "auc_after_erasure": after.get("final_metrics", {}).get("auc"),
-        "epsilon": max((p.get("epsilon") or 0.0) for p in summary["privacy"].values()),
+        "auc": summary.final_metrics.get("auc"),
+        "auc_after_erasure": after.final_metrics.get("auc") if after else None,
+        "epsilon": max((p.get("epsilon") or 0.0) for p in summary.privacy.values()),
         "charge": result.receipts[-1]["runs"][0]["privacy"]["charge"] if result.receipts else None,
     }
 

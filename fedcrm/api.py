@@ -4,7 +4,7 @@
 
     import fedcrm
     run = fedcrm.run("configs/demo.yaml", training__rounds=3)   # or **{"training.rounds": 3}
-    run.summary["final_metrics"]["auc"]; run.metrics            # a DataFrame, one row per round
+    run.summary.final_metrics["auc"]; run.metrics               # a DataFrame, one row per round
     model = fedcrm.load_model(run.path)
     model.predict_proba(customers_df); model.explain(customers_df); model.version
     fedcrm.budget("eu", "state")
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from fedcrm.config import ExperimentConfig
+    from fedcrm.run_summary import RunSummary
     from fedcrm.scoring import ScoringModel
 
 
@@ -29,7 +30,7 @@ class Run:
     """A finished run: its folder, its summary, its per-round metrics and its served model."""
 
     path: Path
-    summary: dict[str, Any]
+    summary: RunSummary
 
     @property
     def metrics(self) -> pd.DataFrame:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -22,14 +21,15 @@ from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import load_schema
 from fedcrm.evaluation.metrics import ScoreSummary
 from fedcrm.models import build_model, predict_proba
+from fedcrm.node_settings import region_settings
 from fedcrm.privacy.randomness import ReleaseRandomness
-from fedcrm.region import NodeSettings, Region
+from fedcrm.region import Region
 from fedcrm.run_summary import CENTRALISED, RunSummary
 from fedcrm.runs import RunDir, code_version
 from fedcrm.training import train_locally
 
 
-def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -> dict[str, Any]:
+def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -> RunSummary:
     """Train on the pooled training rows of every region; write summary.json like a federated run.
 
     ``state_root`` holds every region's state, one sub-folder per region: the customers a region has
@@ -39,12 +39,9 @@ def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -
     schema = load_schema(cfg.schema_path)
     run = RunDir.create(run_dir, cfg)
     xs, ys, hx, hy, regions = [], [], [], [], {}
-    for name, path in cfg.regions.items():
+    for name, settings in region_settings(cfg, state_root=state_root).items():
         # The region's real state: a throw-away folder would pool its forgotten customers back in. The
         # baseline trains without DP, so it charges nothing to the region's ledger.
-        settings = NodeSettings(
-            region=name, data_path=path, state_dir=state_root / name, policy_path=cfg.policies.get(name)
-        )
         data = Region(settings).load(cfg, schema)
         xs.append(data.x[~data.holdout])
         ys.append(data.y[~data.holdout])
@@ -77,4 +74,4 @@ def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -
     )
     run.write_summary(summary)
     (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "pooled": summary.final_metrics}) + "\n")
-    return summary.to_dict()
+    return summary

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.eligibility import usable_for
 from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, ensemble_proba, get_weights, set_weights
+from fedcrm.node_settings import NodeSettings
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
 from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised, sensitivity
 from fedcrm.privacy.clipping import clip_update
@@ -46,34 +46,6 @@ from fedcrm.unlearning.tombstones import Tombstones
 Weights = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
-class NodeSettings:
-    """What the data owner sets on their node: nothing of this comes from the server."""
-
-    region: str
-    data_path: Path
-    state_dir: Path
-    policy_path: Path | None = None
-    delimiter: str | None = None  # the data file's CSV delimiter, when the owner fixes it (else the schema's)
-
-    @classmethod
-    def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
-        missing = [k for k in ("region", "data-path", "state-dir") if not node_config.get(k)]
-        if missing:
-            raise DataError(
-                f"this node's config lacks {missing}: start the SuperNode with "
-                '--node-config \'region="eu" data-path="/data/eu.csv" state-dir="/var/lib/fedcrm/eu"\''
-            )
-        policy = node_config.get("policy-path")
-        return cls(
-            region=str(node_config["region"]),
-            data_path=Path(str(node_config["data-path"])),
-            state_dir=Path(str(node_config["state-dir"])),
-            policy_path=Path(str(policy)) if policy else None,
-            delimiter=str(node_config["delimiter"]) if node_config.get("delimiter") else None,
-        )
-
-
 @dataclass
 class RegionData:
     """The region's customers for one purpose, encoded, split into hold-out and training shards."""
@@ -89,6 +61,38 @@ class RegionData:
     def train_shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         m = ~self.holdout & (self.shard == k)
         return self.x[m], self.y[m]
+
+
+@dataclass(frozen=True)
+class TrainRelease:
+    """One round's update as it leaves the region, with the public figures that go with it.
+
+    Only public figures: the weight (the declared size, or 1: client-level DP averages regions
+    uniformly), σ (a function of public values) and the ledger's ε. The training loss, computed on
+    customers from weights the server chose, is not among them.
+    """
+
+    weights: Weights
+    weight: float  # the update's weight in the server's average
+    noise_multiplier: float  # σ of DP-SGD; 0 when the region adds no noise itself
+    epsilon: float  # the region's ε after this release, over its whole ledger
+    budget: float  # the policy's privacy budget
+
+
+@dataclass(frozen=True)
+class RegionProfile:
+    """What the server learns about a region before a run: public figures only.
+
+    Sizes as the policy declares them (rounded by default); the exact counts stay in the region's
+    audit log: a +1 in "forgotten" between two runs would tell the server that someone asked to be erased.
+    """
+
+    declared_customers: float  # training customers, as declared
+    smallest_shard: float  # the smallest training shard, as declared
+    budget: float
+    delta: float
+    min_customers: int  # the policy's minimum behind any update
+    features: int  # width of the encoded feature vector
 
 
 # The evaluation answer: one customer moves one histogram bin and at most 1 in each of three scaled sums.
@@ -182,13 +186,16 @@ class Region:
         """δ of every release of this region's data: the policy's, never the run's."""
         return self.policy.delta
 
-    def noise_multiplier(self, cfg: ExperimentConfig, *, n: int, run_id: str | None = None, shard: int = 0) -> float:
-        """σ planned once for the whole run (rounds × local epochs) so the run ends at its target ε.
+    def planned_release(
+        self, cfg: ExperimentConfig, *, n: int, run_id: str | None = None, shard: int = 0
+    ) -> GaussianRelease:
+        """One round's DP-SGD release on ``n`` customers: σ, the sampling rate q and the steps per round.
 
-        ``n`` is the region's declared (public) training size: q and the steps are functions of it.
-        With ``run_id``, a σ this run already planned for the same shard, rate and steps is read back
-        from the ledger instead of re-planned: the search over the accountant was most of a round's work
-        on a small region (docs/benchmarks.md), and its answer cannot have changed.
+        ``n`` is the region's declared (public) training size: q and the steps are functions of it. σ is
+        planned once for the whole run (rounds × local epochs) so the run ends at its target ε. With
+        ``run_id``, a σ this run already planned for the same shard, rate and steps is read back from the
+        ledger instead of re-planned: the search over the accountant was most of a round's work on a small
+        region (docs/benchmarks.md), and its answer cannot have changed.
         """
         if cfg.privacy.target_epsilon is None:
             raise PolicyError(f"region {self.name}: privacy.target_epsilon is required to plan the noise")
@@ -198,8 +205,8 @@ class Region:
                 if (event.run_id, event.sample_rate, event.steps, event.delta, event.purpose, event.shards) == (
                     run_id, q, steps_per_round, self.delta, cfg.task, cfg.unlearning.shards
                 ):
-                    return event.noise_multiplier
-        return plan_noise_multiplier(
+                    return GaussianRelease(event.noise_multiplier, q, steps_per_round)
+        sigma = plan_noise_multiplier(
             target_epsilon=cfg.privacy.target_epsilon,
             delta=self.delta,
             sample_rate=q,
@@ -207,6 +214,11 @@ class Region:
             steps=steps_per_round * cfg.training.rounds * (1 + cfg.unlearning.reserve_retrains),
             accountant=cfg.privacy.accountant,
         )
+        return GaussianRelease(sigma, q, steps_per_round)
+
+    def noise_multiplier(self, cfg: ExperimentConfig, *, n: int, run_id: str | None = None, shard: int = 0) -> float:
+        """σ of :meth:`planned_release`: the noise a round on ``n`` declared customers trains with."""
+        return self.planned_release(cfg, n=n, run_id=run_id, shard=shard).noise_multiplier
 
     def train(
         self,
@@ -217,7 +229,7 @@ class Region:
         shard: int,
         round_: int,
         run_id: str,
-    ) -> tuple[Weights, dict[str, float]]:
+    ) -> TrainRelease:
         """One round of local training on ``shard``; raises PolicyError / PrivacyBudgetError to refuse.
 
         Every refusal and every release that left goes into the region's audit log.
@@ -233,12 +245,10 @@ class Region:
         Release, DpSgd | None
     ]:
         """What this round releases, as the ledger will record it, and the DP-SGD settings for it."""
-        q, steps = sampling_plan(n=n_declared, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs)
         if cfg.privacy.mode == "sample_dp":
-            sigma = self.noise_multiplier(cfg, n=n_declared, run_id=run_id, shard=shard)
-            self.policy.check_noise(region=self.name, noise_multiplier=sigma)
-            dp = DpSgd(noise_multiplier=sigma, clipping_norm=cfg.privacy.clipping_norm)
-            return GaussianRelease(sigma, q, steps), dp
+            release = self.planned_release(cfg, n=n_declared, run_id=run_id, shard=shard)
+            self.policy.check_noise(region=self.name, noise_multiplier=release.noise_multiplier)
+            return release, DpSgd(noise_multiplier=release.noise_multiplier, clipping_norm=cfg.privacy.clipping_norm)
         if cfg.privacy.mode == "client_dp":
             # The region's whole update, clipped here; the server adds the noise to the uniform average of
             # the updates it aggregates (fedcrm.fl.strategy), so one region's share has sensitivity C/m
@@ -260,7 +270,7 @@ class Region:
         shard: int,
         round_: int,
         run_id: str,
-    ) -> tuple[Weights, dict[str, float]]:
+    ) -> TrainRelease:
         data = self.load(cfg, schema)  # train() has checked the request against the policy
         x, y = data.train_shard(shard)
         if len(x) < self.policy.min_customers:
@@ -307,15 +317,6 @@ class Region:
             new_weights = clip_update(new_weights, start=weights, norm=cfg.privacy.clipping_norm)
         self.ledger.mark_outcome(event_id, "sent")
         epsilon = self.ledger.epsilon(delta=self.delta, accountant=cfg.privacy.accountant)
-        # Only public figures: the declared size (or 1: client-level DP averages regions uniformly), σ
-        # (a function of public values) and the ledger's ε. The training loss, computed on customers
-        # from weights the server chose, is not sent.
-        metrics = {
-            "num-examples": 1.0 if cfg.privacy.mode == "client_dp" else float(n_declared),
-            "noise-multiplier": dp.noise_multiplier if dp else 0.0,
-            "epsilon": epsilon,
-            "budget": self.policy.privacy_budget,
-        }
         self.audit.append(
             actor=node_actor(self.name),
             action=AuditAction.PRIVACY_SPENT,
@@ -328,7 +329,13 @@ class Region:
                     "steps": release.steps} if isinstance(release, GaussianRelease) else {}),
             }),
         )
-        return new_weights, metrics
+        return TrainRelease(
+            weights=new_weights,
+            weight=1.0 if cfg.privacy.mode == "client_dp" else float(n_declared),
+            noise_multiplier=dp.noise_multiplier if dp else 0.0,
+            epsilon=epsilon,
+            budget=self.policy.privacy_budget,
+        )
 
     def epsilon(self, cfg: ExperimentConfig) -> float:
         return self.ledger.epsilon(delta=self.delta, accountant=cfg.privacy.accountant)
@@ -443,14 +450,8 @@ class Region:
         return TrustSummary(groups=noisy, importance_sum=answer["importance"],
                             customers=float(answer["customers"]))  # type: ignore[arg-type]
 
-    def describe(self, cfg: ExperimentConfig, schema: Schema) -> dict[str, float]:
-        """What the server learns before a run: public figures only.
-
-        The training size as the policy declares it (rounded by default), the smallest shard's likewise,
-        and the policy's own public settings. The exact counts (customers, forgotten, without consent,
-        hold-out) stay in the region's audit log: a +1 in "forgotten" between two runs would tell the
-        server that someone asked to be erased.
-        """
+    def describe(self, cfg: ExperimentConfig, schema: Schema) -> RegionProfile:
+        """What the server learns before a run (:class:`RegionProfile`); the exact counts go to the audit log."""
         data = self.load(cfg, schema)
         shard_sizes = [int((~data.holdout & (data.shard == k)).sum()) for k in range(cfg.unlearning.shards)]
         self.audit.append(
@@ -458,11 +459,11 @@ class Region:
             details={"purpose": cfg.task, "config_sha256": cfg.digest(), "counts": data.counts,
                      "shard_sizes": shard_sizes},
         )
-        return {
-            "train": float(self.policy.declared_size(data.counts["train"])),
-            "smallest-shard": float(self.policy.declared_size(min(shard_sizes))),
-            "budget": self.policy.privacy_budget,
-            "delta": self.delta,
-            "min-customers": float(self.policy.min_customers),
-            "n-features": float(data.x.shape[1]),
-        }
+        return RegionProfile(
+            declared_customers=float(self.policy.declared_size(data.counts["train"])),
+            smallest_shard=float(self.policy.declared_size(min(shard_sizes))),
+            budget=self.policy.privacy_budget,
+            delta=self.delta,
+            min_customers=self.policy.min_customers,
+            features=int(data.x.shape[1]),
+        )

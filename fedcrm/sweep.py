@@ -39,7 +39,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -195,7 +195,7 @@ class CellOutcome:
     run_dir: Path
     status: str  # done | failed | pending | skipped (complete before this invocation)
     error: str = ""
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: RunSummary | None = None  # done or skipped: the run's summary
 
 
 def result_row(o: CellOutcome) -> dict[str, Any]:
@@ -209,15 +209,15 @@ def result_row(o: CellOutcome) -> dict[str, Any]:
     row["error"] = o.error
     s = o.summary
     for m in ("auc", "log_loss", "accuracy", "brier", "customers"):
-        row[m] = s.get("final_metrics", {}).get(m, math.nan)
-    eps = {r: p.get("epsilon") for r, p in s.get("privacy", {}).items()}
+        row[m] = s.final_metrics.get(m, math.nan) if s else math.nan
+    eps = {r: p.get("epsilon") for r, p in s.privacy.items()} if s else {}
     for r, e in eps.items():
         row[f"epsilon_{r}"] = math.nan if e is None else float(e)
     known = [float(e) for e in eps.values() if e is not None]
     row["epsilon_max"] = max(known) if known else math.nan
-    row["wall_time_s"] = s.get("wall_time_s", math.nan)
+    row["wall_time_s"] = s.wall_time_s if s else math.nan
     row["run_dir"] = str(o.run_dir)
-    row["config_sha256"] = s.get("config_sha256", cfg.digest() if cfg else "")
+    row["config_sha256"] = s.config_sha256 if s else (cfg.digest() if cfg else "")
     return row
 
 
@@ -276,7 +276,7 @@ def run_sweep(
             continue
         o = CellOutcome(cell, cfg, run_dir, "pending")
         if is_complete(run_dir, cfg):
-            o.status, o.summary = "skipped", RunSummary.read(run_dir).to_dict()
+            o.status, o.summary = "skipped", RunSummary.read(run_dir)
         else:
             todo.append(o)
         outcomes.append(o)
@@ -288,15 +288,15 @@ def run_sweep(
     if progress is not None:
         progress(0, len(todo))
 
-    def done(o: CellOutcome, result: dict[str, Any] | BaseException) -> None:
+    def done(o: CellOutcome, result: RunSummary | BaseException) -> None:
         if isinstance(result, BaseException):
             o.status, o.error = "failed", _describe_error(result)
             report(f"[{o.cell.id}] failed: {o.error}")
         else:
             o.status, o.summary = "done", result
             _track(o, report)
-            report(f"[{o.cell.id}] AUC {result['final_metrics'].get('auc', math.nan):.4f} "
-                   f"({result.get('wall_time_s', math.nan):.1f}s)")
+            report(f"[{o.cell.id}] AUC {result.final_metrics.get('auc', math.nan):.4f} "
+                   f"({result.wall_time_s:.1f}s)")
         timings["cells_run"] += 1
         write_results(outcomes, sweep_dir)
         if progress is not None:
@@ -325,7 +325,7 @@ def run_sweep(
             assert o.cfg is not None
             timings["engines_started"] += 1
             try:
-                result: dict[str, Any] | BaseException = run_simulated(
+                result: RunSummary | BaseException = run_simulated(
                     o.cfg, run_dir=o.run_dir, state_root=sweep_dir / "state" / o.cell.id, report=lambda s: None,
                     ray_address=ray_address)
             except Exception as e:
@@ -343,7 +343,7 @@ def run_sweep(
             runs = [SimulatedRun(cfg=o.cfg, run_dir=o.run_dir, state_root=sweep_dir / "state" / o.cell.id)
                     for o in group if o.cfg is not None]
             timings["engines_started"] += 1
-            def on_done(r: SimulatedRun, result: dict[str, Any] | BaseException,
+            def on_done(r: SimulatedRun, result: RunSummary | BaseException,
                         by_name: dict[str, CellOutcome] = by_name) -> None:
                 done(by_name[r.cfg.name], result)
 
@@ -371,7 +371,8 @@ def _track(o: CellOutcome, report: Report) -> None:
 
     try:
         write_run_report(o.run_dir)
-        log_run(o.cfg, o.run_dir, o.summary)
+        if o.summary is not None:
+            log_run(o.cfg, o.run_dir, o.summary)
     except Exception as e:  # tracking is a convenience: the cell's result stands
         report(f"[{o.cell.id}] tracking failed: {_describe_error(e)}")
 

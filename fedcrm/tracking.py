@@ -20,6 +20,7 @@ from typing import Any
 
 from fedcrm.config import ExperimentConfig
 from fedcrm.errors import ConfigError, StorageError
+from fedcrm.run_summary import RunSummary
 from fedcrm.runs import read_metrics
 
 MAX_PARAM = 500  # MLflow's limit on a parameter value's length
@@ -67,11 +68,11 @@ def _log_pyfunc(client: Any, rid: str, cfg: ExperimentConfig, run_dir: Path) -> 
         client.log_artifacts(rid, str(dest), artifact_path=PYFUNC_PATH)
 
 
-def log_run(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> str | None:
+def log_run(cfg: ExperimentConfig, run_dir: Path, summary: RunSummary) -> str | None:
     """Log a finished run to MLflow when the config asks for it; returns the MLflow run id (or None)."""
     if cfg.tracking.kind != "mlflow":
         return None
-    started = summary.get("started")
+    started = summary.started
     if not isinstance(started, int | float) or isinstance(started, bool):
         # Without it every timestamp below would count from 1970.
         raise StorageError(
@@ -91,9 +92,9 @@ def log_run(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> st
     name = cfg.tracking.experiment or cfg.name
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
-    run = client.create_run(exp_id, run_name=summary.get("run_id", cfg.name),
+    run = client.create_run(exp_id, run_name=summary.run_id or cfg.name,
                             tags={"fedcrm.privacy_mode": cfg.privacy.mode,
-                                  "fedcrm.code_version": str(summary.get("code_version", "unknown")),
+                                  "fedcrm.code_version": summary.code_version,
                                   "fedcrm.config_sha256": cfg.digest()})
     rid = run.info.run_id
     try:
@@ -107,11 +108,11 @@ def log_run(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> st
             metrics = [mlflow.entities.Metric(k, v, ts, step) for k, v in round_metrics(row).items()]
             if metrics:
                 client.log_batch(rid, metrics=metrics)
-        ended = int(1000 * (started + summary.get("wall_time_s", 0)))
+        ended = int(1000 * (started + summary.wall_time_s))
         final = [mlflow.entities.Metric(f"final_{k}", float(v), ended, 0)
-                 for k, v in summary.get("final_metrics", {}).items()]
-        final += [mlflow.entities.Metric(f"final_epsilon_{r}", float(p["epsilon"]), ended, 0)
-                  for r, p in summary.get("privacy", {}).items() if p.get("epsilon") is not None]
+                 for k, v in summary.final_metrics.items()]
+        final += [mlflow.entities.Metric(f"final_epsilon_{r}", eps, ended, 0)
+                  for r, eps in summary.epsilon_by_region().items()]
         if final:
             client.log_batch(rid, metrics=final)
         for name_ in ("summary.json", "config.yaml", "report.html", "report.md", "model_card.md"):

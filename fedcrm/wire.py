@@ -65,7 +65,12 @@ HIST_NEG: Final = "hist-neg"
 SUM_LOG_LOSS: Final = "sum-log-loss"
 SUM_BRIER: Final = "sum-brier"
 CORRECT: Final = "correct"
-DESCRIBE_KEYS: Final = ("train", "smallest-shard", "min-customers", "n-features")  # public: Region.describe
+# The pre-flight's public figures of a region (fedcrm.region.RegionProfile), with BUDGET, DELTA and EPSILON.
+DECLARED_TRAIN: Final = "train"  # training customers, as the region's policy declares them
+SMALLEST_SHARD: Final = "smallest-shard"
+MIN_CUSTOMERS: Final = "min-customers"
+N_FEATURES: Final = "n-features"
+DESCRIBE_KEYS: Final = (DECLARED_TRAIN, SMALLEST_SHARD, MIN_CUSTOMERS, N_FEATURES)
 
 # Trust metrics of the served model (fedcrm.evaluation.trust): per-group hold-out histograms of every
 # sensitive attribute, flattened in the schema's attribute and group order (groups below the policy's

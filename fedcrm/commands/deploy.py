@@ -196,13 +196,12 @@ def deploy_local_cmd(
         raise typer.Exit(EXIT_USAGE)
     out.print(f"run {result.run_id} {status}")
     if result.summary is not None:
-        fm = result.summary.get("final_metrics", {})
+        fm = result.summary.final_metrics
         out.print(
             "final pooled metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in fm.items() if isinstance(v, float))
         )
-        events = result.summary.get("events", {})
-        for kind in ("refused", "failed", "rejected"):
-            for region, why in events.get(kind, {}).items():
+        for kind, reasons in result.summary.event_reasons().items():
+            for region, why in reasons.items():
                 out.print(f"  region {region} {kind}: {why}")
     out.print(f"Results in [bold]{result.run_dir}[/]: summary.json, metrics.jsonl, model/, checkpoints/")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -12,6 +12,7 @@ from rich.table import Table
 from fedcrm.commands.common import DEFAULT_STATE, RayAddressOpt, StateOpt, console, exit_with, out, progress
 from fedcrm.errors import FedcrmError
 from fedcrm.overrides import parse_overrides  # `fedcrm run --set`, and the deployment run config
+from fedcrm.run_summary import RunSummary
 
 
 def run(
@@ -78,13 +79,13 @@ def run(
     except FedcrmError as e:
         exit_with(e)
     if as_json:
-        out.print_json(json.dumps({"run_dir": str(run_dir), **summary}, default=str))
+        out.print_json(json.dumps({"run_dir": str(run_dir), **summary.to_dict()}, default=str))
         return
     _print_summary(summary, run_dir)
 
 
-def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    m = summary["final_metrics"]
+def _print_summary(summary: RunSummary, run_dir: Path) -> None:
+    m = summary.final_metrics
     out.print(
         f"\n[bold]Served model[/] (pooled hold-out of about {int(m.get('customers', 0))} customers, DP answers): "
         f"AUC {m.get('auc', float('nan')):.4f}"
@@ -93,7 +94,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         f"accuracy {m.get('accuracy', float('nan')):.4f}, Brier {m.get('brier', float('nan')):.4f}"
     )
     t = Table("region", "ε spent (all history)", "δ", "budget", "refused")
-    for r, p in summary["privacy"].items():
+    for r, p in summary.privacy.items():
         eps = p.get("epsilon")
         t.add_row(
             r,
@@ -103,7 +104,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             p.get("refused") or "",
         )
     out.print(t)
-    for w in summary.get("warnings", []):
+    for w in summary.warnings:
         out.print(f"[yellow]warning:[/] {w}")
     out.print(f"Results in [bold]{run_dir}[/]: summary.json, metrics.jsonl, model/, checkpoints/")
 

@@ -19,7 +19,6 @@ The pieces: :mod:`fedcrm.deploy.topology` (the SuperLink, SuperNodes and ``flwr`
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -38,9 +37,10 @@ from fedcrm.deploy.certs import (
     supernode_key_paths,
 )
 from fedcrm.deploy.supervisor import Component, Report, free_port, terminate_as_interrupt
-from fedcrm.deploy.topology import COMPLETED, CONNECTION, LocalDeployment, RegionNode, node_config_arg, region_nodes
+from fedcrm.deploy.topology import COMPLETED, CONNECTION, LocalDeployment, node_config_arg, region_nodes
 from fedcrm.errors import ConfigError
 from fedcrm.fl.registry import NodeRegistry
+from fedcrm.run_summary import RunSummary
 
 __all__ = [
     "COMPLETED",
@@ -48,7 +48,6 @@ __all__ = [
     "Component",
     "DeploymentResult",
     "LocalDeployment",
-    "RegionNode",
     "approve_locally",
     "build_bundle",
     "default_app_dir",
@@ -135,7 +134,7 @@ class DeploymentResult:
     run_id: int
     status: dict[str, Any]
     run_dir: Path
-    summary: dict[str, Any] | None
+    summary: RunSummary | None  # None when the run wrote no summary
     workdir: Path
 
     @property
@@ -204,7 +203,7 @@ def deploy_local(
         if during_run is not None:
             during_run(dep)
         status = dep.wait_run(run_id, timeout=run_timeout_s, on_line=report)
-    summary_path = run_dir / "summary.json"
+    summary_path = RunSummary.path_in(run_dir)
     fresh = summary_path.exists() and summary_path.stat().st_mtime >= submitted - 1  # not an older run's
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if fresh else None
+    summary = RunSummary.read(run_dir) if fresh else None
     return DeploymentResult(run_id=run_id, status=status, run_dir=run_dir, summary=summary, workdir=workdir)

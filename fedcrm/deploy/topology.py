@@ -3,9 +3,10 @@
 :class:`LocalDeployment` starts exactly what a real multi-machine federation runs (``docs/deployment.md``),
 only with every party on 127.0.0.1: a ``flower-superlink`` with TLS, SuperNode authentication, subprocess
 isolation, runtime dependency installation off and a SQLite database; one ``flower-supernode`` per region
-with its own ``FLWR_HOME``, port and ``--node-config`` (:class:`RegionNode`: region, data file, state
-folder, policy), as its data owner would set it; and the ``flwr`` CLI against a connection in its own
-``$FLWR_HOME/config.toml``. Every process is started and stopped by :mod:`fedcrm.deploy.supervisor`.
+with its own ``FLWR_HOME``, port and ``--node-config`` (:class:`fedcrm.node_settings.NodeSettings`: region,
+data file, state folder, policy, delimiter), as its data owner would set it; and the ``flwr`` CLI against a
+connection in its own ``$FLWR_HOME/config.toml``. Every process is started and stopped by
+:mod:`fedcrm.deploy.supervisor`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from fedcrm.config import ExperimentConfig
 from fedcrm.deploy.certs import CertificateBundle
 from fedcrm.deploy.supervisor import Component, Report, free_port, pump, start_component
 from fedcrm.errors import ConfigError, FederationError
+from fedcrm.node_settings import NodeSettings, region_settings
 
-__all__ = ["COMPLETED", "CONNECTION", "FINISHED", "LocalDeployment", "RegionNode", "node_config_arg", "region_nodes"]
+__all__ = ["COMPLETED", "CONNECTION", "FINISHED", "LocalDeployment", "node_config_arg", "region_nodes"]
 
 CONNECTION = "fedcrm-local"  # the connection's name in the CLI's config.toml
 FINISHED = "finished:"
@@ -43,23 +44,7 @@ def node_config_arg(values: dict[str, str]) -> str:
     return " ".join(f"{k}={json.dumps(str(v))}" for k, v in values.items())
 
 
-@dataclass(frozen=True)
-class RegionNode:
-    """What one data owner sets on their SuperNode (``--node-config``): nothing of it comes from the server."""
-
-    region: str
-    data_path: Path
-    state_dir: Path
-    policy_path: Path | None = None
-
-    def node_config(self) -> dict[str, str]:
-        values = {"region": self.region, "data-path": str(self.data_path), "state-dir": str(self.state_dir)}
-        if self.policy_path is not None:
-            values["policy-path"] = str(self.policy_path)
-        return values
-
-
-def region_nodes(cfg: ExperimentConfig, *, state_root: Path, data_dir: Path) -> list[RegionNode]:
+def region_nodes(cfg: ExperimentConfig, *, state_root: Path, data_dir: Path) -> list[NodeSettings]:
     """The regions' node settings for a one-host deployment, where this machine plays every data owner.
 
     A ``split:`` config is split here, once, into ``data_dir`` (as ``fedcrm run`` does in simulation):
@@ -77,16 +62,7 @@ def region_nodes(cfg: ExperimentConfig, *, state_root: Path, data_dir: Path) -> 
             "`regions: {name: file}` (or a `split:` section). On real machines each data owner sets the file "
             "with flower-supernode --node-config (docs/deployment.md)"
         )
-    cfg = materialise_regions(cfg, data_dir=data_dir)
-    return [
-        RegionNode(
-            region=name,
-            data_path=Path(path).resolve(),
-            state_dir=(state_root / name).resolve(),
-            policy_path=cfg.policies[name].resolve() if name in cfg.policies else None,
-        )
-        for name, path in cfg.regions.items()
-    ]
+    return list(region_settings(materialise_regions(cfg, data_dir=data_dir), state_root=state_root).values())
 
 
 class LocalDeployment:

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from fedcrm import wire
 from fedcrm.errors import FedcrmError, RefusalError
 from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
-from fedcrm.region import EVALUATION_COORDINATES, NodeSettings, Region
+from fedcrm.region import EVALUATION_COORDINATES, NodeSettings, Region, RegionProfile, TrainRelease
 
 log = logging.getLogger("fedcrm.region")
 Handler = Callable[[Region, Message], RecordDict]
@@ -49,10 +49,32 @@ def status(region: str, outcome: str, reason: str = "", kind: str = "") -> Confi
     return ConfigRecord({wire.REGION: region, wire.OUTCOME: outcome, wire.REASON: reason, wire.KIND: kind})
 
 
+def release_metrics(release: TrainRelease) -> dict[str, float]:
+    """A training reply's metrics: the release's public figures under their wire keys."""
+    return {
+        wire.NUM_EXAMPLES: release.weight,  # Flower's FedAvg weighs the updates by this key
+        wire.NOISE_MULTIPLIER: release.noise_multiplier,
+        wire.EPSILON: release.epsilon,
+        wire.BUDGET: release.budget,
+    }
+
+
+def profile_metrics(profile: RegionProfile) -> dict[str, float]:
+    """A pre-flight reply's metrics (ε apart): the region's public figures under their wire keys."""
+    return {
+        wire.DECLARED_TRAIN: profile.declared_customers,
+        wire.SMALLEST_SHARD: profile.smallest_shard,
+        wire.BUDGET: profile.budget,
+        wire.DELTA: profile.delta,
+        wire.MIN_CUSTOMERS: float(profile.min_customers),
+        wire.N_FEATURES: float(profile.features),
+    }
+
+
 def _train(region: Region, msg: Message) -> RecordDict:
     config = msg.content[wire.CONFIG]
     cfg, schema, run_id = read_plan(config)  # type: ignore[arg-type]
-    weights, metrics = region.train(
+    release = region.train(
         cfg,
         schema,
         weights=from_record(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
@@ -62,8 +84,8 @@ def _train(region: Region, msg: Message) -> RecordDict:
     )
     return RecordDict(
         {
-            wire.ARRAYS: to_record(weights),
-            wire.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
+            wire.ARRAYS: to_record(release.weights),
+            wire.METRICS: MetricRecord(release_metrics(release)),  # type: ignore[arg-type]
             wire.STATUS: status(region.name, wire.OUTCOME_OK),
         }
     )
@@ -111,8 +133,7 @@ def _query(region: Region, msg: Message) -> RecordDict:
         return _with_trust(region, msg, _evaluate(region, msg))
     cfg, schema, _ = read_plan(config)  # type: ignore[arg-type]
     region.check_request(cfg, schema)
-    described = region.describe(cfg, schema)
-    described[wire.EPSILON] = region.epsilon(cfg)
+    described = profile_metrics(region.describe(cfg, schema)) | {wire.EPSILON: region.epsilon(cfg)}
     return RecordDict({wire.METRICS: MetricRecord(described), wire.STATUS: status(region.name, wire.OUTCOME_OK)})  # type: ignore[arg-type]
 
 
@@ -173,4 +194,4 @@ def build_client_app(*, mods: Sequence[Callable[..., Message]] = ()) -> ClientAp
     return app
 
 
-__all__ = ["build_client_app", "check_outgoing", "plan_config"]
+__all__ = ["build_client_app", "check_outgoing", "plan_config", "profile_metrics", "release_metrics"]

@@ -33,6 +33,7 @@ from fedcrm.fl.delivery import use_one_pass_delivery
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
 from fedcrm.fl.simulation import NodeConfigs, simulated_nodes
+from fedcrm.run_summary import RunSummary
 
 log = logging.getLogger("fedcrm.sweep")
 
@@ -46,7 +47,7 @@ class SimulatedRun:
     state_root: Path
 
 
-Outcome = dict[str, Any] | BaseException
+Outcome = RunSummary | BaseException
 OnDone = Callable[[SimulatedRun, Outcome], None]
 
 

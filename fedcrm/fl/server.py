@@ -312,7 +312,7 @@ def summarise(
         suppressed_regions=ev.suppressed,
         privacy=privacy,
         # As the regions' policies declare them (rounded by default): exact counts never leave a region.
-        regions={r: {"train": d["train"]} for r, d in pre.described.items() if "train" in d},
+        regions={r: {"train": d[wire.DECLARED_TRAIN]} for r, d in pre.described.items() if wire.DECLARED_TRAIN in d},
         events=pre.events,
         warnings=notes,
         shards=cfg.unlearning.shards,
@@ -342,7 +342,7 @@ def run_federation(
     model_version: int = 1,
     resume: bool = False,
     registry: NodeRegistry | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train (the given constituents of) the served model federatedly; return the run summary.
 
     With ``resume``, rounds already completed in ``run_dir`` (metrics.jsonl + checkpoints) are not
@@ -366,4 +366,4 @@ def run_federation(
     evaluation = evaluate_served(grid, cfg, pre, constituents=constituents, registry=registry)
     summary = summarise(cfg, pre, evaluation, model_version=model_version, report=report)
     pre.run.write_summary(summary)
-    return summary.to_dict()
+    return summary

@@ -26,20 +26,15 @@ from fedcrm.fl.client import build_client_app
 from fedcrm.fl.delivery import use_one_pass_delivery
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import Report, run_federation
+from fedcrm.node_settings import REGION, region_settings
+from fedcrm.run_summary import RunSummary
 
 NodeConfigs = dict[int, dict[str, str]]
 
 
 def simulated_nodes(cfg: ExperimentConfig, *, state_root: Path) -> NodeConfigs:
-    """What each region's data owner would put in ``--node-config`` on a real SuperNode."""
-    nodes: NodeConfigs = {}
-    for i, (name, path) in enumerate(cfg.regions.items()):
-        nodes[i] = {"region": name, "data-path": str(path), "state-dir": str((state_root / name).resolve())}
-        if name in cfg.policies:
-            nodes[i]["policy-path"] = str(cfg.policies[name])
-        if name in cfg.region_delimiters:
-            nodes[i]["delimiter"] = cfg.region_delimiters[name]
-    return nodes
+    """What each region's data owner would put in ``--node-config`` on a real SuperNode, by partition id."""
+    return {i: s.node_config() for i, s in enumerate(region_settings(cfg, state_root=state_root).values())}
 
 
 def simulated_node_config(
@@ -55,7 +50,7 @@ def simulated_node_config(
     def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         pid = int(context.node_config["partition-id"])
         if registry is not None and registry.region_of(context.node_id) is None:
-            registry.record(node_id=context.node_id, region=nodes[pid]["region"])
+            registry.record(node_id=context.node_id, region=nodes[pid][REGION])
         context.node_config.update(nodes[pid])
         return call_next(msg, context)
 
@@ -108,7 +103,7 @@ def run_simulated(
     processes: int | None = None,
     ray_address: str | None = None,
     **federation_kwargs: Any,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run the experiment in simulation; returns the run summary. Leaves no process behind.
 
     ``client_mods`` are extra Flower client mods (e.g. fault injection in tests), applied inside the
@@ -155,7 +150,7 @@ def run_simulated(
         raise outcome["error"]
     if "summary" not in outcome:
         raise RuntimeError("the simulation ended without a result (see Flower's log above)")
-    summary: dict[str, Any] = outcome["summary"]
+    summary: RunSummary = outcome["summary"]
     return summary
 
 

@@ -25,6 +25,7 @@ from typing import Any, ParamSpec
 from fedcrm.governance.audit_log import AUDIT_FILE, AuditAction, AuditLog
 from fedcrm.governance.customer_refs import RegionAuditLog
 from fedcrm.governance.policy import RegionPolicy
+from fedcrm.run_summary import RunSummary
 
 SERVER_ACTOR = "server"
 
@@ -115,7 +116,7 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-def audited_run(fn: Callable[P, dict[str, Any]]) -> Callable[P, dict[str, Any]]:
+def audited_run(fn: Callable[P, RunSummary]) -> Callable[P, RunSummary]:
     """Wrap the server's ``run_federation``: ``run_started`` before, ``run_finished``/``run_failed`` after.
 
     Reads ``cfg`` and ``run_dir`` from the call; the entries carry the config's sha256, so a run can be
@@ -124,7 +125,7 @@ def audited_run(fn: Callable[P, dict[str, Any]]) -> Callable[P, dict[str, Any]]:
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> RunSummary:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         cfg = bound.arguments["cfg"]
@@ -152,20 +153,20 @@ def audited_run(fn: Callable[P, dict[str, Any]]) -> Callable[P, dict[str, Any]]:
                          "message": str(e)[:500]},
             )
             raise
-        events = summary.get("events", {})
+        events = summary.event_reasons()
         log.append(
             actor=SERVER_ACTOR,
             action=AuditAction.RUN_FINISHED,
             details=finite({
                 "name": cfg.name,
-                "run_id": summary.get("run_id"),
-                "config_sha256": summary.get("config_sha256", started["config_sha256"]),
-                "model_version": summary.get("model_version"),
-                "final_auc": summary.get("final_metrics", {}).get("auc"),
-                "epsilon_by_region": {r: p.get("epsilon") for r, p in summary.get("privacy", {}).items()},
-                "refused": dict(events.get("refused", {})),
-                "failed": dict(events.get("failed", {})),
-                "rejected": dict(events.get("rejected", {})),
+                "run_id": summary.run_id,
+                "config_sha256": summary.config_sha256,
+                "model_version": summary.model_version,
+                "final_auc": summary.final_metrics.get("auc"),
+                "epsilon_by_region": {r: p.get("epsilon") for r, p in summary.privacy.items()},
+                "refused": events["refused"],
+                "failed": events["failed"],
+                "rejected": events["rejected"],
             }),
         )
         return summary

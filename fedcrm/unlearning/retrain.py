@@ -42,8 +42,9 @@ from fedcrm.governance.request_store import (
     retrained_ids,
     run_key,
 )
+from fedcrm.node_settings import region_settings
 from fedcrm.privacy.accountant import GaussianRelease
-from fedcrm.region import NodeSettings, Region
+from fedcrm.region import Region
 from fedcrm.run_summary import RunSummary
 from fedcrm.runs import CONFIG_FILE, ModelMeta, RunDir, load_weights
 from fedcrm.training import sampling_plan
@@ -51,7 +52,7 @@ from fedcrm.unlearning.erasure import RunView
 from fedcrm.unlearning.marker import RUN_MARKER, read_marker, write_marker
 from fedcrm.unlearning.shred import destroy, discard_staging, swap_in
 
-Simulate = Callable[..., dict[str, Any]]
+Simulate = Callable[..., RunSummary]  # fedcrm.fl.simulation.run_simulated
 Report = Callable[[str], None]
 READY = "READY.json"
 
@@ -68,19 +69,12 @@ def model_version(run_dir: Path) -> int:
     return ModelMeta.read(run_dir).version
 
 
-def node_settings(cfg: ExperimentConfig, *, region: str, state_root: Path) -> NodeSettings:
-    """What the region's data owner would set on its node, as the simulation sets it."""
-    policies: dict[str, Path] = getattr(cfg, "policies", {}) or {}
-    return NodeSettings(region=region, data_path=Path(cfg.regions[region]), state_dir=Path(state_root) / region,
-                        policy_path=policies.get(region))
-
-
 def run_view(run_dir: Path, *, region: str, state_root: Path) -> RunView:
     """Which of the region's customers a run trained on, and in which shard (read before tombstoning)."""
     cfg = load_run_config(run_dir)
     if region not in cfg.regions:
         raise UnlearningError(f"{run_dir}: region {region} is not one of the run's regions {sorted(cfg.regions)}")
-    data = Region(node_settings(cfg, region=region, state_root=state_root)).load(cfg, load_schema(cfg.schema_path))
+    data = Region(region_settings(cfg, state_root=state_root)[region]).load(cfg, load_schema(cfg.schema_path))
     trained = {str(i): int(s) for i, s, h in zip(data.ids, data.shard, data.holdout, strict=True) if not h}
     return RunView(run_dir=Path(run_dir), shards=cfg.unlearning.shards, model_version=model_version(run_dir),
                    trained=trained)
@@ -199,9 +193,9 @@ def retrain_releases(plan: RetrainPlan) -> dict[str, tuple[Region, dict[int, Gau
     cfg = plan.cfg
     schema = load_schema(cfg.schema_path)
     loaded: dict[str, tuple[Region, Any]] = {}
-    for region in cfg.regions:
+    for region, settings in region_settings(cfg, state_root=plan.state_root).items():
         try:
-            r = Region(node_settings(cfg, region=region, state_root=plan.state_root))
+            r = Region(settings)
             r.check_request(cfg, schema)
             loaded[region] = (r, r.load(cfg, schema))
         except PolicyError as e:
@@ -256,7 +250,7 @@ class RetrainResult:
     model_version: int
     receipts: list[dict[str, Any]]
     warnings: list[str]
-    summary: dict[str, Any] | None
+    summary: RunSummary | None
     resumed: bool = False
 
 
@@ -294,13 +288,13 @@ def retrain(run_dir: Path, *, state_root: Path, simulate: Simulate, report: Repo
         write_json_atomically(plan.staging / READY, {"target_version": plan.target_version, "stale": plan.stale,
                                                      "finished_at": now()}, what="mark the staged retrain complete")
     receipts = commit(plan)
-    summary = RunSummary.read(plan.run_dir).to_dict()
+    summary = RunSummary.read(plan.run_dir)
     return RetrainResult(plan.run_dir, plan.stale, plan.target_version, receipts, plan.warnings, summary, resumed)
 
 
-def _check_complete(plan: RetrainPlan, summary: dict[str, Any]) -> None:
+def _check_complete(plan: RetrainPlan, summary: RunSummary) -> None:
     """An erasure retrain must be the same federation as the original: every region, every round."""
-    problems = RunSummary.from_dict(summary, source=f"the retrain of {plan.run_dir}").problems()
+    problems = summary.problems()
     if problems:
         kind = PrivacyBudgetError if any("budget" in str(v) for v in problems.values()) else UnlearningError
         raise kind(

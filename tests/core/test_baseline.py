@@ -36,16 +36,16 @@ def test_centralised_baseline_leaves_out_forgotten_and_withdrawn_customers(tmp_p
     ConsentWithdrawals(state / "eu").add(withdrawn, purpose=cfg.task)
 
     after = run_centralised(cfg, run_dir=tmp_path / "after", state_root=state)
-    eu_before, eu_after = before["regions"]["eu"], after["regions"]["eu"]
+    eu_before, eu_after = before.regions["eu"], after.regions["eu"]
     assert eu_after["forgotten"] == 1
     assert eu_after["excluded_no_consent"] == eu_before.get("excluded_no_consent", 0) + 1
     assert eu_after["train"] == eu_before["train"] - 2
     assert eu_after["holdout"] == eu_before["holdout"]
-    assert after["regions"]["us"] == before["regions"]["us"]
-    assert after["training"]["examples"] < before["training"]["examples"]
+    assert after.regions["us"] == before.regions["us"]
+    assert after.training["examples"] < before.training["examples"]
     written = json.loads((tmp_path / "after" / "summary.json").read_text(encoding="utf-8"))
     assert written["regions"]["eu"]["forgotten"] == 1
     assert list(written) == ["name", "kind", "task", "privacy_mode", "final_metrics", "privacy", "regions",
                              "training", "warnings", "config_sha256", "code_version", "started", "wall_time_s"]
     assert np.isfinite(written["final_metrics"]["auc"])
-    assert written["started"] > before["started"]  # a start time for tracking, as a federated run writes
+    assert written["started"] > before.started  # a start time for tracking, as a federated run writes

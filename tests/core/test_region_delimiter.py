@@ -101,3 +101,24 @@ def test_the_plan_sent_to_regions_carries_no_regions_file_format(tmp_path: Path)
     plan = json.loads(str(plan_config(cfg, schema_text="x", run_id="r")[wire.EXPERIMENT]))
     assert plan["region_delimiters"] == {}
     assert type(cfg).model_validate(plan | {"schema": str(cfg.schema_path)}).region_delimiters == {}
+
+
+def test_every_region_settings_builder_carries_the_regions_delimiter(tmp_path: Path) -> None:
+    """Only the simulation kept it: the one-host deployment's SuperNodes and the centralised baseline (like
+    a retrain) built a region's settings without it, and could not read a ':'-separated file."""
+    from fedcrm.baseline import run_centralised
+    from fedcrm.deploy.topology import region_nodes
+    from fedcrm.node_settings import region_settings
+
+    def colon(regions: dict) -> dict:
+        path = Path(regions["eu"])
+        path.with_name("eu-colon.csv").write_text(path.read_text().replace(",", ":"))
+        return {"eu": {"path": str(path.with_name("eu-colon.csv")), "delimiter": ":"}, "us": regions["us"]}
+
+    cfg = load_config(_config(tmp_path, colon))
+    (node,) = [n for n in region_nodes(cfg, state_root=tmp_path / "state", data_dir=tmp_path / "d") if n.region == "eu"]
+    assert node.node_config()["delimiter"] == ":"
+    assert NodeSettings.from_node_config(node.node_config()) == node
+    assert region_settings(cfg, state_root=tmp_path / "state")["eu"] == node  # the simulation's, the retrain's
+    summary = run_centralised(cfg, run_dir=tmp_path / "baseline", state_root=tmp_path / "state")
+    assert summary.regions["eu"]["train"] > 0

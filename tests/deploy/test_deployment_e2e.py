@@ -121,19 +121,19 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
     # ... and neither touched the run: the three regions trained in every round, nothing failed.
     summary = result.summary
     assert summary is not None
-    assert summary["events"] == {"refused": {}, "failed": {}, "rejected": {}}
+    assert summary.events == {"refused": {}, "failed": {}, "rejected": {}}
     # Each region's key was made in its own folder; the operator's holds no region's private key. The
     # server checked every reply against the registry deploy_local recorded (no "unchecked" warning).
     # (plus the local bundle reviewer's signing key, which plays every data owner's trusted signer here).
     assert sorted(p.name for p in (tmp_path / "work" / "certs").iterdir()) == [
         "bundle-signer-local.key", "bundle-signer-local.pub", "ca.crt", "ca.key", "server.crt", "server.key"]
     assert all((tmp_path / "work" / "regions" / r / f"supernode-{r}.key").is_file() for r in ("eu", "us", "apac"))
-    assert not any("no node registry" in w for w in summary["warnings"])
-    assert verify(result.run_dir / "audit.log", expect_head=summary["audit_head"]).ok
+    assert not any("no node registry" in w for w in summary.warnings)
+    assert verify(result.run_dir / "audit.log", expect_head=summary.audit_head).ok
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     assert all(set(r["epsilon"]) == {"eu", "us", "apac"} for r in rows)
-    assert set(summary["final_metrics_by_region"]) == {"eu", "us", "apac"}
+    assert set(summary.final_metrics_by_region) == {"eu", "us", "apac"}
 
     # The same config in simulation. Both paths seed everything (initial model, Poisson sampling, DP noise
     # per region and round) and run the same code, so they differ only by float rounding (summation order
@@ -144,15 +144,15 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
         load_config(cfg_path), run_dir=tmp_path / "run-sim", state_root=tmp_path / "state-sim", report=lambda s: None
     )
     sim_s = time.time() - t1
-    dep_auc, sim_auc = summary["final_metrics"]["auc"], sim["final_metrics"]["auc"]
+    dep_auc, sim_auc = summary.final_metrics["auc"], sim.final_metrics["auc"]
     print(f"deployed AUC {dep_auc:.5f} in {deployed_s:.0f}s; simulated AUC {sim_auc:.5f} in {sim_s:.0f}s")
     assert abs(dep_auc - sim_auc) <= 0.01
-    assert abs(summary["final_metrics"]["log_loss"] - sim["final_metrics"]["log_loss"]) <= 0.01
+    assert abs(summary.final_metrics["log_loss"] - sim.final_metrics["log_loss"]) <= 0.01
     w_dep = load_weights(result.run_dir / "model" / "constituent-0.npz")
     w_sim = load_weights(tmp_path / "run-sim" / "model" / "constituent-0.npz")
     assert max(float(np.max(np.abs(w_dep[k] - w_sim[k]))) for k in w_dep) <= 1e-3
     for region in ("eu", "us", "apac"):
-        assert summary["privacy"][region]["epsilon"] == pytest.approx(sim["privacy"][region]["epsilon"], rel=1e-6)
+        assert summary.privacy[region]["epsilon"] == pytest.approx(sim.privacy[region]["epsilon"], rel=1e-6)
 
 
 # --- 2. a SuperNode killed mid-round, then restarted -------------------------------------------------
@@ -224,16 +224,16 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
     assert "killed" in seen and "restarted" in seen, seen
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    ended = {r["round"]: summary["started"] + r["time_s"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
-    print(f"eu killed {float(seen['killed']) - summary['started']:.0f} s into the run, round 2 ended at "  # type: ignore[arg-type]
-          f"{ended[2] - summary['started']:.0f} s, eu back at {float(seen['restarted']) - summary['started']:.0f} s, "  # type: ignore[arg-type]
-          f"round 3 ended at {ended[3] - summary['started']:.0f} s")
-    assert summary["rounds_completed"] == 3
+    ended = {r["round"]: summary.started + r["time_s"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
+    print(f"eu killed {float(seen['killed']) - summary.started:.0f} s into the run, round 2 ended at "  # type: ignore[arg-type]
+          f"{ended[2] - summary.started:.0f} s, eu back at {float(seen['restarted']) - summary.started:.0f} s, "  # type: ignore[arg-type]
+          f"round 3 ended at {ended[3] - summary.started:.0f} s")
+    assert summary.rounds_completed == 3
     # What happened, by region: no reply within the round timeout, or (once eu's heartbeat expired, which
     # can come first) the SuperLink's own "Node Unavailable" error reply for it.
-    why = summary["events"]["failed"]["eu"]
+    why = summary.events["failed"]["eu"]
     assert "(training)" in why and ("no reply within the round timeout" in why or "Node Unavailable" in why), why
-    assert set(summary["events"]["failed"]) == {"eu"}  # named by region, never as the SuperLink's node id
+    assert set(summary.events["failed"]) == {"eu"}  # named by region, never as the SuperLink's node id
     rows = {r["round"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
     assert set(rows[1]["epsilon"]) == {"eu", "us"}
     assert "eu" in rows[2]["failed"] and set(rows[2]["epsilon"]) == {"us"}
@@ -354,16 +354,16 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
     # -- the policy refusal, recorded in summary.json; the run went on without apac ------------------
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     reason = wire.REFUSED_COLUMN  # the words ("column `nps_score` ...") stay in apac's audit log
-    assert summary["events"]["refused"] == {"apac": reason}
-    assert summary["privacy"]["apac"]["refused"] == reason
-    assert set(summary["final_metrics_by_region"]) == {"eu", "us"}
+    assert summary.events["refused"] == {"apac": reason}
+    assert summary.privacy["apac"]["refused"] == reason
+    assert set(summary.final_metrics_by_region) == {"eu", "us"}
     assert PrivacyLedger.open(tmp_path / "state" / "apac", region="apac").events() == []
 
     # -- positive controls: the capture is readable and holds what the regions did send ----------------
     assert len(wire_bytes) > 10_000
     for expected in (b"hist-pos", b"num-examples", reason.encode(), b"/v1/fleet/push-messages"):
         assert expected in wire_bytes, expected
-    train_counts = {r: summary["regions"][r]["train"] for r in ("eu", "us")}
+    train_counts = {r: summary.regions[r]["train"] for r in ("eu", "us")}
     for r, n in train_counts.items():
         assert struct.pack("<d", float(n)) in wire_bytes, f"{r}'s num-examples as a double is not in the capture"
 

@@ -207,7 +207,7 @@ def test_audit_privacy_cli_is_consistent_for_the_dp_run_and_fails_loudly_for_a_l
     for region, r in report["regions"].items():
         assert r["verdict"] == "consistent", region
         assert r["mode"] == "black-box"
-        assert r["claimed_epsilon"] == pytest.approx(run["summary"]["privacy"][region]["epsilon"], rel=1e-6)
+        assert r["claimed_epsilon"] == pytest.approx(run["summary"].privacy[region]["epsilon"], rel=1e-6)
         assert r["epsilon_lower_bound"] <= r["claimed_epsilon"]
 
     # A model that memorised region eu's training customers, placed in a copy of the run: as if the

@@ -67,17 +67,17 @@ def test_dp_run_writes_results_and_ledger_matches_dp_accounting_and_spend_contin
     after = time.time()
 
     for key in ("auc", "log_loss", "accuracy", "brier"):
-        assert np.isfinite(summary["final_metrics"][key])
+        assert np.isfinite(summary.final_metrics[key])
     # The pooled AUC is a DP answer: on hold-outs this small its noise is large, and the summary says how
     # large. The model itself is checked exactly, at the regions, against scikit-learn.
-    noisy, noise_sd = summary["final_metrics"]["auc"], summary["final_metrics"]["auc_noise_sd"]
+    noisy, noise_sd = summary.final_metrics["auc"], summary.final_metrics["auc_noise_sd"]
     assert 0 <= noisy <= 1 and noise_sd > 0
     exact = exact_holdout_metrics(cfg, run_dir=tmp_path / "run1", state=tmp_path / "state")["auc"]
     assert exact > 0.6  # the synthetic label depends on the features
     assert abs(noisy - exact) < 5 * noise_sd + 0.05
-    assert (noise_sd > 0.03) == any("noise alone moves it" in w for w in summary["warnings"])
+    assert (noise_sd > 0.03) == any("noise alone moves it" in w for w in summary.warnings)
     on_disk = json.loads((tmp_path / "run1" / "summary.json").read_text())
-    assert on_disk["final_metrics"] == summary["final_metrics"]
+    assert on_disk["final_metrics"] == summary.final_metrics
     # The summary's shape, pinned: reports, sweeps, MLflow and old run folders read these keys.
     assert list(on_disk) == [
         "name", "run_id", "task", "privacy_mode", "final_metrics", "final_metrics_by_region", "suppressed_regions",
@@ -101,7 +101,7 @@ def test_dp_run_writes_results_and_ledger_matches_dp_accounting_and_spend_contin
 
     first_eps = {}
     for region in ("eu", "us"):
-        p = summary["privacy"][region]
+        p = summary.privacy[region]
         ledger = PrivacyLedger.open(state / region, region=region)
         events = ledger.events()
         # Two training rounds, then the served model's two DP answers (evaluation; fairness and importance).
@@ -119,9 +119,9 @@ def test_dp_run_writes_results_and_ledger_matches_dp_accounting_and_spend_contin
     for region in ("eu", "us"):
         events = PrivacyLedger.open(state / region, region=region).events()
         assert len(events) == 8
-        eps = again["privacy"][region]["epsilon"]
+        eps = again.privacy[region]["epsilon"]
         assert eps > first_eps[region] * 1.2
-        assert eps == pytest.approx(worst_customer_epsilon(events, again["privacy"][region]["delta"]), rel=0.01)
+        assert eps == pytest.approx(worst_customer_epsilon(events, again.privacy[region]["delta"]), rel=0.01)
 
     assert not _ray_processes(), "the simulation left Ray processes running"
 
@@ -140,16 +140,16 @@ def test_policy_and_budget_refusals_are_reported_and_the_run_goes_on(tmp_path: P
     summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lines.append)
 
     # Fixed codes on the wire; the words, with the ε figures, stay in each region's audit log.
-    assert summary["privacy"]["us"]["refused"] == wire.REFUSED_PURPOSE
-    assert summary["privacy"]["apac"]["refused"] == wire.REFUSED_BUDGET
-    assert summary["privacy"]["eu"]["refused"] is None
+    assert summary.privacy["us"]["refused"] == wire.REFUSED_PURPOSE
+    assert summary.privacy["apac"]["refused"] == wire.REFUSED_BUDGET
+    assert summary.privacy["eu"]["refused"] is None
     assert any("region us will not take part" in ln for ln in lines)
     # Refused regions spent nothing; the one that trained did.
     assert not (tmp_path / "state" / "us" / "privacy_ledger.sqlite").exists() or not PrivacyLedger.open(
         tmp_path / "state" / "us", region="us").events()
     assert PrivacyLedger.open(tmp_path / "state" / "apac", region="apac").events() == []
-    assert summary["privacy"]["eu"]["epsilon"] > 0
-    assert np.isfinite(summary["final_metrics"]["auc"])
+    assert summary.privacy["eu"]["epsilon"] > 0
+    assert np.isfinite(summary.final_metrics["auc"])
 
 
 def test_a_run_stops_with_the_reasons_when_too_few_regions_can_take_part(tmp_path: Path) -> None:
@@ -172,9 +172,9 @@ def test_client_level_dp_runs_through_flowers_wrapper_and_warns_with_few_regions
                                                   "policies": {"eu": str(policy), "us": str(policy)}})
     summary = run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state",
                             report=lambda s: None)
-    assert any("client-level DP with only 2 regions protects little" in w for w in summary["warnings"])
-    assert any("not against the server" in w for w in summary["warnings"])
+    assert any("client-level DP with only 2 regions protects little" in w for w in summary.warnings)
+    assert any("not against the server" in w for w in summary.warnings)
     events = PrivacyLedger.open(tmp_path / "state" / "eu", region="eu").events()
     trained = [e for e in events if e.mechanism == "dp_sgd"]
     assert len(trained) == 2 and all(e.sample_rate == 1.0 and e.noise_multiplier == 2.0 for e in trained)
-    assert np.isfinite(summary["final_metrics"]["log_loss"])
+    assert np.isfinite(summary.final_metrics["log_loss"])

@@ -20,7 +20,8 @@ def _run(tmp_path: Path, config: str, overrides: dict | None = None) -> dict:
     if cfg.privacy.mode == "none":  # non-private training needs the regions' consent (their policies)
         cfg = cfg.model_copy(update={"policies": {r: PERMISSIVE_POLICY for r in cfg.regions}})
     cfg = materialise_regions(cfg, data_dir=tmp_path / "regions")
-    summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None)
+    summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state",
+                            report=lambda s: None).to_dict()
     # The model's quality exactly, at the regions (the summary's pooled AUC is a DP answer, ± its noise);
     # the privacy of training, from the ledgers' training releases (the hold-outs' answers are apart).
     summary["final_metrics"] = exact_holdout_metrics(cfg, run_dir=tmp_path / "run", state=tmp_path / "state")

@@ -117,7 +117,7 @@ def test_a_federation_runs_on_both_nodes_of_a_running_ray_cluster(tmp_path: Path
     assert not _head_up(int(address.rpartition(":")[2])), "the test's Ray head is still running"
     ran_on = {p.name.rsplit("-", 1)[0] for p in seen.iterdir()}
     assert ran_on == nodes, f"ClientApps ran on {len(ran_on)} of the cluster's 2 nodes"
-    assert summary["rounds_completed"] == cfg.training.rounds
+    assert summary.rounds_completed == cfg.training.rounds
     for region in cfg.regions:
         trained = [e for e in PrivacyLedger.open(tmp_path / "state" / region, region=region).events()
                    if e.mechanism == MECHANISM_DP_SGD]

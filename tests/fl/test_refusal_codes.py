@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_tiny_config
+from flwr.app import RecordDict
 
 from fedcrm import wire
 from fedcrm.config import load_config
@@ -39,17 +40,22 @@ def _train_message(cfg_path: Path):  # noqa: ANN202
     return Message(content=RecordDict(content), dst_node_id=1, message_type=MessageType.TRAIN)  # type: ignore[arg-type]
 
 
+def _refused_training(tmp_path: Path, *, policy: str) -> RecordDict:
+    """The reply of a one-region node whose policy (``policy``, YAML) refuses a training round."""
+    from fedcrm.fl import client as client_module
+
+    cfg_path = write_tiny_config(tmp_path, regions={"eu": 300})
+    policy_path = tmp_path / "eu-policy.yaml"
+    policy_path.write_text(policy)
+    return client_module.answer(client_module._train, _train_message(cfg_path), _context(tmp_path, policy=policy_path))
+
+
 @pytest.mark.usefixtures("task_identity")
 def test_a_shard_below_the_minimum_is_refused_with_a_code_and_no_count_leaves(tmp_path: Path) -> None:
     """Old code sent "shard 0 has 225 training customers, fewer than the policy's minimum 100000"."""
-    from fedcrm.fl import client as client_module
     from fedcrm.governance.audit_log import AuditLog
 
-    cfg_path = write_tiny_config(tmp_path, regions={"eu": 300})
-    policy = tmp_path / "eu-policy.yaml"
-    policy.write_text("min_customers: 100000\n")
-    reply = client_module.answer(client_module._train, _train_message(cfg_path), _context(tmp_path, policy=policy))
-
+    reply = _refused_training(tmp_path, policy="min_customers: 100000\n")
     st = reply[wire.STATUS]
     assert st[wire.OUTCOME] == wire.OUTCOME_REFUSED
     assert st[wire.REASON] == wire.REFUSED_SHARD_SIZE
@@ -63,12 +69,7 @@ def test_a_shard_below_the_minimum_is_refused_with_a_code_and_no_count_leaves(tm
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_purpose_refusal_names_only_its_code(tmp_path: Path) -> None:
-    from fedcrm.fl import client as client_module
-
-    cfg_path = write_tiny_config(tmp_path, regions={"eu": 300})
-    policy = tmp_path / "eu-policy.yaml"
-    policy.write_text("allowed_purposes: [propensity]\n")
-    reply = client_module.answer(client_module._train, _train_message(cfg_path), _context(tmp_path, policy=policy))
+    reply = _refused_training(tmp_path, policy="allowed_purposes: [propensity]\n")
     assert reply[wire.STATUS][wire.REASON] == wire.REFUSED_PURPOSE
     assert "propensity" not in str(reply)  # nor what the policy does allow
 

@@ -97,10 +97,10 @@ def test_in_simulation_a_region_answering_as_another_is_rejected_every_round(tmp
     cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 400, "us": 400}))
     summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None,
                             client_mods=[impostor])
-    reason = summary["events"]["rejected"]["us"]
+    reason = summary.events["rejected"]["us"]
     assert "claims region `eu`" in reason and "registered for `us`" in reason
-    assert "us" not in summary["regions"] and set(summary["final_metrics_by_region"]) <= {"eu"}
-    assert not any("no node registry" in w for w in summary["warnings"])
+    assert "us" not in summary.regions and set(summary.final_metrics_by_region) <= {"eu"}
+    assert not any("no node registry" in w for w in summary.warnings)
     # The pre-flight already shut us out, so no round trained with it (nor counted it as eu).
     for row in read_metrics(tmp_path / "run" / "metrics.jsonl"):
         assert set(row["epsilon"]) == {"eu"}

@@ -43,9 +43,9 @@ def test_each_round_trains_the_drawn_fraction_of_the_eligible_regions_and_only_t
     for region in eligible:
         drawn_in = [r["round"] for r in rows if region in r["selected"]]
         trained = [e for e in PrivacyLedger.open(state / region, region=region).events()
-                   if e.run_id == summary["run_id"] and e.mechanism == MECHANISM_DP_SGD]
+                   if e.run_id == summary.run_id and e.mechanism == MECHANISM_DP_SGD]
         assert [e.round for e in trained] == drawn_in, region
-    assert summary["privacy"]["refuser"]["refused"] is not None
+    assert summary.privacy["refuser"]["refused"] is not None
     refuser_ledger = state / "refuser" / "privacy_ledger.sqlite"
     assert not refuser_ledger.exists() or not PrivacyLedger.open(state / "refuser", region="refuser").events()
 

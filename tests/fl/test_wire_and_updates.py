@@ -22,6 +22,25 @@ def test_declared_reply_passes_the_outgoing_check() -> None:
     assert check_outgoing(content) is content
 
 
+def test_a_regions_typed_results_map_each_figure_to_one_wire_key() -> None:
+    """Region returns dataclasses; the ClientApp alone names their wire keys, each figure under its own key."""
+    from dataclasses import fields
+
+    from fedcrm.fl.client import profile_metrics, release_metrics
+    from fedcrm.region import RegionProfile, TrainRelease
+
+    profile = RegionProfile(declared_customers=1200.0, smallest_shard=300.0, budget=8.0, delta=1e-6,
+                            min_customers=50, features=17)
+    release = TrainRelease(weights={"w": np.zeros(2)}, weight=1200.0, noise_multiplier=1.1, epsilon=0.4, budget=8.0)
+    for result, metrics in ((profile, profile_metrics(profile)), (release, release_metrics(release))):
+        assert set(metrics) <= wire.METRIC_KEYS
+        figures = [float(getattr(result, f.name)) for f in fields(result) if f.name != "weights"]
+        assert sorted(metrics.values()) == sorted(figures)  # every figure sent, and nothing else
+    assert profile_metrics(profile)[wire.DECLARED_TRAIN] == 1200.0
+    assert release_metrics(release)[wire.NUM_EXAMPLES] == 1200.0  # Flower's FedAvg weighs by this key
+    check_outgoing(RecordDict({wire.METRICS: MetricRecord(profile_metrics(profile))}))
+
+
 @pytest.mark.parametrize(
     "content",
     [

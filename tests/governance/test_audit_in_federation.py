@@ -41,7 +41,7 @@ def test_a_simulated_run_leaves_a_verifiable_audit_trail_without_customer_ids(tm
     # Consent exclusions, withdrawal included, are counted exactly in the region's own pre-flight entry;
     # the server only learns the declared (rounded) training size, so a withdrawal cannot be read off it.
     # A region hashes the plan it was sent (no paths, no server-side settings), not the server's file.
-    plan = plan_config(cfg, schema_text=cfg.schema_path.read_text(encoding="utf-8"), run_id=summary["run_id"])
+    plan = plan_config(cfg, schema_text=cfg.schema_path.read_text(encoding="utf-8"), run_id=summary.run_id)
     plan_digest = read_plan(plan)[0].digest()
     for region, df in tables.items():
         refused = int((df.consent_churn != "yes").sum()) + (1 if region == "eu" else 0)
@@ -50,20 +50,20 @@ def test_a_simulated_run_leaves_a_verifiable_audit_trail_without_customer_ids(tm
         counts = preflight[-1].details["counts"]
         assert counts["excluded_no_consent"] == refused
         assert counts["train"] + counts["holdout"] == len(df) - refused
-        assert summary["regions"][region] == {"train": float(load_policy(None).declared_size(counts["train"]))}
+        assert summary.regions[region] == {"train": float(load_policy(None).declared_size(counts["train"]))}
 
     server = AuditLog(run_dir / "audit.log").entries()
     assert [e.action for e in server] == ["run_started", "run_finished"]
     assert {e.actor for e in server} == {"server"}
-    assert server[0].details["config_sha256"] == cfg.digest() == summary["config_sha256"]
-    assert server[1].details["run_id"] == summary["run_id"]
+    assert server[0].details["config_sha256"] == cfg.digest() == summary.config_sha256
+    assert server[1].details["run_id"] == summary.run_id
 
     for region in cfg.regions:
         entries = AuditLog(state / region / "audit.log").entries()
         assert not [e for e in entries if e.action == "refusal"]
         assert [e.action for e in entries if e.action == "policy_changed"] == ["policy_changed"]
         spent = [e for e in entries if e.action == "privacy_spent"]
-        assert all(e.actor == f"region:{region}" and e.details["run_id"] == summary["run_id"] for e in spent)
+        assert all(e.actor == f"region:{region}" and e.details["run_id"] == summary.run_id for e in spent)
         # Every release in the ledger, training rounds and evaluation answers alike, is in the audit log.
         events = PrivacyLedger.open(state / region, region=region).events()
         assert [e.details["ledger_event"] for e in spent] == [ev.id for ev in events]
@@ -71,7 +71,7 @@ def test_a_simulated_run_leaves_a_verifiable_audit_trail_without_customer_ids(tm
         rounds = [e.details["round"] for e in spent if mechanism[e.details["ledger_event"]] == MECHANISM_DP_SGD]
         assert rounds == [1, 2]
         assert {mechanism[e.details["ledger_event"]] for e in spent} == {MECHANISM_DP_SGD, MECHANISM_GAUSSIAN}
-        assert spent[-1].details["epsilon_spent_total"] == pytest.approx(summary["privacy"][region]["epsilon"])
+        assert spent[-1].details["epsilon_spent_total"] == pytest.approx(summary.privacy[region]["epsilon"])
 
     out = tmp_path / "export.json"
     customer = eu[(eu.consent_churn == "yes") & (eu.customer_id != withdrawn)].customer_id.iloc[0]
@@ -80,7 +80,7 @@ def test_a_simulated_run_leaves_a_verifiable_audit_trail_without_customer_ids(tm
                                  "--out", str(out), "--state", str(state)])
     assert result.exit_code == 0, result.output
     model = json.loads(out.read_text())["models"][0]
-    assert model["run_id"] == summary["run_id"] and model["trained_on_their_data"] == (not model["in_holdout"])
+    assert model["run_id"] == summary.run_id and model["trained_on_their_data"] == (not model["in_holdout"])
 
     logs = [run_dir / "audit.log", *(state / r / "audit.log" for r in cfg.regions)]
     text = "\n".join(p.read_text() for p in logs)

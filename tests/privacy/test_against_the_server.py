@@ -18,6 +18,7 @@ from conftest import one_region, write_tiny_config
 from fedcrm.config import ExperimentConfig, load_config
 from fedcrm.data.schema import load_schema
 from fedcrm.errors import ConfigError, PolicyError, PrivacyBudgetError
+from fedcrm.fl.client import profile_metrics, release_metrics
 from fedcrm.models import build_model, get_weights
 from fedcrm.privacy.accountant import GaussianRelease, epsilon
 from fedcrm.region import NodeSettings, Region
@@ -37,9 +38,11 @@ def _start(cfg: ExperimentConfig, region: Region) -> Weights:
 
 def _train(cfg: ExperimentConfig, settings: NodeSettings, *, round_: int = 1, shard: int = 0,
            run_id: str = "run-a", start: Weights | None = None) -> tuple[Weights, dict[str, float]]:
+    """The update and the metrics of its training reply, as the region's ClientApp sends them."""
     region = Region(settings)
-    return region.train(cfg, load_schema(cfg.schema_path), weights=start or _start(cfg, region), shard=shard,
-                        round_=round_, run_id=run_id)
+    release = region.train(cfg, load_schema(cfg.schema_path), weights=start or _start(cfg, region), shard=shard,
+                           round_=round_, run_id=run_id)
+    return release.weights, release_metrics(release)
 
 
 def _distance(a: Weights, b: Weights) -> float:
@@ -169,14 +172,14 @@ def test_training_replies_and_preflight_carry_no_exact_counts_or_losses(tmp_path
     data = region.load(cfg, load_schema(cfg.schema_path))
     exact = data.counts["train"]
     assert metrics["num-examples"] == region.policy.declared_size(exact) == round(exact, -(len(str(exact)) - 2))
-    described = region.describe(cfg, load_schema(cfg.schema_path))
+    described = profile_metrics(region.describe(cfg, load_schema(cfg.schema_path)))
     assert set(described) == {"train", "smallest-shard", "budget", "delta", "min-customers", "n-features"}
     assert described["train"] == metrics["num-examples"]
     # One erasure moves the public figure only when it crosses a rounding boundary.
     from fedcrm.unlearning.tombstones import Tombstones
 
     Tombstones(settings.state_dir).add([str(data.ids[~data.holdout][0])])
-    after = Region(settings).describe(cfg, load_schema(cfg.schema_path))["train"]
+    after = Region(settings).describe(cfg, load_schema(cfg.schema_path)).declared_customers
     assert after == region.policy.declared_size(exact - 1)
     # ... which equals the figure before except where the count sits on a rounding boundary (1 in 10).
     hidden = [region.policy.declared_size(n) == region.policy.declared_size(n - 1) for n in range(1000, 2000)]

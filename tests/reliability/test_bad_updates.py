@@ -20,10 +20,10 @@ from fedcrm.config import load_config
 from fedcrm.data.schema import load_schema
 from fedcrm.evaluation.served import ServedModel
 from fedcrm.fl.simulation import run_simulated
+from fedcrm.node_settings import region_settings
 from fedcrm.privacy.ledger import MECHANISM_DP_SGD, MECHANISM_GAUSSIAN, PrivacyLedger
 from fedcrm.region import Region
 from fedcrm.runs import load_weights, read_metrics
-from fedcrm.unlearning.retrain import node_settings
 
 Mod = Callable[[Message, Context, Callable[..., Message]], Message]
 
@@ -81,7 +81,7 @@ def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: 
         assert "x the round's median" in row["rejected"]["r1"]
         assert "NaN" in row["rejected"]["r2"]
         assert set(row["epsilon"]) == {"r3", "r4"} | ({"r0"} if row["round"] == 1 else set())
-    assert set(summary["events"]["rejected"]) == {"r0", "r1", "r2"}
+    assert set(summary.events["rejected"]) == {"r0", "r1", "r2"}
     # Rejected or not, every region trained and released each round: all of it is charged.
     for region in regions:
         ledger = PrivacyLedger.open(tmp_path / "state" / region, region=region)
@@ -99,8 +99,8 @@ def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: 
     schema, served = load_schema(cfg.schema_path), ServedModel.load(tmp_path / "run")
     scores, labels = [], []
     for region in regions:
-        data = Region(node_settings(cfg, region=region, state_root=tmp_path / "state")).load(cfg, schema)
+        data = Region(region_settings(cfg, state_root=tmp_path / "state")[region]).load(cfg, schema)
         scores.append(served.proba(data.x))
         labels.append(data.y)
     assert roc_auc_score(np.concatenate(labels), np.concatenate(scores)) > 0.55
-    assert 0 <= summary["final_metrics"]["auc"] <= 1 and np.isfinite(summary["final_metrics"]["log_loss"])
+    assert 0 <= summary.final_metrics["auc"] <= 1 and np.isfinite(summary.final_metrics["log_loss"])

@@ -47,8 +47,8 @@ def test_a_crash_mid_round_is_survived_reported_and_charged(tmp_path: Path) -> N
     state = tmp_path / "state"
     summary = run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=state, report=lambda s: None,
                             client_mods=[crash_during_training("us", 2)])
-    assert "OSError" in summary["events"]["failed"]["us"]
-    assert np.isfinite(summary["final_metrics"]["auc"])
+    assert "OSError" in summary.events["failed"]["us"]
+    assert np.isfinite(summary.final_metrics["auc"])
     # Training releases only: the final evaluation's answers are events too (Gaussian, on the hold-out).
     events = [e for e in PrivacyLedger.open(state / "us", region="us").events() if e.mechanism == MECHANISM_DP_SGD]
     by_round = {e.round: e for e in events}
@@ -56,7 +56,7 @@ def test_a_crash_mid_round_is_survived_reported_and_charged(tmp_path: Path) -> N
     # The write-ahead event of the failed round is kept, marked, and still counted in ε.
     assert by_round[2].status == "not_sent" and "No space left" in (by_round[2].outcome_reason or "")
     assert by_round[1].status == by_round[3].status == "sent"
-    us, p = PrivacyLedger.open(state / "us", region="us"), summary["privacy"]["us"]
+    us, p = PrivacyLedger.open(state / "us", region="us"), summary.privacy["us"]
     charged = us.epsilon_of_shard(shard=0, shards=1, delta=p["delta"], accountant=p["accountant"])
     assert charged == pytest.approx(epsilon([e.release for e in events], delta=p["delta"], accountant=p["accountant"]))
     assert charged > epsilon([by_round[1].release, by_round[3].release], delta=p["delta"], accountant=p["accountant"])

@@ -136,8 +136,8 @@ def test_a_run_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_freed(
         # Rounds after the last safe checkpoint ran again and are charged again, honestly.
         assert rounds == before[region] + list(range(done + 1, 5))
         # Every release of this run: its training rounds (retried ones twice) and the two evaluation answers.
-        assert summary["privacy"][region]["releases_this_run"] == len(rounds) + 2
-    assert json.loads((run_dir / "summary.json").read_text())["final_metrics"] == summary["final_metrics"]
+        assert summary.privacy[region]["releases_this_run"] == len(rounds) + 2
+    assert json.loads((run_dir / "summary.json").read_text())["final_metrics"] == summary.final_metrics
 
 
 def test_region_secret_and_export_on_a_full_disk_are_whole_or_absent(small_disk: Path) -> None:

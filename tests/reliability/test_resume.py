@@ -107,6 +107,6 @@ def test_killed_run_resumes_from_its_checkpoints_and_keeps_every_charge(tmp_path
         retried = sorted(e.round for e in training if e.id > first_new)
         assert retried == list(range(done + 1, ROUNDS + 1))
         assert len(training) >= ROUNDS
-        assert resumed["privacy"][region]["releases_this_run"] >= len(training)
+        assert resumed.privacy[region]["releases_this_run"] >= len(training)
         # Charging twice can only raise ε: never below the uninterrupted run's.
-        assert resumed["privacy"][region]["epsilon"] >= reference["privacy"][region]["epsilon"] - 1e-9
+        assert resumed.privacy[region]["epsilon"] >= reference.privacy[region]["epsilon"] - 1e-9

@@ -44,7 +44,7 @@ def _run(tmp_path: Path, strategy: str, *, poisoned: bool, guard: bool = False) 
     mods = [scaled_updates_from("r0", -40.0)] if poisoned else []
     cfg = load_config(path)
     summary = run_simulated(cfg, run_dir=tmp_path / name / "run", state_root=tmp_path / name / "state",
-                            report=lambda s: None, client_mods=mods)
+                            report=lambda s: None, client_mods=mods).to_dict()
     # The model's quality exactly (the summary's metrics are DP answers, too noisy on these small hold-outs).
     summary["final_metrics"] = exact_holdout_metrics(cfg, run_dir=tmp_path / name / "run",
                                                      state=tmp_path / name / "state")

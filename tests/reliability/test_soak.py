@@ -50,13 +50,13 @@ def test_100_tenants_20_rounds_memory_flat_and_ledgers_match_the_rounds_taken(tm
     # Every ledger holds exactly the rounds its tenant trained in, all sent, and ε within the target.
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
-    run_id = summary["run_id"]
+    run_id = summary.run_id
     for tenant in cfg.regions:
         took_part = [r["round"] for r in rows if tenant in r["epsilon"]]
         events = [e for e in PrivacyLedger.open(tmp_path / "state" / tenant, region=tenant).events()
                   if e.run_id == run_id]
         assert [e.round for e in events] == took_part, tenant
         assert all(e.status == "sent" for e in events), tenant
-        assert summary["privacy"][tenant]["releases_this_run"] == len(events)
-        assert summary["privacy"][tenant]["epsilon"] <= cfg.privacy.target_epsilon
-    assert len(rows[-1]["epsilon"]) >= TENANTS - len(summary["events"]["failed"])
+        assert summary.privacy[tenant]["releases_this_run"] == len(events)
+        assert summary.privacy[tenant]["epsilon"] <= cfg.privacy.target_epsilon
+    assert len(rows[-1]["epsilon"]) >= TENANTS - len(summary.events["failed"])

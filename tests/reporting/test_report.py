@@ -211,11 +211,14 @@ def test_report_on_a_folder_that_is_neither_says_so(tmp_path: Path) -> None:
 
 
 def test_results_table_round_trips_through_parquet(tmp_path: Path) -> None:
+    from fedcrm.run_summary import RunSummary
     from fedcrm.sweep import Cell, CellOutcome
 
     outs = [CellOutcome(Cell(id="a", kind="federated", seed=0, params={"privacy.target_epsilon": 1.0}, overrides={}),
-                        None, tmp_path / "a", "done", summary={"final_metrics": {"auc": 0.7},
-                                                                "privacy": {"eu": {"epsilon": 0.9}}}),
+                        None, tmp_path / "a", "done", summary=RunSummary(
+                            name="a", task="churn", privacy_mode="sample_dp", final_metrics={"auc": 0.7},
+                            privacy={"eu": {"epsilon": 0.9}}, regions={}, warnings=[], config_sha256="0" * 64,
+                            code_version="abc", wall_time_s=1.0)),
             CellOutcome(Cell(id="b", kind="federated", seed=0, params={"privacy.target_epsilon": "none"},
                              overrides={}), None, tmp_path / "b", "failed", error="boom")]
     write_results(outs, tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from conftest import write_tiny_config
 
 from fedcrm.config import load_config
 from fedcrm.errors import ConfigError, StorageError
+from fedcrm.run_summary import RunSummary
 from fedcrm.tracking import flatten, log_run, tracking_uri
 
 STARTED = 1_700_000_000.0  # a run's start time, Unix seconds
@@ -20,7 +22,7 @@ def _mlflow() -> Any:
     return pytest.importorskip("mlflow", reason="MLflow is optional: pip install 'fedcrm[tracking]'")
 
 
-def _finished_run(tmp_path: Path) -> tuple[Path, dict]:
+def _finished_run(tmp_path: Path) -> tuple[Path, RunSummary]:
     run_dir = tmp_path / "run"
     (run_dir / "model").mkdir(parents=True)
     (run_dir / "model" / "model.json").write_text("{}")
@@ -29,10 +31,11 @@ def _finished_run(tmp_path: Path) -> tuple[Path, dict]:
              "regions": {"eu": {"auc": 0.7, "epsilon": 0.5 * r}}, "epsilon": {"eu": 0.5 * r, "us": 0.4 * r}}
             for r in (1, 2)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"run_id": "tiny-1", "final_metrics": {"auc": 0.8, "customers": 100.0},
-               "privacy": {"eu": {"epsilon": 1.0}, "us": {"epsilon": 0.8}}, "code_version": "abc",
-               "started": STARTED, "wall_time_s": 5.0}
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    summary = RunSummary(name="tiny", task="churn", privacy_mode="sample_dp", run_id="tiny-1",
+                         final_metrics={"auc": 0.8, "customers": 100.0},
+                         privacy={"eu": {"epsilon": 1.0}, "us": {"epsilon": 0.8}}, regions={}, warnings=[],
+                         config_sha256="0" * 64, code_version="abc", started=STARTED, wall_time_s=5.0)
+    (run_dir / "summary.json").write_text(summary.to_json())
     return run_dir, summary
 
 
@@ -61,7 +64,7 @@ def test_run_logged_to_local_store_in_the_run_folder(tmp_path: Path) -> None:
 def test_summary_without_a_start_time_is_refused_before_anything_is_logged(tmp_path: Path) -> None:
     cfg = load_config(write_tiny_config(tmp_path, overrides={"tracking": {"kind": "mlflow"}}))
     run_dir, summary = _finished_run(tmp_path)
-    del summary["started"]
+    summary = replace(summary, started=None)
     with pytest.raises(StorageError, match=r"summary\.json: `started` must be the run's start time"):
         log_run(cfg, run_dir, summary)
     assert not (run_dir / "mlruns").exists()

@@ -23,9 +23,9 @@ from fedcrm.config import load_config
 from fedcrm.data.schema import load_schema
 from fedcrm.fl.simulation import run_simulated
 from fedcrm.models import build_model, ensemble_proba, set_weights
+from fedcrm.node_settings import region_settings
 from fedcrm.region import Region
 from fedcrm.runs import load_weights
-from fedcrm.unlearning.retrain import node_settings
 
 SHARD = 0
 PERMISSIVE = Path(__file__).resolve().parents[2] / "configs" / "policies" / "permissive.yaml"
@@ -72,7 +72,7 @@ def test_forgotten_customers_lose_their_membership_signal(tmp_path: Path) -> Non
         (state / r / "region_secret.key").chmod(0o600)  # a key others can read is refused
     run_simulated(cfg, run_dir=run, state_root=state, report=lambda s: None)
 
-    data = Region(node_settings(cfg, region="eu", state_root=state)).load(cfg, load_schema(cfg.schema_path))
+    data = Region(region_settings(cfg, state_root=state)["eu"]).load(cfg, load_schema(cfg.schema_path))
     members = np.flatnonzero(~data.holdout & (data.shard == SHARD))
     forgotten, kept = members[:N_FORGOTTEN], members[N_FORGOTTEN:]
     holdout = np.flatnonzero(data.holdout)
