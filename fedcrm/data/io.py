@@ -17,6 +17,7 @@ import pandas as pd
 
 from fedcrm.data.cache import RowBoundedCache, file_version
 from fedcrm.data.reading import (
+    TextChunk,
     arrow_can_read,
     arrow_csv_chunks,
     check_columns,
@@ -47,11 +48,10 @@ def load_table(path: str | Path, schema: Schema, *, delimiter: str | None = None
     ``delimiter``: the region's own for a CSV file (its config), used as given instead of the schema's.
     """
     path = Path(path)
-    raw = read_raw(path, schema, delimiter=delimiter)
+    raw = TextChunk.of_frame(read_raw(path, schema, delimiter=delimiter))
     if len(raw) == 0:
         raise only_header(path)
-    report = ValidationReport(path=str(path), delimiter=raw.attrs.get("delimiter"),
-                              delimiter_from=raw.attrs.get("delimiter_from"))
+    report = ValidationReport(path=str(path), delimiter=raw.delimiter, delimiter_from=raw.delimiter_from)
     return validate(raw, schema=schema, path=path, report=report)
 
 
@@ -74,6 +74,7 @@ def iter_table(
     report = ValidationReport(path=str(path))
     seen = SeenIds(path)
     fast = kind == "csv" and arrow_can_read(path, schema, delimiter=delimiter)
+    chunks: Iterator[pd.DataFrame | TextChunk]
     if kind == "parquet":
         chunks = parquet_chunks(path, schema, chunk_rows=chunk_rows)
     elif fast:
@@ -82,8 +83,9 @@ def iter_table(
         chunks = csv_chunks(path, schema, all_columns=False, chunk_rows=chunk_rows, given_delimiter=delimiter)
     rows = 0
     try:
-        for raw in chunks:
-            report.delimiter, report.delimiter_from = raw.attrs.get("delimiter"), raw.attrs.get("delimiter_from")
+        for chunk in chunks:
+            raw = chunk if isinstance(chunk, TextChunk) else TextChunk.of_frame(chunk)
+            report.delimiter, report.delimiter_from = raw.delimiter, raw.delimiter_from
             if len(raw) == 0:
                 continue
             rows += len(raw)
@@ -117,4 +119,4 @@ def table_from_frame(
     if len(rows) == 0:
         raise DataError("expected customer rows, found none", path=source)
     raw = parquet_text(rows.set_axis(names, axis=1)[wanted_columns(schema, names)].reset_index(drop=True), first_row=0)
-    return validate(raw, schema=schema, path=Path(source), report=ValidationReport(path=source))
+    return validate(TextChunk.of_frame(raw), schema=schema, path=Path(source), report=ValidationReport(path=source))

@@ -9,13 +9,45 @@ from __future__ import annotations
 import csv
 import operator
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from fedcrm.data.schema import Schema
 from fedcrm.errors import DataError
+
+
+@dataclass
+class TextChunk:
+    """Rows of a table as Arrow text columns (the schema's, as read), with the line each row starts on."""
+
+    columns: dict[str, pa.Array]
+    lines: np.ndarray
+    delimiter: str | None = None  # the CSV delimiter it was read with (None: Parquet or a DataFrame)
+    delimiter_from: str | None = None  # who said so: "region", "schema" or "detected"
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __contains__(self, column: str) -> bool:
+        return column in self.columns
+
+    def __getitem__(self, column: str) -> pa.Array:
+        return self.columns[column]
+
+    @classmethod
+    def of_frame(cls, frame: pd.DataFrame) -> TextChunk:
+        """The text frame of :func:`read_raw` (its lines and delimiter in ``frame.attrs``)."""
+        return cls(
+            columns={str(c): pa.array(frame[c].to_numpy(dtype=object), type=pa.string()) for c in frame.columns},
+            lines=np.asarray(frame.attrs.get("lines", np.arange(2, len(frame) + 2)), dtype=np.int64),
+            delimiter=frame.attrs.get("delimiter"),
+            delimiter_from=frame.attrs.get("delimiter_from"),
+        )
+
 
 _DELIMITERS = (",", ";", "\t", "|")
 _SNIFF_BYTES = 64 * 1024
@@ -306,8 +338,7 @@ def arrow_can_read(path: Path, schema: Schema, *, delimiter: str | None) -> bool
 
 def arrow_csv_chunks(
     path: Path, schema: Schema, *, chunk_rows: int, delimiter: str | None
-) -> Iterator[pd.DataFrame]:
-    import pyarrow as pa
+) -> Iterator[TextChunk]:
     import pyarrow.csv as pv
 
     given = delimiter
@@ -332,10 +363,10 @@ def arrow_csv_chunks(
         )
         done = 0
         for batch in reader:
-            frame = batch.to_pandas()
-            frame.attrs["lines"] = np.arange(header_at + 1 + done, header_at + 1 + done + len(frame))
-            frame.attrs["delimiter"], frame.attrs["delimiter_from"] = delimiter, source
-            done += len(frame)
-            yield frame
+            # Arrow's text arrays as they are: no pandas frame, no Python string per cell.
+            yield TextChunk(columns={c: batch.column(c) for c in wanted},
+                            lines=np.arange(header_at + 1 + done, header_at + 1 + done + batch.num_rows),
+                            delimiter=delimiter, delimiter_from=source)
+            done += batch.num_rows
     except pa.ArrowInvalid as e:
         raise DataError(f"not a readable {delimiter!r}-separated table: {e}", path=str(path)) from None
