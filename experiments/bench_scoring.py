@@ -13,6 +13,7 @@ and the process's peak memory after each step: the peak stays flat as the table 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def main() -> None:
     Tombstones(state).add(["eu-0000001"])
     scorer = ScoringModel.load(run_dir)
     # CPU seconds next to wall seconds: on a shared machine the wall clock also counts other processes.
+    print("load average (1, 5, 15 min): {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(f"{'what':<38} {'rows':>9} {'seconds':>8} {'rows/s':>9} {'CPU s':>7} {'rows/CPU-s':>10} {'peak MiB':>9}")
 
     def bench(what: str, table: Path, reasons: int, out: Path) -> None:
@@ -95,6 +97,7 @@ def main() -> None:
         pd.read_csv(data, dtype=str, keep_default_na=False, nrows=args.reasons_customers).to_csv(small, index=False)
     bench(f"{args.model}, no reasons (first {args.reasons_customers})", small, 0, args.out / "s-small.csv")
     bench(f"{args.model}, 3 reasons (first {args.reasons_customers})", small, 3, args.out / "s-reasons.csv")
+    print("load average (1, 5, 15 min): {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

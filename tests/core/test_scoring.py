@@ -25,6 +25,7 @@ from fedcrm.evaluation.explain import explain_customer
 from fedcrm.evaluation.served import ServedModel
 from fedcrm.fl.simulation import run_simulated
 from fedcrm.governance.consent import ConsentWithdrawals
+from fedcrm.scoring import ScoringModel, score_region
 from fedcrm.unlearning.retrain import run_view
 
 SCHEMA = load_schema(REPO / "configs" / "schemas" / "synthetic_crm.yaml")
@@ -163,3 +164,20 @@ def test_an_output_that_is_neither_csv_nor_parquet_is_refused(fresh: dict[str, P
     result = runner.invoke(app, ["score", "--region", "eu", "--model", str(fresh["run"]), "--state",
                                  str(fresh["state"]), "--out", str(fresh["tmp"] / "s.xlsx")])
     assert result.exit_code == 2 and ".csv or .parquet" in result.output
+
+
+def test_a_first_chunk_with_nobody_to_score_does_not_break_the_output(fresh: dict[str, Path]) -> None:
+    """A chunk where everyone refused consent writes no rows, and the chunks after it still go out."""
+    table = pd.read_csv(fresh["data"], dtype=str, keep_default_na=False)
+    table.loc[:49, "consent_churn"] = "no"
+    data = fresh["tmp"] / "refusers_first.csv"
+    table.to_csv(data, index=False)
+    model = ScoringModel.load(fresh["run"])
+    for out in (fresh["tmp"] / "s.csv", fresh["tmp"] / "s.parquet"):
+        # The library call: the CLI's --chunk-rows starts at 1000, more than this table holds.
+        result = score_region(region="eu", model=model, data=data, state_dir=fresh["state"] / "eu", out=out,
+                              chunk_rows=50)
+        scores = pd.read_csv(out, dtype={"customer_id": str}) if out.suffix == ".csv" else pd.read_parquet(out)
+        usable = table[table["consent_churn"] == "yes"]
+        assert result.counts["scored"] == len(scores) == len(usable) > 0
+        assert set(scores["customer_id"]) == set(usable["customer_id"])
