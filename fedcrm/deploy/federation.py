@@ -182,6 +182,8 @@ def restart_missing(fed: Federation, *, report: Report = print, timeout: float =
         report(f"federation {fed.name}: every process is running")
         return []
     dep = fed.attach(report=report)
+    # The SuperLink refuses a node id it still holds online: wait for the dead node's heartbeat to expire.
+    dep.wait_nodes([int(fed.regions[r]["node_id"]) for r in dead], status="offline", timeout=timeout)
     for region in dead:
         fed.processes[f"exec-{region}"].stop(grace_s=3)  # it follows its SuperNode out; never two executors
         spec = fed.regions[region]
