@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--warm-runs", type=int, default=2, help="runs submitted to the federation once it is up")
     ap.add_argument("--shards", type=int, default=2, help="constituents of the erasure runs (one is retrained)")
     ap.add_argument("--no-retrain", action="store_true", help="skip the erasure retrains")
+    ap.add_argument("--only-retrain", action="store_true", help="only the erasure retrains (no run timings)")
     ap.add_argument("--shared", type=Path, default=None, help="folder holding telco_customer_churn.csv")
     ap.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = ap.parse_args()
@@ -117,8 +118,9 @@ def main() -> None:
     sharded = telco_config(work, rounds=args.rounds, shards=args.shards, shared=args.shared)
     load_before = os.getloadavg()[0]
     rows: list[tuple[str, float, float]] = []
-    rows.append(("cold: deploy local", *timed(lambda c: deploy_local(
-        config, workdir=work / "cold", state_root=work / "state-cold", run_dir=work / "run-cold", report=c))))
+    if not args.only_retrain:
+        rows.append(("cold: deploy local", *timed(lambda c: deploy_local(
+            config, workdir=work / "cold", state_root=work / "state-cold", run_dir=work / "run-cold", report=c))))
     retrains: list[tuple[str, float]] = []
     if not args.no_retrain:  # today's retrain: in simulation, the engine started for it
         from fedcrm.config import load_config
@@ -132,7 +134,7 @@ def main() -> None:
     up(config, folder=folder, name="bench", state_root=work / "state-warm", report=lambda _: None)
     up_s = time.perf_counter() - t0
     try:
-        for i in range(args.warm_runs):
+        for i in range(0 if args.only_retrain else args.warm_runs):
             run_dir = work / f"run-warm-{i}"
             rows.append((f"warm: run --federation #{i + 1}", *timed(
                 lambda c: run_on(folder, config, run_dir=run_dir, report=c))))  # noqa: B023 - called at once
@@ -146,12 +148,13 @@ def main() -> None:
 
     print(f"\nTelco, 3 regions, {args.rounds} rounds, ε = 3, real deployment on loopback (load average "
           f"{load_before:.1f} before, {load_after:.1f} after; `deploy up` itself took {up_s:.1f} s)")
-    print(f"{'':<28} {'to round 1 end (s)':>19} {'whole run (s)':>14}")
-    for name, first, total in rows:
-        print(f"{name:<28} {first:>19.1f} {total:>14.1f}")
-    cold = rows[0][1]
-    warm = min(r[1] for r in rows[1:])
-    print(f"first round: warm {warm:.1f} s vs cold {cold:.1f} s ({cold / warm:.1f}x); goal < 4 s")
+    if len(rows) > 1:
+        print(f"{'':<28} {'to round 1 end (s)':>19} {'whole run (s)':>14}")
+        for name, first, total in rows:
+            print(f"{name:<28} {first:>19.1f} {total:>14.1f}")
+        cold = rows[0][1]
+        warm = min(r[1] for r in rows[1:])
+        print(f"first round: warm {warm:.1f} s vs cold {cold:.1f} s ({cold / warm:.1f}x); goal < 4 s")
     if retrains:
         print(f"\nerasure of one eu customer, S = {args.shards}: retrain of its constituent "
               f"(request -> new model served), {args.rounds} rounds")

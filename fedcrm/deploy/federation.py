@@ -26,12 +26,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcrm.config import load_config
+from fedcrm.config import ExperimentConfig, dump_yaml, load_config
 from fedcrm.deploy.certs import CertificateBundle
 from fedcrm.deploy.local import (
     DeploymentResult,
@@ -45,8 +47,9 @@ from fedcrm.deploy.local import (
 from fedcrm.deploy.supervisor import Component, Recorded, Report, processes_with_env, terminate_as_interrupt
 from fedcrm.durable import write_json_atomically
 from fedcrm.errors import ConfigError, FederationError
+from fedcrm.runs import Weights, save_weights
 
-__all__ = ["DESCRIPTION", "Federation", "deployment_folder", "down", "run_on", "status", "up"]
+__all__ = ["DESCRIPTION", "Federation", "deployment_folder", "down", "retrain_on", "run_on", "status", "up"]
 
 DESCRIPTION = "federation.json"
 DEPLOYMENTS_ENV = "FEDCRM_DEPLOYMENTS"  # where named deployments live (default .fedcrm/deployments)
@@ -252,6 +255,7 @@ def run_on(
     *,
     run_dir: Path | None = None,
     overrides: list[str] | None = None,
+    extra_run_config: dict[str, str] | None = None,
     report: Report = print,
     run_timeout_s: float = 3600.0,
 ) -> DeploymentResult:
@@ -259,7 +263,7 @@ def run_on(
 
     The regions are the deployment's: each SuperNode's data file and state folder were set in its node
     config at ``deploy up``, so ``config`` must name the same regions. ``overrides`` (``KEY=VALUE``, as
-    ``fedcrm run --set``) travel in the run config's ``overrides``.
+    ``fedcrm run --set``) travel in the run config's ``overrides``; ``extra_run_config`` adds keys.
     """
     fed = Federation.load(folder)
     if not fed.superlink_running():
@@ -274,9 +278,46 @@ def run_on(
     run_dir = Path(run_dir).resolve() if run_dir is not None else (cfg.output_dir / cfg.name).resolve()
     signature, _ = sign_app(fed.app, keys_dir=fed.folder / "certs")
     dep = fed.attach(report=report)
+    extra = {**(extra_run_config or {}), **({"overrides": " ".join(overrides)} if overrides else {})}
     started = time.time()
     result = submit_and_wait(dep, config=config, run_dir=run_dir, app=fed.app, signature=signature,
                              registry=fed.registry, report=report, run_timeout_s=run_timeout_s,
-                             extra_run_config={"overrides": " ".join(overrides)} if overrides else None)
+                             extra_run_config=extra)
     report(f"run {result.run_id} on federation {fed.name}: {time.time() - started:.1f} s")
     return result
+
+
+def retrain_on(folder: Path, *, run_timeout_s: float = 3600.0) -> Callable[..., dict[str, Any]]:
+    """A ``simulate`` for :func:`fedcrm.unlearning.retrain.retrain` that trains on the running federation.
+
+    Same signature as :func:`fedcrm.fl.simulation.run_simulated` as the retrain calls it. The ServerApp
+    reads files, not Python objects: the run's config and the constituents kept as they are go to a
+    folder of the deployment (``retrains/``), named in the run config (``shards``, ``initial-dir``,
+    ``model-version``), and are removed afterwards.
+    """
+    fed = Federation.load(folder)
+
+    def simulate(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path, report: Report,
+                 shards: list[int], initial: dict[int, Weights], model_version: int) -> dict[str, Any]:
+        if Path(state_root).resolve() != fed.state_root:
+            raise ConfigError(f"--state {state_root}: the regions of federation {fed.name} keep their state in "
+                              f"{fed.state_root} (set at `deploy up`)")
+        inputs = fed.folder / "retrains" / f"{Path(run_dir).parent.name}-v{model_version}"
+        shutil.rmtree(inputs, ignore_errors=True)
+        inputs.mkdir(parents=True)
+        try:
+            (inputs / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+            for k, weights in initial.items():
+                save_weights(inputs / f"constituent-{k}.npz", weights)
+            result = run_on(fed.folder, inputs / "config.yaml", run_dir=Path(run_dir), report=report,
+                            run_timeout_s=run_timeout_s,
+                            extra_run_config={"shards": ",".join(str(k) for k in shards),
+                                              "initial-dir": str(inputs), "model-version": str(model_version)})
+        finally:
+            shutil.rmtree(inputs, ignore_errors=True)
+        if not result.completed or result.summary is None:
+            raise FederationError(f"the retrain run {result.run_id} on federation {fed.name} ended "
+                                  f"{result.status.get('status', '?')}: {result.status.get('status-details', '')}")
+        return result.summary
+
+    return simulate

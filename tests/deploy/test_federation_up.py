@@ -19,7 +19,7 @@ import pytest
 from conftest import write_tiny_config
 
 from fedcrm.deploy.supervisor import Recorded, start_ticks
-from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.privacy.ledger import MECHANISM_DP_SGD, PrivacyLedger
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,10 +60,28 @@ def test_a_reused_pid_is_never_signalled(tmp_path: Path) -> None:
             sleeper.wait()
 
 
+def test_the_run_config_carries_a_retrain_to_the_server_app(tmp_path: Path) -> None:
+    """``retrain --federation``: the deployment ServerApp trains only ``shards``, keeps the others' weights."""
+    import numpy as np
+
+    from fedcrm.runs import save_weights
+    from server.server_app import retrain_arguments
+
+    assert retrain_arguments({"experiment-config": "configs/demo.yaml"}) == {}  # an ordinary run
+    kept = {"w": np.arange(3.0), "b": np.ones(1)}
+    save_weights(tmp_path / "constituent-0.npz", kept)
+    save_weights(tmp_path / "constituent-2.npz", kept)
+    got = retrain_arguments({"shards": "1,3", "initial-dir": str(tmp_path), "model-version": "4"})
+    assert got["shards"] == [1, 3] and got["model_version"] == 4
+    assert sorted(got["initial"]) == [0, 2]
+    assert np.array_equal(got["initial"][2]["w"], kept["w"])
+
+
 @pytest.mark.deployment
 @pytest.mark.slow
 def test_up_run_kill_status_restart_down(tmp_path: Path) -> None:
-    cfg = write_tiny_config(tmp_path, regions={"eu": 500, "us": 400}, overrides={"federation.min_regions": 1})
+    cfg = write_tiny_config(tmp_path, regions={"eu": 500, "us": 400},
+                            overrides={"federation.min_regions": 1, "unlearning.shards": 2})
     folder = tmp_path / ".fedcrm" / "deployments" / "t"
     bystander = subprocess.Popen(["sleep", "900"], start_new_session=True)  # not ours: must survive `down`
     try:
@@ -89,6 +107,29 @@ def test_up_run_kill_status_restart_down(tmp_path: Path) -> None:
         for region in ("eu", "us"):  # the deployment's regions charged their own ledgers, under --state
             events = PrivacyLedger.open(tmp_path / "state" / region, region=region).events()
             assert {e.round for e in events if e.status == "sent"} >= {1, 2}, (region, events)
+
+        # An erasure served on the same federation: only the stale constituent is retrained there.
+        from fedcrm.runs import ModelMeta
+        from fedcrm.unlearning.retrain import run_view
+
+        view = run_view(tmp_path / "run", region="eu", state_root=tmp_path / "state")
+        customer, shard = next(iter(view.trained.items()))
+        eu_before = len(PrivacyLedger.open(tmp_path / "state" / "eu", region="eu").events())
+        forget = fedcrm("forget", "--region", "eu", "--customer-id", customer, "--run", str(tmp_path / "run"),
+                        "--state", "state", cwd=tmp_path)
+        assert forget.returncode == 0, forget.stdout + forget.stderr
+        served = ModelMeta.read(tmp_path / "run").version  # 2: the stale constituent already excluded
+        retrain = fedcrm("retrain", str(tmp_path / "run"), "--federation", "t", "--json", cwd=tmp_path)
+        assert retrain.returncode == 0, retrain.stdout + retrain.stderr[-3000:]
+        result = json.loads(retrain.stdout)
+        assert result["stale"] == [shard] and result["model_version"] == served + 1, result
+        assert ModelMeta.read(tmp_path / "run").version == served + 1
+        assert sorted(ModelMeta.read(tmp_path / "run").shards) == [0, 1]  # both constituents served again
+        assert len(result["receipts"]) == 1
+        retrained = PrivacyLedger.open(tmp_path / "state" / "eu", region="eu").events()[eu_before:]
+        trained = [e for e in retrained if e.mechanism == MECHANISM_DP_SGD]
+        assert trained and {e.shard for e in trained} == {shard}, retrained  # training charged to that shard only
+        assert not (folder / "retrains").exists() or not any((folder / "retrains").iterdir())
 
         # A SuperNode dies (by pid, as a crash would): status says so, with a non-zero exit.
         eu_pid = desc["processes"]["supernode-eu"]["pid"]
