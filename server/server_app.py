@@ -6,7 +6,9 @@ SuperLink's machine. The run folder comes from ``run-dir`` (empty: ``OUTPUT_DIR/
 the node registry (which node id the operator registered for which region) from ``node-registry``.
 ``overrides`` changes config values for this run as ``fedcrm run --set`` does, space-separated
 (``flwr run . --run-config 'overrides="training.rounds=20 privacy.target_epsilon=1"'``): typed and
-validated like the file, and recorded in the run's config.yaml.
+validated like the file, and recorded in the run's config.yaml. A retrain of some constituents
+(``fedcrm retrain RUN_DIR --federation NAME``) adds ``shards`` (``"1,3"``: train only these),
+``initial-dir`` (the other constituents' weights, ``constituent-K.npz``) and ``model-version``.
 
 Why the app directory: in deployment the ServerApp runs in a ``flwr-serverapp`` process whose working
 directory is wherever ``flower-superlink`` was started, while the code (and the configs shipped with
@@ -49,6 +51,19 @@ def experiment_config(run_config: dict[str, Any], *, app_dir: Path = APP_DIR) ->
     return cfg
 
 
+def retrain_arguments(run_config: dict[str, Any]) -> dict[str, Any]:
+    """``run_federation``'s retrain arguments from the run config; none for an ordinary run."""
+    from fedcrm.runs import load_weights
+
+    shards = str(run_config.get("shards", "") or "")
+    if not shards:
+        return {}
+    initial_dir = resolve_app_path(str(run_config["initial-dir"]))
+    initial = {int(p.stem.removeprefix("constituent-")): load_weights(p) for p in initial_dir.glob("constituent-*.npz")}
+    return {"shards": [int(k) for k in shards.split(",")], "initial": initial,
+            "model_version": int(run_config["model-version"])}
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = experiment_config(dict(context.run_config))
@@ -56,4 +71,4 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = resolve_app_path(run_dir_value) if run_dir_value else cfg.output_dir / cfg.name
     registry_value = str(context.run_config.get("node-registry", "") or "")
     registry = NodeRegistry(resolve_app_path(registry_value)) if registry_value else None
-    run_federation(grid, cfg, run_dir=run_dir, registry=registry)
+    run_federation(grid, cfg, run_dir=run_dir, registry=registry, **retrain_arguments(dict(context.run_config)))

@@ -1,5 +1,6 @@
 """Deployment commands: ``fedcrm certs`` (TLS material), ``fedcrm certs node-key`` (a data owner's
-SuperNode key), ``fedcrm deploy register-node`` (the node registry) and ``fedcrm deploy local``.
+SuperNode key), ``fedcrm deploy register-node`` (the node registry), ``fedcrm deploy local`` and the
+long-lived federation: ``fedcrm deploy up / status / down`` (:mod:`fedcrm.deploy.federation`).
 
 ``deploy local`` starts, on this machine's loopback only, what a real federation runs on many machines
 (docs/deployment.md): a TLS SuperLink with SuperNode authentication, one SuperNode per region, the run
@@ -10,17 +11,28 @@ interrupted (Ctrl-C).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedcrm.commands.common import EXIT_INTERRUPTED, EXIT_USAGE, console, exit_with, out
+if TYPE_CHECKING:
+    from fedcrm.deploy.local import DeploymentResult
+
+from fedcrm.commands.common import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, console, exit_with, out
 from fedcrm.errors import ConfigError, FedcrmError
 
 deploy_app = typer.Typer(
     help="Run the federation on Flower's deployment engine (SuperLink + one SuperNode per region, TLS).",
     no_args_is_help=True,
 )
+
+
+DeployStateOpt = Annotated[
+    Path, typer.Option("--state", help="Every region's state (ledger, tombstones), one sub-folder per region.")
+]
+AppOpt = Annotated[
+    Path | None, typer.Option("--app", help="Flower app directory (default: this fedcrm source checkout).")
+]
 
 
 def _split(text: str) -> list[str]:
@@ -147,21 +159,38 @@ def register_node(
     out.print(f"node {node_id} registered for region {region} in {registry}")
 
 
+def print_result(result: DeploymentResult) -> None:
+    """A deployed run's outcome; exit status 2 when it did not complete."""
+    status = result.status.get("status", "?")
+    if not result.completed:
+        console.print(
+            f"[bold red]run {result.run_id} {status}[/]: {result.status.get('status-details', '')} "
+            f"(logs in {result.workdir / 'logs'})"
+        )
+        raise typer.Exit(EXIT_USAGE)
+    out.print(f"run {result.run_id} {status}")
+    if result.summary is not None:
+        fm = result.summary.final_metrics
+        out.print(
+            "final pooled metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in fm.items() if isinstance(v, float))
+        )
+        for kind, reasons in result.summary.event_reasons().items():
+            for region, why in reasons.items():
+                out.print(f"  region {region} {kind}: {why}")
+    out.print(f"Results in [bold]{result.run_dir}[/]: summary.json, metrics.jsonl, model/, checkpoints/")
+
+
 @deploy_app.command("local")
 def deploy_local_cmd(
     config: Annotated[Path, typer.Option("--config", help="Experiment config (YAML), e.g. configs/demo.yaml.")],
     workdir: Annotated[
         Path, typer.Option("--workdir", help="Certificates, Flower homes, logs and split data of this deployment.")
     ] = Path(".fedcrm/deploy"),
-    state: Annotated[
-        Path, typer.Option("--state", help="Every region's state (ledger, tombstones), one sub-folder per region.")
-    ] = Path("state"),
+    state: DeployStateOpt = Path("state"),
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run folder (default: OUTPUT_DIR/NAME from the config).")
     ] = None,
-    app_dir: Annotated[
-        Path | None, typer.Option("--app", help="Flower app directory (default: this fedcrm source checkout).")
-    ] = None,
+    app_dir: AppOpt = None,
     timeout: Annotated[float, typer.Option(help="Give up (and stop the run) after this many seconds.")] = 3600.0,
 ) -> None:
     """Run CONFIG on a real SuperLink and one SuperNode per region, all on 127.0.0.1, over TLS.
@@ -187,23 +216,86 @@ def deploy_local_cmd(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except FedcrmError as e:
         exit_with(e)
-    status = result.status.get("status", "?")
-    if not result.completed:
-        console.print(
-            f"[bold red]run {result.run_id} {status}[/]: {result.status.get('status-details', '')} "
-            f"(logs in {result.workdir / 'logs'})"
-        )
-        raise typer.Exit(EXIT_USAGE)
-    out.print(f"run {result.run_id} {status}")
-    if result.summary is not None:
-        fm = result.summary.final_metrics
-        out.print(
-            "final pooled metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in fm.items() if isinstance(v, float))
-        )
-        for kind, reasons in result.summary.event_reasons().items():
-            for region, why in reasons.items():
-                out.print(f"  region {region} {kind}: {why}")
-    out.print(f"Results in [bold]{result.run_dir}[/]: summary.json, metrics.jsonl, model/, checkpoints/")
+    print_result(result)
+
+
+NameOpt = Annotated[str, typer.Option("--name", help="The deployment's name (its folder: .fedcrm/deployments/NAME).")]
+FolderOpt = Annotated[
+    Path | None, typer.Option("--workdir", help="The deployment's folder, instead of .fedcrm/deployments/NAME.")
+]
+
+
+def _report(line: str) -> None:
+    console.print(line, markup=False, highlight=False)
+
+
+@deploy_app.command("up")
+def deploy_up_cmd(
+    config: Annotated[Path, typer.Option("--config", help="Experiment config (YAML) whose regions to serve.")],
+    name: NameOpt = "default",
+    workdir: FolderOpt = None,
+    state: DeployStateOpt = Path("state"),
+    app_dir: AppOpt = None,
+) -> None:
+    """Start a SuperLink and one SuperNode per region on 127.0.0.1 (TLS) and leave them running.
+
+    Runs are then submitted with `fedcrm run CONFIG --federation NAME`. Pids, ports, logs and
+    federation.json go to the deployment folder. On a deployment that is up, restarts only the SuperNodes
+    that are not running.
+    """
+    from fedcrm.deploy.federation import deployment_folder, up
+
+    try:
+        up(config, folder=deployment_folder(name, workdir=workdir), name=name, state_root=state, app_dir=app_dir,
+           report=_report)
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted:[/] every process started here was stopped")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except FedcrmError as e:
+        exit_with(e)
+
+
+@deploy_app.command("status")
+def deploy_status_cmd(
+    name: NameOpt = "default",
+    workdir: FolderOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as one JSON document.")] = False,
+) -> None:
+    """Each process of the deployment (pid, running) and each region's node as the SuperLink sees it.
+
+    Exit status 1 when a process is down or a node is not online.
+    """
+    import json
+
+    from fedcrm.deploy.federation import deployment_folder, status
+
+    try:
+        st = status(deployment_folder(name, workdir=workdir))
+    except FedcrmError as e:
+        exit_with(e)
+    if as_json:
+        out.print_json(json.dumps(st))
+    else:
+        out.print(f"federation {st['name']} on {st['address']} ({st['folder']})", highlight=False)
+        for key, p in st["processes"].items():
+            out.print(f"  {key:<24} pid {p['pid']:<8} {'running' if p['alive'] else '[bold red]DOWN[/]'}")
+        for region, n in st["nodes"].items():
+            out.print(f"  region {region:<17} node {n['node_id']} {n['status']}")
+        if "error" in st:
+            out.print(f"  [bold red]SuperLink:[/] {st['error']}")
+    if not st["ok"]:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@deploy_app.command("down")
+def deploy_down_cmd(name: NameOpt = "default", workdir: FolderOpt = None) -> None:
+    """Stop the processes `deploy up` started (checked by pid, start time and command line); idempotent."""
+    from fedcrm.deploy.federation import deployment_folder, down
+
+    try:
+        down(deployment_folder(name, workdir=workdir), report=_report)
+    except FedcrmError as e:
+        exit_with(e)
 
 
 def register(app: typer.Typer) -> None:

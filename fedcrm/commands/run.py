@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from fedcrm.commands.common import DEFAULT_STATE, RayAddressOpt, StateOpt, console, exit_with, out, progress
-from fedcrm.errors import FedcrmError
+from fedcrm.errors import ConfigError, FedcrmError
 from fedcrm.overrides import parse_overrides  # `fedcrm run --set`, and the deployment run config
 from fedcrm.run_summary import RunSummary
 
@@ -42,6 +42,14 @@ def run(
         typer.Option("--set", help="KEY=VALUE replacing a config key (repeatable), typed as YAML and validated "
                      "like the file, e.g. --set training.rounds=20 --set privacy.target_epsilon=1."),
     ] = None,
+    federation: Annotated[
+        str | None,
+        typer.Option(
+            "--federation",
+            help="Submit to the federation `fedcrm deploy up --name NAME` left running (its name or folder) with "
+            "`flwr run`, instead of simulating: the regions' data and state are the deployment's.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary as one JSON document.")] = False,
 ) -> None:
     """Train a model across regions in simulation (one virtual Flower SuperNode per region).
@@ -53,6 +61,10 @@ def run(
     from fedcrm.experiment import materialise_regions
     from fedcrm.fl.simulation import run_simulated
 
+    if federation is not None:
+        _run_on_federation(config, federation=federation, out_dir=out_dir, state=state, overrides=overrides,
+                           unsupported={"--resume": resume, "--processes": processes, "--ray-address": ray_address})
+        return
     try:
         cfg = load_config(config)
         if overrides:
@@ -82,6 +94,29 @@ def run(
         out.print_json(json.dumps({"run_dir": str(run_dir), **summary.to_dict()}, default=str))
         return
     _print_summary(summary, run_dir)
+
+
+def _run_on_federation(
+    config: Path, *, federation: str, out_dir: Path | None, state: Path, overrides: list[str] | None,
+    unsupported: dict[str, object],
+) -> None:
+    """``fedcrm run --federation``: one run on a deployment that stays up (fedcrm.deploy.federation)."""
+    from fedcrm.commands.deploy import print_result
+    from fedcrm.deploy.federation import Federation, deployment_folder, run_on
+
+    try:
+        given = [opt for opt, value in unsupported.items() if value]
+        if given:
+            raise ConfigError(f"--federation runs on the deployment's SuperNodes: {', '.join(given)} do not apply")
+        folder = deployment_folder(federation)
+        fed = Federation.load(folder)
+        if state != DEFAULT_STATE and state.resolve() != fed.state_root:
+            raise ConfigError(f"--state {state}: the regions of federation {fed.name} keep their state in "
+                              f"{fed.state_root} (set at `deploy up`)")
+        result = run_on(folder, config, run_dir=out_dir, overrides=overrides, report=progress)
+    except FedcrmError as e:
+        exit_with(e)
+    print_result(result)
 
 
 def _print_summary(summary: RunSummary, run_dir: Path) -> None:

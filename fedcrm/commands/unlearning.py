@@ -113,10 +113,18 @@ def _remove_from_run_copies(*, region: str, customer_ids: list[str], runs: list[
             remove_customers(path, schema=load_schema(cfg.schema_path), customer_ids=ids)
 
 
-def retrain_run(run_dir: Path, *, state_root: Path, report: Any = print) -> Any:
-    """Library form of ``fedcrm retrain``: the retrain runs in Flower's simulation on this machine."""
-    from fedcrm.fl.simulation import run_simulated
+def retrain_run(run_dir: Path, *, state_root: Path, report: Any = print, federation: str | None = None) -> Any:
+    """Library form of ``fedcrm retrain``: the retrain runs in Flower's simulation on this machine, or on
+    the running federation ``federation`` (``fedcrm deploy up``), whose regions keep their state in
+    ``state_root``."""
     from fedcrm.unlearning.retrain import retrain
+
+    if federation is not None:
+        from fedcrm.deploy.federation import deployment_folder, retrain_on
+
+        return retrain(run_dir, state_root=state_root, simulate=retrain_on(deployment_folder(federation)),
+                       report=report)
+    from fedcrm.fl.simulation import run_simulated
 
     return retrain(run_dir, state_root=state_root, simulate=run_simulated, report=report)
 
@@ -163,13 +171,14 @@ def _print_receipts(receipts: list[dict[str, Any]]) -> None:
     out.print(t)
 
 
-def _retrain_and_print(run_dir: Path, state_root: Path, *, as_json: bool = False) -> None:
+def _retrain_and_print(run_dir: Path, state_root: Path, *, as_json: bool = False,
+                       federation: str | None = None) -> None:
     import json
 
     from fedcrm.progress import ProgressBar, counting_rounds
 
     with ProgressBar(description=f"retrain {run_dir.name}: rounds", total=None, console=console) as bar:
-        result = retrain_run(run_dir, state_root=state_root, report=counting_rounds(bar))
+        result = retrain_run(run_dir, state_root=state_root, report=counting_rounds(bar), federation=federation)
     if as_json:
         out.print_json(json.dumps({"run_dir": str(run_dir), "stale": result.stale,
                                    "model_version": result.model_version, "resumed": result.resumed,
@@ -308,6 +317,11 @@ def register(app: typer.Typer) -> None:
     def retrain_cmd(
         run_dir: Annotated[Path, typer.Argument(help="The run folder whose stale constituents to retrain.")],
         state: StateOpt = DEFAULT_STATE,
+        federation: Annotated[
+            str | None,
+            typer.Option("--federation", help="Retrain on the federation `fedcrm deploy up --name NAME` left "
+                         "running (its name or folder) instead of in simulation; --state defaults to its regions'."),
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
     ) -> None:
         """Serve pending erasures on a run: retrain only the stale constituents, federatedly, with fresh randomness.
@@ -318,6 +332,10 @@ def register(app: typer.Typer) -> None:
         budget does not allow it refuses, and then nothing changes. After a crash, run it again.
         """
         try:
-            _retrain_and_print(run_dir, state, as_json=as_json)
+            if federation is not None and state == DEFAULT_STATE:
+                from fedcrm.deploy.federation import Federation, deployment_folder
+
+                state = Federation.load(deployment_folder(federation)).state_root
+            _retrain_and_print(run_dir, state, as_json=as_json, federation=federation)
         except FedcrmError as e:
             exit_with(e)

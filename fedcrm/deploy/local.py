@@ -40,6 +40,7 @@ from fedcrm.deploy.supervisor import Component, Report, free_port, terminate_as_
 from fedcrm.deploy.topology import COMPLETED, CONNECTION, LocalDeployment, node_config_arg, region_nodes
 from fedcrm.errors import ConfigError
 from fedcrm.fl.registry import NodeRegistry
+from fedcrm.node_settings import NodeSettings
 from fedcrm.run_summary import RunSummary
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "Component",
     "DeploymentResult",
     "LocalDeployment",
+    "Prepared",
     "approve_locally",
     "build_bundle",
     "default_app_dir",
@@ -56,7 +58,11 @@ __all__ = [
     "load_or_create_certificates",
     "load_or_create_node_key",
     "node_config_arg",
+    "prepare",
     "region_nodes",
+    "sign_app",
+    "start_federation",
+    "submit_and_wait",
 ]
 
 
@@ -93,20 +99,29 @@ def build_bundle(app_dir: Path) -> bytes:
     return bytes(build_fab_from_disk(Path(app_dir)))
 
 
-def approve_locally(
-    app_dir: Path, *, keys_dir: Path, trust_dir: Path, regions: Sequence[str]
-) -> tuple[str, dict[str, Path]]:
-    """Play every data owner's bundle reviewer on one host: sign the app; one trust file per region.
+def sign_app(app_dir: Path, *, keys_dir: Path) -> tuple[str, Path]:
+    """Play the data owners' bundle reviewer on one host: sign the app as it is on disk now.
 
     The signing key (``keys_dir/bundle-signer-local.key``) is made once and reused. Returns the signature
-    (for the run config) and region -> trust file, each trusting only that key's signatures.
+    (for the run config) and the public key the regions' trust files name. A long-lived federation signs
+    at every submission: the bundle carries the configs, so editing one changes its digest.
     """
-    import yaml
-
     key, pub = Path(keys_dir) / "bundle-signer-local.key", Path(keys_dir) / "bundle-signer-local.pub"
     if not key.exists():
         key, pub = create_bundle_signing_key(out_dir=Path(keys_dir), name="local")
-    signature = sign_bundle(digest=bundle_digest(build_bundle(app_dir)), private_key=key)
+    return sign_bundle(digest=bundle_digest(build_bundle(app_dir)), private_key=key), pub
+
+
+def approve_locally(
+    app_dir: Path, *, keys_dir: Path, trust_dir: Path, regions: Sequence[str]
+) -> tuple[str, dict[str, Path]]:
+    """Sign the app (:func:`sign_app`) and write one trust file per region trusting only that key.
+
+    Returns the signature (for the run config) and region -> trust file.
+    """
+    import yaml
+
+    signature, pub = sign_app(app_dir, keys_dir=keys_dir)
     Path(trust_dir).mkdir(parents=True, exist_ok=True)
     trust = {}
     for region in regions:
@@ -142,6 +157,99 @@ class DeploymentResult:
         return self.status.get("status") == COMPLETED
 
 
+@dataclass
+class Prepared:
+    """A one-host federation before its first process starts: certificates, keys, approval, node settings."""
+
+    config: Path
+    workdir: Path
+    app: Path
+    nodes: list[NodeSettings]
+    certs: CertificateBundle
+    keys: dict[str, tuple[Path, Path]]  # region -> (private, public) SuperNode key
+    registry: NodeRegistry
+    signature: str
+    trust: dict[str, Path]
+
+
+def prepare(config: Path, *, workdir: Path, state_root: Path, app_dir: Path | None = None) -> Prepared:
+    """Make (once) and load what ``deploy local`` and ``deploy up`` need, before starting any process.
+
+    Certificates are made in ``WORKDIR/certs``; each region's node key in ``WORKDIR/regions/<region>``
+    (its data owner's host, in a real federation); a ``split:`` config is split into ``WORKDIR/data``.
+    The node registry starts empty: the SuperLink starts with a fresh state, earlier node ids are gone.
+    """
+    config = Path(config).resolve()
+    cfg = load_config(config)
+    workdir = Path(workdir).resolve()
+    app = Path(app_dir).resolve() if app_dir is not None else default_app_dir()
+    nodes = region_nodes(cfg, state_root=Path(state_root), data_dir=workdir / "data")
+    certs = load_or_create_certificates(workdir / "certs")
+    keys = {n.region: load_or_create_node_key(workdir / "regions" / n.region, region=n.region) for n in nodes}
+    registry = NodeRegistry(workdir / "superlink" / "node-registry")
+    if registry.directory.exists():
+        shutil.rmtree(registry.directory)
+    signature, trust = approve_locally(
+        app, keys_dir=workdir / "certs", trust_dir=workdir / "trust", regions=[n.region for n in nodes]
+    )
+    return Prepared(config=config, workdir=workdir, app=app, nodes=nodes, certs=certs, keys=keys,
+                    registry=registry, signature=signature, trust=trust)
+
+
+def start_federation(dep: LocalDeployment, prep: Prepared, *, report: Report = print) -> dict[str, int]:
+    """Start the SuperLink, register every region's key, start one SuperNode per region, wait until online.
+
+    Returns region -> node id (also recorded in the node registry, with the key's fingerprint).
+    """
+    dep.start_superlink()
+    node_ids = {}
+    for node in prep.nodes:
+        public = prep.keys[node.region][1]
+        node_ids[node.region] = dep.register(public)
+        prep.registry.record(node_id=node_ids[node.region], region=node.region,
+                             public_key_sha256=public_key_fingerprint(public))
+    for node in prep.nodes:
+        dep.start_supernode(node.region, private_key=prep.keys[node.region][0], node_config=node.node_config(),
+                            trust=prep.trust[node.region])
+    dep.wait_nodes(list(node_ids.values()), status="online")
+    report(f"{len(prep.nodes)} SuperNodes online: " + ", ".join(f"{r} (node {i})" for r, i in node_ids.items()))
+    return node_ids
+
+
+def submit_and_wait(
+    dep: LocalDeployment,
+    *,
+    config: Path,
+    run_dir: Path,
+    app: Path,
+    signature: str,
+    registry: Path,
+    extra_run_config: dict[str, str] | None = None,
+    report: Report = print,
+    run_timeout_s: float = 3600.0,
+    during_run: Callable[[LocalDeployment], None] | None = None,
+) -> DeploymentResult:
+    """Submit ``config`` with ``flwr run`` to a running deployment, stream its log, wait for its end.
+
+    The run config carries the bundle's signature (each region's executor checks it) and the node
+    registry (the server rejects a reply claiming another region than the one its node was registered for).
+    """
+    submitted = time.time()
+    run_id = dep.submit(
+        app_dir=app,
+        run_config={"experiment-config": str(config), "run-dir": str(run_dir), SIGNATURE_KEY: signature,
+                    "node-registry": str(registry), **(extra_run_config or {})},
+    )
+    report(f"run {run_id} submitted; streaming its log")
+    if during_run is not None:
+        during_run(dep)
+    status = dep.wait_run(run_id, timeout=run_timeout_s, on_line=report)
+    summary_path = RunSummary.path_in(run_dir)
+    fresh = summary_path.exists() and summary_path.stat().st_mtime >= submitted - 1  # not an older run's
+    summary = RunSummary.read(run_dir) if fresh else None
+    return DeploymentResult(run_id=run_id, status=status, run_dir=run_dir, summary=summary, workdir=dep.workdir)
+
+
 def deploy_local(
     config: Path,
     *,
@@ -161,49 +269,11 @@ def deploy_local(
     ``metrics.jsonl``, the model) on this machine. ``during_run`` is called once right after the run is
     submitted, with the live deployment (tests start misbehaving SuperNodes from it).
     """
-    config = Path(config).resolve()
-    cfg = load_config(config)
-    workdir = Path(workdir).resolve()
+    prep = prepare(config, workdir=workdir, state_root=state_root, app_dir=app_dir)
+    cfg = load_config(prep.config)
     run_dir = Path(run_dir).resolve() if run_dir is not None else (cfg.output_dir / cfg.name).resolve()
-    app = Path(app_dir).resolve() if app_dir is not None else default_app_dir()
-    nodes = region_nodes(cfg, state_root=Path(state_root), data_dir=workdir / "data")
-    certs = load_or_create_certificates(workdir / "certs")
-    # Each region's key is made in that region's own folder (its data owner's host, in a real federation).
-    keys = {n.region: load_or_create_node_key(workdir / "regions" / n.region, region=n.region) for n in nodes}
-    registry = NodeRegistry(workdir / "superlink" / "node-registry")
-    if registry.directory.exists():
-        shutil.rmtree(registry.directory)  # the SuperLink starts with a fresh state: earlier node ids are gone
-    signature, trust = approve_locally(
-        app, keys_dir=workdir / "certs", trust_dir=workdir / "trust", regions=[n.region for n in nodes]
-    )
-    with terminate_as_interrupt(), LocalDeployment(workdir=workdir, certs=certs, report=report) as dep:
-        dep.start_superlink()
-        node_ids = {}
-        for node in nodes:
-            public = keys[node.region][1]
-            node_ids[node.region] = dep.register(public)
-            registry.record(node_id=node_ids[node.region], region=node.region,
-                            public_key_sha256=public_key_fingerprint(public))
-        for node in nodes:
-            dep.start_supernode(
-                node.region,
-                private_key=keys[node.region][0],
-                node_config=node.node_config(),
-                trust=trust[node.region],
-            )
-        dep.wait_nodes(list(node_ids.values()), status="online")
-        report(f"{len(nodes)} SuperNodes online: " + ", ".join(f"{r} (node {i})" for r, i in node_ids.items()))
-        submitted = time.time()
-        run_id = dep.submit(
-            app_dir=app,
-            run_config={"experiment-config": str(config), "run-dir": str(run_dir), SIGNATURE_KEY: signature,
-                        "node-registry": str(registry.directory)},
-        )
-        report(f"run {run_id} submitted; streaming its log")
-        if during_run is not None:
-            during_run(dep)
-        status = dep.wait_run(run_id, timeout=run_timeout_s, on_line=report)
-    summary_path = RunSummary.path_in(run_dir)
-    fresh = summary_path.exists() and summary_path.stat().st_mtime >= submitted - 1  # not an older run's
-    summary = RunSummary.read(run_dir) if fresh else None
-    return DeploymentResult(run_id=run_id, status=status, run_dir=run_dir, summary=summary, workdir=workdir)
+    with terminate_as_interrupt(), LocalDeployment(workdir=prep.workdir, certs=prep.certs, report=report) as dep:
+        start_federation(dep, prep, report=report)
+        return submit_and_wait(dep, config=prep.config, run_dir=run_dir, app=prep.app, signature=prep.signature,
+                               registry=prep.registry.directory, report=report, run_timeout_s=run_timeout_s,
+                               during_run=during_run)

@@ -19,8 +19,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Component", "Report", "free_port", "pump", "start_component", "terminate_as_interrupt"]
+__all__ = [
+    "Component",
+    "Recorded",
+    "Report",
+    "free_port",
+    "processes_with_env",
+    "pump",
+    "start_component",
+    "start_ticks",
+    "stop_groups",
+    "terminate_as_interrupt",
+]
 
 Report = Callable[[str], None]
 
@@ -63,6 +75,38 @@ def _descendants(pid: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
     return out
 
 
+def group_members(groups: set[int]) -> list[int]:
+    """Live (non-zombie) processes of these process groups."""
+    return [p for p, (_, pgrp, state) in _proc_table().items() if pgrp in groups and state != "Z"]
+
+
+def stop_groups(
+    groups: set[int], *, alive: Callable[[], bool], reap: Callable[[float], None] | None = None,
+    grace_s: float = 10.0, hard_s: float = 15.0,
+) -> list[str]:
+    """SIGTERM every group, SIGKILL what is left after ``grace_s``; return what still lives (nothing).
+
+    ``alive`` says whether the group's leader still runs; ``reap`` waits for it when it is our child.
+    """
+    def signal_all(sig: int) -> None:
+        for g in sorted(groups):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(g, sig)
+
+    signal_all(signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while time.time() < deadline and (alive() or group_members(groups)):
+        time.sleep(0.2)
+    if alive() or group_members(groups):
+        signal_all(signal.SIGKILL)
+    if reap is not None:
+        reap(hard_s)
+    deadline = time.time() + hard_s
+    while time.time() < deadline and (alive() or group_members(groups)):
+        time.sleep(0.2)
+    return [f"{p} {_cmdline(p)}" for p in group_members(groups)]
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -95,7 +139,7 @@ class Component:
 
     def members(self) -> list[int]:
         """Live (non-zombie) processes of this component's groups."""
-        return [p for p, (_, pgrp, state) in _proc_table().items() if pgrp in self.groups and state != "Z"]
+        return group_members(self.groups)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -109,23 +153,21 @@ class Component:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(g, sig)
 
+    def record(self) -> Recorded:
+        """What a later command needs to find this process again, and to tell it from a reused pid."""
+        return Recorded.of_pid(self.pid, name=self.name, log_path=self.log_path)
+
     def stop(self, *, grace_s: float = 10.0, hard_s: float = 15.0) -> list[str]:
         """SIGTERM every group, SIGKILL what is left after ``grace_s``; return what still lives (nothing)."""
         if self.alive():
             self.refresh_groups()
         self.groups.add(self.pid)
-        self.signal_all(signal.SIGTERM)
-        deadline = time.time() + grace_s
-        while time.time() < deadline and (self.alive() or self.members()):
-            time.sleep(0.2)
-        if self.alive() or self.members():
-            self.signal_all(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=hard_s)
-        deadline = time.time() + hard_s
-        while time.time() < deadline and self.members():
-            time.sleep(0.2)
-        return [f"{p} {_cmdline(p)}" for p in self.members()]
+
+        def reap(timeout: float) -> None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=timeout)
+
+        return stop_groups(self.groups, alive=self.alive, reap=reap, grace_s=grace_s, hard_s=hard_s)
 
     def kill(self) -> None:
         """SIGKILL the whole component at once, as a crash or a pulled plug would (tests)."""
@@ -135,6 +177,81 @@ class Component:
         self.signal_all(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=15)
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat field 22); None if it is gone or a zombie.
+
+    Pids are reused: a pid with another start time is another process.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    rest = stat[stat.rfind(")") + 2 :].split()
+    if len(rest) < 20 or rest[0] == "Z":
+        return None
+    return int(rest[19])
+
+
+def environ_has(pid: int, key: str, *, under: Path) -> bool:
+    """Whether process ``pid`` has ``key`` set to ``under`` or a path below it (False if unreadable)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    prefix = f"{key}=".encode()
+    root = str(Path(under).resolve())
+    for item in env:
+        if item.startswith(prefix):
+            value = item[len(prefix) :].decode(errors="replace")
+            return value == root or value.startswith(root + os.sep)
+    return False
+
+
+def processes_with_env(key: str, *, under: Path) -> list[int]:
+    """Live processes whose ``key`` environment variable lies under ``under`` (ours: other users' are unreadable)."""
+    return [p for p, (_, _, state) in _proc_table().items() if state != "Z" and environ_has(p, key, under=under)]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A process an earlier command started and left running, known by pid, start time and command line.
+
+    ``running`` holds only while the pid still runs the very process recorded: same start time, same
+    command line (a pid reused by anything else fails both), so nothing else is ever signalled.
+    """
+
+    name: str
+    pid: int
+    started: int
+    cmdline: str
+    log_path: Path
+
+    @classmethod
+    def of_pid(cls, pid: int, *, name: str, log_path: Path) -> Recorded:
+        """Record the process that runs as ``pid`` now (started 0, never running, if it is gone)."""
+        return cls(name=name, pid=pid, started=start_ticks(pid) or 0, cmdline=_cmdline(pid), log_path=log_path)
+
+    def running(self) -> bool:
+        return self.started != 0 and start_ticks(self.pid) == self.started and _cmdline(self.pid) == self.cmdline
+
+    def stop(self, *, grace_s: float = 10.0, hard_s: float = 15.0) -> list[str]:
+        """Stop the process and every process group of its descendants (nothing if it no longer runs)."""
+        if not self.running():
+            return []
+        table = _proc_table()
+        groups = {self.pid} | {table[p][1] for p in _descendants(self.pid, table)}
+        return stop_groups(groups, alive=self.running, grace_s=grace_s, hard_s=hard_s)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "pid": self.pid, "started": self.started, "cmdline": self.cmdline,
+                "log": str(self.log_path)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recorded:
+        return cls(name=str(data["name"]), pid=int(data["pid"]), started=int(data["started"]),
+                   cmdline=str(data["cmdline"]), log_path=Path(str(data["log"])))
 
 
 def start_component(
