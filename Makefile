@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedcrm clients server tests experiments
+	$(BIN)/ruff format --check fedcrm clients server tests experiments
 	$(BIN)/mypy fedcrm server clients
 
 test: lint

@@ -37,20 +37,41 @@ def _table(n: int, d: int = 12) -> tuple[np.ndarray, np.ndarray]:
     return x, (x[:, 0] + rng.normal(size=n) > 0.5).astype(np.float32)
 
 
-def _run(*, n: int, model: ModelConfig, training: TrainingConfig, sigma: float, planned: int, canaries: int,
-         seed: int, bug: PlantedBug | None = None) -> WhiteBoxAudit:
+def _run(
+    *,
+    n: int,
+    model: ModelConfig,
+    training: TrainingConfig,
+    sigma: float,
+    planned: int,
+    canaries: int,
+    seed: int,
+    bug: PlantedBug | None = None,
+) -> WhiteBoxAudit:
     x, y = _table(n)
-    return white_box_audit(x=x, y=y, model=model, training=training, noise_multiplier=sigma, clipping_norm=1.0,
-                           delta=DELTA, planned_customers=planned, canaries=canaries,
-                           auditor_rng=np.random.default_rng(seed), planted_bug=bug)
+    return white_box_audit(
+        x=x,
+        y=y,
+        model=model,
+        training=training,
+        noise_multiplier=sigma,
+        clipping_norm=1.0,
+        delta=DELTA,
+        planned_customers=planned,
+        canaries=canaries,
+        auditor_rng=np.random.default_rng(seed),
+        planted_bug=bug,
+    )
 
 
 def _row(label: str, audits: list[WhiteBoxAudit], seconds: float) -> str:
     lbs = [a.epsilon_lower_bound for a in audits]
     a = audits[0]
-    return (f"| {label} | {a.noise_multiplier:.3f} | {a.sample_rate:.4f} | {a.steps_per_round}×{a.rounds} | "
-            f"{a.result.canaries:,} | {a.claimed_epsilon:.2f} | {np.mean(lbs):.2f} ({min(lbs):.2f}–{max(lbs):.2f}) | "
-            f"{a.verdict} | {seconds / len(audits):.1f} |")
+    return (
+        f"| {label} | {a.noise_multiplier:.3f} | {a.sample_rate:.4f} | {a.steps_per_round}×{a.rounds} | "
+        f"{a.result.canaries:,} | {a.claimed_epsilon:.2f} | {np.mean(lbs):.2f} ({min(lbs):.2f}–{max(lbs):.2f}) | "
+        f"{a.verdict} | {seconds / len(audits):.1f} |"
+    )
 
 
 def shipped(repeats: int) -> None:
@@ -63,8 +84,19 @@ def shipped(repeats: int) -> None:
             sigma = region.noise_multiplier(cfg, n=declared)
             for bug in (None, PlantedBug.PUBLIC_SEED, PlantedBug.SIGMA_OVER_10):
                 t = time.perf_counter()
-                audits = [_run(n=400, model=cfg.model, training=cfg.training, sigma=sigma, planned=declared,
-                               canaries=1000, seed=s, bug=bug) for s in range(repeats)]
+                audits = [
+                    _run(
+                        n=400,
+                        model=cfg.model,
+                        training=cfg.training,
+                        sigma=sigma,
+                        planned=declared,
+                        canaries=1000,
+                        seed=s,
+                        bug=bug,
+                    )
+                    for s in range(repeats)
+                ]
                 label = f"{name}, {'real path' if bug is None else bug.value}"
                 print(_row(label, audits, time.perf_counter() - t), flush=True)
 
@@ -76,8 +108,9 @@ def power(repeats: int, max_canaries: int) -> None:
     # Telco's setting: 8 Poisson-sampled steps per round, the server sees their sum once a round.
     telco = TrainingConfig(rounds=10, local_epochs=1, batch_size=256, learning_rate=0.05)
     q, steps = sampling_plan(n=1900, batch_size=256, epochs=1)
-    sigma_telco = plan_noise_multiplier(target_epsilon=8, delta=DELTA, sample_rate=q, steps=steps * 10,
-                                        accountant="rdp")
+    sigma_telco = plan_noise_multiplier(
+        target_epsilon=8, delta=DELTA, sample_rate=q, steps=steps * 10, accountant="rdp"
+    )
     # The audit's best case: one full-batch step per round (q = 1), so the server sees every step.
     full = TrainingConfig(rounds=10, local_epochs=1, batch_size=100, learning_rate=0.05)
     sigma_full = plan_noise_multiplier(target_epsilon=8, delta=DELTA, sample_rate=1.0, steps=10, accountant="rdp")
@@ -89,8 +122,10 @@ def power(repeats: int, max_canaries: int) -> None:
             if m > max_canaries or (m > 10_000 and training is telco):
                 continue
             t = time.perf_counter()
-            audits = [_run(n=n, model=logistic, training=training, sigma=sigma, planned=planned, canaries=m, seed=s)
-                      for s in range(repeats)]
+            audits = [
+                _run(n=n, model=logistic, training=training, sigma=sigma, planned=planned, canaries=m, seed=s)
+                for s in range(repeats)
+            ]
             print(_row(label, audits, time.perf_counter() - t), flush=True)
 
 

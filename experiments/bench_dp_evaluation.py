@@ -47,11 +47,15 @@ def exact_and_noisy(cfg: Any, *, run_dir: Path, state_root: Path, draws: int) ->
         data = r.load(cfg, schema)
         x, y = data.x[data.holdout], data.y[data.holdout]
         scores = served.proba(x)
-        exact_parts.append(ScoreSummary.of(scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP,
-                                  logit_range=ANSWER_LOGIT_RANGE))
+        exact_parts.append(
+            ScoreSummary.of(
+                scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP, logit_range=ANSWER_LOGIT_RANGE
+            )
+        )
         sensitive = data.sensitive.iloc[np.flatnonzero(data.holdout)].reset_index(drop=True)
-        groups.append(fairness.summarise_groups(scores=scores, labels=y, sensitive=sensitive, schema=schema,
-                                                min_customers=1))
+        groups.append(
+            fairness.summarise_groups(scores=scores, labels=y, sensitive=sensitive, schema=schema, min_customers=1)
+        )
     exact = exact_parts[0]
     for part in exact_parts[1:]:
         exact = exact + part
@@ -75,30 +79,55 @@ def exact_and_noisy(cfg: Any, *, run_dir: Path, state_root: Path, draws: int) ->
         noisy_groups = []
         for part, g in zip(exact_parts, groups, strict=True):
             rnd = ReleaseRandomness.secure()
-            a = noised({"p": part.hist_pos, "n": part.hist_neg, "l": part.sum_log_loss / LOSS_CAP,
-                        "b": part.sum_brier, "c": part.correct}, coordinates_per_customer=4,
-                       noise_multiplier=sigma, randomness=rnd)
-            s = ScoreSummary(hist_pos=a["p"], hist_neg=a["n"], sum_log_loss=float(a["l"]) * LOSS_CAP,
-                             sum_brier=float(a["b"]), correct=float(a["c"]))
+            a = noised(
+                {
+                    "p": part.hist_pos,
+                    "n": part.hist_neg,
+                    "l": part.sum_log_loss / LOSS_CAP,
+                    "b": part.sum_brier,
+                    "c": part.correct,
+                },
+                coordinates_per_customer=4,
+                noise_multiplier=sigma,
+                randomness=rnd,
+            )
+            s = ScoreSummary(
+                hist_pos=a["p"],
+                hist_neg=a["n"],
+                sum_log_loss=float(a["l"]) * LOSS_CAP,
+                sum_brier=float(a["b"]),
+                correct=float(a["c"]),
+            )
             total = s if total is None else total + s
-            parts = {f"{k}/{w}": getattr(h, f) for k, h in g.items()
-                     for w, f in (("pos", "hist_pos"), ("neg", "hist_neg"), ("score", "sum_score"))}
+            parts = {
+                f"{k}/{w}": getattr(h, f)
+                for k, h in g.items()
+                for w, f in (("pos", "hist_pos"), ("neg", "hist_neg"), ("score", "sum_score"))
+            }
             b = noised(parts, coordinates_per_customer=2 * len(g) + 2, noise_multiplier=sigma, randomness=rnd)
-            noisy_groups.append(fairness.from_lists(
-                hist_pos=np.concatenate([b[f"{k}/pos"].ravel() for k in g]),
-                hist_neg=np.concatenate([b[f"{k}/neg"].ravel() for k in g]),
-                sum_score=np.concatenate([b[f"{k}/score"] for k in g]),
-                suppressed=np.zeros(sum(len(h.sum_score) for h in g.values()), dtype=np.int64), schema=schema))
+            noisy_groups.append(
+                fairness.from_lists(
+                    hist_pos=np.concatenate([b[f"{k}/pos"].ravel() for k in g]),
+                    hist_neg=np.concatenate([b[f"{k}/neg"].ravel() for k in g]),
+                    sum_score=np.concatenate([b[f"{k}/score"] for k in g]),
+                    suppressed=np.zeros(sum(len(h.sum_score) for h in g.values()), dtype=np.int64),
+                    schema=schema,
+                )
+            )
         assert total is not None
         aucs.append(total.metrics()["auc"])
         gap_draws.append(gaps(noisy_groups))
     gap_err = {a: float(np.nanmean([abs(d[a] - exact_gaps[a]) for d in gap_draws])) for a in exact_gaps}
     return {
-        "holdout_customers": exact.n, "evaluation_noise": sigma,
-        "auc_exact_2000_bins": fine.metrics()["auc"], "auc_exact_20_bins": exact.metrics()["auc"],
-        "auc_dp_mean": float(np.mean(aucs)), "auc_dp_std": float(np.std(aucs)),
+        "holdout_customers": exact.n,
+        "evaluation_noise": sigma,
+        "auc_exact_2000_bins": fine.metrics()["auc"],
+        "auc_exact_20_bins": exact.metrics()["auc"],
+        "auc_dp_mean": float(np.mean(aucs)),
+        "auc_dp_std": float(np.std(aucs)),
         "auc_dp_abs_error_mean": float(np.mean(np.abs(np.array(aucs) - fine.metrics()["auc"]))),
-        "demographic_parity_exact": exact_gaps, "demographic_parity_dp_abs_error_mean": gap_err,
+        "demographic_parity_exact": exact_gaps,
+        "demographic_parity_dp_abs_error_mean": gap_err,
     }
 
 
@@ -119,11 +148,14 @@ def main() -> None:
             run_simulated(cfg, run_dir=run_dir, state_root=state, report=lambda s: None)
         results[name] = exact_and_noisy(cfg, run_dir=run_dir, state_root=state, draws=args.draws)
         r = results[name]
-        print(f"{name}: hold-out {r['holdout_customers']:.0f} customers, σ_eval {r['evaluation_noise']}: pooled AUC "
-              f"exact {r['auc_exact_2000_bins']:.4f} (20 bins {r['auc_exact_20_bins']:.4f}), DP answers "
-              f"{r['auc_dp_mean']:.4f} ± {r['auc_dp_std']:.4f} (mean |error| {r['auc_dp_abs_error_mean']:.4f}); "
-              f"demographic parity exact {r['demographic_parity_exact']}, DP mean |error| "
-              f"{r['demographic_parity_dp_abs_error_mean']}", flush=True)
+        print(
+            f"{name}: hold-out {r['holdout_customers']:.0f} customers, σ_eval {r['evaluation_noise']}: pooled AUC "
+            f"exact {r['auc_exact_2000_bins']:.4f} (20 bins {r['auc_exact_20_bins']:.4f}), DP answers "
+            f"{r['auc_dp_mean']:.4f} ± {r['auc_dp_std']:.4f} (mean |error| {r['auc_dp_abs_error_mean']:.4f}); "
+            f"demographic parity exact {r['demographic_parity_exact']}, DP mean |error| "
+            f"{r['demographic_parity_dp_abs_error_mean']}",
+            flush=True,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -51,11 +51,28 @@ def _launch(system: str, *, config: Path, rounds: int, out: Path) -> dict[str, A
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if system == "fedcrm":
-        cmd = [PY, str(Path(__file__).resolve()), "--child", "fedcrm", "--config", str(config),
-               "--rounds", str(rounds), "--out", str(out)]
+        cmd = [
+            PY,
+            str(Path(__file__).resolve()),
+            "--child",
+            "fedcrm",
+            "--config",
+            str(config),
+            "--rounds",
+            str(rounds),
+            "--out",
+            str(out),
+        ]
     else:
-        cmd = [PY, str(HERE / "baseline_flower_opacus" / "run.py"), str(config), "--rounds", str(rounds),
-               "--out", str(out)]
+        cmd = [
+            PY,
+            str(HERE / "baseline_flower_opacus" / "run.py"),
+            str(config),
+            "--rounds",
+            str(rounds),
+            "--out",
+            str(out),
+        ]
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONWARNINGS="ignore")
     t0 = time.time()
     with open(out / "log.txt", "w") as log:
@@ -75,10 +92,17 @@ def _launch(system: str, *, config: Path, rounds: int, out: Path) -> dict[str, A
     per_round = statistics.median(gaps) if gaps else float("nan")
     to_round1 = ends[0] - t0
     return {
-        "system": system, "wall_s": t_end - t0, "to_round1_s": to_round1, "per_round_s": per_round,
-        "startup_s": to_round1 - per_round, "after_last_round_s": t_end - ends[-1], "rounds": len(ends),
-        "peak_pss_gib": sampler.peak.pss / 2**30, "peak_rss_sum_gib": sampler.peak.rss / 2**30,
-        "peak_actor_rss_gib": sampler.peak.actor_rss / 2**30, "processes": sampler.peak.processes,
+        "system": system,
+        "wall_s": t_end - t0,
+        "to_round1_s": to_round1,
+        "per_round_s": per_round,
+        "startup_s": to_round1 - per_round,
+        "after_last_round_s": t_end - ends[-1],
+        "rounds": len(ends),
+        "peak_pss_gib": sampler.peak.pss / 2**30,
+        "peak_rss_sum_gib": sampler.peak.rss / 2**30,
+        "peak_actor_rss_gib": sampler.peak.actor_rss / 2**30,
+        "processes": sampler.peak.processes,
         "auc": auc,
     }
 
@@ -98,11 +122,20 @@ def _compute_per_round(config: Path, out: Path, *, parallel: dict[str, int], rep
     cfg = load_config(config)
     regions = sorted((out / "regions").glob("*.csv"))
     base = Settings(
-        region_files=[str(p) for p in regions], schema=str(cfg.schema_path), hidden=list(cfg.model.hidden)
-        if cfg.model.kind == "mlp" else [], rounds=20, local_epochs=cfg.training.local_epochs,
-        batch_size=cfg.training.batch_size, learning_rate=cfg.training.learning_rate,
-        target_epsilon=cfg.privacy.target_epsilon or 3.0, delta=1e-5, clipping_norm=cfg.privacy.clipping_norm,
-        holdout_fraction=cfg.evaluation.holdout_fraction, seed=cfg.seed, out_dir=str(out))
+        region_files=[str(p) for p in regions],
+        schema=str(cfg.schema_path),
+        hidden=list(cfg.model.hidden) if cfg.model.kind == "mlp" else [],
+        rounds=20,
+        local_epochs=cfg.training.local_epochs,
+        batch_size=cfg.training.batch_size,
+        learning_rate=cfg.training.learning_rate,
+        target_epsilon=cfg.privacy.target_epsilon or 3.0,
+        delta=1e-5,
+        clipping_norm=cfg.privacy.clipping_norm,
+        holdout_fraction=cfg.evaluation.holdout_fraction,
+        seed=cfg.seed,
+        out_dir=str(out),
+    )
     torch.set_num_threads(1)  # what a simulated client with num_cpus = 1 gets
 
     def fedcrm_round(i: int) -> None:
@@ -121,8 +154,14 @@ def _compute_per_round(config: Path, out: Path, *, parallel: dict[str, int], rep
         opt = torch.optim.Adam(model.parameters(), lr=base.learning_rate)
         loader = torch.utils.data.DataLoader(ds, batch_size=base.batch_size, shuffle=True)
         model, opt, loader = PrivacyEngine(accountant="rdp", secure_mode=False).make_private_with_epsilon(
-            module=model, optimizer=opt, data_loader=loader, target_epsilon=base.target_epsilon,
-            target_delta=base.delta, epochs=base.rounds * base.local_epochs, max_grad_norm=base.clipping_norm)
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            target_epsilon=base.target_epsilon,
+            target_delta=base.delta,
+            epochs=base.rounds * base.local_epochs,
+            max_grad_norm=base.clipping_norm,
+        )
         train(model, loader, opt, base.local_epochs)
 
     out_t: dict[str, float] = {}
@@ -169,20 +208,26 @@ def main() -> None:
         r["client_processes"] = parallel[r["system"]]
         r["pss_per_client_gib"] = r["peak_pss_gib"] / regions
     print(f"\nTelco, 3 regions, {args.rounds} rounds, ε = 3 (load average {os.getloadavg()[0]:.1f})")
-    print(f"{'system':<9} {'wall s':>7} {'start-up s':>10} {'round s':>8} {'compute s':>9} {'overhead s':>10} "
-          f"{'tail s':>7} {'peak PSS':>9} {'PSS/client':>10} {'procs':>5} {'ΣRSS':>7} {'actor RSS':>9} {'AUC':>6}")
+    print(
+        f"{'system':<9} {'wall s':>7} {'start-up s':>10} {'round s':>8} {'compute s':>9} {'overhead s':>10} "
+        f"{'tail s':>7} {'peak PSS':>9} {'PSS/client':>10} {'procs':>5} {'ΣRSS':>7} {'actor RSS':>9} {'AUC':>6}"
+    )
     for r in results:
-        print(f"{r['system']:<9} {r['wall_s']:>7.1f} {r['startup_s']:>10.1f} {r['per_round_s']:>8.2f} "
-              f"{r['compute_per_round_s']:>9.3f} {r['overhead_per_round_s']:>10.2f} {r['after_last_round_s']:>7.1f} "
-              f"{r['peak_pss_gib']:>8.2f}G {r['pss_per_client_gib']:>9.2f}G {r['client_processes']:>5} "
-              f"{r['peak_rss_sum_gib']:>6.2f}G {r['peak_actor_rss_gib']:>8.2f}G "
-              f"{r['auc']:>6.3f}")
+        print(
+            f"{r['system']:<9} {r['wall_s']:>7.1f} {r['startup_s']:>10.1f} {r['per_round_s']:>8.2f} "
+            f"{r['compute_per_round_s']:>9.3f} {r['overhead_per_round_s']:>10.2f} {r['after_last_round_s']:>7.1f} "
+            f"{r['peak_pss_gib']:>8.2f}G {r['pss_per_client_gib']:>9.2f}G {r['client_processes']:>5} "
+            f"{r['peak_rss_sum_gib']:>6.2f}G {r['peak_actor_rss_gib']:>8.2f}G "
+            f"{r['auc']:>6.3f}"
+        )
     if len(results) == 2:
         a, b = results
-        print(f"{a['system']} / {b['system']}: wall {a['wall_s'] / b['wall_s']:.2f}x, per round "
-              f"{a['per_round_s'] / b['per_round_s']:.2f}x, peak PSS (and per simulated client) "
-              f"{a['peak_pss_gib'] / b['peak_pss_gib']:.2f}x, "
-              f"actor RSS {a['peak_actor_rss_gib'] / b['peak_actor_rss_gib']:.2f}x")
+        print(
+            f"{a['system']} / {b['system']}: wall {a['wall_s'] / b['wall_s']:.2f}x, per round "
+            f"{a['per_round_s'] / b['per_round_s']:.2f}x, peak PSS (and per simulated client) "
+            f"{a['peak_pss_gib'] / b['peak_pss_gib']:.2f}x, "
+            f"actor RSS {a['peak_actor_rss_gib'] / b['peak_actor_rss_gib']:.2f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -138,8 +138,9 @@ def main() -> None:
         for s in (int(x) for x in args.shards.split(",")):
             work = args.out / f"{name}-s{s}"
             shutil.rmtree(work, ignore_errors=True)
-            cfg = dataset_config(name, data_dir=args.out / f"{name}-regions", customers=args.customers,
-                                 shared=args.shared)
+            cfg = dataset_config(
+                name, data_dir=args.out / f"{name}-regions", customers=args.customers, shared=args.shared
+            )
             row = {"dataset": name, **bench_one(cfg, shards=s, rounds=args.rounds, epochs=args.epochs, work=work)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -149,17 +150,21 @@ def main() -> None:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     full = {r["dataset"]: r["train_s"] for r in rows if r["shards"] == 1}
-    print("| dataset | S | rounds × epochs | full train (s) | request -> served by exclusion (s) | request -> "
-          "retrained (s) | speed-up vs full retrain S=1 | served AUC, all S | served AUC, one excluded | "
-          "AUC after retrain | ε per customer |")
+    print(
+        "| dataset | S | rounds × epochs | full train (s) | request -> served by exclusion (s) | request -> "
+        "retrained (s) | speed-up vs full retrain S=1 | served AUC, all S | served AUC, one excluded | "
+        "AUC after retrain | ε per customer |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sp = full.get(r["dataset"], float("nan")) / r["erasure_s"]
         excl = "-" if r["exclusion_s"] is None else f"{r['exclusion_s']:.2f}"
         one = "-" if r["served_auc_one_excluded"] is None else f"{r['served_auc_one_excluded']:.4f}"
-        print(f"| {r['dataset']} | {r['shards']} | {r['rounds']} × {r['epochs']} | {r['train_s']:.1f} | {excl} | "
-              f"{r['erasure_s']:.1f} | {sp:.2f}x | {r['served_auc_all']:.4f} | {one} | "
-              f"{r['auc_after_erasure']:.4f} | {r['epsilon']:.2f} |")
+        print(
+            f"| {r['dataset']} | {r['shards']} | {r['rounds']} × {r['epochs']} | {r['train_s']:.1f} | {excl} | "
+            f"{r['erasure_s']:.1f} | {sp:.2f}x | {r['served_auc_all']:.4f} | {one} | "
+            f"{r['auc_after_erasure']:.4f} | {r['epsilon']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

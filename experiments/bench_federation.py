@@ -66,8 +66,12 @@ def erasure_retrain_s(run_dir: Path, *, state_root: Path, federation: Path | Non
     customer = trained_customer(run_dir, state_root=state_root, region="eu")
     forget_customers(region="eu", customer_ids=[customer], state_root=state_root, runs=[run_dir])
     t0 = time.perf_counter()
-    result = retrain_run(run_dir, state_root=state_root, report=lambda _: None,
-                         federation=None if federation is None else str(federation))
+    result = retrain_run(
+        run_dir,
+        state_root=state_root,
+        report=lambda _: None,
+        federation=None if federation is None else str(federation),
+    )
     if len(result.stale) != 1:
         raise SystemExit(f"expected one stale constituent, got {result.stale}")
     return time.perf_counter() - t0
@@ -119,16 +123,30 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows: list[tuple[str, float, float]] = []
     if not args.only_retrain:
-        rows.append(("cold: deploy local", *timed(lambda c: deploy_local(
-            config, workdir=work / "cold", state_root=work / "state-cold", run_dir=work / "run-cold", report=c))))
+        rows.append(
+            (
+                "cold: deploy local",
+                *timed(
+                    lambda c: deploy_local(
+                        config,
+                        workdir=work / "cold",
+                        state_root=work / "state-cold",
+                        run_dir=work / "run-cold",
+                        report=c,
+                    )
+                ),
+            )
+        )
     retrains: list[tuple[str, float]] = []
     if not args.no_retrain:  # today's retrain: in simulation, the engine started for it
         from fedcrm.config import load_config
 
-        run_simulated(load_config(sharded), run_dir=work / "run-sim", state_root=work / "state-sim",
-                      report=lambda _: None)
-        retrains.append(("simulation (today)", erasure_retrain_s(work / "run-sim", state_root=work / "state-sim",
-                                                                 federation=None)))
+        run_simulated(
+            load_config(sharded), run_dir=work / "run-sim", state_root=work / "state-sim", report=lambda _: None
+        )
+        retrains.append(
+            ("simulation (today)", erasure_retrain_s(work / "run-sim", state_root=work / "state-sim", federation=None))
+        )
     folder = work / "warm"
     t0 = time.perf_counter()
     up(config, folder=folder, name="bench", state_root=work / "state-warm", report=lambda _: None)
@@ -136,18 +154,28 @@ def main() -> None:
     try:
         for i in range(0 if args.only_retrain else args.warm_runs):
             run_dir = work / f"run-warm-{i}"
-            rows.append((f"warm: run --federation #{i + 1}", *timed(
-                lambda c: run_on(folder, config, run_dir=run_dir, report=c))))  # noqa: B023 - called at once
+            rows.append(
+                (
+                    f"warm: run --federation #{i + 1}",
+                    *timed(lambda c, run_dir=run_dir: run_on(folder, config, run_dir=run_dir, report=c)),
+                )
+            )
         if not args.no_retrain:
             run_on(folder, sharded, run_dir=work / "run-warm-sharded", report=lambda _: None)
-            retrains.append(("warm federation", erasure_retrain_s(work / "run-warm-sharded",
-                                                                  state_root=work / "state-warm", federation=folder)))
+            retrains.append(
+                (
+                    "warm federation",
+                    erasure_retrain_s(work / "run-warm-sharded", state_root=work / "state-warm", federation=folder),
+                )
+            )
     finally:
         down(folder, report=lambda _: None)
     load_after = os.getloadavg()[0]
 
-    print(f"\nTelco, 3 regions, {args.rounds} rounds, ε = 3, real deployment on loopback (load average "
-          f"{load_before:.1f} before, {load_after:.1f} after; `deploy up` itself took {up_s:.1f} s)")
+    print(
+        f"\nTelco, 3 regions, {args.rounds} rounds, ε = 3, real deployment on loopback (load average "
+        f"{load_before:.1f} before, {load_after:.1f} after; `deploy up` itself took {up_s:.1f} s)"
+    )
     if len(rows) > 1:
         print(f"{'':<28} {'to round 1 end (s)':>19} {'whole run (s)':>14}")
         for name, first, total in rows:
@@ -156,8 +184,10 @@ def main() -> None:
         warm = min(r[1] for r in rows[1:])
         print(f"first round: warm {warm:.1f} s vs cold {cold:.1f} s ({cold / warm:.1f}x); goal < 4 s")
     if retrains:
-        print(f"\nerasure of one eu customer, S = {args.shards}: retrain of its constituent "
-              f"(request -> new model served), {args.rounds} rounds")
+        print(
+            f"\nerasure of one eu customer, S = {args.shards}: retrain of its constituent "
+            f"(request -> new model served), {args.rounds} rounds"
+        )
         for name, seconds in retrains:
             print(f"  {name:<24} {seconds:>7.1f} s")
     if args.keep is None:

@@ -57,9 +57,14 @@ def load_bank(rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
 def run_fedcrm(x: np.ndarray, y: np.ndarray, *, batch_size: int, dp: bool) -> None:
     model = build_model(MODEL, n_features=x.shape[1], seed=0)
     training = TrainingConfig(local_epochs=1, batch_size=batch_size, optimizer="adam", learning_rate=LR)
-    train_locally(model, x=x, y=y, training=training,
-                  dp=DpSgd(noise_multiplier=SIGMA, clipping_norm=CLIP) if dp else None,
-                  randomness=ReleaseRandomness.secure())  # what a region draws for every release
+    train_locally(
+        model,
+        x=x,
+        y=y,
+        training=training,
+        dp=DpSgd(noise_multiplier=SIGMA, clipping_norm=CLIP) if dp else None,
+        randomness=ReleaseRandomness.secure(),
+    )  # what a region draws for every release
 
 
 def run_opacus_baseline(x: np.ndarray, y: np.ndarray, *, batch_size: int) -> None:
@@ -72,7 +77,11 @@ def run_opacus_baseline(x: np.ndarray, y: np.ndarray, *, batch_size: int) -> Non
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=SIGMA, max_grad_norm=CLIP,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=SIGMA,
+        max_grad_norm=CLIP,
     )
     criterion = nn.BCEWithLogitsLoss()
     model.train()
@@ -146,12 +155,19 @@ def main() -> None:
         raise SystemExit(f"{BANK} not found: the Bank Marketing table lives in ../shared/data")
     warnings.filterwarnings("ignore")
     x, y = load_bank(args.rows)
-    print(f"Local training, one epoch of Bank ({len(x):,} customers, {x.shape[1]} features), MLP (64, 64), "
-          f"Adam, σ={SIGMA}, C={CLIP}; median of {args.reps} interleaved reps (setup included)")
+    print(
+        f"Local training, one epoch of Bank ({len(x):,} customers, {x.shape[1]} features), MLP (64, 64), "
+        f"Adam, σ={SIGMA}, C={CLIP}; median of {args.reps} interleaved reps (setup included)"
+    )
     print("goals: fedcrm DP ≥ 6x Opacus DP (hooks + DataLoader); DP cost ≤ 2.5x plain")
     print(HEADER, flush=True)
-    rows = measure(x, y, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                   threads=[int(t) for t in args.threads.split(",")], reps=args.reps)
+    rows = measure(
+        x,
+        y,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        threads=[int(t) for t in args.threads.split(",")],
+        reps=args.reps,
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -61,8 +61,18 @@ def run_cell(
     out = root / f"run-{tenants}x{customers}@{fraction:g}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [PY, str(Path(__file__).resolve()), "--child", str(data), "--rounds", str(rounds), "--out", str(out),
-           "--fraction", str(fraction)]
+    cmd = [
+        PY,
+        str(Path(__file__).resolve()),
+        "--child",
+        str(data),
+        "--rounds",
+        str(rounds),
+        "--out",
+        str(out),
+        "--fraction",
+        str(fraction),
+    ]
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONWARNINGS="ignore")
     t0 = time.time()
     with open(out / "log.txt", "w") as log:
@@ -75,10 +85,18 @@ def run_cell(
                 rc = proc.wait()
                 rc = rc or -1
     wall = time.time() - t0
-    row: dict[str, Any] = {"tenants": tenants, "customers": customers, "rounds": rounds, "wall_s": wall,
-                           "fraction": fraction, "ok": rc == 0, "peak_pss_gib": sampler.peak.pss / 2**30,
-                           "peak_rss_gib": sampler.peak.rss / 2**30,
-                           "processes": sampler.peak.processes, "actor_rss_gib": sampler.peak.actor_rss / 2**30}
+    row: dict[str, Any] = {
+        "tenants": tenants,
+        "customers": customers,
+        "rounds": rounds,
+        "wall_s": wall,
+        "fraction": fraction,
+        "ok": rc == 0,
+        "peak_pss_gib": sampler.peak.pss / 2**30,
+        "peak_rss_gib": sampler.peak.rss / 2**30,
+        "processes": sampler.peak.processes,
+        "actor_rss_gib": sampler.peak.actor_rss / 2**30,
+    }
     marks = out / "marks.json"
     if rc == 0 and marks.exists():
         mark = json.loads(marks.read_text())
@@ -124,11 +142,16 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     sys.path.insert(0, str(HERE))
-    print(f"Scale: synthetic tenants × {args.rounds} rounds, demo model, ε = 3 (load average "
-          f"{os.getloadavg()[0]:.1f}); goal 1,000 × 1k in < 300 s, memory flat and < 8 GiB")
-    print(f"{'tenants':>7} {'cust':>7} {'frac':>5} {'wall s':>7} {'to r1 s':>8} {'round s':>8} {'ms/t-r':>6} "
-          f"{'r2→3 s':>7} {'last s':>7} {'PSS peak':>9} {'RSS peak':>9} {'PSS r2':>7} {'PSS end':>8} {'actor':>6} "
-          f"{'procs':>5} {'ε min/median/max':>17}", flush=True)
+    print(
+        f"Scale: synthetic tenants × {args.rounds} rounds, demo model, ε = 3 (load average "
+        f"{os.getloadavg()[0]:.1f}); goal 1,000 × 1k in < 300 s, memory flat and < 8 GiB"
+    )
+    print(
+        f"{'tenants':>7} {'cust':>7} {'frac':>5} {'wall s':>7} {'to r1 s':>8} {'round s':>8} {'ms/t-r':>6} "
+        f"{'r2→3 s':>7} {'last s':>7} {'PSS peak':>9} {'RSS peak':>9} {'PSS r2':>7} {'PSS end':>8} {'actor':>6} "
+        f"{'procs':>5} {'ε min/median/max':>17}",
+        flush=True,
+    )
     rows = []
     for cell in args.cells.split(","):
         size, _, frac = cell.partition("@")
@@ -137,15 +160,20 @@ def main() -> None:
         r = run_cell(tenants, customers, rounds=args.rounds, root=args.out, timeout=args.timeout, fraction=fraction)
         rows.append(r)
         if not r["ok"]:
-            print(f"{tenants:>7} {customers:>7} {fraction:>5g} {r['wall_s']:>7.1f}  FAILED or timed out "
-                  f"(see {args.out}/run-{tenants}x{customers}@{fraction:g}/log.txt)", flush=True)
+            print(
+                f"{tenants:>7} {customers:>7} {fraction:>5g} {r['wall_s']:>7.1f}  FAILED or timed out "
+                f"(see {args.out}/run-{tenants}x{customers}@{fraction:g}/log.txt)",
+                flush=True,
+            )
             continue
-        print(f"{tenants:>7} {customers:>7} {fraction:>5g} {r['wall_s']:>7.1f} {r['to_round1_s']:>8.1f} "
-              f"{r['per_round_s']:>8.2f} {r['ms_per_tenant_round']:>6.1f} {r['first_gap_s']:>7.2f} "
-              f"{r['last_gap_s']:>7.2f} {r['peak_pss_gib']:>8.2f}G {r['peak_rss_gib']:>8.2f}G "
-              f"{r['pss_round2_gib']:>6.2f}G {r['pss_last_gib']:>7.2f}G {r['actor_rss_gib']:>5.2f}G "
-              f"{r['processes']:>5} {r['epsilon_min']:>5.2f}/{r['epsilon_median']:.2f}/{r['epsilon_max']:.2f}",
-              flush=True)
+        print(
+            f"{tenants:>7} {customers:>7} {fraction:>5g} {r['wall_s']:>7.1f} {r['to_round1_s']:>8.1f} "
+            f"{r['per_round_s']:>8.2f} {r['ms_per_tenant_round']:>6.1f} {r['first_gap_s']:>7.2f} "
+            f"{r['last_gap_s']:>7.2f} {r['peak_pss_gib']:>8.2f}G {r['peak_rss_gib']:>8.2f}G "
+            f"{r['pss_round2_gib']:>6.2f}G {r['pss_last_gib']:>7.2f}G {r['actor_rss_gib']:>5.2f}G "
+            f"{r['processes']:>5} {r['epsilon_min']:>5.2f}/{r['epsilon_median']:.2f}/{r['epsilon_max']:.2f}",
+            flush=True,
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -46,10 +46,17 @@ def make_run(run_dir: Path, *, data: Path, kind: str) -> None:
     sample = next(itertools.islice(iter_table(data, schema, chunk_rows=20_000), 1))
     enc = FeatureEncoder(schema)
     model = build_model(cfg.model, n_features=enc.n_features, seed=0)
-    train_locally(model, x=enc.encode(sample), y=sample.labels, dp=None, randomness=ReleaseRandomness.public_seed(0),
-                  training=TrainingConfig(local_epochs=2, batch_size=256, learning_rate=0.05))
-    RunDir.create(run_dir, cfg).save_model(constituents={0: get_weights(model)}, feature_names=enc.feature_names,
-                                           version=1)
+    train_locally(
+        model,
+        x=enc.encode(sample),
+        y=sample.labels,
+        dp=None,
+        randomness=ReleaseRandomness.public_seed(0),
+        training=TrainingConfig(local_epochs=2, batch_size=256, learning_rate=0.05),
+    )
+    RunDir.create(run_dir, cfg).save_model(
+        constituents={0: get_weights(model)}, feature_names=enc.feature_names, version=1
+    )
 
 
 def main() -> None:
@@ -70,8 +77,25 @@ def main() -> None:
     if not (data_dir / "eu.csv").exists():
         t = time.perf_counter()
         # In a child process: generating holds the whole table, which would hide this one's peak memory.
-        subprocess.run([sys.executable, "-m", "fedcrm.cli", "data", "synth", "--regions", "eu", "--customers",
-                        str(args.customers), "--seed", "0", "--out", str(data_dir)], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedcrm.cli",
+                "data",
+                "synth",
+                "--regions",
+                "eu",
+                "--customers",
+                str(args.customers),
+                "--seed",
+                "0",
+                "--out",
+                str(data_dir),
+            ],
+            check=True,
+            cwd=REPO,
+        )
         print(f"wrote {args.customers} synthetic customers in {time.perf_counter() - t:.1f} s", flush=True)
     data = data_dir / "eu.csv"
     run_dir, state = args.out / f"run-{args.model}", args.out / "state" / "eu"
@@ -84,11 +108,15 @@ def main() -> None:
 
     def bench(what: str, table: Path, reasons: int, out: Path) -> None:
         cpu = time.process_time()
-        r = score_region(region="eu", model=scorer, data=table, state_dir=state, out=out, reasons=reasons,
-                         chunk_rows=args.chunk_rows)
+        r = score_region(
+            region="eu", model=scorer, data=table, state_dir=state, out=out, reasons=reasons, chunk_rows=args.chunk_rows
+        )
         n, cpu = r.counts["customers_in_table"], time.process_time() - cpu
-        print(f"{what:<38} {n:>9} {r.seconds:>8.2f} {n / r.seconds:>9,.0f} {cpu:>7.2f} {n / cpu:>10,.0f} "
-              f"{peak_mib():>9.0f}", flush=True)
+        print(
+            f"{what:<38} {n:>9} {r.seconds:>8.2f} {n / r.seconds:>9,.0f} {cpu:>7.2f} {n / cpu:>10,.0f} "
+            f"{peak_mib():>9.0f}",
+            flush=True,
+        )
 
     bench(f"{args.model}, no reasons, CSV out", data, 0, args.out / "scores.csv")
     bench(f"{args.model}, no reasons, Parquet out", data, 0, args.out / "scores.parquet")

@@ -32,26 +32,37 @@ def main() -> None:
     data = args.out / "data"
     generate(regions=["eu", "us", "apac"], customers=[1500, 1000, 800], seed=0, out_dir=data)
     base = args.out / "base.yaml"
-    base.write_text(yaml.safe_dump({
-        "name": "bench", "task": "churn", "schema": str(REPO / "configs/schemas/synthetic_crm.yaml"),
-        "regions": {r: str(data / f"{r}.csv") for r in ("eu", "us", "apac")},
-        "model": {"kind": "logistic"},
-        "training": {"rounds": args.rounds, "batch_size": 128, "learning_rate": 0.05},
-        "privacy": {"mode": "sample_dp", "target_epsilon": 2.0, "delta": 1e-5},
-        "federation": {"min_regions": 2}}))
+    base.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bench",
+                "task": "churn",
+                "schema": str(REPO / "configs/schemas/synthetic_crm.yaml"),
+                "regions": {r: str(data / f"{r}.csv") for r in ("eu", "us", "apac")},
+                "model": {"kind": "logistic"},
+                "training": {"rounds": args.rounds, "batch_size": 128, "learning_rate": 0.05},
+                "privacy": {"mode": "sample_dp", "target_epsilon": 2.0, "delta": 1e-5},
+                "federation": {"min_regions": 2},
+            }
+        )
+    )
     eps = [0.5 * 2**i for i in range(max(1, args.cells // 2))]
     spec_path = args.out / "sweep.yaml"
-    spec_path.write_text(yaml.safe_dump({"name": "bench", "base": str(base),
-                                         "grid": {"privacy.target_epsilon": eps}, "seeds": [0, 1]}))
+    spec_path.write_text(
+        yaml.safe_dump({"name": "bench", "base": str(base), "grid": {"privacy.target_epsilon": eps}, "seeds": [0, 1]})
+    )
     spec = load_sweep(spec_path)
     results = {}
     for engine in ("shared", "per_cell"):
         t0 = time.time()
         run_sweep(spec, out_dir=args.out / engine, engine=engine, report=lambda s: None)  # type: ignore[arg-type]
         inv = json.loads((args.out / engine / "sweep.json").read_text())["invocations"][-1]
-        results[engine] = {"cells": inv["federated_cells_run"], "seconds": round(time.time() - t0, 1),
-                           "seconds_per_cell": inv["seconds_per_federated_cell"],
-                           "engine_starts": inv["engines_started"]}
+        results[engine] = {
+            "cells": inv["federated_cells_run"],
+            "seconds": round(time.time() - t0, 1),
+            "seconds_per_cell": inv["seconds_per_federated_cell"],
+            "engine_starts": inv["engines_started"],
+        }
     print(json.dumps(results, indent=2))
 
 

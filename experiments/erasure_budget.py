@@ -37,8 +37,10 @@ def main() -> None:
     from fedcrm.training import sampling_plan
 
     policy = RegionPolicy()
-    print(f"| dataset | S | K reserved | smallest shard (declared) | σ | ε of the initial training | ε left of "
-          f"{policy.privacy_budget:g} | retrains that fit |")
+    print(
+        f"| dataset | S | K reserved | smallest shard (declared) | σ | ε of the initial training | ε left of "
+        f"{policy.privacy_budget:g} | retrains that fit |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.datasets.split(","):
         cfg = dataset_config(name, data_dir=args.out / f"{name}-regions", customers=0)
@@ -57,11 +59,17 @@ def main() -> None:
             one = GaussianRelease(sigma, q, steps * c.training.rounds)
             first = epsilon([one], delta=policy.delta, accountant=c.privacy.accountant)
             fits = 0
-            while fits < 100 and epsilon([one] * (fits + 2), delta=policy.delta,
-                                         accountant=c.privacy.accountant) <= policy.privacy_budget:
+            while (
+                fits < 100
+                and epsilon([one] * (fits + 2), delta=policy.delta, accountant=c.privacy.accountant)
+                <= policy.privacy_budget
+            ):
                 fits += 1
-            print(f"| {name} | {args.shards} | {k} | {n} | {sigma:.3f} | {first:.3f} | "
-                  f"{policy.privacy_budget - first:.3f} | {fits} |", flush=True)
+            print(
+                f"| {name} | {args.shards} | {k} | {n} | {sigma:.3f} | {first:.3f} | "
+                f"{policy.privacy_budget - first:.3f} | {fits} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -131,5 +131,6 @@ def simulate_marking_rounds(cfg: object, out: Path) -> None:
 
     summary = run_simulated(cfg, run_dir=out / "run", state_root=out / "state", report=report)  # type: ignore[arg-type]
     epsilon = {r: p["epsilon"] for r, p in summary.privacy.items() if p.get("epsilon") is not None}
-    (out / "marks.json").write_text(json.dumps({"round_ends": ends, "auc": summary.final_metrics["auc"],
-                                                "epsilon": epsilon}))
+    (out / "marks.json").write_text(
+        json.dumps({"round_ends": ends, "auc": summary.final_metrics["auc"], "epsilon": epsilon})
+    )

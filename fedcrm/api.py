@@ -84,8 +84,13 @@ def run(
         cfg = cfg.with_overrides({k.replace("__", "."): v for k, v in overrides.items()}, source="fedcrm.run()")
     run_dir = Path(out) if out else cfg.output_dir / cfg.name
     cfg = materialise_regions(cfg, data_dir=run_dir / "regions")
-    summary = run_simulated(cfg, run_dir=run_dir, state_root=Path(state), ray_address=ray_address,
-                            report=(lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)))
+    summary = run_simulated(
+        cfg,
+        run_dir=run_dir,
+        state_root=Path(state),
+        ray_address=ray_address,
+        report=(lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)),
+    )
     return Run(path=run_dir, summary=summary)
 
 
@@ -96,8 +101,9 @@ def load_model(run_dir: str | Path, *, schema: str | Path | None = None) -> Scor
     return ScoringModel.load(run_dir, schema=schema)
 
 
-def budget(region: str, state: str | Path = "state", *, policy: str | Path | None = None,
-           accountant: str = "rdp") -> dict[str, Any]:
+def budget(
+    region: str, state: str | Path = "state", *, policy: str | Path | None = None, accountant: str = "rdp"
+) -> dict[str, Any]:
     """A region's privacy ledger as ``fedcrm budget --json`` shows it: ε spent, budget, remaining, events."""
     from fedcrm.errors import StorageError
     from fedcrm.governance.policy import load_policy

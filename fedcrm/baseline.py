@@ -52,8 +52,9 @@ def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -
     model = build_model(cfg.model, n_features=x.shape[1], seed=cfg.seed * 1000)
     epochs = cfg.training.rounds * cfg.training.local_epochs
     training = cfg.training.model_copy(update={"local_epochs": epochs})
-    result = train_locally(model, x=x, y=y, training=training, dp=None,
-                           randomness=ReleaseRandomness.public_seed(cfg.seed))
+    result = train_locally(
+        model, x=x, y=y, training=training, dp=None, randomness=ReleaseRandomness.public_seed(cfg.seed)
+    )
     holdout_x, holdout_y = np.concatenate(hx), np.concatenate(hy)
     metrics = ScoreSummary.of(scores=predict_proba(model, holdout_x), labels=holdout_y).metrics()
     summary = RunSummary(
@@ -65,8 +66,10 @@ def run_centralised(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path) -
         privacy={},
         regions=regions,
         training={"epochs": epochs, "examples": result.examples, "steps": result.steps},
-        warnings=["centralised baseline: every region's data pooled in one place, no differential privacy; "
-                  "a reference point only"],
+        warnings=[
+            "centralised baseline: every region's data pooled in one place, no differential privacy; "
+            "a reference point only"
+        ],
         config_sha256=cfg.digest(),
         code_version=code_version(),
         started=t0,  # when this run began (Unix seconds), as in a federated run's summary

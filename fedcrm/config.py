@@ -75,7 +75,10 @@ class FederationConfig(_Section):
     )
     hostile_regions: int = Field(1, ge=0, description="krum: how many regions may send hostile updates")
     fraction_train: float = Field(
-        1.0, gt=0, le=1, description="share of the regions taking part that each round trains (Flower's "
+        1.0,
+        gt=0,
+        le=1,
+        description="share of the regions taking part that each round trains (Flower's "
         "FedAvg parameter): int(regions × fraction_train), at least min_regions, drawn at random by the server. "
         "Only the regions drawn train and are charged. The server knows whom it drew, so this sampling gives "
         "the customers no privacy amplification and no accountant counts it; each region still plans σ for "
@@ -84,7 +87,9 @@ class FederationConfig(_Section):
     min_regions: int = Field(1, ge=1, description="fewest regions a round may aggregate")
     round_timeout_s: float = Field(600.0, gt=0)
     wait_for_regions_s: float = Field(
-        0.0, ge=0, description="before each round, wait up to this long for every region that passed pre-flight "
+        0.0,
+        ge=0,
+        description="before each round, wait up to this long for every region that passed pre-flight "
         "to be connected (a SuperNode restarted after a crash rejoins); 0: start with the regions connected now. "
         "A region still missing is named in the round's `failed` events",
     )
@@ -101,7 +106,8 @@ class EvaluationConfig(_Section):
         0.2, gt=0, lt=1, description="must equal each region's policy (the region's hold-out is its own)"
     )
     every_round: bool = Field(
-        False, description="evaluate the global model on the hold-outs after every round, not only at the end: "
+        False,
+        description="evaluate the global model on the hold-outs after every round, not only at the end: "
         "each answer is a DP release charged to the regions' hold-out budgets and counted in their allowance",
     )
 
@@ -181,12 +187,14 @@ class ExperimentConfig(_Section):
                 continue
             unknown = sorted(set(entry) - {"path", "delimiter"})
             if unknown or "path" not in entry:
-                raise ValueError(f"regions.{name}: expected a data file path or {{path: ..., delimiter: ...}}, "
-                                 f"found keys {sorted(entry)}")
+                raise ValueError(
+                    f"regions.{name}: expected a data file path or {{path: ..., delimiter: ...}}, "
+                    f"found keys {sorted(entry)}"
+                )
             paths[name] = entry["path"]
             if entry.get("delimiter") is not None:
                 delimiters[name] = entry["delimiter"]
-        bad = {r: d for r, d in delimiters.items() if not (isinstance(d, str) and len(d) == 1 and d not in "\"\r\n")}
+        bad = {r: d for r, d in delimiters.items() if not (isinstance(d, str) and len(d) == 1 and d not in '"\r\n')}
         if bad:
             raise ValueError(f"regions: a delimiter is one character (e.g. ';' or a tab), found {bad}")
         return {**data, "regions": paths, "region_delimiters": delimiters}
@@ -230,6 +238,7 @@ class ExperimentConfig(_Section):
 
     def resolved(self, base: Path) -> ExperimentConfig:
         """Paths made absolute against ``base`` (the config file's folder)."""
+
         def fix(p: Path) -> Path:
             if p.parts and p.parts[0] == NODE_PATH_PLACEHOLDER:
                 return p  # a region named without a path (deployment): its data owner sets the file
@@ -316,8 +325,9 @@ def load_saved_config(path: Path, *, schema_required: bool = True) -> Experiment
 
     ``schema_required=False`` for a reader that needs no schema (where the run's schema file may be gone).
     """
-    return _resolved_config(without_removed_settings(read_yaml_mapping(path)), path=path,
-                            schema_required=schema_required)
+    return _resolved_config(
+        without_removed_settings(read_yaml_mapping(path)), path=path, schema_required=schema_required
+    )
 
 
 def _resolved_config(raw: dict[str, Any], *, path: Path, schema_required: bool = True) -> ExperimentConfig:

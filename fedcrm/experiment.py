@@ -20,6 +20,12 @@ def materialise_regions(cfg: ExperimentConfig, *, data_dir: Path) -> ExperimentC
     sp = cfg.split
     if not sp.input.exists():
         raise ConfigError(f"`split.input`: {sp.input} not found")
-    split_table(schema=load_schema(cfg.schema_path), input_path=sp.input, regions=list(sp.regions),
-                method=SplitMethod.parse(sp.by), seed=sp.seed, out_dir=data_dir)
+    split_table(
+        schema=load_schema(cfg.schema_path),
+        input_path=sp.input,
+        regions=list(sp.regions),
+        method=SplitMethod.parse(sp.by),
+        seed=sp.seed,
+        out_dir=data_dir,
+    )
     return cfg.model_copy(update={"regions": {r: (data_dir / f"{r}.csv").resolve() for r in sp.regions}})

@@ -66,7 +66,9 @@ def save_pyfunc(*, run_dir: Path, schema_path: Path, schema: Schema, dest: Path)
         if (run_dir / "model_card.md").exists():
             artifacts["model_card"] = str(run_dir / "model_card.md")
         mlflow.pyfunc.save_model(
-            path=str(dest), python_model=FedcrmPyfunc(), artifacts=artifacts,
+            path=str(dest),
+            python_model=FedcrmPyfunc(),
+            artifacts=artifacts,
             signature=ModelSignature(inputs=input_schema(schema)),
             # Explicit, so MLflow does not load the model in a subprocess to guess what it imports.
             pip_requirements=["fedcrm"],

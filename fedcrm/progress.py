@@ -33,8 +33,13 @@ class ProgressBar:
         self.enabled = interactive() if enabled is None else enabled
         self.console = console
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True, disable=not self.enabled,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not self.enabled,
         )
         self._task = self._progress.add_task(description, total=total)
 

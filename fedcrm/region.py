@@ -131,8 +131,13 @@ class Region:
         columns = [c.name for c in schema.model_columns]
         try:
             self.policy.check_request(
-                region=self.name, purpose=cfg.task, columns=columns, privacy_mode=cfg.privacy.mode,
-                noise=cfg.privacy.noise, delta=cfg.privacy.delta, holdout_fraction=cfg.evaluation.holdout_fraction,
+                region=self.name,
+                purpose=cfg.task,
+                columns=columns,
+                privacy_mode=cfg.privacy.mode,
+                noise=cfg.privacy.noise,
+                delta=cfg.privacy.delta,
+                holdout_fraction=cfg.evaluation.holdout_fraction,
             )
         except PolicyError as e:
             self._audit_refusal(e, purpose=cfg.task, config_sha256=cfg.digest())
@@ -150,19 +155,31 @@ class Region:
             return self._load(cfg, schema)  # the missing file is reported in the usual words
         state = self.settings.state_dir
         key = (
-            "region-data", self.name, str(self.settings.data_path.resolve()), table_version,
-            file_version(self.tombstones.path), file_version(self.consent_withdrawals.path),
-            str(state.resolve()), file_version(region_secret_path(state)), schema.model_dump_json(), cfg.task,
-            self.policy.holdout_fraction, cfg.unlearning.shards, self.settings.delimiter,
+            "region-data",
+            self.name,
+            str(self.settings.data_path.resolve()),
+            table_version,
+            file_version(self.tombstones.path),
+            file_version(self.consent_withdrawals.path),
+            str(state.resolve()),
+            file_version(region_secret_path(state)),
+            schema.model_dump_json(),
+            cfg.task,
+            self.policy.holdout_fraction,
+            cfg.unlearning.shards,
+            self.settings.delimiter,
         )
         return self.cache.remember(key, lambda: self._load(cfg, schema), rows=lambda d: len(d.ids))
 
     def _load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
         # The table itself is not cached: the encoded result is what is kept, and keeping the table
         # too would double the rows held for each region and evict sooner.
-        table, counts = usable_for(load_table(self.settings.data_path, schema, delimiter=self.settings.delimiter),
-                                   purpose=cfg.task,
-                                   tombstones=self.tombstones, withdrawals=self.consent_withdrawals)
+        table, counts = usable_for(
+            load_table(self.settings.data_path, schema, delimiter=self.settings.delimiter),
+            purpose=cfg.task,
+            tombstones=self.tombstones,
+            withdrawals=self.consent_withdrawals,
+        )
         if len(table) == 0:
             raise DataError(
                 f"region {self.name}: no customer can be used for purpose `{cfg.task}` "
@@ -170,8 +187,9 @@ class Region:
                 path=str(self.settings.data_path),
             )
         x = FeatureEncoder(schema).encode(table)
-        holdout = holdout_mask(table.ids, fraction=self.policy.holdout_fraction,
-                               secret=region_secret(self.settings.state_dir))
+        holdout = holdout_mask(
+            table.ids, fraction=self.policy.holdout_fraction, secret=region_secret(self.settings.state_dir)
+        )
         shard = shard_of(table.ids, shards=cfg.unlearning.shards, secret=region_secret(self.settings.state_dir))
         counts["train"] = int((~holdout).sum())
         counts["holdout"] = int(holdout.sum())
@@ -203,7 +221,12 @@ class Region:
         if run_id is not None:
             for event in self.ledger.events(shard):
                 if (event.run_id, event.sample_rate, event.steps, event.delta, event.purpose, event.shards) == (
-                    run_id, q, steps_per_round, self.delta, cfg.task, cfg.unlearning.shards
+                    run_id,
+                    q,
+                    steps_per_round,
+                    self.delta,
+                    cfg.task,
+                    cfg.unlearning.shards,
                 ):
                     return GaussianRelease(event.noise_multiplier, q, steps_per_round)
         sigma = plan_noise_multiplier(
@@ -241,9 +264,9 @@ class Region:
             self._audit_refusal(e, purpose=cfg.task, run_id=run_id, round=round_, shard=shard)
             raise
 
-    def _release(self, cfg: ExperimentConfig, *, n_declared: int, run_id: str, shard: int) -> tuple[
-        Release, DpSgd | None
-    ]:
+    def _release(
+        self, cfg: ExperimentConfig, *, n_declared: int, run_id: str, shard: int
+    ) -> tuple[Release, DpSgd | None]:
         """What this round releases, as the ledger will record it, and the DP-SGD settings for it."""
         if cfg.privacy.mode == "sample_dp":
             release = self.planned_release(cfg, n=n_declared, run_id=run_id, shard=shard)
@@ -289,13 +312,24 @@ class Region:
         shards = cfg.unlearning.shards
         if isinstance(release, GaussianRelease):  # a non-private release was allowed by the policy as such
             self.ledger.check_budget(
-                budget=self.policy.privacy_budget, delta=self.delta, accountant=cfg.privacy.accountant,
-                shard=shard, shards=shards, next_release=release,
+                budget=self.policy.privacy_budget,
+                delta=self.delta,
+                accountant=cfg.privacy.accountant,
+                shard=shard,
+                shards=shards,
+                next_release=release,
             )
         # Write-ahead: the spend is durable before the update can leave the region.
         event_id = self.ledger.record_release(
-            shard=shard, shards=shards, purpose=cfg.task, run_id=run_id, round=round_, release=release,
-            delta=self.delta, noise=cfg.privacy.noise, note=f"mode {cfg.privacy.mode}",
+            shard=shard,
+            shards=shards,
+            purpose=cfg.task,
+            run_id=run_id,
+            round=round_,
+            release=release,
+            delta=self.delta,
+            noise=cfg.privacy.noise,
+            note=f"mode {cfg.privacy.mode}",
             population=f"{POPULATION_TRAIN}:{self.policy.holdout_fraction:g}",
         )
         randomness = self._randomness(cfg, event_id)
@@ -305,7 +339,12 @@ class Region:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 train_locally(
-                    model, x=x, y=y, training=cfg.training, dp=dp, randomness=randomness,
+                    model,
+                    x=x,
+                    y=y,
+                    training=cfg.training,
+                    dp=dp,
+                    randomness=randomness,
                     proximal_mu=cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
                     planned_customers=n_declared,
                 )
@@ -320,14 +359,32 @@ class Region:
         self.audit.append(
             actor=node_actor(self.name),
             action=AuditAction.PRIVACY_SPENT,
-            details=finite({
-                "run_id": run_id, "purpose": cfg.task, "round": round_, "shard": shard, "shards": shards,
-                "ledger_event": event_id, "delta": self.delta, "noise": cfg.privacy.noise,
-                "epsilon_spent_total": epsilon, "budget": self.policy.privacy_budget,
-                "mode": cfg.privacy.mode, "customers": len(x), "declared_customers": n_declared,
-                **({"noise_multiplier": release.noise_multiplier, "sample_rate": release.sample_rate,
-                    "steps": release.steps} if isinstance(release, GaussianRelease) else {}),
-            }),
+            details=finite(
+                {
+                    "run_id": run_id,
+                    "purpose": cfg.task,
+                    "round": round_,
+                    "shard": shard,
+                    "shards": shards,
+                    "ledger_event": event_id,
+                    "delta": self.delta,
+                    "noise": cfg.privacy.noise,
+                    "epsilon_spent_total": epsilon,
+                    "budget": self.policy.privacy_budget,
+                    "mode": cfg.privacy.mode,
+                    "customers": len(x),
+                    "declared_customers": n_declared,
+                    **(
+                        {
+                            "noise_multiplier": release.noise_multiplier,
+                            "sample_rate": release.sample_rate,
+                            "steps": release.steps,
+                        }
+                        if isinstance(release, GaussianRelease)
+                        else {}
+                    ),
+                }
+            ),
         )
         return TrainRelease(
             weights=new_weights,
@@ -357,27 +414,53 @@ class Region:
                 "answers (the policy's evaluations_per_run); no more are given for this run"
             )
         release = GaussianRelease(self.policy.evaluation_noise, 1.0, 1)
-        self.ledger.check_budget(budget=self.policy.privacy_budget, delta=self.delta,
-                                 accountant=cfg.privacy.accountant, shard=0, next_release=release, holdout=True)
+        self.ledger.check_budget(
+            budget=self.policy.privacy_budget,
+            delta=self.delta,
+            accountant=cfg.privacy.accountant,
+            shard=0,
+            next_release=release,
+            holdout=True,
+        )
         event_id = self.ledger.record_release(
-            shard=0, purpose=cfg.task, run_id=run_id, round=0, release=release, delta=self.delta,
-            noise=cfg.privacy.noise, note=what, mechanism=MECHANISM_GAUSSIAN,
+            shard=0,
+            purpose=cfg.task,
+            run_id=run_id,
+            round=0,
+            release=release,
+            delta=self.delta,
+            noise=cfg.privacy.noise,
+            note=what,
+            mechanism=MECHANISM_GAUSSIAN,
             population=f"{POPULATION_HOLDOUT}:{self.policy.holdout_fraction:g}",
         )
-        answer = noised(parts, coordinates_per_customer=coordinates, noise_multiplier=self.policy.evaluation_noise,
-                        randomness=self._randomness(cfg, event_id))
+        answer = noised(
+            parts,
+            coordinates_per_customer=coordinates,
+            noise_multiplier=self.policy.evaluation_noise,
+            randomness=self._randomness(cfg, event_id),
+        )
         self.ledger.mark_outcome(event_id, "sent")
         # An answer spends the hold-out's budget like a round spends a shard's: the data owner's log must
         # show it, or its last ε would understate the region's (the worst-off customer may be in the hold-out).
         self.audit.append(
             actor=node_actor(self.name),
             action=AuditAction.PRIVACY_SPENT,
-            details=finite({
-                "run_id": run_id, "purpose": cfg.task, "round": 0, "answer": what, "ledger_event": event_id,
-                "mechanism": MECHANISM_GAUSSIAN, "delta": self.delta, "noise": cfg.privacy.noise,
-                "noise_multiplier": self.policy.evaluation_noise, "epsilon_spent_total": self.epsilon(cfg),
-                "budget": self.policy.privacy_budget,
-            }),
+            details=finite(
+                {
+                    "run_id": run_id,
+                    "purpose": cfg.task,
+                    "round": 0,
+                    "answer": what,
+                    "ledger_event": event_id,
+                    "mechanism": MECHANISM_GAUSSIAN,
+                    "delta": self.delta,
+                    "noise": cfg.privacy.noise,
+                    "noise_multiplier": self.policy.evaluation_noise,
+                    "epsilon_spent_total": self.epsilon(cfg),
+                    "budget": self.policy.privacy_budget,
+                }
+            ),
         )
         return answer
 
@@ -387,8 +470,9 @@ class Region:
 
     def _randomness(self, cfg: ExperimentConfig, event_id: int) -> ReleaseRandomness:
         if cfg.privacy.noise == NOISE_REPRODUCIBLE:
-            return ReleaseRandomness.reproducible(region_secret=region_secret(self.settings.state_dir),
-                                                  nonce=self.ledger.nonce(event_id))
+            return ReleaseRandomness.reproducible(
+                region_secret=region_secret(self.settings.state_dir), nonce=self.ledger.nonce(event_id)
+            )
         return ReleaseRandomness.secure()
 
     def _holdout_models(
@@ -411,15 +495,27 @@ class Region:
         scores = ensemble_proba(models, x) if len(x) else np.zeros(0)
         if not np.all(np.isfinite(scores)):
             raise DataError(f"region {self.name}: the model produced non-finite scores")
-        exact = ScoreSummary.of(scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP,
-                                  logit_range=ANSWER_LOGIT_RANGE)
-        answer = self._answer(cfg, run_id=run_id, what="evaluation", coordinates=EVALUATION_COORDINATES, parts={
-            "hist_pos": exact.hist_pos, "hist_neg": exact.hist_neg, "log_loss": exact.sum_log_loss / LOSS_CAP,
-            "brier": exact.sum_brier, "correct": exact.correct,
-        })
+        exact = ScoreSummary.of(
+            scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP, logit_range=ANSWER_LOGIT_RANGE
+        )
+        answer = self._answer(
+            cfg,
+            run_id=run_id,
+            what="evaluation",
+            coordinates=EVALUATION_COORDINATES,
+            parts={
+                "hist_pos": exact.hist_pos,
+                "hist_neg": exact.hist_neg,
+                "log_loss": exact.sum_log_loss / LOSS_CAP,
+                "brier": exact.sum_brier,
+                "correct": exact.correct,
+            },
+        )
         return ScoreSummary(
-            hist_pos=answer["hist_pos"], hist_neg=answer["hist_neg"],
-            sum_log_loss=float(answer["log_loss"]) * LOSS_CAP, sum_brier=float(answer["brier"]),
+            hist_pos=answer["hist_pos"],
+            hist_neg=answer["hist_neg"],
+            sum_log_loss=float(answer["log_loss"]) * LOSS_CAP,
+            sum_brier=float(answer["brier"]),
             correct=float(answer["correct"]),
         )
 
@@ -434,30 +530,40 @@ class Region:
         data, models = self._holdout_models(cfg, schema, constituents)
         x, y = data.x[data.holdout], data.y[data.holdout]
         sensitive = data.sensitive.iloc[np.flatnonzero(data.holdout)].reset_index(drop=True)
-        groups = summarise_groups(scores=ensemble_proba(models, x), labels=y, sensitive=sensitive, schema=schema,
-                                  min_customers=1)
+        groups = summarise_groups(
+            scores=ensemble_proba(models, x), labels=y, sensitive=sensitive, schema=schema, min_customers=1
+        )
         parts: dict[str, Any] = {"importance": importance_sums(models, schema=schema, x=x), "customers": len(x)}
         for attribute, h in groups.items():
             parts |= {f"{attribute}/pos": h.hist_pos, f"{attribute}/neg": h.hist_neg, f"{attribute}/score": h.sum_score}
         # One customer: per attribute one histogram bin and one score (≤ 1); an importance row of norm ≤ 1; 1.
-        answer = self._answer(cfg, run_id=run_id, what="fairness and importance", parts=parts,
-                              coordinates=2 * len(groups) + 2)
+        answer = self._answer(
+            cfg, run_id=run_id, what="fairness and importance", parts=parts, coordinates=2 * len(groups) + 2
+        )
         noisy = {
-            attribute: GroupHistograms(hist_pos=answer[f"{attribute}/pos"], hist_neg=answer[f"{attribute}/neg"],
-                                       sum_score=answer[f"{attribute}/score"], suppressed=h.suppressed)
+            attribute: GroupHistograms(
+                hist_pos=answer[f"{attribute}/pos"],
+                hist_neg=answer[f"{attribute}/neg"],
+                sum_score=answer[f"{attribute}/score"],
+                suppressed=h.suppressed,
+            )
             for attribute, h in groups.items()
         }
-        return TrustSummary(groups=noisy, importance_sum=answer["importance"],
-                            customers=float(answer["customers"]))  # type: ignore[arg-type]
+        return TrustSummary(groups=noisy, importance_sum=answer["importance"], customers=float(answer["customers"]))  # type: ignore[arg-type]
 
     def describe(self, cfg: ExperimentConfig, schema: Schema) -> RegionProfile:
         """What the server learns before a run (:class:`RegionProfile`); the exact counts go to the audit log."""
         data = self.load(cfg, schema)
         shard_sizes = [int((~data.holdout & (data.shard == k)).sum()) for k in range(cfg.unlearning.shards)]
         self.audit.append(
-            actor=node_actor(self.name), action=AuditAction.PREFLIGHT,
-            details={"purpose": cfg.task, "config_sha256": cfg.digest(), "counts": data.counts,
-                     "shard_sizes": shard_sizes},
+            actor=node_actor(self.name),
+            action=AuditAction.PREFLIGHT,
+            details={
+                "purpose": cfg.task,
+                "config_sha256": cfg.digest(),
+                "counts": data.counts,
+                "shard_sizes": shard_sizes,
+            },
         )
         return RegionProfile(
             declared_customers=float(self.policy.declared_size(data.counts["train"])),

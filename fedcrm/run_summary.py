@@ -21,14 +21,44 @@ CENTRALISED = "centralised"
 # The order of the keys in the file, as fedcrm has written them: a federated run's summary and the
 # centralised baseline's interleave (``kind`` and ``training`` are the baseline's only).
 KEY_ORDER = (
-    "name", "kind", "run_id", "task", "privacy_mode", "final_metrics", "final_metrics_by_region",
-    "suppressed_regions", "privacy", "regions", "training", "events", "warnings", "shards", "model_version",
-    "rounds_completed", "config_sha256", "code_version", "started", "wall_time_s", "audit_head", "fairness",
-    "feature_importance", "retrained_shards",
+    "name",
+    "kind",
+    "run_id",
+    "task",
+    "privacy_mode",
+    "final_metrics",
+    "final_metrics_by_region",
+    "suppressed_regions",
+    "privacy",
+    "regions",
+    "training",
+    "events",
+    "warnings",
+    "shards",
+    "model_version",
+    "rounds_completed",
+    "config_sha256",
+    "code_version",
+    "started",
+    "wall_time_s",
+    "audit_head",
+    "fairness",
+    "feature_importance",
+    "retrained_shards",
 )
 # What every summary fedcrm ever wrote has: without these a file is not a run summary.
-REQUIRED = ("name", "task", "privacy_mode", "final_metrics", "privacy", "regions", "warnings",
-            "config_sha256", "code_version", "wall_time_s")
+REQUIRED = (
+    "name",
+    "task",
+    "privacy_mode",
+    "final_metrics",
+    "privacy",
+    "regions",
+    "warnings",
+    "config_sha256",
+    "code_version",
+    "wall_time_s",
+)
 EVENT_KINDS = ("refused", "failed", "rejected")
 
 
@@ -93,8 +123,9 @@ class RunSummary:
         if missing:
             raise StorageError(f"{source}: not a run summary, missing key(s) {', '.join(missing)}")
         known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in raw.items() if k in known},
-                   extra={k: v for k, v in raw.items() if k not in known})
+        return cls(
+            **{k: v for k, v in raw.items() if k in known}, extra={k: v for k, v in raw.items() if k not in known}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, keys in the order fedcrm writes them; absent (``None``) keys left out."""

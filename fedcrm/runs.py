@@ -42,8 +42,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def code_version() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -86,10 +91,15 @@ class ModelMeta:
             raise StorageError(f"{path}: no served model here (is {run_dir} a finished run folder?)")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls(version=int(raw.get("version", 1)), kind=str(raw["kind"]),
-                       hidden=tuple(int(h) for h in raw.get("hidden", ())), shards=[int(k) for k in raw["shards"]],
-                       feature_names=[str(n) for n in raw["feature_names"]], config=dict(raw.get("config", {})),
-                       raw=raw)
+            return cls(
+                version=int(raw.get("version", 1)),
+                kind=str(raw["kind"]),
+                hidden=tuple(int(h) for h in raw.get("hidden", ())),
+                shards=[int(k) for k in raw["shards"]],
+                feature_names=[str(n) for n in raw["feature_names"]],
+                config=dict(raw.get("config", {})),
+                raw=raw,
+            )
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise StorageError(f"{path}: damaged model description ({e}); retrain or restore the file") from None
 
@@ -166,15 +176,22 @@ class RunDir:
         model_dir = self.path / "model"
         for k, w in constituents.items():
             save_weights(model_dir / f"constituent-{k}.npz", w)
-        _atomic_write(self.path / MODEL_META, json.dumps({
-            "version": version,
-            "kind": self.config.model.kind,
-            "hidden": list(self.config.model.hidden),
-            "shards": sorted(constituents),
-            "feature_names": feature_names,
-            "served_as": "mean of the constituents' predicted probabilities",
-            "config": self.config.to_dict(),
-        }, indent=2) + "\n")
+        _atomic_write(
+            self.path / MODEL_META,
+            json.dumps(
+                {
+                    "version": version,
+                    "kind": self.config.model.kind,
+                    "hidden": list(self.config.model.hidden),
+                    "shards": sorted(constituents),
+                    "feature_names": feature_names,
+                    "served_as": "mean of the constituents' predicted probabilities",
+                    "config": self.config.to_dict(),
+                },
+                indent=2,
+            )
+            + "\n",
+        )
 
     def write_summary(self, summary: RunSummary) -> None:
         _atomic_write(RunSummary.path_in(self.path), summary.to_json())

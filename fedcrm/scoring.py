@@ -79,8 +79,14 @@ class ScoringModel:
         columns = {c.name: c for c in self.schema.model_columns}
         values = [table.values[n].to_numpy() for n in names]
         return [
-            [Contribution(column=names[j], value=value_text(columns[names[j]], values[j][i]),
-                          points=float(per_col[i, j]) * 100) for j in order[i]]
+            [
+                Contribution(
+                    column=names[j],
+                    value=value_text(columns[names[j]], values[j][i]),
+                    points=float(per_col[i, j]) * 100,
+                )
+                for j in order[i]
+            ]
             for i in range(len(table))
         ]
 
@@ -97,12 +103,20 @@ class ScoringModel:
     def explain(self, rows: pd.DataFrame, *, top: int = 5) -> pd.DataFrame:
         """One row per input row and reason: customer_id, rank, column, value, points, text."""
         table = self._table(rows)
-        return pd.DataFrame([
-            {"customer_id": cid, "rank": k + 1, "column": c.column, "value": c.value, "points": c.points,
-             "text": c.sentence(self.task)}
-            for cid, reasons in zip(table.ids, self.reasons(table, top=top), strict=True)
-            for k, c in enumerate(reasons)
-        ])
+        return pd.DataFrame(
+            [
+                {
+                    "customer_id": cid,
+                    "rank": k + 1,
+                    "column": c.column,
+                    "value": c.value,
+                    "points": c.points,
+                    "text": c.sentence(self.task),
+                }
+                for cid, reasons in zip(table.ids, self.reasons(table, top=top), strict=True)
+                for k, c in enumerate(reasons)
+            ]
+        )
 
     def _table(self, rows: pd.DataFrame) -> CustomerTable:
         return table_from_frame(rows, self.schema, source="the rows given", model_columns_only=True)
@@ -123,8 +137,12 @@ class ScoringResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "out": str(self.out), "region": self.region, "purpose": self.purpose,
-            "model_version": self.model_version, "reasons": self.reasons, "counts": self.counts,
+            "out": str(self.out),
+            "region": self.region,
+            "purpose": self.purpose,
+            "model_version": self.model_version,
+            "reasons": self.reasons,
+            "counts": self.counts,
             "seconds": round(self.seconds, 3),
             "rows_per_second": round(self.counts.get("customers_in_table", 0) / self.seconds) if self.seconds else None,
             "validation": self.validation,
@@ -171,13 +189,29 @@ def score_region(
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out, lambda f: _write(frames(), f, kind=kind), what="write the scores")
     seconds = time.perf_counter() - started
-    result = ScoringResult(out=out, region=region, purpose=model.task, model_version=model.version,
-                           reasons=reasons, counts=counts, seconds=seconds, validation=report)
+    result = ScoringResult(
+        out=out,
+        region=region,
+        purpose=model.task,
+        model_version=model.version,
+        reasons=reasons,
+        counts=counts,
+        seconds=seconds,
+        validation=report,
+    )
     region_audit_log(state_dir).append(
         actor=actor or node_actor(region),
         action=AuditAction.MODEL_SCORED,
-        details=finite({"run": model.run_dir.name, "purpose": model.task, "model_version": model.version,
-                        **counts, "reasons": reasons, "output_format": kind}),
+        details=finite(
+            {
+                "run": model.run_dir.name,
+                "purpose": model.task,
+                "model_version": model.version,
+                **counts,
+                "reasons": reasons,
+                "output_format": kind,
+            }
+        ),
     )
     return result
 
@@ -210,8 +244,11 @@ def _write(batches: Iterator[pa.Table], f: IO[bytes], *, kind: str) -> None:
     writer: pq.ParquetWriter | pa_csv.CSVWriter | None = None
     for batch in batches:
         if writer is None:
-            writer = (pq.ParquetWriter(f, batch.schema) if kind == "parquet" else
-                      pa_csv.CSVWriter(f, batch.schema, write_options=pa_csv.WriteOptions(quoting_style="needed")))
+            writer = (
+                pq.ParquetWriter(f, batch.schema)
+                if kind == "parquet"
+                else pa_csv.CSVWriter(f, batch.schema, write_options=pa_csv.WriteOptions(quoting_style="needed"))
+            )
         writer.write_table(batch)
     if writer is None:  # iter_table yields a chunk or raises; kept so a file is never left without a header
         raise DataError("no customer rows to score")

@@ -139,13 +139,26 @@ def expand_cells(spec: SweepSpec) -> list[Cell]:
             params[key] = shown
             overrides |= extra
         for seed in spec.seeds:
-            cells.append(Cell(id=_slug(params, seed), kind="federated", seed=seed, params=params,
-                              overrides=overrides | {"seed": seed}))
+            cells.append(
+                Cell(
+                    id=_slug(params, seed),
+                    kind="federated",
+                    seed=seed,
+                    params=params,
+                    overrides=overrides | {"seed": seed},
+                )
+            )
     for seed in spec.seeds:
         if CENTRALISED in spec.baselines:
-            cells.append(Cell(id=f"centralised_seed={seed}", kind="centralised", seed=seed, params={},
-                              overrides=dict(spec.fixed) | {"seed": seed, "privacy.mode": "none",
-                                                            EPSILON_KEY: None}))
+            cells.append(
+                Cell(
+                    id=f"centralised_seed={seed}",
+                    kind="centralised",
+                    seed=seed,
+                    params={},
+                    overrides=dict(spec.fixed) | {"seed": seed, "privacy.mode": "none", EPSILON_KEY: None},
+                )
+            )
     ids = [c.id for c in cells]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
@@ -165,8 +178,9 @@ def materialise(cfg: ExperimentConfig, *, sweep_dir: Path, made: dict[str, Path]
 
     if cfg.split is None:
         return materialise_regions(cfg, data_dir=sweep_dir / "data")
-    key = hashlib.sha256(json.dumps(
-        [cfg.split.model_dump(mode="json"), str(cfg.schema_path)], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([cfg.split.model_dump(mode="json"), str(cfg.schema_path)], sort_keys=True).encode()
+    ).hexdigest()[:12]
     data_dir = sweep_dir / "data" / key
     if key in made:
         return cfg.model_copy(update={"regions": {r: (data_dir / f"{r}.csv").resolve() for r in cfg.split.regions}})
@@ -281,8 +295,10 @@ def run_sweep(
             todo.append(o)
         outcomes.append(o)
     skipped = sum(o.status == "skipped" for o in outcomes)
-    report(f"sweep {spec.name}: {len(cells)} cells, {skipped} already complete, {len(todo)} to run "
-           f"(engine: {engine}) -> {sweep_dir}")
+    report(
+        f"sweep {spec.name}: {len(cells)} cells, {skipped} already complete, {len(todo)} to run "
+        f"(engine: {engine}) -> {sweep_dir}"
+    )
     timings: dict[str, Any] = {"engine": engine, "engines_started": 0, "cells_run": 0}
     t0 = time.time()
     if progress is not None:
@@ -295,8 +311,7 @@ def run_sweep(
         else:
             o.status, o.summary = "done", result
             _track(o, report)
-            report(f"[{o.cell.id}] AUC {result.final_metrics.get('auc', math.nan):.4f} "
-                   f"({result.wall_time_s:.1f}s)")
+            report(f"[{o.cell.id}] AUC {result.final_metrics.get('auc', math.nan):.4f} ({result.wall_time_s:.1f}s)")
         timings["cells_run"] += 1
         write_results(outcomes, sweep_dir)
         if progress is not None:
@@ -326,8 +341,12 @@ def run_sweep(
             timings["engines_started"] += 1
             try:
                 result: RunSummary | BaseException = run_simulated(
-                    o.cfg, run_dir=o.run_dir, state_root=sweep_dir / "state" / o.cell.id, report=lambda s: None,
-                    ray_address=ray_address)
+                    o.cfg,
+                    run_dir=o.run_dir,
+                    state_root=sweep_dir / "state" / o.cell.id,
+                    report=lambda s: None,
+                    ray_address=ray_address,
+                )
             except Exception as e:
                 result = e
             done(o, result)
@@ -340,11 +359,16 @@ def run_sweep(
             groups.setdefault(len(o.cfg.regions), []).append(o)
         for group in groups.values():
             by_name = {o.cfg.name: o for o in group if o.cfg is not None}
-            runs = [SimulatedRun(cfg=o.cfg, run_dir=o.run_dir, state_root=sweep_dir / "state" / o.cell.id)
-                    for o in group if o.cfg is not None]
+            runs = [
+                SimulatedRun(cfg=o.cfg, run_dir=o.run_dir, state_root=sweep_dir / "state" / o.cell.id)
+                for o in group
+                if o.cfg is not None
+            ]
             timings["engines_started"] += 1
-            def on_done(r: SimulatedRun, result: RunSummary | BaseException,
-                        by_name: dict[str, CellOutcome] = by_name) -> None:
+
+            def on_done(
+                r: SimulatedRun, result: RunSummary | BaseException, by_name: dict[str, CellOutcome] = by_name
+            ) -> None:
                 done(by_name[r.cfg.name], result)
 
             try:
@@ -387,8 +411,17 @@ def _write_sweep_json(spec: SweepSpec, sweep_dir: Path, outcomes: list[CellOutco
             history = []
     doc = {
         "spec": json.loads(spec.model_dump_json()),
-        "cells": [{"id": o.cell.id, "kind": o.cell.kind, "seed": o.cell.seed, "params": o.cell.params,
-                   "status": o.status, "error": o.error} for o in outcomes],
+        "cells": [
+            {
+                "id": o.cell.id,
+                "kind": o.cell.kind,
+                "seed": o.cell.seed,
+                "params": o.cell.params,
+                "status": o.status,
+                "error": o.error,
+            }
+            for o in outcomes
+        ],
         "invocations": [*history, timings],
     }
     tmp = p.with_suffix(".json.tmp")

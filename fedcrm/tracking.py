@@ -63,8 +63,12 @@ def _log_pyfunc(client: Any, rid: str, cfg: ExperimentConfig, run_dir: Path) -> 
     from fedcrm.mlflow_model import PYFUNC_PATH, save_pyfunc
 
     with tempfile.TemporaryDirectory() as tmp:
-        dest = save_pyfunc(run_dir=run_dir, schema_path=cfg.schema_path, schema=load_schema(cfg.schema_path),
-                           dest=Path(tmp) / PYFUNC_PATH)
+        dest = save_pyfunc(
+            run_dir=run_dir,
+            schema_path=cfg.schema_path,
+            schema=load_schema(cfg.schema_path),
+            dest=Path(tmp) / PYFUNC_PATH,
+        )
         client.log_artifacts(rid, str(dest), artifact_path=PYFUNC_PATH)
 
 
@@ -92,16 +96,21 @@ def log_run(cfg: ExperimentConfig, run_dir: Path, summary: RunSummary) -> str | 
     name = cfg.tracking.experiment or cfg.name
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
-    run = client.create_run(exp_id, run_name=summary.run_id or cfg.name,
-                            tags={"fedcrm.privacy_mode": cfg.privacy.mode,
-                                  "fedcrm.code_version": summary.code_version,
-                                  "fedcrm.config_sha256": cfg.digest()})
+    run = client.create_run(
+        exp_id,
+        run_name=summary.run_id or cfg.name,
+        tags={
+            "fedcrm.privacy_mode": cfg.privacy.mode,
+            "fedcrm.code_version": summary.code_version,
+            "fedcrm.config_sha256": cfg.digest(),
+        },
+    )
     rid = run.info.run_id
     try:
         params = flatten(cfg.to_dict())
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per batch
-            client.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+            client.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
         rows = read_metrics(run_dir / "metrics.jsonl")
         for step, row in enumerate(rows, start=1):
             ts = int(1000 * (started + row.get("time_s", 0)))
@@ -109,10 +118,11 @@ def log_run(cfg: ExperimentConfig, run_dir: Path, summary: RunSummary) -> str | 
             if metrics:
                 client.log_batch(rid, metrics=metrics)
         ended = int(1000 * (started + summary.wall_time_s))
-        final = [mlflow.entities.Metric(f"final_{k}", float(v), ended, 0)
-                 for k, v in summary.final_metrics.items()]
-        final += [mlflow.entities.Metric(f"final_epsilon_{r}", eps, ended, 0)
-                  for r, eps in summary.epsilon_by_region().items()]
+        final = [mlflow.entities.Metric(f"final_{k}", float(v), ended, 0) for k, v in summary.final_metrics.items()]
+        final += [
+            mlflow.entities.Metric(f"final_epsilon_{r}", eps, ended, 0)
+            for r, eps in summary.epsilon_by_region().items()
+        ]
         if final:
             client.log_batch(rid, metrics=final)
         for name_ in ("summary.json", "config.yaml", "report.html", "report.md", "model_card.md"):

@@ -95,13 +95,21 @@ def train_locally(
         # (fedcrm/privacy/clipping.py); Opacus's general path below serves any other model.
         fast = LinearStackDpSgd(
             model,  # type: ignore[arg-type]
-            noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
-            expected_batch_size=training.batch_size, randomness=randomness,
+            noise_multiplier=dp.noise_multiplier,
+            clipping_norm=dp.clipping_norm,
+            expected_batch_size=training.batch_size,
+            randomness=randomness,
         )
     elif dp is not None:
         trainable, optimizer, criterion = _make_private(
-            model, optimizer=optimizer, criterion=criterion, x=xt, y=yt, dp=dp,
-            batch_size=training.batch_size, randomness=randomness,
+            model,
+            optimizer=optimizer,
+            criterion=criterion,
+            x=xt,
+            y=yt,
+            dp=dp,
+            batch_size=training.batch_size,
+            randomness=randomness,
         )
     if canaries is not None and fast is None:
         raise ValueError("gradient canaries need DP-SGD on a Linear stack (fedcrm.privacy.clipping)")
@@ -145,7 +153,10 @@ def train_locally(
                     p.sub_(training.learning_rate * proximal_mu * (p - g))
         losses.append(float(loss.detach()))
     return TrainResult(
-        examples=n, sample_rate=q, steps=steps, empty_batches=empty,
+        examples=n,
+        sample_rate=q,
+        steps=steps,
+        empty_batches=empty,
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
     )
 

@@ -46,8 +46,15 @@ REFUSED_SHARD_SIZE: Final = "below-minimum-shard-size"
 REFUSED_BUDGET: Final = "budget-exhausted"
 REFUSED_BY_POLICY: Final = "refused-by-policy"  # any other policy refusal
 REFUSAL_CODES: Final = frozenset(
-    {REFUSED_PURPOSE, REFUSED_COLUMN, REFUSED_PRIVACY_MODE, REFUSED_NOISE, REFUSED_SHARD_SIZE, REFUSED_BUDGET,
-     REFUSED_BY_POLICY}
+    {
+        REFUSED_PURPOSE,
+        REFUSED_COLUMN,
+        REFUSED_PRIVACY_MODE,
+        REFUSED_NOISE,
+        REFUSED_SHARD_SIZE,
+        REFUSED_BUDGET,
+        REFUSED_BY_POLICY,
+    }
 )
 
 # METRICS keys (region -> server): public figures (declared in the region's policy) and aggregates over
@@ -82,12 +89,31 @@ FAIR_SUPPRESSED: Final = "fair-suppressed"
 IMPORTANCE_SUM: Final = "importance-sum"
 IMPORTANCE_CUSTOMERS: Final = "importance-customers"
 TRUST_KEYS: Final = (
-    FAIR_HIST_POS, FAIR_HIST_NEG, FAIR_SUM_SCORE, FAIR_SUPPRESSED, IMPORTANCE_SUM, IMPORTANCE_CUSTOMERS
+    FAIR_HIST_POS,
+    FAIR_HIST_NEG,
+    FAIR_SUM_SCORE,
+    FAIR_SUPPRESSED,
+    IMPORTANCE_SUM,
+    IMPORTANCE_CUSTOMERS,
 )
 
 METRIC_KEYS: Final = frozenset(
-    {NUM_EXAMPLES, NOISE_MULTIPLIER, EPSILON, BUDGET, DELTA, ANSWER_NOISE_STD, RUN_RELEASES, HIST_POS, HIST_NEG,
-     SUM_LOG_LOSS, SUM_BRIER, CORRECT, *DESCRIBE_KEYS, *TRUST_KEYS}
+    {
+        NUM_EXAMPLES,
+        NOISE_MULTIPLIER,
+        EPSILON,
+        BUDGET,
+        DELTA,
+        ANSWER_NOISE_STD,
+        RUN_RELEASES,
+        HIST_POS,
+        HIST_NEG,
+        SUM_LOG_LOSS,
+        SUM_BRIER,
+        CORRECT,
+        *DESCRIBE_KEYS,
+        *TRUST_KEYS,
+    }
 )
 STATUS_KEYS: Final = frozenset({REGION, OUTCOME, REASON, KIND})
 REPLY_RECORDS: Final = frozenset({ARRAYS, METRICS, STATUS})

@@ -60,8 +60,11 @@ def retrain_arguments(run_config: dict[str, Any]) -> dict[str, Any]:
         return {}
     initial_dir = resolve_app_path(str(run_config["initial-dir"]))
     initial = {int(p.stem.removeprefix("constituent-")): load_weights(p) for p in initial_dir.glob("constituent-*.npz")}
-    return {"shards": [int(k) for k in shards.split(",")], "initial": initial,
-            "model_version": int(run_config["model-version"])}
+    return {
+        "shards": [int(k) for k in shards.split(",")],
+        "initial": initial,
+        "model_version": int(run_config["model-version"]),
+    }
 
 
 @app.main()

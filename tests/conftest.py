@@ -94,8 +94,11 @@ def exact_holdout_metrics(cfg, *, run_dir: Path, state: Path) -> dict[str, float
     served, schema = ServedModel.load(run_dir), load_schema(cfg.schema_path)
     scores, labels = [], []
     for region, path in cfg.regions.items():
-        data = Region(NodeSettings(region=region, data_path=Path(path), state_dir=state / region,
-                                   policy_path=cfg.policies.get(region))).load(cfg, schema)
+        data = Region(
+            NodeSettings(
+                region=region, data_path=Path(path), state_dir=state / region, policy_path=cfg.policies.get(region)
+            )
+        ).load(cfg, schema)
         scores.append(served.proba(data.x[data.holdout]))
         labels.append(data.y[data.holdout])
     y, p = np.concatenate(labels), np.clip(np.concatenate(scores), 1e-7, 1 - 1e-7)
@@ -115,5 +118,6 @@ def one_region(tmp_path: Path, *, customers: int, overrides: dict | None = None,
     if policy is not None:
         policy_path = tmp_path / "eu-policy.yaml"
         policy_path.write_text(yaml.safe_dump(policy))
-    return cfg, NodeSettings(region="eu", data_path=Path(cfg.regions["eu"]), state_dir=tmp_path / "state" / "eu",
-                             policy_path=policy_path)
+    return cfg, NodeSettings(
+        region="eu", data_path=Path(cfg.regions["eu"]), state_dir=tmp_path / "state" / "eu", policy_path=policy_path
+    )

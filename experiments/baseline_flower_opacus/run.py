@@ -77,8 +77,12 @@ def main() -> None:
         num_supernodes=n,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, n)), "include_dashboard": False,
-                          "log_to_driver": False, "logging_level": logging.ERROR},
+            "init_args": {
+                "num_cpus": max(1, min(os.cpu_count() or 1, n)),
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "logging_level": logging.ERROR,
+            },
         },
     )
     import ray
@@ -87,8 +91,10 @@ def main() -> None:
         ray.shutdown()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]["pooled"] if rows else {}
-    print(f"baseline: {len(rows)} rounds in {time.time() - t0:.1f}s; last round pooled AUC "
-          f"{last.get('auc', float('nan')):.4f} (mean of regional AUCs weighted by examples)")
+    print(
+        f"baseline: {len(rows)} rounds in {time.time() - t0:.1f}s; last round pooled AUC "
+        f"{last.get('auc', float('nan')):.4f} (mean of regional AUCs weighted by examples)"
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(settings.region_files)
-    strategy = LoggedFedAvg(log_path=out / "metrics.jsonl", min_train_nodes=n, min_evaluate_nodes=n,
-                            min_available_nodes=n)
+    strategy = LoggedFedAvg(
+        log_path=out / "metrics.jsonl", min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n
+    )
     from baseline_flower_opacus.task import load_data
 
     n_features = load_data(0, settings)[0].tensors[0].shape[1]

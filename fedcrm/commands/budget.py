@@ -38,8 +38,10 @@ def budget(
         ledger = PrivacyLedger.open(state_dir, region=region)
         rules = load_policy(policy)
         s = ledger.summary(delta=rules.delta, accountant=accountant, budget=rules.privacy_budget)
-        s["retrains_left_by_shard"] = {str(k): b.retrains_left for k, b in retrain_budgets(
-            ledger, budget=s["budget"], delta=rules.delta, accountant=accountant).items()}
+        s["retrains_left_by_shard"] = {
+            str(k): b.retrains_left
+            for k, b in retrain_budgets(ledger, budget=s["budget"], delta=rules.delta, accountant=accountant).items()
+        }
     except FedcrmError as e:
         exit_with(e)
     if as_json:
@@ -69,14 +71,20 @@ def budget(
             out.print(f"shards of S={size}: " + ", ".join(f"{k}: {v:.3f}" for k, v in per_shard.items()))
     out.print("releases by noise: " + (", ".join(f"{k} {v}" for k, v in s["releases_by_noise"].items()) or "-"))
     if s["releases_by_noise"].get("seeded"):
-        out.print("[yellow]warning:[/] releases marked `seeded` were made by fedcrm < 0.2 with noise derived from the "
-                  "run's config: whoever wrote that config could predict their noise, so their ε does not hold "
-                  "against the server.")
+        out.print(
+            "[yellow]warning:[/] releases marked `seeded` were made by fedcrm < 0.2 with noise derived from the "
+            "run's config: whoever wrote that config could predict their noise, so their ε does not hold "
+            "against the server."
+        )
     if s["non_private_releases"]:
-        out.print(f"[yellow]warning:[/] {s['non_private_releases']} release(s) without DP: ε is infinite for the "
-                  "customers they read.")
-    out.print("erasure retrains left (repeating each shard's last run): "
-              + ", ".join(f"shard {k}: {v}" for k, v in s["retrains_left_by_shard"].items()))
+        out.print(
+            f"[yellow]warning:[/] {s['non_private_releases']} release(s) without DP: ε is infinite for the "
+            "customers they read."
+        )
+    out.print(
+        "erasure retrains left (repeating each shard's last run): "
+        + ", ".join(f"shard {k}: {v}" for k, v in s["retrains_left_by_shard"].items())
+    )
 
 
 def register(app: typer.Typer) -> None:

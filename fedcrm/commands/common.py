@@ -38,7 +38,8 @@ DEFAULT_STATE = Path("state")
 RayAddressOpt = Annotated[
     str | None,
     typer.Option(
-        "--ray-address", envvar="FEDCRM_RAY_ADDRESS",
+        "--ray-address",
+        envvar="FEDCRM_RAY_ADDRESS",
         help="Run the simulation's ClientApps on this running Ray cluster (HOST:PORT of its head, as "
         "`ray start --head` prints) instead of starting Ray here: one ClientApp per CPU of every node. "
         "Every node must see the regions' data files and the fedcrm install (docs/deployment.md).",

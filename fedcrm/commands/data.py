@@ -24,8 +24,12 @@ def data_validate(
     file: Annotated[Path, typer.Argument(help="CSV or Parquet table to check.")],
     schema: Annotated[Path, typer.Option(help="Declared schema (YAML), e.g. configs/schemas/telco_churn.yaml.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    delimiter: Annotated[str | None, typer.Option(help="The file's CSV delimiter, as the region's config fixes "
-                                                  "it (default: the schema's, else detected).")] = None,
+    delimiter: Annotated[
+        str | None,
+        typer.Option(
+            help="The file's CSV delimiter, as the region's config fixes it (default: the schema's, else detected)."
+        ),
+    ] = None,
 ) -> None:
     """Check a customer table against its schema and print what was read, repaired and dropped.
 

@@ -108,11 +108,14 @@ def certs(
     except FedcrmError as e:
         exit_with(e)
     out.print(f"CA: {bundle.ca_cert}, valid {ca_valid_days} days (its key {bundle.ca_key}: keep it offline)")
-    out.print(f"SuperLink: {bundle.server_cert}, {bundle.server_key} for {', '.join(bundle.hosts)}, "
-              f"valid {valid_days} days")
+    out.print(
+        f"SuperLink: {bundle.server_cert}, {bundle.server_key} for {', '.join(bundle.hosts)}, valid {valid_days} days"
+    )
     for region, path in bundle.supernode_public_keys.items():
-        out.print(f"region {region}: public key {path} (sha256 {fingerprints[region]}); register it: "
-                  f"flwr supernode register {path}, then fedcrm deploy register-node")
+        out.print(
+            f"region {region}: public key {path} (sha256 {fingerprints[region]}); register it: "
+            f"flwr supernode register {path}, then fedcrm deploy register-node"
+        )
 
 
 @certs_app.command("node-key")
@@ -171,9 +174,7 @@ def print_result(result: DeploymentResult) -> None:
     out.print(f"run {result.run_id} {status}")
     if result.summary is not None:
         fm = result.summary.final_metrics
-        out.print(
-            "final pooled metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in fm.items() if isinstance(v, float))
-        )
+        out.print("final pooled metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in fm.items() if isinstance(v, float)))
         for kind, reasons in result.summary.event_reasons().items():
             for region, why in reasons.items():
                 out.print(f"  region {region} {kind}: {why}")
@@ -246,8 +247,14 @@ def deploy_up_cmd(
     from fedcrm.deploy.federation import deployment_folder, up
 
     try:
-        up(config, folder=deployment_folder(name, workdir=workdir), name=name, state_root=state, app_dir=app_dir,
-           report=_report)
+        up(
+            config,
+            folder=deployment_folder(name, workdir=workdir),
+            name=name,
+            state_root=state,
+            app_dir=app_dir,
+            report=_report,
+        )
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted:[/] every process started here was stopped")
         raise typer.Exit(EXIT_INTERRUPTED) from None

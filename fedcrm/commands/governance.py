@@ -16,8 +16,9 @@ from fedcrm.commands.audit import audit_app
 from fedcrm.commands.common import DEFAULT_STATE, EXIT_CHECK_FAILED, StateOpt, exit_with, out
 from fedcrm.errors import FedcrmError
 
-consent_app = typer.Typer(help="Consent per purpose: withdraw a customer's consent to one purpose.",
-                          no_args_is_help=True)
+consent_app = typer.Typer(
+    help="Consent per purpose: withdraw a customer's consent to one purpose.", no_args_is_help=True
+)
 
 OperatorOpt = Annotated[
     str | None, typer.Option("--operator", help="Who asks, for the audit log (default: the login name).")
@@ -60,8 +61,10 @@ def consent_withdraw(
         )
     except FedcrmError as e:
         exit_with(e)
-    out.print(f"consent to `{purpose}` withdrawn at region {region} (request {request.request_id}); "
-              f"receipt in {state / region / 'receipts'}")
+    out.print(
+        f"consent to `{purpose}` withdrawn at region {region} (request {request.request_id}); "
+        f"receipt in {state / region / 'receipts'}"
+    )
     print_served(request)
 
 

@@ -24,23 +24,29 @@ def run(
     resume: Annotated[
         bool,
         typer.Option(
-            "--resume", help="Continue an interrupted run in --out (or the config's run folder) from its last "
+            "--resume",
+            help="Continue an interrupted run in --out (or the config's run folder) from its last "
             "completed round's checkpoint; a round retried after the crash is a new release (fresh noise), "
-            "charged again."
+            "charged again.",
         ),
     ] = False,
     processes: Annotated[
         int | None,
         typer.Option(
-            "--processes", min=1, help="Client processes the simulation runs (each ~0.45 GB). Default: one per "
-            "8 regions, at most one per core; more only pays off when regions have large tables."
+            "--processes",
+            min=1,
+            help="Client processes the simulation runs (each ~0.45 GB). Default: one per "
+            "8 regions, at most one per core; more only pays off when regions have large tables.",
         ),
     ] = None,
     ray_address: RayAddressOpt = None,
     overrides: Annotated[
         list[str] | None,
-        typer.Option("--set", help="KEY=VALUE replacing a config key (repeatable), typed as YAML and validated "
-                     "like the file, e.g. --set training.rounds=20 --set privacy.target_epsilon=1."),
+        typer.Option(
+            "--set",
+            help="KEY=VALUE replacing a config key (repeatable), typed as YAML and validated "
+            "like the file, e.g. --set training.rounds=20 --set privacy.target_epsilon=1.",
+        ),
     ] = None,
     federation: Annotated[
         str | None,
@@ -62,8 +68,14 @@ def run(
     from fedcrm.fl.simulation import run_simulated
 
     if federation is not None:
-        _run_on_federation(config, federation=federation, out_dir=out_dir, state=state, overrides=overrides,
-                           unsupported={"--resume": resume, "--processes": processes, "--ray-address": ray_address})
+        _run_on_federation(
+            config,
+            federation=federation,
+            out_dir=out_dir,
+            state=state,
+            overrides=overrides,
+            unsupported={"--resume": resume, "--processes": processes, "--ray-address": ray_address},
+        )
         return
     try:
         cfg = load_config(config)
@@ -79,7 +91,12 @@ def run(
         if resume and not (run_dir / "config.yaml").exists():
             raise FedcrmError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
         summary = run_simulated(
-            cfg, run_dir=run_dir, state_root=state, report=progress, resume=resume, processes=processes,
+            cfg,
+            run_dir=run_dir,
+            state_root=state,
+            report=progress,
+            resume=resume,
+            processes=processes,
             ray_address=ray_address,
         )
         if cfg.tracking.kind != "none":
@@ -97,7 +114,12 @@ def run(
 
 
 def _run_on_federation(
-    config: Path, *, federation: str, out_dir: Path | None, state: Path, overrides: list[str] | None,
+    config: Path,
+    *,
+    federation: str,
+    out_dir: Path | None,
+    state: Path,
+    overrides: list[str] | None,
     unsupported: dict[str, object],
 ) -> None:
     """``fedcrm run --federation``: one run on a deployment that stays up (fedcrm.deploy.federation)."""
@@ -111,8 +133,10 @@ def _run_on_federation(
         folder = deployment_folder(federation)
         fed = Federation.load(folder)
         if state != DEFAULT_STATE and state.resolve() != fed.state_root:
-            raise ConfigError(f"--state {state}: the regions of federation {fed.name} keep their state in "
-                              f"{fed.state_root} (set at `deploy up`)")
+            raise ConfigError(
+                f"--state {state}: the regions of federation {fed.name} keep their state in "
+                f"{fed.state_root} (set at `deploy up`)"
+            )
         result = run_on(folder, config, run_dir=out_dir, overrides=overrides, report=progress)
     except FedcrmError as e:
         exit_with(e)

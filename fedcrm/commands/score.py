@@ -25,15 +25,25 @@ def score(
     state: Annotated[
         Path, typer.Option("--state", help="Folder of every region's state; yours is STATE/REGION.")
     ] = Path("state"),
-    reasons: Annotated[int, typer.Option("--reasons", min=0, help="Also write the N columns that moved each score "
-                                         "most, in points (as `fedcrm explain` words them).")] = 0,
+    reasons: Annotated[
+        int,
+        typer.Option(
+            "--reasons",
+            min=0,
+            help="Also write the N columns that moved each score most, in points (as `fedcrm explain` words them).",
+        ),
+    ] = 0,
     chunk_rows: Annotated[int, typer.Option("--chunk-rows", min=1000, help="Customers read at a time (memory).")] = (
         100_000
     ),
     operator: Annotated[str | None, typer.Option("--operator", help="Who scores, for the audit log.")] = None,
-    delimiter: Annotated[str | None, typer.Option(
-        help="Your table's CSV delimiter (default: the run config's for your region, else the schema's, else detected)."
-    )] = None,
+    delimiter: Annotated[
+        str | None,
+        typer.Option(
+            help="Your table's CSV delimiter (default: the run config's for your region, else the schema's, "
+            "else detected)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was done as one JSON document.")] = False,
 ) -> None:
     """Score your region's customers with a run's served model; nothing is sent anywhere.
@@ -52,9 +62,17 @@ def score(
         if data_path is None:
             raise ConfigError(f"the run does not record a data file for region {region}: pass --data")
         delimiter = delimiter or (scorer.served.config.get("region_delimiters") or {}).get(region)
-        result = score_region(region=region, model=scorer, data=data_path, state_dir=state / region, out=out_file,
-                              reasons=reasons, chunk_rows=chunk_rows, actor=operator_actor(operator),
-                              delimiter=delimiter)
+        result = score_region(
+            region=region,
+            model=scorer,
+            data=data_path,
+            state_dir=state / region,
+            out=out_file,
+            reasons=reasons,
+            chunk_rows=chunk_rows,
+            actor=operator_actor(operator),
+            delimiter=delimiter,
+        )
     except FedcrmError as e:
         exit_with(e)
     if as_json:

@@ -24,8 +24,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         engine: Annotated[
             str | None,
-            typer.Option(help="shared: one simulation engine runs many cells (start-up paid once); per_cell: "
-                         "a fresh engine per cell. Default: the sweep file's `engine`."),
+            typer.Option(
+                help="shared: one simulation engine runs many cells (start-up paid once); per_cell: "
+                "a fresh engine per cell. Default: the sweep file's `engine`."
+            ),
         ] = None,
         report: Annotated[bool, typer.Option(help="Write the sweep report (HTML + Markdown) at the end.")] = True,
         ray_address: RayAddressOpt = None,
@@ -46,9 +48,14 @@ def register(app: typer.Typer) -> None:
             spec = load_sweep(spec_path)
             sweep_dir = (out_dir or spec.output_dir / spec.name).resolve()
             with ProgressBar(description=f"sweep {spec.name}: cells", total=None, console=console) as bar:
-                df = run_sweep(spec, out_dir=sweep_dir, engine=engine, report=bar.log,  # type: ignore[arg-type]
-                               progress=lambda done, total: bar.update(completed=done, total=total),
-                               ray_address=ray_address)
+                df = run_sweep(
+                    spec,
+                    out_dir=sweep_dir,
+                    engine=engine,  # type: ignore[arg-type]  # checked above: shared, per_cell or None
+                    report=bar.log,
+                    progress=lambda done, total: bar.update(completed=done, total=total),
+                    ray_address=ray_address,
+                )
             if report:
                 from fedcrm.report import write_sweep_report
 
@@ -58,8 +65,16 @@ def register(app: typer.Typer) -> None:
             exit_with(e)
         failed = df[df["status"] == "failed"]
         if as_json:
-            out.print_json(json.dumps({"sweep_dir": str(sweep_dir), "cells": len(df), "failed": len(failed),
-                                       "results": json.loads(df.to_json(orient="records"))}))
+            out.print_json(
+                json.dumps(
+                    {
+                        "sweep_dir": str(sweep_dir),
+                        "cells": len(df),
+                        "failed": len(failed),
+                        "results": json.loads(df.to_json(orient="records")),
+                    }
+                )
+            )
             if len(failed):
                 raise typer.Exit(EXIT_CHECK_FAILED)
             return

@@ -128,11 +128,18 @@ def audit_privacy(
             if r not in cfg.regions:
                 raise ConfigError(f"region {r} is not in the run (regions: {list(cfg.regions)})")
             where: dict[str, Any] = {
-                "region": r, "cfg": cfg, "data_path": data or cfg.regions[r], "state_dir": state / r,
-                "policy_path": cfg.policies.get(r), "confidence": confidence,
+                "region": r,
+                "cfg": cfg,
+                "data_path": data or cfg.regions[r],
+                "state_dir": state / r,
+                "policy_path": cfg.policies.get(r),
+                "confidence": confidence,
             }
-            results[r] = (audit_region_white_box(**where, canaries=canaries) if white_box
-                          else audit_region(**where, served=served))
+            results[r] = (
+                audit_region_white_box(**where, canaries=canaries)
+                if white_box
+                else audit_region(**where, served=served)
+            )
             if claimed_epsilon is not None:
                 results[r]["claimed_epsilon"] = claimed_epsilon
                 results[r]["verdict"] = verdict(results[r]["epsilon_lower_bound"], claimed_epsilon=claimed_epsilon)
@@ -143,13 +150,30 @@ def audit_privacy(
     if as_json:
         out.print_json(json.dumps(report))
     else:
-        t = Table("region", "audit", "canaries", "guesses in/out", "correct", "AUC",
-                  f"ε lower bound ({confidence:.0%})", "ε claimed", "verdict")
+        t = Table(
+            "region",
+            "audit",
+            "canaries",
+            "guesses in/out",
+            "correct",
+            "AUC",
+            f"ε lower bound ({confidence:.0%})",
+            "ε claimed",
+            "verdict",
+        )
         for r, res in results.items():
             claimed = res["claimed_epsilon"]
-            t.add_row(r, res["mode"], str(res["canaries"]), f"{res['guesses_in']}/{res['guesses_out']}",
-                      str(res["correct"]), f"{res['auc']:.3f}", f"{res['epsilon_lower_bound']:.3f}",
-                      "∞ (no DP)" if claimed is None else f"{claimed:.3f}", res["verdict"])
+            t.add_row(
+                r,
+                res["mode"],
+                str(res["canaries"]),
+                f"{res['guesses_in']}/{res['guesses_out']}",
+                str(res["correct"]),
+                f"{res['auc']:.3f}",
+                f"{res['epsilon_lower_bound']:.3f}",
+                "∞ (no DP)" if claimed is None else f"{claimed:.3f}",
+                res["verdict"],
+            )
         out.print(t)
     bad = {r: res for r, res in results.items() if res["verdict"] == "violation"}
     for r, res in bad.items():
@@ -162,8 +186,10 @@ def audit_privacy(
     if bad:
         raise typer.Exit(EXIT_PRIVACY_REFUSAL)
     if not as_json and any(math.isfinite(res["auc"]) and res["auc"] > 0.6 for res in results.values()):
-        console.print("[yellow]note:[/] an AUC above 0.6 means the canaries' scores measurably reveal which "
-                      "of them were trained on.")
+        console.print(
+            "[yellow]note:[/] an AUC above 0.6 means the canaries' scores measurably reveal which "
+            "of them were trained on."
+        )
 
 
 def register(app: typer.Typer) -> None:

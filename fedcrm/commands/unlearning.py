@@ -43,8 +43,9 @@ def forget_customers(
 
     if data is None or schema is None:
         if not runs:
-            raise UnlearningError("give --run RUN_DIR (the region's table and schema come from its config), "
-                                  "or both --data and --schema")
+            raise UnlearningError(
+                "give --run RUN_DIR (the region's table and schema come from its config), or both --data and --schema"
+            )
         cfg = load_run_config(runs[0])
         if region not in cfg.regions:
             raise UnlearningError(f"{runs[0]}: region {region} is not one of the run's regions {sorted(cfg.regions)}")
@@ -53,9 +54,15 @@ def forget_customers(
     table_ids = load_table(data, load_schema(schema)).ids
     views = [run_view(r, region=region, state_root=state_root) for r in runs]
     policy = region_policy(runs[0] if runs else None, region=region)
-    requests = forget(state_dir=state_root / region, region=region, customer_ids=customer_ids,
-                      table_ids=table_ids, runs=views, actor=operator_actor(actor),
-                      deadline_days=policy.erasure_deadline_days)
+    requests = forget(
+        state_dir=state_root / region,
+        region=region,
+        customer_ids=customer_ids,
+        table_ids=table_ids,
+        runs=views,
+        actor=operator_actor(actor),
+        deadline_days=policy.erasure_deadline_days,
+    )
     _remove_from_run_copies(region=region, customer_ids=customer_ids, runs=runs)
     return requests
 
@@ -83,14 +90,19 @@ def retrain_affordability(run_dir: Path, *, region: str, state_root: Path, shard
     budget = region_policy(run_dir, region=region).privacy_budget
     lines = []
     for k in sorted(shards):
-        b = retrain_budget(ledger, shard=k, budget=budget, delta=run_delta(Path(run_dir), cfg),
-                           accountant=cfg.privacy.accountant)
+        b = retrain_budget(
+            ledger, shard=k, budget=budget, delta=run_delta(Path(run_dir), cfg), accountant=cfg.privacy.accountant
+        )
         if b.epsilon_after_one is None:
             continue
-        verdict = (f"affordable ({b.retrains_left} retrain(s) left under the budget {budget:g})" if b.affordable
-                   else f"NOT affordable under the budget {budget:g}: the erasure stays served by exclusion")
-        lines.append(f"{Path(run_dir).name}: retrain of shard {k}: ε {b.epsilon_now:.3f} -> "
-                     f"{b.epsilon_after_one:.3f}, {verdict}")
+        verdict = (
+            f"affordable ({b.retrains_left} retrain(s) left under the budget {budget:g})"
+            if b.affordable
+            else f"NOT affordable under the budget {budget:g}: the erasure stays served by exclusion"
+        )
+        lines.append(
+            f"{Path(run_dir).name}: retrain of shard {k}: ε {b.epsilon_now:.3f} -> {b.epsilon_after_one:.3f}, {verdict}"
+        )
     return lines
 
 
@@ -122,8 +134,9 @@ def retrain_run(run_dir: Path, *, state_root: Path, report: Any = print, federat
     if federation is not None:
         from fedcrm.deploy.federation import deployment_folder, retrain_on
 
-        return retrain(run_dir, state_root=state_root, simulate=retrain_on(deployment_folder(federation)),
-                       report=report)
+        return retrain(
+            run_dir, state_root=state_root, simulate=retrain_on(deployment_folder(federation)), report=report
+        )
     from fedcrm.fl.simulation import run_simulated
 
     return retrain(run_dir, state_root=state_root, simulate=run_simulated, report=report)
@@ -136,13 +149,20 @@ def served_lines(request: Any) -> list[str]:
     for key, r in request.runs.items():
         name = Path(key).name
         if r.status == "excluded":
-            lines.append(f"{name}: served by exclusion at version {r.excluded_at_version} (constituent {r.shard} of "
-                         f"{r.shards} no longer served, its weights and checkpoints destroyed); a retrain restores it")
+            lines.append(
+                f"{name}: served by exclusion at version {r.excluded_at_version} (constituent {r.shard} of "
+                f"{r.shards} no longer served, its weights and checkpoints destroyed); a retrain restores it"
+            )
         elif r.status == "pending":
-            why = ("the run has a single constituent (unlearning.shards = 1): nothing to fall back on"
-                   if r.shards == 1 else "no other constituent is served")
-            lines.append(f"{name}: shard {r.shard} of {r.shards} stale; {why}, so it is served by retrain: the "
-                         "customer stays in the served model until then")
+            why = (
+                "the run has a single constituent (unlearning.shards = 1): nothing to fall back on"
+                if r.shards == 1
+                else "no other constituent is served"
+            )
+            lines.append(
+                f"{name}: shard {r.shard} of {r.shards} stale; {why}, so it is served by retrain: the "
+                "customer stays in the served model until then"
+            )
         else:
             lines.append(f"{name}: {r.status}")
     return lines
@@ -157,7 +177,6 @@ def print_served(request: Any) -> None:
 def _print_receipts(receipts: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-
     if not receipts:
         return
     t = Table("request", "region", "customer (keyed hash)", "shard", "version", "status", "ε before -> after")
@@ -166,13 +185,21 @@ def _print_receipts(receipts: list[dict[str, Any]]) -> None:
             p = r.get("privacy") or {}
             eps = "-" if p.get("epsilon_after") is None else f"{p['epsilon_before']:.3f} -> {p['epsilon_after']:.3f}"
             ver = f"{r.get('model_version_before')} -> {r.get('model_version_after') or '?'}"
-            t.add_row(receipt["request_id"], receipt["region"], (receipt.get("customer_ref") or "")[:16] + "…",
-                      str(r.get("shard")), ver, r["status"], eps)
+            t.add_row(
+                receipt["request_id"],
+                receipt["region"],
+                (receipt.get("customer_ref") or "")[:16] + "…",
+                str(r.get("shard")),
+                ver,
+                r["status"],
+                eps,
+            )
     out.print(t)
 
 
-def _retrain_and_print(run_dir: Path, state_root: Path, *, as_json: bool = False,
-                       federation: str | None = None) -> None:
+def _retrain_and_print(
+    run_dir: Path, state_root: Path, *, as_json: bool = False, federation: str | None = None
+) -> None:
     import json
 
     from fedcrm.progress import ProgressBar, counting_rounds
@@ -180,23 +207,36 @@ def _retrain_and_print(run_dir: Path, state_root: Path, *, as_json: bool = False
     with ProgressBar(description=f"retrain {run_dir.name}: rounds", total=None, console=console) as bar:
         result = retrain_run(run_dir, state_root=state_root, report=counting_rounds(bar), federation=federation)
     if as_json:
-        out.print_json(json.dumps({"run_dir": str(run_dir), "stale": result.stale,
-                                   "model_version": result.model_version, "resumed": result.resumed,
-                                   "receipts": result.receipts, "warnings": result.warnings}, default=str))
+        out.print_json(
+            json.dumps(
+                {
+                    "run_dir": str(run_dir),
+                    "stale": result.stale,
+                    "model_version": result.model_version,
+                    "resumed": result.resumed,
+                    "receipts": result.receipts,
+                    "warnings": result.warnings,
+                },
+                default=str,
+            )
+        )
         return
     if not result.stale:
         out.print(f"{run_dir}: no erasure is pending; model version {result.model_version} stays served")
         return
-    out.print(f"{run_dir}: shard(s) {result.stale} retrained"
-              + (" (resumed from a finished retrain)" if result.resumed else "")
-              + f"; model version {result.model_version} is served; old constituent weights and checkpoints "
-              "overwritten and deleted")
+    out.print(
+        f"{run_dir}: shard(s) {result.stale} retrained"
+        + (" (resumed from a finished retrain)" if result.resumed else "")
+        + f"; model version {result.model_version} is served; old constituent weights and checkpoints "
+        "overwritten and deleted"
+    )
     _print_receipts(result.receipts)
     out.print(f"Receipts in [bold]{run_dir / 'receipts'}[/], history in [bold]{run_dir / 'erasures.jsonl'}[/]")
 
 
-erasures_app = typer.Typer(help="Erasure and consent-withdrawal requests at a region: deadlines, how served.",
-                           no_args_is_help=True)
+erasures_app = typer.Typer(
+    help="Erasure and consent-withdrawal requests at a region: deadlines, how served.", no_args_is_help=True
+)
 
 
 @erasures_app.command("status")
@@ -221,28 +261,41 @@ def erasures_status(
     try:
         rules = region_policy(None, region=region, policy=policy)
         # δ is the region's (its policy's), as for every release of its data: a retrain is priced at it.
-        found = open_requests(state / region, region=region, budget=rules.privacy_budget, delta=rules.delta,
-                              accountant=accountant)
+        found = open_requests(
+            state / region, region=region, budget=rules.privacy_budget, delta=rules.delta, accountant=accountant
+        )
         overdue = [o for o in found if o.overdue]
         if overdue:
             audit_overdue(state / region, overdue, actor=operator_actor(operator))
     except FedcrmError as e:
         exit_with(e)
     if as_json:
-        out.print_json(json.dumps({"region": region, "open": [o.as_dict() for o in found],
-                                   "overdue": [o.request.request_id for o in overdue]}))
+        out.print_json(
+            json.dumps(
+                {
+                    "region": region,
+                    "open": [o.as_dict() for o in found],
+                    "overdue": [o.request.request_id for o in overdue],
+                }
+            )
+        )
     else:
         if not found:
             out.print(f"region {region}: no open request")
         for o in found:
             late = "[bold red]OVERDUE[/] " if o.overdue else ""
-            out.print(f"{late}{o.request.request_id} ({o.request.kind}): {o.days_left:.1f} day(s) left "
-                      f"(deadline {o.request.deadline})")
+            out.print(
+                f"{late}{o.request.request_id} ({o.request.kind}): {o.days_left:.1f} day(s) left "
+                f"(deadline {o.request.deadline})"
+            )
             for r in o.runs:
                 cost = r["retrain"]
-                price = ("" if not cost or cost["epsilon_after_one_retrain"] is None else
-                         f"; a retrain costs ε {cost['epsilon_now']:.3f} -> {cost['epsilon_after_one_retrain']:.3f} "
-                         f"({cost['retrains_left']} left)")
+                price = (
+                    ""
+                    if not cost or cost["epsilon_after_one_retrain"] is None
+                    else f"; a retrain costs ε {cost['epsilon_now']:.3f} -> {cost['epsilon_after_one_retrain']:.3f} "
+                    f"({cost['retrains_left']} left)"
+                )
                 out.print(f"  {r['run']}: shard {r['shard']} of {r['shards']}: {r['how']}{price}", highlight=False)
     if overdue:
         raise typer.Exit(1)
@@ -260,8 +313,11 @@ def register(app: typer.Typer) -> None:
         file: Annotated[Path | None, typer.Option("--file", help="A file of customer ids, one per line.")] = None,
         run: Annotated[
             list[Path] | None,
-            typer.Option("--run", help="A run folder whose model trained on this region's data (repeatable): "
-                         "its constituents that trained on the customers are marked stale."),
+            typer.Option(
+                "--run",
+                help="A run folder whose model trained on this region's data (repeatable): "
+                "its constituents that trained on the customers are marked stale.",
+            ),
         ] = None,
         do_retrain: Annotated[bool, typer.Option("--retrain", help="Retrain the stale constituents now.")] = False,
         state: StateOpt = DEFAULT_STATE,
@@ -281,15 +337,28 @@ def register(app: typer.Typer) -> None:
         try:
             ids = list(customer_id or []) + (read_id_file(file) if file else [])
             runs = list(run or [])
-            requests = forget_customers(region=region, customer_ids=ids, state_root=state, runs=runs, data=data,
-                                        schema=schema, actor=operator)
+            requests = forget_customers(
+                region=region, customer_ids=ids, state_root=state, runs=runs, data=data, schema=schema, actor=operator
+            )
             if as_json:
                 import json
 
-                out.print_json(json.dumps({"region": region, "requests": [
-                    {"request_id": req.request_id, "runs": {key: {"status": r.status, "shard": r.shard}
-                                                            for key, r in req.runs.items()}}
-                    for req in requests]}))
+                out.print_json(
+                    json.dumps(
+                        {
+                            "region": region,
+                            "requests": [
+                                {
+                                    "request_id": req.request_id,
+                                    "runs": {
+                                        key: {"status": r.status, "shard": r.shard} for key, r in req.runs.items()
+                                    },
+                                }
+                                for req in requests
+                            ],
+                        }
+                    )
+                )
                 if do_retrain:  # the retrains' progress goes to stderr; stdout keeps the one document
                     for r in runs:
                         retrain_run(r, state_root=state, report=lambda s: None)
@@ -298,13 +367,19 @@ def register(app: typer.Typer) -> None:
             for req in requests:
                 print_served(req)
             for r in runs:
-                stale = {e.shard for q in requests for k, e in q.runs.items()
-                         if k == str(r.resolve()) and e.open and e.shard is not None}
+                stale = {
+                    e.shard
+                    for q in requests
+                    for k, e in q.runs.items()
+                    if k == str(r.resolve()) and e.open and e.shard is not None
+                }
                 for line in retrain_affordability(r, region=region, state_root=state, shards=stale) if stale else []:
                     out.print(f"  {line}", highlight=False)
             if not runs:
-                out.print("[yellow]warning:[/] no --run given: no model was marked stale. Name every run "
-                          "trained on this region's data with --run so its constituents are retrained.")
+                out.print(
+                    "[yellow]warning:[/] no --run given: no model was marked stale. Name every run "
+                    "trained on this region's data with --run so its constituents are retrained."
+                )
             if do_retrain:
                 for r in runs:
                     _retrain_and_print(r, state)
@@ -319,8 +394,11 @@ def register(app: typer.Typer) -> None:
         state: StateOpt = DEFAULT_STATE,
         federation: Annotated[
             str | None,
-            typer.Option("--federation", help="Retrain on the federation `fedcrm deploy up --name NAME` left "
-                         "running (its name or folder) instead of in simulation; --state defaults to its regions'."),
+            typer.Option(
+                "--federation",
+                help="Retrain on the federation `fedcrm deploy up --name NAME` left "
+                "running (its name or folder) instead of in simulation; --state defaults to its regions'.",
+            ),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
     ) -> None:

@@ -8,6 +8,7 @@ from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
+
 def file_version(path: Path) -> tuple[int, int, int] | None:
     """(inode, modification time, size) of a file, or None if it does not exist.
 

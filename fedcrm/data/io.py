@@ -37,10 +37,22 @@ from fedcrm.data.validate import SeenIds, validate
 from fedcrm.errors import DataError
 
 __all__ = [
-    "DEFAULT_CHUNK_ROWS", "MISSING", "OTHER", "ColumnIssues", "CustomerTable", "RowBoundedCache",
-    "ValidationReport", "csv_delimiter", "delimiter_and_source", "file_version", "iter_table", "load_table",
-    "read_raw", "table_from_frame",
+    "DEFAULT_CHUNK_ROWS",
+    "MISSING",
+    "OTHER",
+    "ColumnIssues",
+    "CustomerTable",
+    "RowBoundedCache",
+    "ValidationReport",
+    "csv_delimiter",
+    "delimiter_and_source",
+    "file_version",
+    "iter_table",
+    "load_table",
+    "read_raw",
+    "table_from_frame",
 ]
+
 
 def load_table(path: str | Path, schema: Schema, *, delimiter: str | None = None) -> CustomerTable:
     """Read and validate a customer table; raises :class:`DataError` naming file, line and column.
@@ -107,8 +119,9 @@ def table_from_frame(
     for scoring rows whose label, consent and sensitive columns are not at hand.
     """
     if model_columns_only:
-        schema = schema.model_copy(update={
-            "sensitive": tuple(s for s in schema.sensitive if s.use_as_feature), "consent": ()})
+        schema = schema.model_copy(
+            update={"sensitive": tuple(s for s in schema.sensitive if s.use_as_feature), "consent": ()}
+        )
         rows = rows.copy()
         if schema.label.column not in rows:
             rows[schema.label.column] = schema.label.negative[0]  # read, never used: scores ignore labels

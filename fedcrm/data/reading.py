@@ -177,8 +177,11 @@ def _not_utf8(path: Path) -> DataError:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        return DataError(f"expected UTF-8 text, found byte 0x{data[e.start]:02x} that is not UTF-8 (save the "
-                         "table as UTF-8)", path=str(path), line=line)
+        return DataError(
+            f"expected UTF-8 text, found byte 0x{data[e.start]:02x} that is not UTF-8 (save the table as UTF-8)",
+            path=str(path),
+            line=line,
+        )
     return DataError("expected UTF-8 text", path=str(path))
 
 
@@ -215,8 +218,9 @@ def csv_chunks(
     def frame() -> pd.DataFrame:
         assert header is not None
         columns = list(zip(*rows, strict=True)) if rows else [()] * len(keep)
-        out = pd.DataFrame({k: np.asarray(c, dtype=object) for k, c in enumerate(columns)},
-                           index=range(len(rows)), dtype=object)
+        out = pd.DataFrame(
+            {k: np.asarray(c, dtype=object) for k, c in enumerate(columns)}, index=range(len(rows)), dtype=object
+        )
         out.columns = [header[i] for i in keep]
         out.attrs["lines"] = np.asarray(lines, dtype=np.int64)
         out.attrs["delimiter"], out.attrs["delimiter_from"] = delimiter, source
@@ -233,8 +237,11 @@ def csv_chunks(
                     header = [h.strip() for h in record]
                     header_at = line
                     check_columns(path, schema, header, line=line, delimiter=delimiter)
-                    keep = (list(range(len(header))) if all_columns
-                            else [header.index(c) for c in wanted_columns(schema, header)])
+                    keep = (
+                        list(range(len(header)))
+                        if all_columns
+                        else [header.index(c) for c in wanted_columns(schema, header)]
+                    )
                     pick = _picker(keep)
                     width = len(header)
                     continue
@@ -243,7 +250,8 @@ def csv_chunks(
                         f"expected {len(header)} {delimiter!r}-separated fields as in the header (line "
                         f"{header_at}), found {len(record)} (a stray delimiter, an unclosed quote, or a "
                         "truncated line?)",
-                        path=str(path), line=line,
+                        path=str(path),
+                        line=line,
                     )
                 rows.append(pick(record))
                 lines.append(line)
@@ -264,9 +272,7 @@ def _read_csv(path: Path, schema: Schema, *, all_columns: bool, delimiter: str |
     return next(csv_chunks(path, schema, all_columns=all_columns, chunk_rows=None, given_delimiter=delimiter))
 
 
-def read_raw(
-    path: Path, schema: Schema, *, all_columns: bool = False, delimiter: str | None = None
-) -> pd.DataFrame:
+def read_raw(path: Path, schema: Schema, *, all_columns: bool = False, delimiter: str | None = None) -> pd.DataFrame:
     """The schema's columns of the file, as text; nothing else is kept (data minimisation).
 
     A table whose schema derives ids may carry them in ``id.derived_column`` (written by a split).
@@ -303,8 +309,12 @@ def check_columns(
 ) -> None:
     dupes = sorted({c for c in found if found.count(c) > 1 and c in schema.columns_read()})
     if dupes:
-        raise DataError(f"the header names column {dupes[0]!r} twice; which one is meant is ambiguous",
-                        path=str(path), line=line, column=dupes[0])
+        raise DataError(
+            f"the header names column {dupes[0]!r} twice; which one is meant is ambiguous",
+            path=str(path),
+            line=line,
+            column=dupes[0],
+        )
     missing = [c for c in schema.columns_read() if c not in found]
     if not missing:
         return
@@ -314,16 +324,22 @@ def check_columns(
             f"does not look like a table of schema {schema.name}: expected a header with columns such as "
             f"{schema.columns_read()[:4]}, found {len(found)} field{'s' if len(found) != 1 else ''}{how}: "
             f"{[f[:40] for f in found[:4]]} (wrong file, or wrong delimiter?)",
-            path=str(path), line=line,
+            path=str(path),
+            line=line,
         )
     raise DataError(
         f"expected column{'s' if len(missing) > 1 else ''} {missing} (required by schema {schema.name}), "
         f"found a header without {'them' if len(missing) > 1 else 'it'}: {found}",
-        path=str(path), line=line if line is not None else 1, column=missing[0],
+        path=str(path),
+        line=line if line is not None else 1,
+        column=missing[0],
     )
+
+
 def only_header(path: Path) -> DataError:
-    return DataError("expected customer rows after the header, found none (the table has only a header)",
-                     path=str(path), line=1)
+    return DataError(
+        "expected customer rows after the header, found none (the table has only a header)", path=str(path), line=1
+    )
 
 
 def arrow_can_read(path: Path, schema: Schema, *, delimiter: str | None) -> bool:
@@ -336,9 +352,7 @@ def arrow_can_read(path: Path, schema: Schema, *, delimiter: str | None) -> bool
     return fields == [h.strip() for h in fields] and len(set(fields)) == len(fields)
 
 
-def arrow_csv_chunks(
-    path: Path, schema: Schema, *, chunk_rows: int, delimiter: str | None
-) -> Iterator[TextChunk]:
+def arrow_csv_chunks(path: Path, schema: Schema, *, chunk_rows: int, delimiter: str | None) -> Iterator[TextChunk]:
     import pyarrow.csv as pv
 
     given = delimiter
@@ -357,16 +371,21 @@ def arrow_csv_chunks(
             read_options=pv.ReadOptions(block_size=max(1 << 16, chunk_rows * row_bytes)),
             parse_options=pv.ParseOptions(delimiter=delimiter),
             convert_options=pv.ConvertOptions(
-                include_columns=wanted, column_types={c: pa.string() for c in wanted},
-                strings_can_be_null=False, quoted_strings_can_be_null=False,
+                include_columns=wanted,
+                column_types={c: pa.string() for c in wanted},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
             ),
         )
         done = 0
         for batch in reader:
             # Arrow's text arrays as they are: no pandas frame, no Python string per cell.
-            yield TextChunk(columns={c: batch.column(c) for c in wanted},
-                            lines=np.arange(header_at + 1 + done, header_at + 1 + done + batch.num_rows),
-                            delimiter=delimiter, delimiter_from=source)
+            yield TextChunk(
+                columns={c: batch.column(c) for c in wanted},
+                lines=np.arange(header_at + 1 + done, header_at + 1 + done + batch.num_rows),
+                delimiter=delimiter,
+                delimiter_from=source,
+            )
             done += batch.num_rows
     except pa.ArrowInvalid as e:
         raise DataError(f"not a readable {delimiter!r}-separated table: {e}", path=str(path)) from None

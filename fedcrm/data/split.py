@@ -59,7 +59,12 @@ class SplitMethod:
 
 
 def assign_regions(
-    *, ids: np.ndarray, labels: np.ndarray, regions: list[str], method: SplitMethod, seed: int,
+    *,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    regions: list[str],
+    method: SplitMethod,
+    seed: int,
     column_values: np.ndarray | None = None,
 ) -> np.ndarray:
     """Index into ``regions`` for every customer."""
@@ -96,8 +101,9 @@ def split_table(
         raise ConfigError(f"--regions must be distinct names, got {regions}")
     bad = [r for r in regions if not _REGION_NAME.match(r)]
     if bad:
-        raise ConfigError(f"--regions: region name {bad[0]!r} must be letters, digits, '.', '_' or '-' "
-                          "(it becomes a file name)")
+        raise ConfigError(
+            f"--regions: region name {bad[0]!r} must be letters, digits, '.', '_' or '-' (it becomes a file name)"
+        )
     table = load_table(input_path, schema)  # validates the whole table first: nothing is written on error
     raw = read_raw(Path(input_path), schema, all_columns=True)  # rows are copied as they are
     position = {int(line): i for i, line in enumerate(raw.attrs["lines"])}
@@ -111,19 +117,31 @@ def split_table(
     column_values = None
     if method.kind == "column":
         if method.column not in raw:
-            raise DataError(f"expected a column {method.column!r} to split by, found none (the header has "
-                            f"{list(raw.columns)})", path=str(input_path), line=1, column=method.column)
+            raise DataError(
+                f"expected a column {method.column!r} to split by, found none (the header has {list(raw.columns)})",
+                path=str(input_path),
+                line=1,
+                column=method.column,
+            )
         column_values = raw[method.column].astype(str).str.strip().to_numpy()
-    region_of = assign_regions(ids=table.ids, labels=table.labels, regions=regions, method=method, seed=seed,
-                               column_values=column_values)
+    region_of = assign_regions(
+        ids=table.ids, labels=table.labels, regions=regions, method=method, seed=seed, column_values=column_values
+    )
     counts = np.bincount(region_of, minlength=len(regions))
     if (counts == 0).any():
         empty = regions[int(np.flatnonzero(counts == 0)[0])]
-        raise DataError(f"region {empty} would get no customers; use fewer regions or another split "
-                        f"(--by {method.kind}, seed {seed})", path=str(input_path))
+        raise DataError(
+            f"region {empty} would get no customers; use fewer regions or another split "
+            f"(--by {method.kind}, seed {seed})",
+            path=str(input_path),
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
-        "schema": schema.name, "source": str(input_path), "by": method.kind, "seed": seed, "regions": {},
+        "schema": schema.name,
+        "source": str(input_path),
+        "by": method.kind,
+        "seed": seed,
+        "regions": {},
     }
     if method.column is not None:
         manifest["column"] = method.column
@@ -134,7 +152,8 @@ def split_table(
         path = out_dir / f"{name}.csv"
         part.to_csv(path, index=False, sep=schema.delimiter or ",", lineterminator="\n")
         manifest["regions"][name] = {
-            "file": path.name, "rows": len(part),
+            "file": path.name,
+            "rows": len(part),
             "label_rate": round(float(table.labels[region_of == r].mean()), 4),
         }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -155,19 +174,27 @@ def remove_customers(path: Path, *, schema: Schema, customer_ids: set[str]) -> i
     id_column = schema.id.column or schema.id.derived_column
     raw = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     if id_column not in raw:
-        raise DataError(f"expected an id column {id_column!r} in a region file made by `fedcrm data split`, "
-                        f"found {list(raw.columns)}", path=str(path), line=1)
+        raise DataError(
+            f"expected an id column {id_column!r} in a region file made by `fedcrm data split`, "
+            f"found {list(raw.columns)}",
+            path=str(path),
+            line=1,
+        )
     gone = raw[id_column].str.strip().isin(customer_ids).to_numpy()
     if not gone.any():
         return 0
-    write_text_atomically(path, raw[~gone].to_csv(index=False, sep=sep, lineterminator="\n"),
-                          what="remove forgotten customers from the region file")
+    write_text_atomically(
+        path,
+        raw[~gone].to_csv(index=False, sep=sep, lineterminator="\n"),
+        what="remove forgotten customers from the region file",
+    )
     manifest_path = path.parent / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         entry = manifest.get("regions", {}).get(path.stem)
         if entry is not None:
             entry["rows"] = int((~gone).sum())
-            write_text_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n",
-                                  what="update the split's manifest")
+            write_text_atomically(
+                manifest_path, json.dumps(manifest, indent=2) + "\n", what="update the split's manifest"
+            )
     return int(gone.sum())

@@ -201,9 +201,7 @@ def generate(
         intercept = _solve_intercept(scores, profile.target_churn_rate)
         values[LABEL_COLUMN] = (rng.random(n) < _sigmoid(intercept + scores)).astype(np.int64)
         table, defect_counts = _export(rng, values=values, name=name, rates=rates)
-        table.to_csv(
-            out_dir / f"{name}.csv", index=False, float_format="%.2f", na_rep="", lineterminator="\n"
-        )
+        table.to_csv(out_dir / f"{name}.csv", index=False, float_format="%.2f", na_rep="", lineterminator="\n")
         intercepts[name] = round(intercept, 6)
         profiles[name] = asdict(profile)
         summaries.append(

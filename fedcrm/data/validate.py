@@ -91,9 +91,13 @@ def _parse_column(
     drop = np.zeros(len(raw), dtype=bool)
     if missing.any():
         if col.missing == "error":
-            raise error_at(path, lines[missing], col.name,
-                           f"expected a value, found an empty cell ({cells.first(missing)!r}); declare a "
-                           "`missing` policy in the schema (drop, fill or indicator) if blanks are expected")
+            raise error_at(
+                path,
+                lines[missing],
+                col.name,
+                f"expected a value, found an empty cell ({cells.first(missing)!r}); declare a "
+                "`missing` policy in the schema (drop, fill or indicator) if blanks are expected",
+            )
         if col.missing == "drop":
             drop = missing
             issues.rows_dropped_missing += int(missing.sum())
@@ -119,8 +123,12 @@ def _parse_column(
         f = cells.among(col.false_values)
         bad = ~(t | f | missing)
         if bad.any():
-            raise error_at(path, lines[bad], col.name,
-                           f"expected one of {list(col.true_values + col.false_values)}, found {cells.first(bad)!r}")
+            raise error_at(
+                path,
+                lines[bad],
+                col.name,
+                f"expected one of {list(col.true_values + col.false_values)}, found {cells.first(bad)!r}",
+            )
         out = np.where(t, 1.0, 0.0)
         out[missing] = np.nan if col.missing != "fill" else float(bool(col.fill))
         return out, drop
@@ -130,8 +138,12 @@ def _parse_column(
     unknown = (codes < 0) & ~missing
     if unknown.any():
         if col.unknown == "error":
-            raise error_at(path, lines[unknown], col.name,
-                           f"expected one of {list(col.vocabulary)}, found {cells.first(unknown)!r}")
+            raise error_at(
+                path,
+                lines[unknown],
+                col.name,
+                f"expected one of {list(col.vocabulary)}, found {cells.first(unknown)!r}",
+            )
         issues.unknown_categories.update(cells.counted(unknown))
     # Every cell becomes one of these few strings, shared, not a string of its own per row.
     names = np.asarray([*col.vocabulary, OTHER, col.fill if col.missing == "fill" else MISSING], dtype=object)
@@ -149,8 +161,11 @@ def _numbers(text: pa.Array) -> np.ndarray:
     try:
         return np.asarray(pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return np.asarray(pd.to_numeric(pd.Series(text.to_numpy(zero_copy_only=False), dtype=object),
-                                        errors="coerce").to_numpy(dtype=float))
+        return np.asarray(
+            pd.to_numeric(pd.Series(text.to_numpy(zero_copy_only=False), dtype=object), errors="coerce").to_numpy(
+                dtype=float
+            )
+        )
 
 
 def _band(values: np.ndarray, bands: tuple[float, ...]) -> np.ndarray:
@@ -194,7 +209,9 @@ class SeenIds:
                 same = np.array([self.lines[at[k]], lines[first]])
                 raise DataError(
                     f"customer id {ids[first]!r} appears more than once ({lines_text(same)}); ids must be unique",
-                    path=str(self.path), line=int(same[0]), column=column,
+                    path=str(self.path),
+                    line=int(same[0]),
+                    column=column,
                 )
         at = np.searchsorted(self.hashes, h)  # one merge of two sorted runs, no temporary sort of the whole
         self.hashes = np.insert(self.hashes, at, h)
@@ -229,9 +246,12 @@ def validate(
     pos = label_cells.among(lab.positive)
     bad = ~(pos | label_cells.among(lab.negative))
     if bad.any():
-        raise error_at(path, lines[bad], lab.column,
-                       f"expected a label value among {list(lab.positive + lab.negative)}, found "
-                       f"{label_cells.first(bad)!r}")
+        raise error_at(
+            path,
+            lines[bad],
+            lab.column,
+            f"expected a label value among {list(lab.positive + lab.negative)}, found {label_cells.first(bad)!r}",
+        )
 
     drop = np.zeros(n, dtype=bool)
     values: dict[str, np.ndarray] = {}
@@ -255,8 +275,12 @@ def validate(
         granted = consent_cells.among(c.granted)
         bad = ~(granted | consent_cells.among(c.refused))
         if bad.any():
-            raise error_at(path, lines[bad], c.column,
-                           f"consent must be one of {list(c.granted + c.refused)}, found {consent_cells.first(bad)!r}")
+            raise error_at(
+                path,
+                lines[bad],
+                c.column,
+                f"consent must be one of {list(c.granted + c.refused)}, found {consent_cells.first(bad)!r}",
+            )
         consent[c.purpose] = granted
 
     keep = ~drop
@@ -287,5 +311,7 @@ def _check_unique(ids: np.ndarray, *, lines: np.ndarray, path: Path, column: str
         raise DataError(
             f"customer id {first!r} appears {len(same)} times ({lines_text(same)}); "
             f"ids must be unique ({int(dup.sum())} rows share an id)",
-            path=str(path), line=int(same[0]), column=column,
+            path=str(path),
+            line=int(same[0]),
+            column=column,
         )

@@ -171,8 +171,10 @@ def create_certificates(
         fp = public_key_fingerprint(path)
         twin = [r for r, f in fingerprints.items() if f == fp]
         if twin:
-            raise ConfigError(f"create_certificates: regions `{twin[0]}` and `{region}` have the same public key "
-                              f"({path}): each data owner makes their own")
+            raise ConfigError(
+                f"create_certificates: regions `{twin[0]}` and `{region}` have the same public key "
+                f"({path}): each data owner makes their own"
+            )
         fingerprints[region] = fp
     sans = [_san(h) for h in hosts_t]
     if ca_valid_days < 1 or valid_days < 1:

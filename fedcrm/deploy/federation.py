@@ -99,16 +99,31 @@ class Federation:
     def from_dict(cls, folder: Path, d: dict[str, Any]) -> Federation:
         paths = {k: Path(d[k]) for k in ("config", "state_root", "app", "registry")}
         processes = {k: Recorded.from_dict(v) for k, v in d["processes"].items()}
-        return cls(folder=folder, name=str(d["name"]), port=int(d["port"]), regions=dict(d["regions"]),
-                   processes=processes, **paths)
+        return cls(
+            folder=folder,
+            name=str(d["name"]),
+            port=int(d["port"]),
+            regions=dict(d["regions"]),
+            processes=processes,
+            **paths,
+        )
 
     def save(self) -> None:
-        write_json_atomically(self.folder / DESCRIPTION, {
-            "name": self.name, "config": str(self.config), "state_root": str(self.state_root),
-            "app": str(self.app), "port": self.port, "address": f"127.0.0.1:{self.port}",
-            "registry": str(self.registry), "regions": self.regions,
-            "processes": {k: p.to_dict() for k, p in self.processes.items()},
-        }, what="describe the deployment")
+        write_json_atomically(
+            self.folder / DESCRIPTION,
+            {
+                "name": self.name,
+                "config": str(self.config),
+                "state_root": str(self.state_root),
+                "app": str(self.app),
+                "port": self.port,
+                "address": f"127.0.0.1:{self.port}",
+                "registry": str(self.registry),
+                "regions": self.regions,
+                "processes": {k: p.to_dict() for k, p in self.processes.items()},
+            },
+            what="describe the deployment",
+        )
         pids = self.folder / "pids"
         pids.mkdir(parents=True, exist_ok=True)
         for stale in pids.glob("*.pid"):
@@ -143,16 +158,26 @@ def up(
     if (folder / DESCRIPTION).is_file():
         fed = Federation.load(folder)
         if fed.config != Path(config).resolve():
-            raise ConfigError(f"deployment {fed.name} ({folder}) was started with {fed.config}, not {config}: "
-                              f"`fedcrm deploy down --name {fed.name}` first, or use another --name")
+            raise ConfigError(
+                f"deployment {fed.name} ({folder}) was started with {fed.config}, not {config}: "
+                f"`fedcrm deploy down --name {fed.name}` first, or use another --name"
+            )
         if fed.superlink_running():
             restart_missing(fed, report=report)
             return fed
         report(f"the SuperLink of {fed.name} is not running: stopping what is left and starting afresh")
         down(folder, report=report)
     prep = prepare(config, workdir=folder, state_root=state_root, app_dir=app_dir)
-    fed = Federation(folder=folder, name=name, config=prep.config, state_root=Path(state_root).resolve(),
-                     app=prep.app, port=0, registry=prep.registry.directory, regions={})
+    fed = Federation(
+        folder=folder,
+        name=name,
+        config=prep.config,
+        state_root=Path(state_root).resolve(),
+        app=prep.app,
+        port=0,
+        registry=prep.registry.directory,
+        regions={},
+    )
     dep = LocalDeployment(workdir=folder, certs=prep.certs, report=report)
     with terminate_as_interrupt():
         try:
@@ -163,15 +188,19 @@ def up(
     fed.port = dep.port
     for node in prep.nodes:
         fed.regions[node.region] = {
-            "node_id": node_ids[node.region], "private_key": str(prep.keys[node.region][0]),
-            "node_config": node.node_config(), "trust": str(prep.trust[node.region]),
+            "node_id": node_ids[node.region],
+            "private_key": str(prep.keys[node.region][0]),
+            "node_config": node.node_config(),
+            "trust": str(prep.trust[node.region]),
         }
     for comp in [dep.superlink, *dep.supernodes.values(), *dep.executors.values()]:
         assert comp is not None
         fed.remember(comp)
     fed.save()
-    report(f"federation {name} is up on {dep.address}: {len(prep.nodes)} regions; `fedcrm deploy status "
-           f"--name {name}`, `fedcrm run CONFIG --federation {name}`, `fedcrm deploy down --name {name}`")
+    report(
+        f"federation {name} is up on {dep.address}: {len(prep.nodes)} regions; `fedcrm deploy status "
+        f"--name {name}`, `fedcrm run CONFIG --federation {name}`, `fedcrm deploy down --name {name}`"
+    )
     return fed
 
 
@@ -191,8 +220,12 @@ def restart_missing(fed: Federation, *, report: Report = print, timeout: float =
     for region in dead:
         fed.processes[f"exec-{region}"].stop(grace_s=3)  # it follows its SuperNode out; never two executors
         spec = fed.regions[region]
-        dep.start_supernode(region, private_key=Path(spec["private_key"]), node_config=dict(spec["node_config"]),
-                            trust=Path(spec["trust"]))
+        dep.start_supernode(
+            region,
+            private_key=Path(spec["private_key"]),
+            node_config=dict(spec["node_config"]),
+            trust=Path(spec["trust"]),
+        )
         fed.remember(dep.supernodes[region])
         fed.remember(dep.executors[region])
     fed.save()
@@ -215,9 +248,17 @@ def status(folder: Path) -> dict[str, Any]:
         for region, spec in fed.regions.items():
             nodes[region] = {"node_id": spec["node_id"], "status": seen.get(int(spec["node_id"]), "unknown")}
     ok = all(p["alive"] for p in procs.values()) and all(n["status"] == "online" for n in nodes.values())
-    return {"name": fed.name, "folder": str(fed.folder), "address": f"127.0.0.1:{fed.port}", "config": str(fed.config),
-            "state_root": str(fed.state_root), "ok": ok and error is None, "processes": procs, "nodes": nodes,
-            **({"error": error} if error else {})}
+    return {
+        "name": fed.name,
+        "folder": str(fed.folder),
+        "address": f"127.0.0.1:{fed.port}",
+        "config": str(fed.config),
+        "state_root": str(fed.state_root),
+        "ok": ok and error is None,
+        "processes": procs,
+        "nodes": nodes,
+        **({"error": error} if error else {}),
+    }
 
 
 def down(folder: Path, *, report: Report = print) -> list[str]:
@@ -272,8 +313,10 @@ def run_on(
     config = Path(config).resolve()
     cfg = load_config(config)
     if set(cfg.regions) != set(fed.regions):
-        raise ConfigError(f"{config}: regions {sorted(cfg.regions)}, but deployment {fed.name} serves "
-                          f"{sorted(fed.regions)} (started from {fed.config})")
+        raise ConfigError(
+            f"{config}: regions {sorted(cfg.regions)}, but deployment {fed.name} serves "
+            f"{sorted(fed.regions)} (started from {fed.config})"
+        )
     if any(any(c.isspace() for c in o) for o in overrides or []):
         raise ConfigError(f"--set {overrides}: a value with spaces cannot travel in the run config")
     run_dir = Path(run_dir).resolve() if run_dir is not None else (cfg.output_dir / cfg.name).resolve()
@@ -281,9 +324,17 @@ def run_on(
     dep = fed.attach(report=report)
     extra = {**(extra_run_config or {}), **({"overrides": " ".join(overrides)} if overrides else {})}
     started = time.time()
-    result = submit_and_wait(dep, config=config, run_dir=run_dir, app=fed.app, signature=signature,
-                             registry=fed.registry, report=report, run_timeout_s=run_timeout_s,
-                             extra_run_config=extra)
+    result = submit_and_wait(
+        dep,
+        config=config,
+        run_dir=run_dir,
+        app=fed.app,
+        signature=signature,
+        registry=fed.registry,
+        report=report,
+        run_timeout_s=run_timeout_s,
+        extra_run_config=extra,
+    )
     report(f"run {result.run_id} on federation {fed.name}: {time.time() - started:.1f} s")
     return result
 
@@ -298,11 +349,21 @@ def retrain_on(folder: Path, *, run_timeout_s: float = 3600.0) -> Callable[..., 
     """
     fed = Federation.load(folder)
 
-    def simulate(cfg: ExperimentConfig, *, run_dir: Path, state_root: Path, report: Report,
-                 shards: list[int], initial: dict[int, Weights], model_version: int) -> RunSummary:
+    def simulate(
+        cfg: ExperimentConfig,
+        *,
+        run_dir: Path,
+        state_root: Path,
+        report: Report,
+        shards: list[int],
+        initial: dict[int, Weights],
+        model_version: int,
+    ) -> RunSummary:
         if Path(state_root).resolve() != fed.state_root:
-            raise ConfigError(f"--state {state_root}: the regions of federation {fed.name} keep their state in "
-                              f"{fed.state_root} (set at `deploy up`)")
+            raise ConfigError(
+                f"--state {state_root}: the regions of federation {fed.name} keep their state in "
+                f"{fed.state_root} (set at `deploy up`)"
+            )
         inputs = fed.folder / "retrains" / f"{Path(run_dir).parent.name}-v{model_version}"
         shutil.rmtree(inputs, ignore_errors=True)
         inputs.mkdir(parents=True)
@@ -310,15 +371,25 @@ def retrain_on(folder: Path, *, run_timeout_s: float = 3600.0) -> Callable[..., 
             (inputs / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
             for k, weights in initial.items():
                 save_weights(inputs / f"constituent-{k}.npz", weights)
-            result = run_on(fed.folder, inputs / "config.yaml", run_dir=Path(run_dir), report=report,
-                            run_timeout_s=run_timeout_s,
-                            extra_run_config={"shards": ",".join(str(k) for k in shards),
-                                              "initial-dir": str(inputs), "model-version": str(model_version)})
+            result = run_on(
+                fed.folder,
+                inputs / "config.yaml",
+                run_dir=Path(run_dir),
+                report=report,
+                run_timeout_s=run_timeout_s,
+                extra_run_config={
+                    "shards": ",".join(str(k) for k in shards),
+                    "initial-dir": str(inputs),
+                    "model-version": str(model_version),
+                },
+            )
         finally:
             shutil.rmtree(inputs, ignore_errors=True)
         if not result.completed or result.summary is None:
-            raise FederationError(f"the retrain run {result.run_id} on federation {fed.name} ended "
-                                  f"{result.status.get('status', '?')}: {result.status.get('status-details', '')}")
+            raise FederationError(
+                f"the retrain run {result.run_id} on federation {fed.name} ended "
+                f"{result.status.get('status', '?')}: {result.status.get('status-details', '')}"
+            )
         return result.summary
 
     return simulate

@@ -87,8 +87,13 @@ def load_or_create_certificates(out_dir: Path) -> CertificateBundle:
     if not (srv_key.exists() and srv_crt.exists()):
         raise ConfigError(f"{out_dir}: ca.crt exists but server.key/server.crt do not; use a fresh folder")
     return CertificateBundle(
-        out_dir=out_dir, ca_key=ca_key, ca_cert=ca_crt, server_key=srv_key, server_cert=srv_crt,
-        supernode_public_keys={}, hosts=("localhost", "127.0.0.1"),
+        out_dir=out_dir,
+        ca_key=ca_key,
+        ca_cert=ca_crt,
+        server_key=srv_key,
+        server_cert=srv_crt,
+        supernode_public_keys={},
+        hosts=("localhost", "127.0.0.1"),
     )
 
 
@@ -192,8 +197,17 @@ def prepare(config: Path, *, workdir: Path, state_root: Path, app_dir: Path | No
     signature, trust = approve_locally(
         app, keys_dir=workdir / "certs", trust_dir=workdir / "trust", regions=[n.region for n in nodes]
     )
-    return Prepared(config=config, workdir=workdir, app=app, nodes=nodes, certs=certs, keys=keys,
-                    registry=registry, signature=signature, trust=trust)
+    return Prepared(
+        config=config,
+        workdir=workdir,
+        app=app,
+        nodes=nodes,
+        certs=certs,
+        keys=keys,
+        registry=registry,
+        signature=signature,
+        trust=trust,
+    )
 
 
 def start_federation(dep: LocalDeployment, prep: Prepared, *, report: Report = print) -> dict[str, int]:
@@ -206,11 +220,16 @@ def start_federation(dep: LocalDeployment, prep: Prepared, *, report: Report = p
     for node in prep.nodes:
         public = prep.keys[node.region][1]
         node_ids[node.region] = dep.register(public)
-        prep.registry.record(node_id=node_ids[node.region], region=node.region,
-                             public_key_sha256=public_key_fingerprint(public))
+        prep.registry.record(
+            node_id=node_ids[node.region], region=node.region, public_key_sha256=public_key_fingerprint(public)
+        )
     for node in prep.nodes:
-        dep.start_supernode(node.region, private_key=prep.keys[node.region][0], node_config=node.node_config(),
-                            trust=prep.trust[node.region])
+        dep.start_supernode(
+            node.region,
+            private_key=prep.keys[node.region][0],
+            node_config=node.node_config(),
+            trust=prep.trust[node.region],
+        )
     dep.wait_nodes(list(node_ids.values()), status="online")
     report(f"{len(prep.nodes)} SuperNodes online: " + ", ".join(f"{r} (node {i})" for r, i in node_ids.items()))
     return node_ids
@@ -237,8 +256,13 @@ def submit_and_wait(
     submitted = time.time()
     run_id = dep.submit(
         app_dir=app,
-        run_config={"experiment-config": str(config), "run-dir": str(run_dir), SIGNATURE_KEY: signature,
-                    "node-registry": str(registry), **(extra_run_config or {})},
+        run_config={
+            "experiment-config": str(config),
+            "run-dir": str(run_dir),
+            SIGNATURE_KEY: signature,
+            "node-registry": str(registry),
+            **(extra_run_config or {}),
+        },
     )
     report(f"run {run_id} submitted; streaming its log")
     if during_run is not None:
@@ -274,6 +298,14 @@ def deploy_local(
     run_dir = Path(run_dir).resolve() if run_dir is not None else (cfg.output_dir / cfg.name).resolve()
     with terminate_as_interrupt(), LocalDeployment(workdir=prep.workdir, certs=prep.certs, report=report) as dep:
         start_federation(dep, prep, report=report)
-        return submit_and_wait(dep, config=prep.config, run_dir=run_dir, app=prep.app, signature=prep.signature,
-                               registry=prep.registry.directory, report=report, run_timeout_s=run_timeout_s,
-                               during_run=during_run)
+        return submit_and_wait(
+            dep,
+            config=prep.config,
+            run_dir=run_dir,
+            app=prep.app,
+            signature=prep.signature,
+            registry=prep.registry.directory,
+            report=report,
+            run_timeout_s=run_timeout_s,
+            during_run=during_run,
+        )

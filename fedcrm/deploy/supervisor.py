@@ -81,13 +81,18 @@ def group_members(groups: set[int]) -> list[int]:
 
 
 def stop_groups(
-    groups: set[int], *, alive: Callable[[], bool], reap: Callable[[float], None] | None = None,
-    grace_s: float = 10.0, hard_s: float = 15.0,
+    groups: set[int],
+    *,
+    alive: Callable[[], bool],
+    reap: Callable[[float], None] | None = None,
+    grace_s: float = 10.0,
+    hard_s: float = 15.0,
 ) -> list[str]:
     """SIGTERM every group, SIGKILL what is left after ``grace_s``; return what still lives (nothing).
 
     ``alive`` says whether the group's leader still runs; ``reap`` waits for it when it is our child.
     """
+
     def signal_all(sig: int) -> None:
         for g in sorted(groups):
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -245,13 +250,23 @@ class Recorded:
         return stop_groups(groups, alive=self.running, grace_s=grace_s, hard_s=hard_s)
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "pid": self.pid, "started": self.started, "cmdline": self.cmdline,
-                "log": str(self.log_path)}
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "started": self.started,
+            "cmdline": self.cmdline,
+            "log": str(self.log_path),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recorded:
-        return cls(name=str(data["name"]), pid=int(data["pid"]), started=int(data["started"]),
-                   cmdline=str(data["cmdline"]), log_path=Path(str(data["log"])))
+        return cls(
+            name=str(data["name"]),
+            pid=int(data["pid"]),
+            started=int(data["started"]),
+            cmdline=str(data["cmdline"]),
+            log_path=Path(str(data["log"])),
+        )
 
 
 def start_component(

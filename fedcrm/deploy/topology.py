@@ -126,8 +126,14 @@ class LocalDeployment:
 
     def _start(self, name: str, argv: list[str], *, flwr_home: Path, stdout_pipe: bool = False) -> Component:
         flwr_home.mkdir(parents=True, exist_ok=True)
-        return start_component(name, argv, env=self._env(flwr_home), cwd=self.workdir,
-                               log_path=self.logs / f"{name}.log", stdout_pipe=stdout_pipe)
+        return start_component(
+            name,
+            argv,
+            env=self._env(flwr_home),
+            cwd=self.workdir,
+            log_path=self.logs / f"{name}.log",
+            stdout_pipe=stdout_pipe,
+        )
 
     def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's connection."""
@@ -173,9 +179,12 @@ class LocalDeployment:
         if self.tls:
             assert self.certs is not None
             argv += [
-                "--ssl-ca-certfile", str(self.certs.ca_cert),
-                "--ssl-certfile", str(self.certs.server_cert),
-                "--ssl-keyfile", str(self.certs.server_key),
+                "--ssl-ca-certfile",
+                str(self.certs.ca_cert),
+                "--ssl-certfile",
+                str(self.certs.server_cert),
+                "--ssl-keyfile",
+                str(self.certs.server_key),
             ]
         else:
             argv += ["--insecure"]  # Flower then refuses --enable-supernode-auth: it needs TLS
@@ -272,9 +281,7 @@ class LocalDeployment:
             )  # fmt: skip
         return comp
 
-    def wait_nodes(
-        self, node_ids: Sequence[int] = (), *, status: str, count: int = 0, timeout: float = 180.0
-    ) -> None:
+    def wait_nodes(self, node_ids: Sequence[int] = (), *, status: str, count: int = 0, timeout: float = 180.0) -> None:
         """Wait until every node in ``node_ids`` (and at least ``count`` nodes) has ``status`` (online/offline)."""
         deadline = time.time() + timeout
         while True:

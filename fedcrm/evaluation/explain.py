@@ -260,9 +260,7 @@ def explain_customer(
 # -- global importance, federated ------------------------------------------------------------------
 
 
-def importance_sums(
-    models: list[nn.Module], *, schema: Schema, x: np.ndarray, steps: int = 32
-) -> np.ndarray:
+def importance_sums(models: list[nn.Module], *, schema: Schema, x: np.ndarray, steps: int = 32) -> np.ndarray:
     """Sum over customers of |contribution| per source column (probability units): adds up across regions.
 
     Over a whole hold-out the midpoint rule is used, not Captum: Captum's gradient step unbinds the
@@ -285,4 +283,3 @@ def importance_report(sums: np.ndarray, customers: float, *, schema: Schema) -> 
         return {}
     pairs = sorted(zip(names, (sums / customers * 100).tolist(), strict=True), key=lambda p: -p[1])
     return {n: round(v, 4) for n, v in pairs}
-

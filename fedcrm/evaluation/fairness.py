@@ -182,9 +182,7 @@ def to_lists(summary: FairnessSummary, *, schema: Schema) -> dict[str, list[floa
     }
 
 
-def from_lists(
-    *, hist_pos: Any, hist_neg: Any, sum_score: Any, suppressed: Any, schema: Schema
-) -> FairnessSummary:
+def from_lists(*, hist_pos: Any, hist_neg: Any, sum_score: Any, suppressed: Any, schema: Schema) -> FairnessSummary:
     """The inverse of :func:`to_lists`; raises ValueError when the lengths do not fit the schema."""
     layout = sensitive_groups(schema)
     n_groups = sum(len(ag.groups) for ag in layout)

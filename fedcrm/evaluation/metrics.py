@@ -28,7 +28,12 @@ class ScoreSummary:
 
     @classmethod
     def of(
-        cls, *, scores: np.ndarray, labels: np.ndarray, bins: int = BINS, loss_cap: float | None = None,
+        cls,
+        *,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        bins: int = BINS,
+        loss_cap: float | None = None,
         logit_range: float | None = None,
     ) -> ScoreSummary:
         """``loss_cap`` clips each customer's log-loss (bounding their share of the sum, for a DP answer).

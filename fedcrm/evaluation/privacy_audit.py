@@ -82,6 +82,7 @@ def epsilon_lower_bound(*, canaries: int, guesses: int, correct: int, delta: flo
     The p-value grows with ε (a larger ε lets a run be more accurate), so the rejected ε form an interval
     from 0, found by doubling and bisection as in the paper's own code.
     """
+
     def rejects(eps: float) -> bool:
         return p_value(canaries=canaries, guesses=guesses, correct=correct, epsilon=eps, delta=delta) <= significance
 
@@ -123,9 +124,7 @@ def guess_counts(canaries: int, *, shares: tuple[float, ...] = GUESS_SHARES) -> 
     return [(k, 0) for k in ks] + [(k, k) for k in ks if 2 * k <= canaries]
 
 
-def one_run_audit(
-    scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float = 0.95
-) -> OneRunResult:
+def one_run_audit(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float = 0.95) -> OneRunResult:
     """Guess from ``scores`` (higher: more likely included) and bound ε from the correct guesses.
 
     Every (k+, k-) of :func:`guess_counts` is tried, each at significance (1 − confidence) / (their
@@ -143,15 +142,24 @@ def one_run_audit(
     significance = (1 - confidence) / len(hyps)
     best = (0.0, 0, 0, 0)
     for k_in, k_out in hyps:
-        correct = int(ranked[m - k_in:].sum()) + int((~ranked[:k_out]).sum())
-        eps = epsilon_lower_bound(canaries=m, guesses=k_in + k_out, correct=correct, delta=delta,
-                                  significance=significance)
+        correct = int(ranked[m - k_in :].sum()) + int((~ranked[:k_out]).sum())
+        eps = epsilon_lower_bound(
+            canaries=m, guesses=k_in + k_out, correct=correct, delta=delta, significance=significance
+        )
         if eps > best[0]:
             best = (eps, k_in, k_out, correct)
     auc = float(roc_auc_score(inc, s)) if 0 < inc.sum() < m else math.nan
     return OneRunResult(
-        canaries=m, included=int(inc.sum()), guesses_in=best[1], guesses_out=best[2], correct=best[3],
-        hypotheses=len(hyps), auc=auc, epsilon_lower_bound=best[0], confidence=confidence, delta=delta,
+        canaries=m,
+        included=int(inc.sum()),
+        guesses_in=best[1],
+        guesses_out=best[2],
+        correct=best[3],
+        hypotheses=len(hyps),
+        auc=auc,
+        epsilon_lower_bound=best[0],
+        confidence=confidence,
+        delta=delta,
     )
 
 
@@ -206,8 +214,9 @@ def audit_region(
     served.check_schema(schema)
     r = Region(NodeSettings(region=region, data_path=data_path, state_dir=state_dir, policy_path=policy_path))
     data = r.load(cfg, schema)
-    chosen = customer_canaries(data.holdout, holdout_fraction=cfg.evaluation.holdout_fraction,
-                               rng=np.random.default_rng())
+    chosen = customer_canaries(
+        data.holdout, holdout_fraction=cfg.evaluation.holdout_fraction, rng=np.random.default_rng()
+    )
     losses = bce(served.proba(data.x[chosen]), data.y[chosen])
     result = one_run_audit(-losses, ~data.holdout[chosen], delta=r.delta, confidence=confidence)
     claimed = math.inf if cfg.privacy.mode == "none" else r.epsilon(cfg)

@@ -74,9 +74,7 @@ class PooledTrust:
         out: dict[str, Any] = {"fairness": fairness.fairness_report(self.groups, schema=schema)}
         if self.importance_sum is not None:
             out["feature_importance"] = {
-                "mean_abs_contribution_points": importance_report(
-                    self.importance_sum, self.customers, schema=schema
-                ),
+                "mean_abs_contribution_points": importance_report(self.importance_sum, self.customers, schema=schema),
                 "customers": self.customers,
                 "regions": self.regions,
                 "reference": "contributions against the schema's reference customer (fedcrm.evaluation.explain)",

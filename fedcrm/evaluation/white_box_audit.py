@@ -82,8 +82,14 @@ def _public_round_seed(seed: int, round_: int) -> int:
 
 
 def _replayed_noise(
-    randomness: ReleaseRandomness, *, steps: int, rows: int, q: float, shapes: list[torch.Size],
-    coordinates: np.ndarray, std: float,
+    randomness: ReleaseRandomness,
+    *,
+    steps: int,
+    rows: int,
+    q: float,
+    shapes: list[torch.Size],
+    coordinates: np.ndarray,
+    std: float,
 ) -> np.ndarray:
     """The noise a release drew on ``coordinates``, summed over its steps, regenerated from its seed.
 
@@ -151,16 +157,28 @@ def white_box_audit(
             randomness = ReleaseRandomness.public_seed(_public_round_seed(public_seed, round_))
             removed += _replayed_noise(
                 ReleaseRandomness.public_seed(_public_round_seed(public_seed, round_)),
-                steps=steps, rows=n + len(chosen), q=q, shapes=[p.shape for p in net.parameters()],
-                coordinates=coordinates, std=dp.noise_multiplier * clipping_norm,
+                steps=steps,
+                rows=n + len(chosen),
+                q=q,
+                shapes=[p.shape for p in net.parameters()],
+                coordinates=coordinates,
+                std=dp.noise_multiplier * clipping_norm,
             )
         else:
             randomness = ReleaseRandomness.secure()
         before = first.detach().reshape(-1)[coordinates].double().numpy().copy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            train_locally(net, x=x_audit, y=y, training=sgd, dp=dp, randomness=randomness,
-                          planned_customers=planned_customers, canaries=canary_grads)
+            train_locally(
+                net,
+                x=x_audit,
+                y=y,
+                training=sgd,
+                dp=dp,
+                randomness=randomness,
+                planned_customers=planned_customers,
+                canaries=canary_grads,
+            )
         moved += first.detach().reshape(-1)[coordinates].double().numpy() - before
     # −update × B / lr is the sum of the noisy gradients; in units of C, an included canary adds 1 per
     # step it was sampled in, an excluded one nothing.
@@ -168,8 +186,13 @@ def white_box_audit(
     result = one_run_audit(scores, included, delta=delta, confidence=confidence)
     claimed = epsilon([GaussianRelease(noise_multiplier, q, steps)] * sgd.rounds, delta=delta, accountant=accountant)
     return WhiteBoxAudit(
-        result=result, claimed_epsilon=claimed, noise_multiplier=noise_multiplier, sample_rate=q,
-        steps_per_round=steps, rounds=sgd.rounds, planted_bug=planted_bug.value if planted_bug else None,
+        result=result,
+        claimed_epsilon=claimed,
+        noise_multiplier=noise_multiplier,
+        sample_rate=q,
+        steps_per_round=steps,
+        rounds=sgd.rounds,
+        planted_bug=planted_bug.value if planted_bug else None,
     )
 
 
@@ -206,10 +229,16 @@ def audit_region_white_box(
     declared = r.policy.declared_size(len(x))
     sigma = r.noise_multiplier(cfg, n=declared)
     audit = white_box_audit(
-        x=x, y=y, model=cfg.model, training=cfg.training, noise_multiplier=sigma,
-        clipping_norm=cfg.privacy.clipping_norm, delta=r.delta, accountant=cfg.privacy.accountant,
-        planned_customers=declared, canaries=canaries, confidence=confidence,
+        x=x,
+        y=y,
+        model=cfg.model,
+        training=cfg.training,
+        noise_multiplier=sigma,
+        clipping_norm=cfg.privacy.clipping_norm,
+        delta=r.delta,
+        accountant=cfg.privacy.accountant,
+        planned_customers=declared,
+        canaries=canaries,
+        confidence=confidence,
     )
-    return {**audit.as_dict(), "privacy_mode": cfg.privacy.mode, "customers": len(x),
-            "declared_customers": declared}
-
+    return {**audit.as_dict(), "privacy_mode": cfg.privacy.mode, "customers": len(x), "declared_customers": declared}

@@ -94,8 +94,12 @@ def _train(region: Region, msg: Message) -> RecordDict:
 def _evaluate(region: Region, msg: Message) -> RecordDict:
     cfg, schema, run_id = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
     region.check_request(cfg, schema)
-    summary = region.evaluate(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
-                              run_id=run_id)
+    summary = region.evaluate(
+        cfg,
+        schema,
+        constituents=unpack_constituents(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
+        run_id=run_id,
+    )
     metrics: dict[str, Any] = {
         wire.EPSILON: region.epsilon(cfg),
         wire.DELTA: region.delta,
@@ -116,8 +120,12 @@ def _evaluate(region: Region, msg: Message) -> RecordDict:
 def _with_trust(region: Region, msg: Message, content: RecordDict) -> RecordDict:
     """The served model's evaluation plus fairness per group and feature importance (one more DP answer)."""
     cfg, schema, run_id = read_plan(msg.content[wire.CONFIG])  # type: ignore[arg-type]
-    trust = region.trust_summary(cfg, schema, constituents=unpack_constituents(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
-                                 run_id=run_id)
+    trust = region.trust_summary(
+        cfg,
+        schema,
+        constituents=unpack_constituents(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
+        run_id=run_id,
+    )
     metrics = content[wire.METRICS]
     for key, value in trust.to_metrics(schema=schema).items():
         metrics[key] = value  # type: ignore[index]
@@ -144,9 +152,16 @@ def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
         region = Region(settings)  # its data cache is the process's: see _serve
     except FedcrmError as e:
         log.error("region %s cannot start: %s", settings.region, e)
-        return RecordDict({wire.STATUS: status(
-            settings.region, wire.OUTCOME_FAILED,
-            f"{type(e).__name__}: the region's state or policy could not be read", type(e).__name__)})
+        return RecordDict(
+            {
+                wire.STATUS: status(
+                    settings.region,
+                    wire.OUTCOME_FAILED,
+                    f"{type(e).__name__}: the region's state or policy could not be read",
+                    type(e).__name__,
+                )
+            }
+        )
     try:
         content = handler(region, msg)
     except RefusalError as e:
@@ -157,15 +172,27 @@ def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
     except Exception as e:  # noqa: BLE001 - a region reports, in general terms, every failure
         # The full message may quote a cell of the table: it stays in the region's log.
         log.error("region %s: %s: %s", region.name, type(e).__name__, e)
-        content = RecordDict({wire.STATUS: status(
-            region.name, wire.OUTCOME_FAILED,
-            f"region {region.name}: {type(e).__name__} (details in the region's own log)", type(e).__name__)})
+        content = RecordDict(
+            {
+                wire.STATUS: status(
+                    region.name,
+                    wire.OUTCOME_FAILED,
+                    f"region {region.name}: {type(e).__name__} (details in the region's own log)",
+                    type(e).__name__,
+                )
+            }
+        )
     try:
         return check_outgoing(content)
     except BlockedReply as e:
         log.error("region %s: reply blocked by the outgoing check: %s", region.name, e)
-        return RecordDict({wire.STATUS: status(
-            region.name, wire.OUTCOME_FAILED, "reply blocked by the region's outgoing check", "BlockedReply")})
+        return RecordDict(
+            {
+                wire.STATUS: status(
+                    region.name, wire.OUTCOME_FAILED, "reply blocked by the region's outgoing check", "BlockedReply"
+                )
+            }
+        )
 
 
 def _serve(handler: Handler, msg: Message, context: Context) -> Message:

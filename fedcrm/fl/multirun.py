@@ -131,8 +131,7 @@ def run_many_simulated(
         for r in runs:
             outcome: Outcome
             try:
-                outcome = run_federation(grid, r.cfg, run_dir=r.run_dir, report=report,
-                                         registry=registries[r.cfg.name])
+                outcome = run_federation(grid, r.cfg, run_dir=r.run_dir, report=report, registry=registries[r.cfg.name])
             except Exception as e:  # one cell's failure is recorded; the sweep goes on
                 log.warning("run %s failed: %s", r.cfg.name, e)
                 outcome = e
@@ -146,11 +145,12 @@ def run_many_simulated(
         "init_args": ray_init_args(n_nodes, processes=None, ray_address=ray_address),
     }
     with use_one_pass_delivery():
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes,
-                       backend_config=backend_config)
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=n_nodes, backend_config=backend_config
+        )
     _stop_ray()
     # Runs the engine never reached (it failed to start) are reported as such.
-    for r in runs[len(outcomes):]:
+    for r in runs[len(outcomes) :]:
         outcome = FederationError("the simulation engine stopped before this run started")
         outcomes.append(outcome)
         if on_done is not None:

@@ -97,8 +97,10 @@ def _epsilon_text(eps: dict[str, float], *, listed: int = 8) -> str:
     if len(eps) <= listed:
         return ", ".join(f"{r} {e:.2f}" for r, e in sorted(eps.items()))
     lowest, highest = min(eps, key=eps.__getitem__), max(eps, key=eps.__getitem__)
-    return (f"{len(eps)} regions, {eps[lowest]:.2f} ({lowest}) to {eps[highest]:.2f} ({highest}), "
-            f"median {statistics.median(eps.values()):.2f}")
+    return (
+        f"{len(eps)} regions, {eps[lowest]:.2f} ({lowest}) to {eps[highest]:.2f} ({highest}), "
+        f"median {statistics.median(eps.values()):.2f}"
+    )
 
 
 @dataclass
@@ -182,9 +184,21 @@ def preflight(
     events: dict[str, dict[str, str]] = {"refused": dict(refused), "failed": {}, "rejected": dict(misclaimed)}
     for node in sorted(set(nodes) - answered):
         events["failed"][f"node-{node}"] = "no reply to the pre-flight within the round timeout"
-    return Preflight(run=run, run_id=run_id, started=t0, plan=plan, schema=schema,
-                     feature_names=FeatureEncoder(schema).feature_names, nodes=nodes, excluded=excluded,
-                     described=described, refused=refused, node_regions=node_regions, events=events, notes=notes)
+    return Preflight(
+        run=run,
+        run_id=run_id,
+        started=t0,
+        plan=plan,
+        schema=schema,
+        feature_names=FeatureEncoder(schema).feature_names,
+        nodes=nodes,
+        excluded=excluded,
+        described=described,
+        refused=refused,
+        node_regions=node_regions,
+        events=events,
+        notes=notes,
+    )
 
 
 def train_constituent(
@@ -203,24 +217,29 @@ def train_constituent(
     def on_round(rnd: int, ev: RoundEvents, per_region: dict[str, dict[str, float]], pooled: dict[str, float]) -> None:
         rnd += offset
         eps = {r: m["epsilon"] for r, m in ev.train.items()}
-        run.append_metrics({
-            "round": rnd,
-            "shard": shard,
-            "time_s": round(time.time() - t0, 3),
-            "pooled": pooled,
-            "regions": per_region,
-            "epsilon": eps,  # the regions that trained this round (their ledgers hold a release for it)
-            "selected": ev.selected,  # the regions the server's sample asked to train (federation.fraction_train)
-            "refused": ev.refused,
-            "failed": ev.failed,
-            "rejected": ev.rejected,
-        })
+        run.append_metrics(
+            {
+                "round": rnd,
+                "shard": shard,
+                "time_s": round(time.time() - t0, 3),
+                "pooled": pooled,
+                "regions": per_region,
+                "epsilon": eps,  # the regions that trained this round (their ledgers hold a release for it)
+                "selected": ev.selected,  # the regions the server's sample asked to train (federation.fraction_train)
+                "refused": ev.refused,
+                "failed": ev.failed,
+                "rejected": ev.rejected,
+            }
+        )
         for kind in EVENT_KINDS:
             pre.events[kind].update(getattr(ev, kind))
         eps_text = _epsilon_text(eps)
         shard_text = f" shard {shard + 1}/{cfg.unlearning.shards}" if cfg.unlearning.shards > 1 else ""
-        quality = (f"  pooled AUC {pooled['auc']:.4f}  log-loss {pooled.get('log_loss', float('nan')):.4f}"
-                   if "auc" in pooled else "")
+        quality = (
+            f"  pooled AUC {pooled['auc']:.4f}  log-loss {pooled.get('log_loss', float('nan')):.4f}"
+            if "auc" in pooled
+            else ""
+        )
         report(
             f"round {rnd:>3}/{cfg.training.rounds}{shard_text}:{quality}  ε spent: {eps_text or '-'}"
             f"  ({time.time() - t0:.1f}s)"
@@ -256,7 +275,11 @@ def train_constituent(
 
 
 def evaluate_served(
-    grid: Grid, cfg: ExperimentConfig, pre: Preflight, *, constituents: dict[int, dict[str, np.ndarray]],
+    grid: Grid,
+    cfg: ExperimentConfig,
+    pre: Preflight,
+    *,
+    constituents: dict[int, dict[str, np.ndarray]],
     registry: NodeRegistry | None,
 ) -> ServedEvaluation:
     """Every region taking part scores the served model on its hold-out and answers with DP noise."""
@@ -270,8 +293,9 @@ def evaluate_served(
     final, misclaimed = screen_claims(final, registry)
     pre.events["rejected"].update(misclaimed)
     per_region, pooled, skipped = pooled_evaluation(final)
-    return ServedEvaluation(per_region=per_region, pooled=pooled, suppressed=skipped,
-                            trust=pooled_trust(final, schema=pre.schema))
+    return ServedEvaluation(
+        per_region=per_region, pooled=pooled, suppressed=skipped, trust=pooled_trust(final, schema=pre.schema)
+    )
 
 
 def summarise(
@@ -296,9 +320,11 @@ def summarise(
     notes = list(pre.notes)
     noise_sd = ev.pooled.get("auc_noise_sd", 0.0)
     if noise_sd > AUC_NOISE_WARNING:
-        note = (f"the pooled AUC is a DP answer and its noise alone moves it by ±{noise_sd:.2f} (one standard "
-                "deviation): the regions' hold-outs are too small for a precise evaluation at their policies' "
-                "evaluation_noise; read it as a rough figure, or evaluate on more customers")
+        note = (
+            f"the pooled AUC is a DP answer and its noise alone moves it by ±{noise_sd:.2f} (one standard "
+            "deviation): the regions' hold-outs are too small for a precise evaluation at their policies' "
+            "evaluation_noise; read it as a rough figure, or evaluate on more customers"
+        )
         notes.append(note)
         report(f"[warning] {note}")
     return RunSummary(
@@ -306,8 +332,11 @@ def summarise(
         run_id=pre.run_id,
         task=cfg.task,
         privacy_mode=cfg.privacy.mode,
-        final_metrics={k: ev.pooled[k] for k in ("auc", "auc_noise_sd", "log_loss", "accuracy", "brier", "customers")
-                       if k in ev.pooled},
+        final_metrics={
+            k: ev.pooled[k]
+            for k in ("auc", "auc_noise_sd", "log_loss", "accuracy", "brier", "customers")
+            if k in ev.pooled
+        },
         final_metrics_by_region={r: m for r, m in ev.per_region.items() if "auc" in m},
         suppressed_regions=ev.suppressed,
         privacy=privacy,

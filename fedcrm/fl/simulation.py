@@ -163,8 +163,10 @@ def ray_init_args(regions: int, *, processes: int | None, ray_address: str | Non
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     if ray_address is not None:
         if processes is not None:
-            raise ConfigError("--processes and --ray-address: on a Ray cluster the cluster's CPUs decide how many "
-                              "ClientApps run; give one or the other")
+            raise ConfigError(
+                "--processes and --ray-address: on a Ray cluster the cluster's CPUs decide how many "
+                "ClientApps run; give one or the other"
+            )
         _check_reachable(ray_address)
         return {"address": ray_address, **quiet}
     actors = client_processes(regions) if processes is None else processes
@@ -180,13 +182,17 @@ def _check_reachable(ray_address: str) -> None:
     Flower's backend thread)."""
     host, _, port = ray_address.rpartition(":")
     if not host or not port.isdigit() or "://" in host:
-        raise ConfigError(f"--ray-address {ray_address!r}: expected HOST:PORT of the Ray head's GCS "
-                          "(what `ray start --head --port PORT` prints), e.g. 10.0.0.5:6379")
+        raise ConfigError(
+            f"--ray-address {ray_address!r}: expected HOST:PORT of the Ray head's GCS "
+            "(what `ray start --head --port PORT` prints), e.g. 10.0.0.5:6379"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
-        raise ConfigError(f"--ray-address {ray_address}: no Ray head answers there ({e}). Start one with "
-                          f"`ray start --head --port {port}`, or leave --ray-address out to run on this machine") from e
+        raise ConfigError(
+            f"--ray-address {ray_address}: no Ray head answers there ({e}). Start one with "
+            f"`ray start --head --port {port}`, or leave --ray-address out to run on this machine"
+        ) from e
 
 
 def _stop_ray() -> None:

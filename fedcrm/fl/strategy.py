@@ -130,9 +130,7 @@ def update_digest(update: ArrayRecord) -> str:
 
 def update_norm(update: ArrayRecord, sent: dict[str, np.ndarray]) -> float:
     """L2 norm of the change an update makes to the model the server sent."""
-    return float(np.sqrt(sum(
-        float(np.sum((update[k].numpy().astype(np.float64) - sent[k]) ** 2)) for k in sent
-    )))
+    return float(np.sqrt(sum(float(np.sum((update[k].numpy().astype(np.float64) - sent[k]) ** 2)) for k in sent)))
 
 
 def _status(msg: Message) -> tuple[str, str, str]:
@@ -144,9 +142,7 @@ def _status(msg: Message) -> tuple[str, str, str]:
     return str(st[wire.REGION]), str(st[wire.OUTCOME]), str(st.get(wire.REASON, ""))
 
 
-def screen_claims(
-    replies: Iterable[Message], registry: NodeRegistry | None
-) -> tuple[list[Message], dict[str, str]]:
+def screen_claims(replies: Iterable[Message], registry: NodeRegistry | None) -> tuple[list[Message], dict[str, str]]:
     """The replies whose claimed region is the one their node was registered for, and the others' reasons.
 
     A rejected reply is named by the region its node *was registered for* (or ``node-<id>`` when it was
@@ -167,11 +163,15 @@ def screen_claims(
         st = msg.content.get(wire.STATUS)
         claimed = None if st is None else str(st.get(wire.REGION, ""))
         if registered is None:
-            rejected[f"node-{node}"] = (f"node {node} is not in the node registry: its reply claims region "
-                                        f"`{claimed}`, which nothing vouches for")
+            rejected[f"node-{node}"] = (
+                f"node {node} is not in the node registry: its reply claims region "
+                f"`{claimed}`, which nothing vouches for"
+            )
         elif claimed is not None and claimed != registered:
-            rejected[registered] = (f"reply claims region `{claimed}`, but node {node} is registered for "
-                                    f"`{registered}`: rejected, nothing of it counted")
+            rejected[registered] = (
+                f"reply claims region `{claimed}`, but node {node} is registered for "
+                f"`{registered}`: rejected, nothing of it counted"
+            )
         else:
             kept.append(msg)
     return kept, rejected
@@ -227,8 +227,10 @@ def auc_noise_sd(summary: ScoreSummary, *, noise_std: float, draws: int = 200) -
     """
     rng = np.random.default_rng(0)  # a statistic of public numbers: reproducible on purpose
     aucs = [
-        auc_from_histograms(summary.hist_pos + rng.normal(0, noise_std, summary.hist_pos.shape),
-                            summary.hist_neg + rng.normal(0, noise_std, summary.hist_neg.shape))
+        auc_from_histograms(
+            summary.hist_pos + rng.normal(0, noise_std, summary.hist_pos.shape),
+            summary.hist_neg + rng.normal(0, noise_std, summary.hist_neg.shape),
+        )
         for _ in range(draws)
     ]
     return float(np.nanstd(np.clip(aucs, 0.0, 1.0)))
@@ -343,16 +345,23 @@ class GuardedStrategy(Strategy):
         deadline = time.monotonic() + self.wait_for_regions_s
         missing = expected - set(grid.get_node_ids())
         if missing and self.wait_for_regions_s > 0:
-            log.info("round %d: waiting up to %g s for %s to connect", server_round, self.wait_for_regions_s,
-                     ", ".join(sorted(self._region_of(n) for n in missing)))
+            log.info(
+                "round %d: waiting up to %g s for %s to connect",
+                server_round,
+                self.wait_for_regions_s,
+                ", ".join(sorted(self._region_of(n) for n in missing)),
+            )
         while missing and time.monotonic() < deadline:
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
             missing = expected - set(grid.get_node_ids())
         ev = self.events.setdefault(server_round, RoundEvents())
         for node in sorted(missing):
             region = self._region_of(node)
-            ev.failed.setdefault(region, f"not connected when the round started (waited "
-                                         f"{self.wait_for_regions_s:g} s, federation.wait_for_regions_s)")
+            ev.failed.setdefault(
+                region,
+                f"not connected when the round started (waited "
+                f"{self.wait_for_regions_s:g} s, federation.wait_for_regions_s)",
+            )
             log.warning("round %d: region %s is not connected: %s", server_round, region, ev.failed[region])
 
     def aggregate_train(
@@ -406,8 +415,10 @@ class GuardedStrategy(Strategy):
         if earlier is None:
             return None
         region, rnd = earlier
-        return (f"replayed update: bit-for-bit equal to the update region {region} sent in round {rnd}; "
-                "a fresh round of training never repeats an update")
+        return (
+            f"replayed update: bit-for-bit equal to the update region {region} sent in round {rnd}; "
+            "a fresh round of training never repeats an update"
+        )
 
     def _screen_norms(self, ev: RoundEvents, accepted: list[Message]) -> list[Message]:
         """Reject updates that move the model farther than the absolute bound or the outlier ratio allow."""
@@ -419,13 +430,20 @@ class GuardedStrategy(Strategy):
         for msg in accepted:
             norm, region = norms[id(msg)], _status(msg)[0]
             if self.max_update_norm is not None and norm > self.max_update_norm:
-                ev.rejected[region] = (f"update norm {norm:.4g} exceeds federation.max_update_norm = "
-                                       f"{self.max_update_norm:g}")
-            elif (self.outlier_norm_ratio is not None and len(accepted) >= 3 and median > 0
-                  and norm > self.outlier_norm_ratio * median):
-                ev.rejected[region] = (f"update norm {norm:.4g} is {norm / median:.1f}x the round's median "
-                                       f"{median:.4g}, over federation.outlier_norm_ratio = "
-                                       f"{self.outlier_norm_ratio:g}")
+                ev.rejected[region] = (
+                    f"update norm {norm:.4g} exceeds federation.max_update_norm = {self.max_update_norm:g}"
+                )
+            elif (
+                self.outlier_norm_ratio is not None
+                and len(accepted) >= 3
+                and median > 0
+                and norm > self.outlier_norm_ratio * median
+            ):
+                ev.rejected[region] = (
+                    f"update norm {norm:.4g} is {norm / median:.1f}x the round's median "
+                    f"{median:.4g}, over federation.outlier_norm_ratio = "
+                    f"{self.outlier_norm_ratio:g}"
+                )
             else:
                 kept.append(msg)
         return kept

@@ -103,9 +103,7 @@ class VerifyReport:
 
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no spaces, UTF-8, no NaN or infinity: the one byte form that is hashed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def entry_hash(fields: Mapping[str, Any]) -> str:
@@ -197,6 +195,7 @@ def check_chain(data: bytes) -> tuple[list[AuditEntry], VerifyReport]:
 
     good: list[AuditEntry] = []
     prev = GENESIS_PREV
+
     def head() -> str:
         return good[-1].hash if good else GENESIS_PREV
 
@@ -277,8 +276,13 @@ def verify(path: str | os.PathLike[str], *, expect_head: str | None = None) -> V
     if seq is None and expect_head.strip().lower() == GENESIS_PREV:
         seq = -1  # the head of an empty log: every log descends from it
     if seq is None:
-        return replace(report, ok=False, problem=(
-            f"{p}: the recorded head {expect_head} is not the hash of any entry: entries were cut off the "
-            f"end of the log or the chain was rewritten since that head was recorded (the log now has "
-            f"{report.entries} intact entries, head {report.head})"))
+        return replace(
+            report,
+            ok=False,
+            problem=(
+                f"{p}: the recorded head {expect_head} is not the hash of any entry: entries were cut off the "
+                f"end of the log or the chain was rewritten since that head was recorded (the log now has "
+                f"{report.entries} intact entries, head {report.head})"
+            ),
+        )
     return replace(report, anchored_seq=seq)

@@ -39,8 +39,18 @@ from fedcrm.governance.audit_chain import (
 
 # What other modules import from here: the log's format lives in audit_chain, this is its door.
 __all__ = [
-    "ACTIONS", "AUDIT_FILE", "FIELDS", "GENESIS_PREV", "AuditAction", "AuditEntry", "AuditLog", "VerifyReport",
-    "canonical_json", "entry_hash", "line_digest", "verify",
+    "ACTIONS",
+    "AUDIT_FILE",
+    "FIELDS",
+    "GENESIS_PREV",
+    "AuditAction",
+    "AuditEntry",
+    "AuditLog",
+    "VerifyReport",
+    "canonical_json",
+    "entry_hash",
+    "line_digest",
+    "verify",
 ]
 
 AUDIT_FILE = "audit.log"  # the log's name in a region's state folder and in a run folder
@@ -68,9 +78,7 @@ class AuditLog:
             raise StorageError(f"{p}: cannot open the audit log: {exc}") from exc
         return cls(p)
 
-    def append(
-        self, *, actor: str, action: AuditAction | str, details: Mapping[str, Any] | None = None
-    ) -> AuditEntry:
+    def append(self, *, actor: str, action: AuditAction | str, details: Mapping[str, Any] | None = None) -> AuditEntry:
         """Write one entry, durably (fsync), chained to the last one, and return it.
 
         Refuses (StorageError, file untouched) if the last line is torn or damaged: appending after it
@@ -80,9 +88,7 @@ class AuditLog:
         if action_name not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(sorted(ACTIONS))}; got {action_name!r}")
         if not isinstance(actor, str) or not actor.strip():
-            raise ValueError(
-                f"actor must be a non-empty string (an operator or node identity), got {actor!r}"
-            )
+            raise ValueError(f"actor must be a non-empty string (an operator or node identity), got {actor!r}")
         try:
             details_copy = json.loads(canonical_json(dict(details or {})))
         except (TypeError, ValueError) as exc:

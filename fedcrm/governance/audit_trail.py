@@ -149,25 +149,31 @@ def audited_run(fn: Callable[P, RunSummary]) -> Callable[P, RunSummary]:
             log.append(
                 actor=SERVER_ACTOR,
                 action=AuditAction.RUN_FAILED,
-                details={"name": cfg.name, "config_sha256": started["config_sha256"], "error": type(e).__name__,
-                         "message": str(e)[:500]},
+                details={
+                    "name": cfg.name,
+                    "config_sha256": started["config_sha256"],
+                    "error": type(e).__name__,
+                    "message": str(e)[:500],
+                },
             )
             raise
         events = summary.event_reasons()
         log.append(
             actor=SERVER_ACTOR,
             action=AuditAction.RUN_FINISHED,
-            details=finite({
-                "name": cfg.name,
-                "run_id": summary.run_id,
-                "config_sha256": summary.config_sha256,
-                "model_version": summary.model_version,
-                "final_auc": summary.final_metrics.get("auc"),
-                "epsilon_by_region": {r: p.get("epsilon") for r, p in summary.privacy.items()},
-                "refused": events["refused"],
-                "failed": events["failed"],
-                "rejected": events["rejected"],
-            }),
+            details=finite(
+                {
+                    "name": cfg.name,
+                    "run_id": summary.run_id,
+                    "config_sha256": summary.config_sha256,
+                    "model_version": summary.model_version,
+                    "final_auc": summary.final_metrics.get("auc"),
+                    "epsilon_by_region": {r: p.get("epsilon") for r, p in summary.privacy.items()},
+                    "refused": events["refused"],
+                    "failed": events["failed"],
+                    "rejected": events["rejected"],
+                }
+            ),
         )
         return summary
 

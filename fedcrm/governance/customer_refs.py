@@ -133,11 +133,15 @@ class RegionAuditLog(AuditLog):
             current = derived_key(region_secret(self.state_dir), purpose=CUSTOMER_REF_PURPOSE)
             legacy = load_legacy_salt(self.path)
             if legacy is not None and not self._switch_recorded():
-                self.append(actor=MIGRATION_ACTOR, action=AuditAction.CUSTOMER_KEY_CHANGED, details={
-                    "key": f"HMAC-SHA256({SECRET_FILE}, {CUSTOMER_REF_PURPOSE.decode()})",
-                    "legacy_key": legacy_salt_path(self.path).name,
-                    "legacy_refs": "made before this entry; kept by requests made before it; never made again",
-                })
+                self.append(
+                    actor=MIGRATION_ACTOR,
+                    action=AuditAction.CUSTOMER_KEY_CHANGED,
+                    details={
+                        "key": f"HMAC-SHA256({SECRET_FILE}, {CUSTOMER_REF_PURPOSE.decode()})",
+                        "legacy_key": legacy_salt_path(self.path).name,
+                        "legacy_refs": "made before this entry; kept by requests made before it; never made again",
+                    },
+                )
             self._keys = CustomerKeys(current=current, legacy=legacy)
         return self._keys
 

@@ -88,22 +88,22 @@ def build_export(request: ExportRequest, *, audit: RegionAuditLog) -> dict[str, 
 
     encoder = FeatureEncoder(request.schema)
     x = encoder.encode(one)
-    features = [
-        {"name": s.name, "column": s.column, "value": float(x[0, j])} for j, s in enumerate(encoder.slots)
-    ]
+    features = [{"name": s.name, "column": s.column, "value": float(x[0, j])} for j, s in enumerate(encoder.slots)]
     withdrawals = ConsentWithdrawals(request.state_dir)
     consent: list[dict[str, Any]] = []
     for purpose in request.schema.purposes:
         spec = request.schema.consent_for(purpose)
         in_table = bool(one.consent[purpose].iloc[0]) if spec is not None else None
         withdrawn = withdrawals.contains(cid, purpose=purpose)
-        consent.append({
-            "purpose": purpose,
-            "column": spec.column if spec is not None else None,
-            "in_table": in_table,
-            "withdrawn": withdrawn,
-            "effective": (in_table is not False) and not withdrawn,
-        })
+        consent.append(
+            {
+                "purpose": purpose,
+                "column": spec.column if spec is not None else None,
+                "in_table": in_table,
+                "withdrawn": withdrawn,
+                "effective": (in_table is not False) and not withdrawn,
+            }
+        )
     effective = {str(c["purpose"]): bool(c["effective"]) for c in consent}
     secret = region_secret(request.state_dir)
     models = [
@@ -204,8 +204,12 @@ def explain(
         logit_value = float(np.mean([float(m(xt.detach()).squeeze()) for m in models]))
     order = np.argsort(-np.abs(contrib), kind="stable")
     contributions = [{"feature": names[j], "value": float(x[j]), "contribution": float(contrib[j])} for j in order]
-    parts = [f"{c['feature']} ({'raises' if c['contribution'] > 0 else 'lowers'} the score by "
-             f"{abs(c['contribution']):.2f} in logit units)" for c in contributions[:top] if c["contribution"] != 0]
+    parts = [
+        f"{c['feature']} ({'raises' if c['contribution'] > 0 else 'lowers'} the score by "
+        f"{abs(c['contribution']):.2f} in logit units)"
+        for c in contributions[:top]
+        if c["contribution"] != 0
+    ]
     return {
         "method": method,
         "logit": logit_value,

@@ -121,7 +121,6 @@ class RegionPolicy(BaseModel):
                 code=wire.REFUSED_NOISE,
             )
 
-
     def declared_size(self, n: int) -> int:
         """A count as the policy lets the server learn it: the sampling rate and steps are planned from it.
 

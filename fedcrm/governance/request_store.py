@@ -105,14 +105,31 @@ class Request:
 
     @classmethod
     def new(
-        cls, *, kind: str, region: str, customer_ref: str, actor: str, deadline_days: int,
-        purpose: str | None = None, shard_key: int | None = None, runs: dict[str, RunEntry] | None = None,
+        cls,
+        *,
+        kind: str,
+        region: str,
+        customer_ref: str,
+        actor: str,
+        deadline_days: int,
+        purpose: str | None = None,
+        shard_key: int | None = None,
+        runs: dict[str, RunEntry] | None = None,
     ) -> Request:
         """A request made now, due ``deadline_days`` from now (the region policy's erasure_deadline_days)."""
         requested = now()
-        return cls(request_id=new_request_id(kind), kind=kind, region=region, customer_ref=customer_ref,
-                   requested_at=requested, requested_by=actor, deadline=deadline_after(requested, days=deadline_days),
-                   purpose=purpose, shard_key=shard_key, runs=dict(runs or {}))
+        return cls(
+            request_id=new_request_id(kind),
+            kind=kind,
+            region=region,
+            customer_ref=customer_ref,
+            requested_at=requested,
+            requested_by=actor,
+            deadline=deadline_after(requested, days=deadline_days),
+            purpose=purpose,
+            shard_key=shard_key,
+            runs=dict(runs or {}),
+        )
 
     @property
     def status(self) -> str:
@@ -155,11 +172,21 @@ def _run_receipt(key: str, r: RunEntry, *, region: str) -> dict[str, Any]:
         charge = r.epsilon_after - r.epsilon_before
     served_by = {SERVED: "retrain", EXCLUDED: "exclusion", NOT_TRAINED: "not_trained"}.get(r.status)
     return {
-        "run": Path(key).name, "shard": r.shard, "shards": r.shards, "status": r.status, "served_by": served_by,
-        "model_version_before": r.model_version_before, "model_version_after": r.model_version_after,
-        "excluded_at_version": r.excluded_at_version, "served_at": r.served_at,
-        "privacy": {"epsilon_before": r.epsilon_before, "epsilon_after": r.epsilon_after, "charge": charge,
-                    "scope": None if r.shard is None else f"region {region}, shard {r.shard}"},
+        "run": Path(key).name,
+        "shard": r.shard,
+        "shards": r.shards,
+        "status": r.status,
+        "served_by": served_by,
+        "model_version_before": r.model_version_before,
+        "model_version_after": r.model_version_after,
+        "excluded_at_version": r.excluded_at_version,
+        "served_at": r.served_at,
+        "privacy": {
+            "epsilon_before": r.epsilon_before,
+            "epsilon_after": r.epsilon_after,
+            "charge": charge,
+            "scope": None if r.shard is None else f"region {region}, shard {r.shard}",
+        },
         "note": r.note,
     }
 
@@ -194,8 +221,11 @@ class RequestStore:
     def save(self, request: Request) -> None:
         """The request file, then the region's receipt: both atomic, both through fedcrm.durable."""
         write_json_atomically(self._path(request.request_id), request.to_dict(), what="record the request")
-        write_json_atomically(self.state_dir / RECEIPTS_DIR / f"{request.request_id}.json", request.receipt(),
-                              what="write the request's receipt")
+        write_json_atomically(
+            self.state_dir / RECEIPTS_DIR / f"{request.request_id}.json",
+            request.receipt(),
+            what="write the request's receipt",
+        )
 
     def open_for(self, run_dir: Path) -> list[Request]:
         """Requests whose constituent in ``run_dir`` waits for a retrain (pending or excluded)."""
@@ -212,8 +242,9 @@ def record_receipt(run_dir: Path, request: Request, *, region_audit_head: str | 
     receipt = request.receipt(run_dir)
     if region_audit_head is not None:
         receipt["region_audit_head"] = region_audit_head
-    write_json_atomically(Path(run_dir) / RECEIPTS_DIR / f"{request.request_id}.json", receipt,
-                          what="write the request's receipt")
+    write_json_atomically(
+        Path(run_dir) / RECEIPTS_DIR / f"{request.request_id}.json", receipt, what="write the request's receipt"
+    )
     version = receipt["runs"][0]["model_version_after"]
     if (receipt["request_id"], version) not in history_keys(run_dir):
         append_line(Path(run_dir) / HISTORY_FILE, json.dumps(receipt, sort_keys=True), what="record the erasure")
@@ -281,19 +312,31 @@ def migrate_legacy(state_dir: Path, *, region: str) -> None:
 
 
 def _save_migrated(state_dir: Path, request: Request) -> None:
-    write_json_atomically(state_dir / REQUESTS_DIR / f"{request.request_id}.json", request.to_dict(),
-                          what="migrate the request")
-    write_json_atomically(state_dir / RECEIPTS_DIR / f"{request.request_id}.json", request.receipt(),
-                          what="migrate the request's receipt")
+    write_json_atomically(
+        state_dir / REQUESTS_DIR / f"{request.request_id}.json", request.to_dict(), what="migrate the request"
+    )
+    write_json_atomically(
+        state_dir / RECEIPTS_DIR / f"{request.request_id}.json", request.receipt(), what="migrate the request's receipt"
+    )
 
 
 def _from_legacy_erasure(d: dict[str, Any]) -> Request:
-    runs = {k: RunEntry(**{f: v for f, v in r.items() if f in RunEntry.__dataclass_fields__})
-            for k, r in d.get("runs", {}).items()}
-    return Request(request_id=d["request_id"], kind=ERASURE, region=d["region"], customer_ref=d["customer_ref"],
-                   requested_at=d["requested_at"], requested_by=d.get("requested_by", "unknown"),
-                   deadline=deadline_after(d["requested_at"], days=DEFAULT_DEADLINE_DAYS),
-                   shard_key=d.get("shard_key"), recorded_at=d.get("tombstoned_at"), runs=runs)
+    runs = {
+        k: RunEntry(**{f: v for f, v in r.items() if f in RunEntry.__dataclass_fields__})
+        for k, r in d.get("runs", {}).items()
+    }
+    return Request(
+        request_id=d["request_id"],
+        kind=ERASURE,
+        region=d["region"],
+        customer_ref=d["customer_ref"],
+        requested_at=d["requested_at"],
+        requested_by=d.get("requested_by", "unknown"),
+        deadline=deadline_after(d["requested_at"], days=DEFAULT_DEADLINE_DAYS),
+        shard_key=d.get("shard_key"),
+        recorded_at=d.get("tombstoned_at"),
+        runs=runs,
+    )
 
 
 def _from_legacy_consent(state_dir: Path, row: dict[str, Any], *, region: str) -> Request:
@@ -302,11 +345,22 @@ def _from_legacy_consent(state_dir: Path, row: dict[str, Any], *, region: str) -
     runs: dict[str, RunEntry] = {}
     for c in row.get("stale_constituents", []):
         served = row["request_id"] in retrained_ids(Path(c["run_dir"]))
-        runs[c["run_dir"]] = RunEntry(shard=int(c["shard"]), shards=int(c["shards"]),
-                                      status=SERVED if served else PENDING,
-                                      model_version_before=c.get("model_version"))
+        runs[c["run_dir"]] = RunEntry(
+            shard=int(c["shard"]),
+            shards=int(c["shards"]),
+            status=SERVED if served else PENDING,
+            model_version_before=c.get("model_version"),
+        )
     requested = row["requested"]
-    return Request(request_id=row["request_id"], kind=CONSENT_WITHDRAWAL, region=region,
-                   customer_ref=row["customer_ref"], requested_at=requested, requested_by=actor,
-                   deadline=deadline_after(requested, days=DEFAULT_DEADLINE_DAYS), purpose=row["purpose"],
-                   recorded_at=requested, runs=runs)
+    return Request(
+        request_id=row["request_id"],
+        kind=CONSENT_WITHDRAWAL,
+        region=region,
+        customer_ref=row["customer_ref"],
+        requested_at=requested,
+        requested_by=actor,
+        deadline=deadline_after(requested, days=DEFAULT_DEADLINE_DAYS),
+        purpose=row["purpose"],
+        recorded_at=requested,
+        runs=runs,
+    )

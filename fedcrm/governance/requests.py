@@ -57,9 +57,14 @@ def _run_entries(
         held_out = bool(holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, secret=secret)[0])
         if held_out or not _consented_in_table(cfg, region=region, customer_id=customer_id):
             out[rs.run_key(run)] = rs.RunEntry(
-                shard=None, shards=shards, status=rs.NOT_TRAINED, model_version_before=version,
-                model_version_after=version, served_at=rs.now(),
-                note="the run never trained on this customer (hold-out or no consent)")
+                shard=None,
+                shards=shards,
+                status=rs.NOT_TRAINED,
+                model_version_before=version,
+                model_version_after=version,
+                served_at=rs.now(),
+                note="the run never trained on this customer (hold-out or no consent)",
+            )
             continue
         shard = int(shard_of(ids, shards=shards, secret=secret)[0])
         out[rs.run_key(run)] = rs.RunEntry(shard=shard, shards=shards, status=rs.PENDING, model_version_before=version)
@@ -101,21 +106,35 @@ def withdraw_consent(
         raise UnlearningError(
             f"region {region}: customer {customer_id} already withdrew consent to `{purpose}`; nothing changed"
         )
-    entries = _run_entries(runs, region=region, customer_id=customer_id, purpose=purpose,
-                           secret=region_secret(state_dir))
+    entries = _run_entries(
+        runs, region=region, customer_id=customer_id, purpose=purpose, secret=region_secret(state_dir)
+    )
     audit = region_audit_log(state_dir)
     store = rs.RequestStore(state_dir, region=region)
-    request = rs.Request.new(kind=rs.CONSENT_WITHDRAWAL, region=region, customer_ref=audit.customer_ref(customer_id),
-                          actor=actor, deadline_days=deadline_days, purpose=purpose, runs=entries)
+    request = rs.Request.new(
+        kind=rs.CONSENT_WITHDRAWAL,
+        region=region,
+        customer_ref=audit.customer_ref(customer_id),
+        actor=actor,
+        deadline_days=deadline_days,
+        purpose=purpose,
+        runs=entries,
+    )
     withdrawals.add(customer_id, purpose=purpose)  # durable first: from here on no load uses them
     request.recorded_at = rs.now()
     store.save(request)
     audit.append(
         actor=actor,
         action=AuditAction.CONSENT_WITHDRAWN,
-        details={"request_id": request.request_id, "customer": request.customer_ref, "purpose": purpose,
-                 "region": region, "stale_constituents": [{"shard": e.shard, "shards": e.shards}
-                                                          for e in entries.values() if e.status == rs.PENDING]},
+        details={
+            "request_id": request.request_id,
+            "customer": request.customer_ref,
+            "purpose": purpose,
+            "region": region,
+            "stale_constituents": [
+                {"shard": e.shard, "shards": e.shards} for e in entries.values() if e.status == rs.PENDING
+            ],
+        },
     )
     serve_on_runs(store=store, requests=[request], run_dirs=[r for r in runs if rs.run_key(r) in entries], actor=actor)
     return request

@@ -224,15 +224,30 @@ def _plan(
         "steps. Raise the budget, or train fewer steps."
     )
     if accountant != "rdp":
-        return _search(lambda s: epsilon(release(s), delta=delta, accountant=accountant), target_epsilon,
-                       start=1.0, factor=2.0, too_small=too_small)
+        return _search(
+            lambda s: epsilon(release(s), delta=delta, accountant=accountant),
+            target_epsilon,
+            start=1.0,
+            factor=2.0,
+            too_small=too_small,
+        )
     # RDP: first on the integer orders alone, ~20x cheaper (the fractional orders' series is the cost).
     # ε over all orders is a minimum over more orders, so it is at most the integer orders' ε: the σ
     # found is already within the target, and the search on all orders starts right next to it.
-    coarse = _search(lambda s: _rdp_epsilon(_history(release(s)), delta, orders=INTEGER_ORDERS),
-                     target_epsilon, start=1.0, factor=2.0, too_small=too_small)
-    return _search(lambda s: epsilon(release(s), delta=delta, accountant="rdp"), target_epsilon,
-                   start=coarse, factor=1.05, too_small=too_small)
+    coarse = _search(
+        lambda s: _rdp_epsilon(_history(release(s)), delta, orders=INTEGER_ORDERS),
+        target_epsilon,
+        start=1.0,
+        factor=2.0,
+        too_small=too_small,
+    )
+    return _search(
+        lambda s: epsilon(release(s), delta=delta, accountant="rdp"),
+        target_epsilon,
+        start=coarse,
+        factor=1.05,
+        too_small=too_small,
+    )
 
 
 def _search(

@@ -26,7 +26,14 @@ from fedcrm.privacy.randomness import ReleaseRandomness
 
 # Parameter-free layers that act on each customer's row alone (no batch statistics, no randomness).
 PER_SAMPLE_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Identity,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Identity,
 )
 
 
@@ -131,7 +138,7 @@ class LinearStackDpSgd:
         summed = torch.zeros(total, dtype=torch.float64).index_add_(0, col, values * clip[row])
         offset = 0
         for p in self.params:
-            p.grad += summed[offset:offset + p.numel()].view_as(p).to(p.dtype)  # type: ignore[operator]
+            p.grad += summed[offset : offset + p.numel()].view_as(p).to(p.dtype)  # type: ignore[operator]
             offset += p.numel()
 
     def _noise_and_scale(self) -> None:
@@ -144,9 +151,7 @@ class LinearStackDpSgd:
             grad /= self.expected_batch_size
 
 
-def clip_update(
-    weights: dict[str, np.ndarray], *, start: dict[str, np.ndarray], norm: float
-) -> dict[str, np.ndarray]:
+def clip_update(weights: dict[str, np.ndarray], *, start: dict[str, np.ndarray], norm: float) -> dict[str, np.ndarray]:
     """``weights`` moved back towards ``start`` so that the whole update has L2 norm at most ``norm``.
 
     Client-level DP's clipping, done at the region before its update leaves (the same rule as Flower's

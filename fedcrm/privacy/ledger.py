@@ -56,9 +56,21 @@ from fedcrm.privacy.ledger_store import (
 
 # What other modules import from here: the ledger's vocabulary lives in ledger_store, this is its door.
 __all__ = [
-    "LEDGER_FILENAME", "MAX_CELLS", "MECHANISM_DP_SGD", "MECHANISM_GAUSSIAN", "MECHANISM_NON_PRIVATE",
-    "NOISE_REPRODUCIBLE", "NOISE_SECURE", "NOISE_SEEDED", "OUTCOME_NOT_SENT", "OUTCOME_SENT",
-    "POPULATION_HOLDOUT", "POPULATION_TRAIN", "SCHEMA_VERSION", "LedgerEvent", "PrivacyLedger",
+    "LEDGER_FILENAME",
+    "MAX_CELLS",
+    "MECHANISM_DP_SGD",
+    "MECHANISM_GAUSSIAN",
+    "MECHANISM_NON_PRIVATE",
+    "NOISE_REPRODUCIBLE",
+    "NOISE_SECURE",
+    "NOISE_SEEDED",
+    "OUTCOME_NOT_SENT",
+    "OUTCOME_SENT",
+    "POPULATION_HOLDOUT",
+    "POPULATION_TRAIN",
+    "SCHEMA_VERSION",
+    "LedgerEvent",
+    "PrivacyLedger",
 ]
 
 
@@ -90,7 +102,6 @@ class PrivacyLedger(LedgerStore):
     def nonce(self, event_id: int) -> str:
         """The release's nonce for reproducible randomness: unique to this ledger and this event."""
         return f"{self.ledger_id}:{self.region}:{event_id}"
-
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -231,7 +242,12 @@ class PrivacyLedger(LedgerStore):
         )
 
     def epsilon_of_shard(
-        self, *, shard: int, shards: int, delta: float, accountant: AccountantName | str,
+        self,
+        *,
+        shard: int,
+        shards: int,
+        delta: float,
+        accountant: AccountantName | str,
         next_release: Release | Sequence[Release] | None = None,
     ) -> float:
         """The worst ε of a customer in shard ``shard`` of a partition into ``shards``, over the full history.
@@ -253,8 +269,7 @@ class PrivacyLedger(LedgerStore):
     def epsilon_by_shard(self, *, shards: int, delta: float, accountant: AccountantName | str) -> dict[int, float]:
         """For each shard of a partition into ``shards``: the worst ε of a customer in it."""
         return {
-            k: self.epsilon_of_shard(shard=k, shards=shards, delta=delta, accountant=accountant)
-            for k in range(shards)
+            k: self.epsilon_of_shard(shard=k, shards=shards, delta=delta, accountant=accountant) for k in range(shards)
         }
 
     def partitions(self) -> list[int]:
@@ -294,8 +309,9 @@ class PrivacyLedger(LedgerStore):
         def spend(release: Release | None) -> float:
             if holdout:
                 return self.epsilon_of_holdout(delta=delta, accountant=accountant, next_release=release)
-            return self.epsilon_of_shard(shard=shard, shards=shards, delta=delta, accountant=accountant,
-                                         next_release=release)
+            return self.epsilon_of_shard(
+                shard=shard, shards=shards, delta=delta, accountant=accountant, next_release=release
+            )
 
         after = spend(next_release)
         if after > budget or math.isnan(after):
@@ -304,7 +320,8 @@ class PrivacyLedger(LedgerStore):
             cause = (
                 " Some of these customers were already released without DP (a `none` run), so no ε "
                 "bound holds for them any more."
-                if math.isinf(spent) else ""
+                if math.isinf(spent)
+                else ""
             )
             raise PrivacyBudgetError(
                 f"region {self.region}: this {'answer' if holdout else 'round'} would bring ε to {_fmt(after)} "

@@ -54,9 +54,7 @@ def cells(
     if fixed is not None and fixed[0] > 1:
         by_partition.setdefault(fixed[0], {})
     sizes = sorted(by_partition)
-    choices = [
-        [fixed[1]] if fixed is not None and size == fixed[0] else list(range(size)) for size in sizes
-    ]
+    choices = [[fixed[1]] if fixed is not None and size == fixed[0] else list(range(size)) for size in sizes]
     if math.prod(len(c) for c in choices) > MAX_CELLS:
         return [[event.release for event in events]]
     return holdout_cell + [

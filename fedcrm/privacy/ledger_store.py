@@ -117,9 +117,7 @@ BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only: {table} rows canno
 )
 
 _EXPECTED_TRIGGERS = {
-    f"{table}_no_{verb}"
-    for table in ("meta", "events", "outcomes")
-    for verb in ("update", "delete", "replace")
+    f"{table}_no_{verb}" for table in ("meta", "events", "outcomes") for verb in ("update", "delete", "replace")
 }
 
 # Layout 1 -> 2, in one transaction: the events table is rebuilt (SQLite cannot change a CHECK), each
@@ -181,7 +179,6 @@ class LedgerEvent:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status}
-
 
 
 def utc_now() -> str:
@@ -329,9 +326,7 @@ class LedgerStore:
     def _tables(conn: sqlite3.Connection) -> set[str]:
         return {
             row[0]
-            for row in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            )
+            for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
         }
 
     def _check_layout(self, conn: sqlite3.Connection, tables: set[str]) -> None:
@@ -343,9 +338,7 @@ class LedgerStore:
         for table, expected in (("events", EVENT_COLUMNS), ("outcomes", OUTCOME_COLUMNS)):
             found = tuple(row[1] for row in conn.execute(f"PRAGMA table_info({table})"))
             if found != expected:
-                raise self._damaged(
-                    f"table {table} has columns {', '.join(found)}, expected {', '.join(expected)}"
-                )
+                raise self._damaged(f"table {table} has columns {', '.join(found)}, expected {', '.join(expected)}")
         triggers = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         if not triggers >= _EXPECTED_TRIGGERS:
             raise self._damaged(

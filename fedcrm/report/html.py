@@ -69,11 +69,13 @@ def render(title: str, sections: list[Section], *, out_dir: Path, stem: str = "r
     """Write ``STEM.html`` (self-contained) and ``STEM.md`` (+ ``STEM_files/*.png``) into ``out_dir``."""
     files = out_dir / f"{stem}_files"
     files.mkdir(parents=True, exist_ok=True)
-    h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
-         "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:0.25em 0.6em}"
-         "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:0.85em}img{max-width:100%}</style>",
-         f"</head><body><h1>{html.escape(title)}</h1>"]
+    h = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:0.25em 0.6em}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:0.85em}img{max-width:100%}</style>",
+        f"</head><body><h1>{html.escape(title)}</h1>",
+    ]
     md = [f"# {title}", ""]
     for s in sections:
         h.append(f"<h2>{html.escape(s.title)}</h2>")
@@ -103,9 +105,12 @@ def render(title: str, sections: list[Section], *, out_dir: Path, stem: str = "r
 
 def _provenance_text(view: RunView) -> str:
     p = provenance(view)
-    lines = [f"code version: {p['code_version']}", f"config sha256: {p['config_sha256']}",
-             f"run id: {p['run_id']}", f"seed: {p['seed']}" + (f", split seed: {p['split_seed']}"
-                                                               if p["split_seed"] is not None else "")]
+    lines = [
+        f"code version: {p['code_version']}",
+        f"config sha256: {p['config_sha256']}",
+        f"run id: {p['run_id']}",
+        f"seed: {p['seed']}" + (f", split seed: {p['split_seed']}" if p["split_seed"] is not None else ""),
+    ]
     lines += [f"{name}: sha256 {h or '(file not found now)'}" for name, h in p["files_sha256"].items()]
     return "\n".join(lines)
 
@@ -113,20 +118,34 @@ def _provenance_text(view: RunView) -> str:
 def run_sections(view: RunView) -> list[Section]:
     s = view.summary
     m = s.final_metrics
-    metrics_md = ", ".join(f"{k} {v:.4f}" if k != "customers" else f"{int(v)} customers"
-                           for k, v in m.items() if isinstance(v, int | float))
-    sections = [Section("Result", f"Served model on the pooled hold-out: {metrics_md}. Privacy mode: "
-                                  f"{s.privacy_mode}. Wall time {s.wall_time_s:.1f} s.")]
+    metrics_md = ", ".join(
+        f"{k} {v:.4f}" if k != "customers" else f"{int(v)} customers"
+        for k, v in m.items()
+        if isinstance(v, int | float)
+    )
+    sections = [
+        Section(
+            "Result",
+            f"Served model on the pooled hold-out: {metrics_md}. Privacy mode: "
+            f"{s.privacy_mode}. Wall time {s.wall_time_s:.1f} s.",
+        )
+    ]
     if view.rows and not view.is_centralised:
         sections.append(Section("Utility per round", figure=("utility", plot_utility_per_round(view.rows))))
         if s.privacy_mode != "none":
-            sections.append(Section(
-                "Privacy spent per round per region",
-                "ε after each round, composed over the region's whole ledger history, against the region's budget.",
-                figure=("epsilon", plot_epsilon_per_round(view.rows, s.privacy))))
-    priv = pd.DataFrame([{"region": r, **{k: p.get(k) for k in ("epsilon", "delta", "budget", "target_epsilon",
-                                                                "refused")}}
-                         for r, p in s.privacy.items()])
+            sections.append(
+                Section(
+                    "Privacy spent per round per region",
+                    "ε after each round, composed over the region's whole ledger history, against the region's budget.",
+                    figure=("epsilon", plot_epsilon_per_round(view.rows, s.privacy)),
+                )
+            )
+    priv = pd.DataFrame(
+        [
+            {"region": r, **{k: p.get(k) for k in ("epsilon", "delta", "budget", "target_epsilon", "refused")}}
+            for r, p in s.privacy.items()
+        ]
+    )
     if not priv.empty:
         sections.append(Section("Privacy per region", table=priv))
     for w in s.warnings:
@@ -145,28 +164,45 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
 
 def write_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
     df = read_results(sweep_dir)
-    meta = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8")) if (
-        sweep_dir / "sweep.json").exists() else {}
+    meta = (
+        json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))
+        if (sweep_dir / "sweep.json").exists()
+        else {}
+    )
     spec = meta.get("spec", {})
     grid = list(spec.get("grid", {}))
-    sections = [Section("Sweep", f"{len(df)} cells ({int((df['status'] == 'done').sum())} done, "
-                                 f"{int((df['status'] == 'failed').sum())} failed); grid over "
-                                 f"{', '.join(grid) or '(nothing)'}; seeds {spec.get('seeds', [])}.")]
+    sections = [
+        Section(
+            "Sweep",
+            f"{len(df)} cells ({int((df['status'] == 'done').sum())} done, "
+            f"{int((df['status'] == 'failed').sum())} failed); grid over "
+            f"{', '.join(grid) or '(nothing)'}; seeds {spec.get('seeds', [])}.",
+        )
+    ]
     fig = plot_privacy_utility(df, grid=grid)
     if fig is not None:
-        sections.append(Section(
-            "Privacy–utility", "Pooled hold-out AUC of the served model, mean ± standard deviation over seeds. "
-            "The cost of privacy is the drop in AUC points (×100) from the non-private federated model.",
-            figure=("privacy_utility", fig), table=privacy_utility_table(df, grid=grid)))
+        sections.append(
+            Section(
+                "Privacy–utility",
+                "Pooled hold-out AUC of the served model, mean ± standard deviation over seeds. "
+                "The cost of privacy is the drop in AUC points (×100) from the non-private federated model.",
+                figure=("privacy_utility", fig),
+                table=privacy_utility_table(df, grid=grid),
+            )
+        )
     for key in other_grid_keys(df, grid):
-        sections.append(Section(f"By {key}", figure=(f"by_{key.replace('.', '_')}", plot_by_parameter(df, key)),
-                                table=parameter_table(df, key)))
+        sections.append(
+            Section(
+                f"By {key}",
+                figure=(f"by_{key.replace('.', '_')}", plot_by_parameter(df, key)),
+                table=parameter_table(df, key),
+            )
+        )
     sections.append(Section("Privacy modes", PRIVACY_MODES_TEXT))
     failed = df[df["status"] == "failed"]
     if len(failed):
         sections.append(Section("Failed cells", table=failed[["cell", "error"]]))
-    runs = [RunView.load(Path(p)) for p in df.loc[df["status"] == "done", "run_dir"]
-            if RunSummary.exists_in(Path(p))]
+    runs = [RunView.load(Path(p)) for p in df.loc[df["status"] == "done", "run_dir"] if RunSummary.exists_in(Path(p))]
     for v in runs:
         (v.path / "model_card.md").write_text(model_card(v), encoding="utf-8")
     versions = sorted({v.summary.code_version for v in runs})
@@ -174,9 +210,11 @@ def write_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
     if runs:
         prov += [f"{n}: sha256 {h}" for n, h in provenance(runs[0]).get("files_sha256", {}).items()]
     for inv in meta.get("invocations", []):
-        prov.append(f"invocation: engine {inv.get('engine')}, {inv.get('federated_cells_run')} federated cells in "
-                    f"{inv.get('federated_wall_time_s')} s ({inv.get('seconds_per_federated_cell')} s per cell, "
-                    f"{inv.get('engines_started')} engine start(s))")
+        prov.append(
+            f"invocation: engine {inv.get('engine')}, {inv.get('federated_cells_run')} federated cells in "
+            f"{inv.get('federated_wall_time_s')} s ({inv.get('seconds_per_federated_cell')} s per cell, "
+            f"{inv.get('engines_started')} engine start(s))"
+        )
     sections.append(Section("Provenance", pre="\n".join(prov)))
     cols = [c for c in df.columns if c not in ("run_dir", "config_sha256")]
     sections.append(Section("All cells", table=df[cols].round(4)))

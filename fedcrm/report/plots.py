@@ -46,14 +46,23 @@ def plot_utility_per_round(rows: list[dict[str, Any]]) -> Figure:
     for k in shards:
         rs = [r for r in rows if int(r.get("shard", 0)) == k]
         label = "pooled" if len(shards) == 1 else f"pooled, constituent {k}"
-        ax.plot([r["round"] for r in rs], [r.get("pooled", {}).get("auc", math.nan) for r in rs],
-                marker="o", linewidth=2, label=label)
+        ax.plot(
+            [r["round"] for r in rs],
+            [r.get("pooled", {}).get("auc", math.nan) for r in rs],
+            marker="o",
+            linewidth=2,
+            label=label,
+        )
     if len(shards) == 1:
         regions = sorted({reg for r in rows for reg in r.get("regions", {})})
         for reg in regions:
-            ax.plot([r["round"] for r in rows],
-                    [r.get("regions", {}).get(reg, {}).get("auc", math.nan) for r in rows],
-                    linestyle="--", alpha=0.8, label=f"region {reg}")
+            ax.plot(
+                [r["round"] for r in rows],
+                [r.get("regions", {}).get(reg, {}).get("auc", math.nan) for r in rows],
+                linestyle="--",
+                alpha=0.8,
+                label=f"region {reg}",
+            )
     ax.set_xlabel("round")
     ax.set_ylabel("AUC on the hold-out")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -71,13 +80,27 @@ def plot_epsilon_per_round(rows: list[dict[str, Any]], privacy: dict[str, dict[s
     budgets = sorted({p["budget"] for p in privacy.values() if p.get("budget") is not None})
     for b in budgets:
         ax.axhline(b, color="red", linestyle="-", linewidth=1, label=f"_budget {b:g}")
-        ax.annotate(f"budget ε = {b:g}", xy=(x[-1] if x else 1, b), xytext=(0, 3), textcoords="offset points",
-                    color="red", fontsize=8, ha="right")
+        ax.annotate(
+            f"budget ε = {b:g}",
+            xy=(x[-1] if x else 1, b),
+            xytext=(0, 3),
+            textcoords="offset points",
+            color="red",
+            fontsize=8,
+            ha="right",
+        )
     targets = sorted({p["target_epsilon"] for p in privacy.values() if p.get("target_epsilon") is not None})
     for t in targets:
         ax.axhline(t, color="gray", linestyle=":", linewidth=1, label=f"_target {t:g}")
-        ax.annotate(f"target ε = {t:g}", xy=(x[-1] if x else 1, t), xytext=(0, 3), textcoords="offset points",
-                    color="gray", fontsize=8, ha="right")
+        ax.annotate(
+            f"target ε = {t:g}",
+            xy=(x[-1] if x else 1, t),
+            xytext=(0, 3),
+            textcoords="offset points",
+            color="gray",
+            fontsize=8,
+            ha="right",
+        )
     shards = len({int(r.get("shard", 0)) for r in rows})
     ax.set_xlabel("round" if shards <= 1 else "round (constituents trained one after another)")
     ax.set_ylabel("ε spent (δ as in the run)")
@@ -99,8 +122,14 @@ def plot_privacy_utility(df: pd.DataFrame, *, grid: list[str]) -> Figure | None:
     groups = d.groupby([d[k].astype(str) for k in others]) if others else [((), d)]
     for key, g in groups:
         stats = g.groupby("_eps")["auc"].agg(["mean", "std", "count"]).sort_index()
-        label = "federated, sample-level DP" if not others else ", ".join(
-            f"{k.split('.')[-1]}={v}" for k, v in zip(others, key if isinstance(key, tuple) else (key,), strict=True))
+        label = (
+            "federated, sample-level DP"
+            if not others
+            else ", ".join(
+                f"{k.split('.')[-1]}={v}"
+                for k, v in zip(others, key if isinstance(key, tuple) else (key,), strict=True)
+            )
+        )
         ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=4, label=label)
     styles = {"non-private federated": ("green", "--"), "non-private centralised (pooled data)": ("black", ":")}
     for name, (mean, _, _) in baselines(df).items():
@@ -122,8 +151,9 @@ def plot_by_parameter(df: pd.DataFrame, key: str) -> Figure:
     stats = d.groupby(d[key].astype(str), sort=False)["auc"].agg(["mean", "std", "count"])
     fig, ax = _new_figure(f"Pooled AUC by {key} (mean ± std over seeds)")
     xs = np.arange(len(stats))
-    ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", linestyle="-", capsize=4,
-                label="federated")
+    ax.errorbar(
+        xs, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", linestyle="-", capsize=4, label="federated"
+    )
     for name, (mean, _, _) in baselines(df).items():
         if name.startswith("centralised"):
             ax.axhline(mean, color="black", linestyle=":", label=name)

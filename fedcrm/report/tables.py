@@ -29,12 +29,18 @@ def baselines(df: pd.DataFrame) -> dict[str, tuple[float, float, int]]:
     if EPSILON_KEY in d:
         fed = d[(d["kind"] == "federated") & (d[EPSILON_KEY].astype(str) == "none")]["auc"]
         if len(fed):
-            out["non-private federated"] = (float(fed.mean()), float(fed.std(ddof=1)) if len(fed) > 1 else 0.0,
-                                            len(fed))
+            out["non-private federated"] = (
+                float(fed.mean()),
+                float(fed.std(ddof=1)) if len(fed) > 1 else 0.0,
+                len(fed),
+            )
     cen = d[d["kind"] == "centralised"]["auc"]
     if len(cen):
-        out["non-private centralised (pooled data)"] = (float(cen.mean()),
-                                                   float(cen.std(ddof=1)) if len(cen) > 1 else 0.0, len(cen))
+        out["non-private centralised (pooled data)"] = (
+            float(cen.mean()),
+            float(cen.std(ddof=1)) if len(cen) > 1 else 0.0,
+            len(cen),
+        )
     return out
 
 
@@ -62,29 +68,44 @@ def privacy_utility_table(df: pd.DataFrame, *, grid: list[str]) -> pd.DataFrame:
             key_t = key if isinstance(key, tuple) else (key,)
             mean, std = float(g["auc"].mean()), float(g["auc"].std(ddof=1)) if len(g) > 1 else 0.0
             row: dict[str, Any] = {k.split(".")[-1]: v for k, v in zip(others, key_t[:-1], strict=True)}
-            row |= {"ε (target)": f"{key_t[-1]:g}", "pooled AUC (mean ± std)": _pm(mean, std), "seeds": len(g),
-                    "ε spent (max region, mean)": f"{g['epsilon_max'].mean():.3f}",
-                    "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a",
-                    "gap to centralised (AUC points)": f"{(cen[0] - mean) * 100:+.2f}" if cen else "n/a"}
+            row |= {
+                "ε (target)": f"{key_t[-1]:g}",
+                "pooled AUC (mean ± std)": _pm(mean, std),
+                "seeds": len(g),
+                "ε spent (max region, mean)": f"{g['epsilon_max'].mean():.3f}",
+                "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a",
+                "gap to centralised (AUC points)": f"{(cen[0] - mean) * 100:+.2f}" if cen else "n/a",
+            }
             rows.append(row)
     for name, (mean, std, n) in base.items():
-        rows.append({"ε (target)": f"none ({name})", "pooled AUC (mean ± std)": _pm(mean, std), "seeds": n,
-                     "ε spent (max region, mean)": "—",
-                     "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a",
-                     "gap to centralised (AUC points)": f"{(cen[0] - mean) * 100:+.2f}" if cen else "n/a"})
+        rows.append(
+            {
+                "ε (target)": f"none ({name})",
+                "pooled AUC (mean ± std)": _pm(mean, std),
+                "seeds": n,
+                "ε spent (max region, mean)": "—",
+                "cost of privacy (AUC points)": f"{(ref[0] - mean) * 100:+.2f}" if ref else "n/a",
+                "gap to centralised (AUC points)": f"{(cen[0] - mean) * 100:+.2f}" if cen else "n/a",
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def parameter_table(df: pd.DataFrame, key: str) -> pd.DataFrame:
     d = done_cells(df[df["kind"] == "federated"])
     stats = d.groupby(d[key].astype(str), sort=False).agg(
-        auc_mean=("auc", "mean"), auc_std=("auc", "std"), seeds=("auc", "count"), eps=("epsilon_max", "mean"))
-    return pd.DataFrame({key: stats.index,
-                         "pooled AUC (mean ± std)": [_pm(m, 0.0 if math.isnan(s) else s)
-                                                     for m, s in zip(stats["auc_mean"], stats["auc_std"],
-                                                                     strict=True)],
-                         "seeds": stats["seeds"].to_numpy(),
-                         "ε spent (max region, mean)": [f"{e:.3f}" for e in stats["eps"]]})
+        auc_mean=("auc", "mean"), auc_std=("auc", "std"), seeds=("auc", "count"), eps=("epsilon_max", "mean")
+    )
+    return pd.DataFrame(
+        {
+            key: stats.index,
+            "pooled AUC (mean ± std)": [
+                _pm(m, 0.0 if math.isnan(s) else s) for m, s in zip(stats["auc_mean"], stats["auc_std"], strict=True)
+            ],
+            "seeds": stats["seeds"].to_numpy(),
+            "ε spent (max region, mean)": [f"{e:.3f}" for e in stats["eps"]],
+        }
+    )
 
 
 def markdown_table(df: pd.DataFrame) -> str:

@@ -32,8 +32,13 @@ class RetrainBudget:
         return bool(self.retrains_left)
 
     def as_dict(self) -> dict[str, object]:
-        return {"shard": self.shard, "epsilon_now": self.epsilon_now, "epsilon_after_one_retrain":
-                self.epsilon_after_one, "retrains_left": self.retrains_left, "affordable": self.affordable}
+        return {
+            "shard": self.shard,
+            "epsilon_now": self.epsilon_now,
+            "epsilon_after_one_retrain": self.epsilon_after_one,
+            "retrains_left": self.retrains_left,
+            "affordable": self.affordable,
+        }
 
 
 def one_retrain(ledger: PrivacyLedger, *, shard: int) -> tuple[list[Release], int]:
@@ -53,8 +58,9 @@ def retrain_budget(
 
     def spend(retrains: int) -> float:
         # The worst-off customer of the shard, every partition the region used composed (the ledger's cells).
-        return ledger.epsilon_of_shard(shard=shard, shards=shards, delta=delta, accountant=accountant,
-                                       next_release=step * retrains)
+        return ledger.epsilon_of_shard(
+            shard=shard, shards=shards, delta=delta, accountant=accountant, next_release=step * retrains
+        )
 
     now = spend(0)
     if not step:

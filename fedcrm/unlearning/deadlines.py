@@ -31,13 +31,27 @@ class OpenRequest:
 
     def as_dict(self) -> dict[str, Any]:
         r = self.request
-        return {"request_id": r.request_id, "kind": r.kind, "purpose": r.purpose, "customer_ref": r.customer_ref,
-                "requested_at": r.requested_at, "deadline": r.deadline, "days_left": round(self.days_left, 2),
-                "overdue": self.overdue, "status": r.status, "runs": self.runs}
+        return {
+            "request_id": r.request_id,
+            "kind": r.kind,
+            "purpose": r.purpose,
+            "customer_ref": r.customer_ref,
+            "requested_at": r.requested_at,
+            "deadline": r.deadline,
+            "days_left": round(self.days_left, 2),
+            "overdue": self.overdue,
+            "status": r.status,
+            "runs": self.runs,
+        }
 
 
 def open_requests(
-    state_dir: Path, *, region: str, budget: float, delta: float, accountant: AccountantName | str,
+    state_dir: Path,
+    *,
+    region: str,
+    budget: float,
+    delta: float,
+    accountant: AccountantName | str,
     at: datetime | None = None,
 ) -> list[OpenRequest]:
     """Every request with a run still waiting for a retrain (or not yet recorded), oldest first."""
@@ -50,12 +64,26 @@ def open_requests(
             continue
         runs = []
         for key, e in sorted(waiting.items()):
-            cost = (retrain_budget(ledger, shard=e.shard, budget=budget, delta=delta, accountant=accountant)
-                    if ledger is not None and e.shard is not None else None)
-            how = (f"served by exclusion at version {e.excluded_at_version}; retrain pending" if e.status != PENDING
-                   else "still served: waits for a retrain (no other constituent to serve)")
-            runs.append({"run": Path(key).name, "shard": e.shard, "shards": e.shards, "status": e.status,
-                         "how": how, "retrain": cost.as_dict() if cost else None})
+            cost = (
+                retrain_budget(ledger, shard=e.shard, budget=budget, delta=delta, accountant=accountant)
+                if ledger is not None and e.shard is not None
+                else None
+            )
+            how = (
+                f"served by exclusion at version {e.excluded_at_version}; retrain pending"
+                if e.status != PENDING
+                else "still served: waits for a retrain (no other constituent to serve)"
+            )
+            runs.append(
+                {
+                    "run": Path(key).name,
+                    "shard": e.shard,
+                    "shards": e.shards,
+                    "status": e.status,
+                    "how": how,
+                    "retrain": cost.as_dict() if cost else None,
+                }
+            )
         days_left = (datetime.fromisoformat(req.deadline) - at).total_seconds() / 86400
         overdue = days_left < 0 and req.status == PENDING
         out.append(OpenRequest(req, days_left, overdue, runs))
@@ -66,7 +94,14 @@ def audit_overdue(state_dir: Path, overdue: list[OpenRequest], *, actor: str) ->
     """One ``erasure_overdue`` event per overdue request, each time it is found overdue."""
     audit = region_audit_log(state_dir)
     for o in overdue:
-        audit.append(actor=actor, action=AuditAction.ERASURE_OVERDUE,
-                     details={"request_id": o.request.request_id, "customer": o.request.customer_ref,
-                              "kind": o.request.kind, "deadline": o.request.deadline,
-                              "days_overdue": round(-o.days_left, 2)})
+        audit.append(
+            actor=actor,
+            action=AuditAction.ERASURE_OVERDUE,
+            details={
+                "request_id": o.request.request_id,
+                "customer": o.request.customer_ref,
+                "kind": o.request.kind,
+                "deadline": o.request.deadline,
+                "days_overdue": round(-o.days_left, 2),
+            },
+        )

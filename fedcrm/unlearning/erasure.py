@@ -109,8 +109,14 @@ def forget(
         # A request made before the region's key took over is stored under the log's legacy reference.
         req = next((existing[r] for r in audit.customer_refs(cid) if r in existing), None)
         if req is None:
-            req = Request.new(kind=ERASURE, region=region, customer_ref=ref, actor=actor,
-                              deadline_days=deadline_days, shard_key=stable_hash(cid, key=f"shard:{secret}"))
+            req = Request.new(
+                kind=ERASURE,
+                region=region,
+                customer_ref=ref,
+                actor=actor,
+                deadline_days=deadline_days,
+                shard_key=stable_hash(cid, key=f"shard:{secret}"),
+            )
         for view in runs:
             key = run_key(view.run_dir)
             if key in req.runs:
@@ -118,14 +124,18 @@ def forget(
             shard = view.trained.get(cid)
             if shard is None:
                 req.runs[key] = RunEntry(
-                    shard=None, shards=view.shards, status=NOT_TRAINED,
-                    model_version_before=view.model_version, model_version_after=view.model_version,
-                    served_at=now(), note="the run never trained on this customer (hold-out or no consent): "
-                    "no constituent to retrain",
+                    shard=None,
+                    shards=view.shards,
+                    status=NOT_TRAINED,
+                    model_version_before=view.model_version,
+                    model_version_after=view.model_version,
+                    served_at=now(),
+                    note="the run never trained on this customer (hold-out or no consent): no constituent to retrain",
                 )
             else:
-                req.runs[key] = RunEntry(shard=shard, shards=view.shards, status=PENDING,
-                                         model_version_before=view.model_version)
+                req.runs[key] = RunEntry(
+                    shard=shard, shards=view.shards, status=PENDING, model_version_before=view.model_version
+                )
         store.save(req)  # pending, durable before the tombstone
         requests.append(req)
 
@@ -138,9 +148,14 @@ def forget(
             audit.append(
                 actor=actor,
                 action=AuditAction.ERASURE_REQUESTED,
-                details={"request_id": req.request_id, "customer": req.customer_ref, "region": region,
-                         "stale": [{"run": Path(k).name, "shard": r.shard} for k, r in req.runs.items()
-                                   if r.status == PENDING]},
+                details={
+                    "request_id": req.request_id,
+                    "customer": req.customer_ref,
+                    "region": region,
+                    "stale": [
+                        {"run": Path(k).name, "shard": r.shard} for k, r in req.runs.items() if r.status == PENDING
+                    ],
+                },
             )
     serve_on_runs(store=store, requests=requests, run_dirs=[v.run_dir for v in runs], actor=actor)
     return requests

@@ -58,9 +58,11 @@ def exclude_shards(run_dir: Path, shards: set[int]) -> Exclusion:
     served = model.shards
     keep = [k for k in served if k not in shards]
     if not keep:
-        why = ("the run has a single constituent (unlearning.shards = 1)" if len(served) == 1 and
-               int(model.config.get("unlearning", {}).get("shards", 1)) == 1
-               else f"constituent(s) {sorted(shards)} are the only one(s) still served")
+        why = (
+            "the run has a single constituent (unlearning.shards = 1)"
+            if len(served) == 1 and int(model.config.get("unlearning", {}).get("shards", 1)) == 1
+            else f"constituent(s) {sorted(shards)} are the only one(s) still served"
+        )
         return Exclusion(run_dir, None, (), f"{why}: nothing to serve without them; served by retrain instead")
     version = model.version
     if keep != served:
@@ -72,16 +74,17 @@ def exclude_shards(run_dir: Path, shards: set[int]) -> Exclusion:
             write_marker(run_dir, marker)
         version += 1
         excluded = sorted({*meta.get("excluded_shards", []), *(set(served) - set(keep))})
-        write_json_atomically(meta_path, {**meta, "version": version, "shards": keep, "excluded_shards": excluded},
-                              what="serve the model without the excluded constituents")
+        write_json_atomically(
+            meta_path,
+            {**meta, "version": version, "shards": keep, "excluded_shards": excluded},
+            what="serve the model without the excluded constituents",
+        )
     for k in sorted(shards):
         destroy_constituent(run_dir, k)
     return Exclusion(run_dir, version, tuple(sorted(shards)))
 
 
-def serve_by_exclusion(
-    *, store: RequestStore, requests: list[Request], run_dir: Path, actor: str
-) -> Exclusion:
+def serve_by_exclusion(*, store: RequestStore, requests: list[Request], run_dir: Path, actor: str) -> Exclusion:
     """Exclude the constituents that ``requests`` wait on in ``run_dir`` and record it on each request.
 
     Each request's entry for the run becomes ``excluded`` with the version now served, its receipt is
@@ -101,25 +104,32 @@ def serve_by_exclusion(
         entry.status = EXCLUDED
         entry.model_version_after = entry.excluded_at_version = outcome.version
         entry.served_at = stamp
-        entry.note = (f"served by exclusion at version {outcome.version}: constituent {entry.shard} is no longer "
-                      "served and its weights and checkpoints were overwritten and deleted; a retrain without "
-                      "the customer will serve it again")
+        entry.note = (
+            f"served by exclusion at version {outcome.version}: constituent {entry.shard} is no longer "
+            "served and its weights and checkpoints were overwritten and deleted; a retrain without "
+            "the customer will serve it again"
+        )
         store.save(req)
-        details = {"request_id": req.request_id, "kind": req.kind, "region": req.region, "run": Path(run_dir).name,
-                   "shard": entry.shard, "model_version": outcome.version, "served_by": "exclusion"}
+        details = {
+            "request_id": req.request_id,
+            "kind": req.kind,
+            "region": req.region,
+            "run": Path(run_dir).name,
+            "shard": entry.shard,
+            "model_version": outcome.version,
+            "served_by": "exclusion",
+        }
         region_log = region_audit_log(store.state_dir)
         # Audited before the receipt, so that the receipt's head covers this very entry.
-        region_log.append(actor=actor, action=AuditAction.ERASURE_SERVED,
-                          details={**details, "customer": req.customer_ref})
+        region_log.append(
+            actor=actor, action=AuditAction.ERASURE_SERVED, details={**details, "customer": req.customer_ref}
+        )
         server_audit_log(Path(run_dir)).append(actor=SERVER_ACTOR, action=AuditAction.ERASURE_SERVED, details=details)
         record_receipt(run_dir, req, region_audit_head=region_log.head())
     return outcome
 
 
-
-def serve_on_runs(
-    *, store: RequestStore, requests: list[Request], run_dirs: list[Path], actor: str
-) -> list[Exclusion]:
+def serve_on_runs(*, store: RequestStore, requests: list[Request], run_dirs: list[Path], actor: str) -> list[Exclusion]:
     """After the requests are recorded: per run, mark the constituents stale, give receipts for the
     customers it never trained on, and serve the rest by exclusion where the run has constituents left.
     """
@@ -127,8 +137,11 @@ def serve_on_runs(
     for run_dir in run_dirs:
         key = run_key(run_dir)
         mine = [r for r in requests if key in r.runs]
-        entries = [{"region": r.region, "request_id": r.request_id, "shard": r.runs[key].shard}
-                   for r in mine if r.runs[key].open]
+        entries = [
+            {"region": r.region, "request_id": r.request_id, "shard": r.runs[key].shard}
+            for r in mine
+            if r.runs[key].open
+        ]
         if entries:  # the server's side learns a shard and a random request id, nothing derived from the id
             mark_stale(run_dir, entries)
         for r in mine:

@@ -76,8 +76,9 @@ def run_view(run_dir: Path, *, region: str, state_root: Path) -> RunView:
         raise UnlearningError(f"{run_dir}: region {region} is not one of the run's regions {sorted(cfg.regions)}")
     data = Region(region_settings(cfg, state_root=state_root)[region]).load(cfg, load_schema(cfg.schema_path))
     trained = {str(i): int(s) for i, s, h in zip(data.ids, data.shard, data.holdout, strict=True) if not h}
-    return RunView(run_dir=Path(run_dir), shards=cfg.unlearning.shards, model_version=model_version(run_dir),
-                   trained=trained)
+    return RunView(
+        run_dir=Path(run_dir), shards=cfg.unlearning.shards, model_version=model_version(run_dir), trained=trained
+    )
 
 
 @dataclass
@@ -143,7 +144,8 @@ def epsilon_by_region(plan: RetrainPlan) -> dict[str, dict[int, float]]:
         if not state_dir.exists():
             continue
         by_shard = PrivacyLedger.open(state_dir, region=region).epsilon_by_shard(
-            shards=plan.cfg.unlearning.shards, delta=plan.delta, accountant=plan.cfg.privacy.accountant)
+            shards=plan.cfg.unlearning.shards, delta=plan.delta, accountant=plan.cfg.privacy.accountant
+        )
         out[region] = {k: by_shard.get(k, 0.0) for k in plan.stale}
     return out
 
@@ -156,14 +158,24 @@ def plan_retrain(run_dir: Path, *, state_root: Path) -> RetrainPlan:
     stale = sorted({p.shard for p in pending})
     bad = [k for k in stale if not 0 <= k < cfg.unlearning.shards]
     if bad:
-        raise UnlearningError(f"{run_dir / RUN_MARKER}: shards {bad} do not exist in a run of "
-                              f"{cfg.unlearning.shards} shard(s); the marker does not belong to this run")
+        raise UnlearningError(
+            f"{run_dir / RUN_MARKER}: shards {bad} do not exist in a run of "
+            f"{cfg.unlearning.shards} shard(s); the marker does not belong to this run"
+        )
     marker = read_marker(run_dir)
     attempt = marker.get("attempt") or {}
     base = int(attempt.get("base_version") or model_version(run_dir))
-    plan = RetrainPlan(run_dir=run_dir, state_root=Path(state_root), cfg=cfg, stale=stale, pending=pending,
-                       base_version=base, target_version=base + 1, delta=run_delta(run_dir, cfg),
-                       epsilon_before={})
+    plan = RetrainPlan(
+        run_dir=run_dir,
+        state_root=Path(state_root),
+        cfg=cfg,
+        stale=stale,
+        pending=pending,
+        base_version=base,
+        target_version=base + 1,
+        delta=run_delta(run_dir, cfg),
+        epsilon_before={},
+    )
     before = attempt.get("epsilon_before")
     if before and attempt.get("stale") == stale:
         plan.epsilon_before = {r: {int(k): v for k, v in e.items()} for r, e in before.items()}
@@ -210,11 +222,13 @@ def retrain_releases(plan: RetrainPlan) -> dict[str, tuple[Region, dict[int, Gau
             if n < r.policy.min_customers:
                 raise UnlearningError(
                     f"region {region} refuses the erasure retrain: shard {k} keeps {n} training customers, fewer "
-                    f"than its policy's minimum {r.policy.min_customers} behind any update")
+                    f"than its policy's minimum {r.policy.min_customers} behind any update"
+                )
             if cfg.privacy.mode == "sample_dp":
                 declared = r.policy.declared_size(n)
-                q, steps = sampling_plan(n=declared, batch_size=cfg.training.batch_size,
-                                         epochs=cfg.training.local_epochs)
+                q, steps = sampling_plan(
+                    n=declared, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs
+                )
                 releases[k] = GaussianRelease(r.noise_multiplier(cfg, n=declared), q, steps * cfg.training.rounds)
             elif cfg.privacy.mode != "none":
                 releases[k] = GaussianRelease(cfg.privacy.client_noise_multiplier, 1.0, cfg.training.rounds)
@@ -229,8 +243,14 @@ def check_retrain_budget(plan: RetrainPlan) -> None:
     for region, (r, releases) in retrain_releases(plan).items():
         for k, release in releases.items():
             try:
-                r.ledger.check_budget(budget=r.policy.privacy_budget, delta=r.delta, accountant=cfg.privacy.accountant,
-                                      shard=k, shards=cfg.unlearning.shards, next_release=release)
+                r.ledger.check_budget(
+                    budget=r.policy.privacy_budget,
+                    delta=r.delta,
+                    accountant=cfg.privacy.accountant,
+                    shard=k,
+                    shards=cfg.unlearning.shards,
+                    next_release=release,
+                )
             except PrivacyBudgetError as e:
                 raise PrivacyBudgetError(
                     f"region {region} refuses the erasure retrain of shard {k}: its {cfg.training.rounds} rounds "
@@ -267,17 +287,32 @@ def retrain(run_dir: Path, *, state_root: Path, simulate: Simulate, report: Repo
         check_retrain_budget(plan)
         discard_staging(plan.staging)  # a crashed attempt's partial output
         s = plan.cfg.unlearning.shards
-        initial = {k: load_weights(plan.run_dir / "model" / f"constituent-{k}.npz") for k in range(s)
-                   if k not in plan.stale}
+        initial = {
+            k: load_weights(plan.run_dir / "model" / f"constituent-{k}.npz") for k in range(s) if k not in plan.stale
+        }
         marker = read_marker(plan.run_dir)
-        marker["attempt"] = {"base_version": plan.base_version, "target_version": plan.target_version,
-                             "stale": plan.stale, "epsilon_before": plan.epsilon_before, "started_at": now()}
+        marker["attempt"] = {
+            "base_version": plan.base_version,
+            "target_version": plan.target_version,
+            "stale": plan.stale,
+            "epsilon_before": plan.epsilon_before,
+            "started_at": now(),
+        }
         write_marker(plan.run_dir, marker)
-        report(f"retraining shard(s) {plan.stale} of {s} for {len(plan.pending)} request(s): "
-               f"model version {plan.base_version} -> {plan.target_version}")
+        report(
+            f"retraining shard(s) {plan.stale} of {s} for {len(plan.pending)} request(s): "
+            f"model version {plan.base_version} -> {plan.target_version}"
+        )
         try:
-            summary = simulate(plan.cfg, run_dir=plan.staging, state_root=plan.state_root, report=report,
-                               shards=plan.stale, initial=initial, model_version=plan.target_version)
+            summary = simulate(
+                plan.cfg,
+                run_dir=plan.staging,
+                state_root=plan.state_root,
+                report=report,
+                shards=plan.stale,
+                initial=initial,
+                model_version=plan.target_version,
+            )
         except Exception as e:
             raise UnlearningError(
                 f"the retrain of {plan.run_dir} failed ({type(e).__name__}: {e}). The old model (version "
@@ -285,8 +320,11 @@ def retrain(run_dir: Path, *, state_root: Path, simulate: Simulate, report: Repo
                 f"`fedcrm retrain {plan.run_dir}` again."
             ) from e
         _check_complete(plan, summary)
-        write_json_atomically(plan.staging / READY, {"target_version": plan.target_version, "stale": plan.stale,
-                                                     "finished_at": now()}, what="mark the staged retrain complete")
+        write_json_atomically(
+            plan.staging / READY,
+            {"target_version": plan.target_version, "stale": plan.stale, "finished_at": now()},
+            what="mark the staged retrain complete",
+        )
     receipts = commit(plan)
     summary = RunSummary.read(plan.run_dir)
     return RetrainResult(plan.run_dir, plan.stale, plan.target_version, receipts, plan.warnings, summary, resumed)
@@ -346,8 +384,11 @@ def _append_metrics(plan: RetrainPlan) -> None:
     for line in staged.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            append_line(target, json.dumps({**row, "model_version": plan.target_version, "retrain": True}),
-                        what="append the retrain's metrics")
+            append_line(
+                target,
+                json.dumps({**row, "model_version": plan.target_version, "retrain": True}),
+                what="append the retrain's metrics",
+            )
     staged.unlink()  # moved: a re-run after a crash does not append twice
 
 
@@ -368,39 +409,70 @@ def _serve_requests(plan: RetrainPlan) -> list[dict[str, Any]]:
         if store is None or not store.exists(p.request_id):
             # Known only from the marker (the region's store is on its own machine): the run's history
             # records what the run knows, in the same receipt format.
-            req = Request(request_id=p.request_id, kind="unknown", region=p.region, customer_ref="",
-                          requested_at="", requested_by="", deadline="", recorded_at=stamp,
-                          runs={key: RunEntry(shard=p.shard, shards=plan.cfg.unlearning.shards, status=SERVED,
-                                              model_version_before=plan.base_version,
-                                              model_version_after=plan.target_version, served_at=stamp,
-                                              epsilon_before=before, epsilon_after=after)})
+            req = Request(
+                request_id=p.request_id,
+                kind="unknown",
+                region=p.region,
+                customer_ref="",
+                requested_at="",
+                requested_by="",
+                deadline="",
+                recorded_at=stamp,
+                runs={
+                    key: RunEntry(
+                        shard=p.shard,
+                        shards=plan.cfg.unlearning.shards,
+                        status=SERVED,
+                        model_version_before=plan.base_version,
+                        model_version_after=plan.target_version,
+                        served_at=stamp,
+                        epsilon_before=before,
+                        epsilon_after=after,
+                    )
+                },
+            )
             receipts.append(record_receipt(plan.run_dir, req))
             continue
         req = store.get(p.request_id)
         entry = req.runs[key]
         first = entry.open
         if first:
-            how = (f"first served by exclusion at version {entry.excluded_at_version}; " if entry.excluded_at_version
-                   else "")
+            how = (
+                f"first served by exclusion at version {entry.excluded_at_version}; "
+                if entry.excluded_at_version
+                else ""
+            )
             entry.status = SERVED
             entry.model_version_before = entry.model_version_before or plan.base_version
             entry.model_version_after = plan.target_version
             entry.served_at = stamp
             entry.epsilon_before, entry.epsilon_after = before, after
-            entry.note = (f"{how}shard {p.shard} retrained without the customer and served again at version "
-                          f"{plan.target_version}; the old constituent and its checkpoints were overwritten and "
-                          "deleted")
+            entry.note = (
+                f"{how}shard {p.shard} retrained without the customer and served again at version "
+                f"{plan.target_version}; the old constituent and its checkpoints were overwritten and "
+                "deleted"
+            )
             store.save(req)
         region_log = region_audit_log(state_dir)
         if first:  # audited before the receipt, so that the receipt's head covers this very entry
-            details = {"request_id": req.request_id, "kind": req.kind, "customer": req.customer_ref,
-                       "region": p.region, "run": plan.run_dir.name, "shard": p.shard,
-                       "model_version": plan.target_version, "served_by": "retrain",
-                       "epsilon_before": before, "epsilon_after": after}
+            details = {
+                "request_id": req.request_id,
+                "kind": req.kind,
+                "customer": req.customer_ref,
+                "region": p.region,
+                "run": plan.run_dir.name,
+                "shard": p.shard,
+                "model_version": plan.target_version,
+                "served_by": "retrain",
+                "epsilon_before": before,
+                "epsilon_after": after,
+            }
             region_log.append(actor=node_actor(p.region), action=AuditAction.ERASURE_SERVED, details=_finite(details))
-            server_audit_log(plan.run_dir).append(actor=SERVER_ACTOR, action=AuditAction.ERASURE_SERVED,
-                                                  details=_finite({k: v for k, v in details.items()
-                                                                   if k != "customer"}))
+            server_audit_log(plan.run_dir).append(
+                actor=SERVER_ACTOR,
+                action=AuditAction.ERASURE_SERVED,
+                details=_finite({k: v for k, v in details.items() if k != "customer"}),
+            )
         receipts.append(record_receipt(plan.run_dir, req, region_audit_head=region_log.head()))
     return receipts
 

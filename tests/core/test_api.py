@@ -32,8 +32,9 @@ def test_import_fedcrm_loads_neither_torch_nor_flower_nor_pandas() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_the_readme_example_runs_on_a_tiny_federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_readme_example_runs_on_a_tiny_federation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     generate(regions=["eu", "us", "apac"], customers=[400, 300, 300], seed=0, out_dir=tmp_path / "data" / "demo")
     monkeypatch.chdir(tmp_path)
@@ -82,5 +83,7 @@ def _tiny_model(tmp_path: Path):  # noqa: ANN202
     enc = FeatureEncoder(load_schema(cfg.schema_path))
     RunDir.create(tmp_path / "run", cfg).save_model(
         constituents={0: get_weights(build_model(cfg.model, n_features=enc.n_features, seed=0))},
-        feature_names=enc.feature_names, version=1)
+        feature_names=enc.feature_names,
+        version=1,
+    )
     return ScoringModel.load(tmp_path / "run")

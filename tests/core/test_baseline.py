@@ -45,7 +45,20 @@ def test_centralised_baseline_leaves_out_forgotten_and_withdrawn_customers(tmp_p
     assert after.training["examples"] < before.training["examples"]
     written = json.loads((tmp_path / "after" / "summary.json").read_text(encoding="utf-8"))
     assert written["regions"]["eu"]["forgotten"] == 1
-    assert list(written) == ["name", "kind", "task", "privacy_mode", "final_metrics", "privacy", "regions",
-                             "training", "warnings", "config_sha256", "code_version", "started", "wall_time_s"]
+    assert list(written) == [
+        "name",
+        "kind",
+        "task",
+        "privacy_mode",
+        "final_metrics",
+        "privacy",
+        "regions",
+        "training",
+        "warnings",
+        "config_sha256",
+        "code_version",
+        "started",
+        "wall_time_s",
+    ]
     assert np.isfinite(written["final_metrics"]["auc"])
     assert written["started"] > before.started  # a start time for tracking, as a federated run writes

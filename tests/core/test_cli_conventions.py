@@ -92,9 +92,22 @@ def test_set_overrides_are_typed_validated_and_recorded(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "training.rounds" in bad.output
     unknown = runner.invoke(app, ["run", str(config), "--set", "training.roundz=3"])
     assert unknown.exit_code == 2 and "unknown key `training.roundz`" in unknown.output
-    result = runner.invoke(app, ["run", str(config), "--set", "training.rounds=1", "--set",
-                                 "privacy.target_epsilon=1", "--out", str(tmp_path / "run"), "--state",
-                                 str(tmp_path / "state"), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            str(config),
+            "--set",
+            "training.rounds=1",
+            "--set",
+            "privacy.target_epsilon=1",
+            "--out",
+            str(tmp_path / "run"),
+            "--state",
+            str(tmp_path / "state"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # one JSON document on stdout; progress went to stderr
     assert summary["run_dir"] == str(tmp_path / "run")

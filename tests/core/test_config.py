@@ -67,8 +67,9 @@ def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
         cfg.with_overrides({"privacy.target_epsilon": 0})
 
 
-@pytest.mark.parametrize(("key", "policy_key"), [("budget", "privacy_budget"),
-                                                  ("evaluation__min_customers", "min_customers")])
+@pytest.mark.parametrize(
+    ("key", "policy_key"), [("budget", "privacy_budget"), ("evaluation__min_customers", "min_customers")]
+)
 def test_settings_the_region_policy_decides_are_refused_with_the_reason(
     tmp_path: Path, key: str, policy_key: str
 ) -> None:

@@ -64,8 +64,11 @@ def _holder(node: ast.expr) -> str | None:
 def package_reads() -> tuple[set[tuple[str, str]], dict[str, set[str]]]:
     """Attribute reads (holder, attribute) in fedcrm/ outside config.py, and the names bound to each
     config class there (annotated with it, or assigned a section: ``sp = cfg.split``)."""
-    sections = {name: s.__name__ for _, model, name, _ in config_fields()
-                if (s := _section_of(model.model_fields[name].annotation)) is not None}
+    sections = {
+        name: s.__name__
+        for _, model, name, _ in config_fields()
+        if (s := _section_of(model.model_fields[name].annotation)) is not None
+    }
     classes = {model.__name__ for _, model, _, _ in config_fields()}
     reads: set[tuple[str, str]] = set()
     bound: dict[str, set[str]] = {c: set() for c in classes}
@@ -96,7 +99,8 @@ def package_reads() -> tuple[set[tuple[str, str]], dict[str, set[str]]]:
 def test_every_config_setting_is_read_outside_config_py() -> None:
     reads, bound = package_reads()
     unread = [
-        path for path, model, name, via in config_fields()
+        path
+        for path, model, name, via in config_fields()
         if path not in REFUSING_PLACEHOLDERS
         and not any((holder, name) in reads for holder in bound[model.__name__] | ({via} if via else set()))
     ]

@@ -13,14 +13,16 @@ def _shown(message: str, *, module: str) -> bool:
     """Whether a DeprecationWarning raised from ``module`` passes the filters in force (pytest's
     ``filterwarnings`` from pyproject.toml apply inside a test)."""
     with warnings.catch_warnings(record=True) as caught:  # keeps the filters in force; only records
-        warnings.warn_explicit(message, DeprecationWarning, filename=f"{module}.py", lineno=1, module=module,
-                               registry={})
+        warnings.warn_explicit(
+            message, DeprecationWarning, filename=f"{module}.py", lineno=1, module=module, registry={}
+        )
     return len(caught) == 1
 
 
 def test_a_library_deprecation_is_not_silenced_by_the_test_configuration() -> None:
-    assert _shown("The `run_simulation` function is deprecated and will be removed",
-                  module="flwr.simulation.run_simulation")
+    assert _shown(
+        "The `run_simulation` function is deprecated and will be removed", module="flwr.simulation.run_simulation"
+    )
     assert _shown("torch.cuda.amp.autocast is deprecated", module="opacus.optimizers.optimizer")
 
 

@@ -54,8 +54,18 @@ def test_no_bar_when_nobody_watches() -> None:
 def test_sweep_reports_progress_after_every_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = write_tiny_config(tmp_path, regions={"eu": 200})
     p = tmp_path / "sweep.yaml"
-    p.write_text(yaml.safe_dump({"name": "t", "base": str(base), "grid": {"privacy.target_epsilon": [1, 2]},
-                                 "seeds": [0, 1], "output_dir": str(tmp_path / "sweeps"), "engine": "per_cell"}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "base": str(base),
+                "grid": {"privacy.target_epsilon": [1, 2]},
+                "seeds": [0, 1],
+                "output_dir": str(tmp_path / "sweeps"),
+                "engine": "per_cell",
+            }
+        )
+    )
     import fedcrm.fl.simulation as simulation
 
     def no_engine(*args: object, **kwargs: object) -> dict:
@@ -63,7 +73,11 @@ def test_sweep_reports_progress_after_every_cell(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(simulation, "run_simulated", no_engine)
     calls: list[tuple[int, int]] = []
-    df = run_sweep(load_sweep(p), out_dir=tmp_path / "out", report=lambda s: None,
-                   progress=lambda done, total: calls.append((done, total)))
+    df = run_sweep(
+        load_sweep(p),
+        out_dir=tmp_path / "out",
+        report=lambda s: None,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert set(df["status"]) == {"failed"}
     assert calls == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]

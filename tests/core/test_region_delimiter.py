@@ -36,10 +36,13 @@ def test_region_entries_take_a_path_and_a_delimiter_next_to_plain_paths(tmp_path
     assert again.region_delimiters == {"eu": ";"} and again.regions == cfg.regions
 
 
-@pytest.mark.parametrize(("entry", "message"), [
-    ({"file": "eu.csv"}, r"regions.eu: expected a data file path or \{path: ..., delimiter: ...\}"),
-    ({"path": "eu.csv", "delimiter": ";;"}, r"a delimiter is one character"),
-])
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"file": "eu.csv"}, r"regions.eu: expected a data file path or \{path: ..., delimiter: ...\}"),
+        ({"path": "eu.csv", "delimiter": ";;"}, r"a delimiter is one character"),
+    ],
+)
 def test_a_bad_region_entry_is_refused(tmp_path: Path, entry: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(_config(tmp_path, lambda r: {"eu": entry, "us": r["us"]}))
@@ -82,11 +85,14 @@ def test_data_validate_says_which_delimiter_it_read_with(tmp_path: Path) -> None
     colon = tmp_path / "eu-colon.csv"
     colon.write_text(cfg.regions["eu"].read_text().replace(",", ":"))
     runner = CliRunner()
-    res = runner.invoke(app, ["data", "validate", str(colon), "--schema", str(cfg.schema_path), "--delimiter", ":",
-                              "--json"])
+    res = runner.invoke(
+        app, ["data", "validate", str(colon), "--schema", str(cfg.schema_path), "--delimiter", ":", "--json"]
+    )
     assert res.exit_code == 0, res.output
     assert {k: json.loads(res.stdout)[k] for k in ("delimiter", "delimiter_from")} == {
-        "delimiter": ":", "delimiter_from": "region"}
+        "delimiter": ":",
+        "delimiter_from": "region",
+    }
     res = runner.invoke(app, ["data", "validate", str(cfg.regions["eu"]), "--schema", str(cfg.schema_path)])
     assert res.exit_code == 0 and "read with delimiter ',' (the schema's)" in res.stdout, res.output
 

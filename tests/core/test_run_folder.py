@@ -15,15 +15,34 @@ from tests.conftest import write_tiny_config
 
 # A summary as fedcrm 0.1 wrote it (fl/server.py at 9855b9f): no `started`, `audit_head`, trust sections.
 OLD_SUMMARY = {
-    "name": "tiny", "run_id": "tiny-1a2b3c4d", "task": "churn", "privacy_mode": "sample_dp",
+    "name": "tiny",
+    "run_id": "tiny-1a2b3c4d",
+    "task": "churn",
+    "privacy_mode": "sample_dp",
     "final_metrics": {"auc": 0.71, "log_loss": 0.6, "accuracy": 0.7, "brier": 0.2, "customers": 120},
-    "final_metrics_by_region": {"eu": {"auc": 0.7}}, "suppressed_regions": {},
-    "privacy": {"eu": {"epsilon": 1.5, "delta": 1e-5, "budget": 8.0, "accountant": "rdp", "target_epsilon": 2.0,
-                       "refused": None}},
-    "regions": {"eu": {"customers_in_table": 200, "excluded_no_consent": 10, "forgotten": 0, "train": 150,
-                       "holdout": 40}},
-    "events": {"refused": {}, "failed": {}, "rejected": {}}, "warnings": [], "shards": 1, "model_version": 1,
-    "rounds_completed": 2, "config_sha256": "ab" * 32, "code_version": "9855b9f", "wall_time_s": 3.2,
+    "final_metrics_by_region": {"eu": {"auc": 0.7}},
+    "suppressed_regions": {},
+    "privacy": {
+        "eu": {
+            "epsilon": 1.5,
+            "delta": 1e-5,
+            "budget": 8.0,
+            "accountant": "rdp",
+            "target_epsilon": 2.0,
+            "refused": None,
+        }
+    },
+    "regions": {
+        "eu": {"customers_in_table": 200, "excluded_no_consent": 10, "forgotten": 0, "train": 150, "holdout": 40}
+    },
+    "events": {"refused": {}, "failed": {}, "rejected": {}},
+    "warnings": [],
+    "shards": 1,
+    "model_version": 1,
+    "rounds_completed": 2,
+    "config_sha256": "ab" * 32,
+    "code_version": "9855b9f",
+    "wall_time_s": 3.2,
 }
 
 
@@ -48,8 +67,10 @@ def test_unknown_keys_are_kept_and_a_summary_without_its_keys_is_refused(tmp_pat
 
 
 def test_problems_gather_every_event_and_refusal() -> None:
-    raw = OLD_SUMMARY | {"events": {"failed": {"node-3": "no reply"}},
-                         "privacy": {"eu": {**OLD_SUMMARY["privacy"]["eu"], "refused": "budget"}}}  # type: ignore[dict-item]
+    raw = OLD_SUMMARY | {
+        "events": {"failed": {"node-3": "no reply"}},
+        "privacy": {"eu": {**OLD_SUMMARY["privacy"]["eu"], "refused": "budget"}},
+    }  # type: ignore[dict-item]
     summary = RunSummary.from_dict(raw, source="x")
     assert summary.problems() == {"node-3": "no reply", "eu": "budget"}
     assert summary.event_reasons() == {"refused": {}, "failed": {"node-3": "no reply"}, "rejected": {}}

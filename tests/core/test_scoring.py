@@ -45,20 +45,31 @@ def fresh(trained: Path, tmp_path: Path) -> dict[str, Path]:
     """A copy of the trained run and state (config.yaml's absolute data paths still hold)."""
     shutil.copytree(trained / "run", tmp_path / "run")
     shutil.copytree(trained / "state", tmp_path / "state")
-    return {"run": tmp_path / "run", "state": tmp_path / "state", "data": trained / "data" / "eu.csv",
-            "tmp": tmp_path}
+    return {"run": tmp_path / "run", "state": tmp_path / "state", "data": trained / "data" / "eu.csv", "tmp": tmp_path}
 
 
 def _score(f: dict[str, Path], out: Path, *extra: str) -> dict[str, Any]:
-    result = runner.invoke(app, ["score", "--region", "eu", "--model", str(f["run"]), "--state", str(f["state"]),
-                                 "--out", str(out), "--json", *extra])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            "--region",
+            "eu",
+            "--model",
+            str(f["run"]),
+            "--state",
+            str(f["state"]),
+            "--out",
+            str(out),
+            "--json",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
 
-def test_score_writes_the_served_score_of_every_consenting_customer_and_nothing_else(
-    fresh: dict[str, Path]
-) -> None:
+def test_score_writes_the_served_score_of_every_consenting_customer_and_nothing_else(fresh: dict[str, Path]) -> None:
     out = fresh["tmp"] / "scores.csv"
     report = _score(fresh, out, "--reasons", "3", "--chunk-rows", "1000")
     table = load_table(fresh["data"], SCHEMA)
@@ -71,12 +82,21 @@ def test_score_writes_the_served_score_of_every_consenting_customer_and_nothing_
     expected = served.proba(FeatureEncoder(SCHEMA).encode(table.subset(consenting)))
     np.testing.assert_allclose(scores["score"], expected, atol=1e-12)
     assert set(scores["model_version"]) == {1}
-    assert report["counts"] == {"customers_in_table": 600, "forgotten": 0,
-                                "excluded_no_consent": int((~consenting).sum()), "scored": int(consenting.sum())}
+    assert report["counts"] == {
+        "customers_in_table": 600,
+        "forgotten": 0,
+        "excluded_no_consent": int((~consenting).sum()),
+        "scored": int(consenting.sum()),
+    }
     # Reasons are explain's own sentences for that customer, largest first.
     one = table.subset(table.ids == scores["customer_id"][0])
-    e = explain_customer(served.models, schema=SCHEMA, x=FeatureEncoder(SCHEMA).encode(one)[0],
-                         values={c: one.values[c].iloc[0] for c in one.values.columns}, customer_id=one.ids[0])
+    e = explain_customer(
+        served.models,
+        schema=SCHEMA,
+        x=FeatureEncoder(SCHEMA).encode(one)[0],
+        values={c: one.values[c].iloc[0] for c in one.values.columns},
+        customer_id=one.ids[0],
+    )
     assert [scores[f"reason_{k}"][0] for k in (1, 2, 3)] == [c.sentence("churn") for c in e.top(3)]
     # The region's audit log records the scoring: counts and version, and no customer id.
     log = (fresh["state"] / "eu" / "audit.log").read_text()
@@ -111,9 +131,7 @@ def _served_scores(f: dict[str, Path], ids: pd.Series) -> np.ndarray:
     return ServedModel.load(f["run"]).proba(FeatureEncoder(SCHEMA).encode(rows))
 
 
-def test_after_an_erasure_the_next_score_leaves_the_customer_out_and_uses_the_new_model(
-    fresh: dict[str, Path]
-) -> None:
+def test_after_an_erasure_the_next_score_leaves_the_customer_out_and_uses_the_new_model(fresh: dict[str, Path]) -> None:
     _score(fresh, fresh["tmp"] / "before.csv")
     before = pd.read_csv(fresh["tmp"] / "before.csv", dtype={"customer_id": str})
     trained_on = run_view(fresh["run"], region="eu", state_root=fresh["state"]).trained
@@ -153,16 +171,44 @@ def test_a_bad_table_writes_nothing_and_names_file_line_and_column(fresh: dict[s
     lines.insert(100, "")  # a blank line: the bad row is now line 402, though only row 400 of the table
     bad.write_text("\n".join(lines))
     out = fresh["tmp"] / "s.csv"
-    result = runner.invoke(app, ["score", "--region", "eu", "--model", str(fresh["run"]), "--state",
-                                 str(fresh["state"]), "--data", str(bad), "--out", str(out), "--chunk-rows", "1000"])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            "--region",
+            "eu",
+            "--model",
+            str(fresh["run"]),
+            "--state",
+            str(fresh["state"]),
+            "--data",
+            str(bad),
+            "--out",
+            str(out),
+            "--chunk-rows",
+            "1000",
+        ],
+    )
     assert result.exit_code == 2
     assert f"{bad}:402: column `tenure_months`: expected a number, found 'abc'" in result.output
     assert not out.exists() and not list(fresh["tmp"].glob("s.csv*"))
 
 
 def test_an_output_that_is_neither_csv_nor_parquet_is_refused(fresh: dict[str, Path]) -> None:
-    result = runner.invoke(app, ["score", "--region", "eu", "--model", str(fresh["run"]), "--state",
-                                 str(fresh["state"]), "--out", str(fresh["tmp"] / "s.xlsx")])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            "--region",
+            "eu",
+            "--model",
+            str(fresh["run"]),
+            "--state",
+            str(fresh["state"]),
+            "--out",
+            str(fresh["tmp"] / "s.xlsx"),
+        ],
+    )
     assert result.exit_code == 2 and ".csv or .parquet" in result.output
 
 
@@ -175,8 +221,9 @@ def test_a_first_chunk_with_nobody_to_score_does_not_break_the_output(fresh: dic
     model = ScoringModel.load(fresh["run"])
     for out in (fresh["tmp"] / "s.csv", fresh["tmp"] / "s.parquet"):
         # The library call: the CLI's --chunk-rows starts at 1000, more than this table holds.
-        result = score_region(region="eu", model=model, data=data, state_dir=fresh["state"] / "eu", out=out,
-                              chunk_rows=50)
+        result = score_region(
+            region="eu", model=model, data=data, state_dir=fresh["state"] / "eu", out=out, chunk_rows=50
+        )
         scores = pd.read_csv(out, dtype={"customer_id": str}) if out.suffix == ".csv" else pd.read_parquet(out)
         usable = table[table["consent_churn"] == "yes"]
         assert result.counts["scored"] == len(scores) == len(usable) > 0

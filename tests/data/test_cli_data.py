@@ -57,16 +57,33 @@ def test_validate_reports_a_missing_schema_file_as_an_error(tmp_path: Path) -> N
 
 
 def test_synth_then_split_then_validate(tmp_path: Path) -> None:
-    synth = runner.invoke(app, ["data", "synth", "--regions", "2", "--customers", "150,250", "--seed", "3",
-                                "--out", str(tmp_path / "synth")])
+    synth = runner.invoke(
+        app,
+        ["data", "synth", "--regions", "2", "--customers", "150,250", "--seed", "3", "--out", str(tmp_path / "synth")],
+    )
     assert synth.exit_code == 0, synth.output
     assert "400 customers in 2 regions" in synth.output
     assert {p.name for p in (tmp_path / "synth").iterdir()} == {
-        "region-000.csv", "region-001.csv", "manifest.json", "ground_truth.json"
+        "region-000.csv",
+        "region-001.csv",
+        "manifest.json",
+        "ground_truth.json",
     }
     schema = str(SCHEMAS / "synthetic_crm.yaml")
-    args = ["data", "split", "--schema", schema, "--input", str(tmp_path / "synth" / "region-001.csv"),
-            "--regions", "eu, us,apac", "--by", "dirichlet:2", "--seed", "9"]
+    args = [
+        "data",
+        "split",
+        "--schema",
+        schema,
+        "--input",
+        str(tmp_path / "synth" / "region-001.csv"),
+        "--regions",
+        "eu, us,apac",
+        "--by",
+        "dirichlet:2",
+        "--seed",
+        "9",
+    ]
     first = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     again = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
     assert first.exit_code == 0 and again.exit_code == 0, first.output
@@ -82,9 +99,23 @@ def test_synth_then_split_then_validate(tmp_path: Path) -> None:
 
 def test_split_with_a_bad_method_exits_2(tmp_path: Path) -> None:
     runner.invoke(app, ["data", "synth", "--regions", "eu", "--customers", "20", "--out", str(tmp_path)])
-    result = runner.invoke(app, ["data", "split", "--schema", str(SCHEMAS / "synthetic_crm.yaml"), "--input",
-                                 str(tmp_path / "eu.csv"), "--regions", "a,b", "--by", "random",
-                                 "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "split",
+            "--schema",
+            str(SCHEMAS / "synthetic_crm.yaml"),
+            "--input",
+            str(tmp_path / "eu.csv"),
+            "--regions",
+            "a,b",
+            "--by",
+            "random",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 2
     assert "--by must be hash, column:NAME or dirichlet:ALPHA, got 'random'" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -58,8 +58,9 @@ def schema() -> Schema:
     return schema_from_text(SCHEMA_YAML)
 
 
-def write(tmp_path: Path, rows: list[str], *, header: str = HEADER, name: str = "t.csv", eol: str = "\n",
-          bom: bool = False) -> Path:
+def write(
+    tmp_path: Path, rows: list[str], *, header: str = HEADER, name: str = "t.csv", eol: str = "\n", bom: bool = False
+) -> Path:
     path = tmp_path / name
     text = eol.join([header, *rows]) + eol
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
@@ -198,9 +199,7 @@ def test_a_row_with_too_many_fields_is_reported_at_its_line(tmp_path: Path, sche
     assert "expected 9 ','-separated fields" in str(e) and "found 10" in str(e)
 
 
-def test_line_numbers_follow_the_file_through_blank_lines_and_multiline_cells(
-    tmp_path: Path, schema: Schema
-) -> None:
+def test_line_numbers_follow_the_file_through_blank_lines_and_multiline_cells(tmp_path: Path, schema: Schema) -> None:
     rows = [GOOD_ROWS[0], "", 'c2,no,40,20,pro,s,n,2,"a note\nover two lines"', "", "c3,no,x,30,basic,s,y,3,x"]
     # line 1 header, 2 c1, 3 blank, 4-5 c2 (quoted cell spans two lines), 6 blank, 7 c3
     e = error_of(write(tmp_path, rows), schema)
@@ -229,8 +228,17 @@ def test_unknown_category_with_unknown_error_policy_is_an_error(tmp_path: Path) 
 def test_bom_crlf_and_padded_cells_read_like_a_plain_file(tmp_path: Path, schema: Schema) -> None:
     plain = load_table(write(tmp_path, GOOD_ROWS, name="plain.csv"), schema)
     padded = [" c1 , yes ,30, 10 ,basic,n , y,1,x", *GOOD_ROWS[1:]]
-    crlf = load_table(write(tmp_path, padded, name="crlf.csv", eol="\r\n", bom=True,
-                            header=" cid ,churn,age,spend,plan,region,autopay,visits,notes"), schema)
+    crlf = load_table(
+        write(
+            tmp_path,
+            padded,
+            name="crlf.csv",
+            eol="\r\n",
+            bom=True,
+            header=" cid ,churn,age,spend,plan,region,autopay,visits,notes",
+        ),
+        schema,
+    )
     assert list(crlf.ids) == list(plain.ids)
     assert list(crlf.lines) == [2, 3, 4]
     pd.testing.assert_frame_equal(crlf.values, plain.values)
@@ -316,8 +324,9 @@ def test_missing_policies_drop_fill_and_indicate_and_are_counted(tmp_path: Path,
 
 
 def test_a_missing_sensitive_value_dropped_by_policy_is_counted(tmp_path: Path) -> None:
-    s = schema_from_text(SCHEMA_YAML + "sensitive:\n  - column: {name: notes, type: categorical, "
-                         "vocabulary: [a, b], missing: drop}\n")
+    s = schema_from_text(
+        SCHEMA_YAML + "sensitive:\n  - column: {name: notes, type: categorical, vocabulary: [a, b], missing: drop}\n"
+    )
     rows = ["c1,yes,30,10,basic,n,y,1,a", "c2,no,40,20,pro,s,n,2,", "c3,no,50,30,basic,s,y,3,b"]
     t = load_table(write(tmp_path, rows), s)
     assert list(t.ids) == ["c1", "c3"]
@@ -337,13 +346,16 @@ def test_only_declared_columns_are_read(tmp_path: Path, schema: Schema) -> None:
 
 def test_schema_rejects_a_label_used_as_a_feature_and_bands_on_categories() -> None:
     with pytest.raises(ConfigError, match="label"):
-        schema_from_text(SCHEMA_YAML + "  - {name: churn, type: categorical, vocabulary: [\"yes\", \"no\"]}\n")
+        schema_from_text(SCHEMA_YAML + '  - {name: churn, type: categorical, vocabulary: ["yes", "no"]}\n')
     with pytest.raises(ConfigError, match="bands"):
-        schema_from_text(SCHEMA_YAML + "sensitive:\n  - column: {name: notes, type: categorical, "
-                         "vocabulary: [a]}\n    bands: [1, 2]\n")
+        schema_from_text(
+            SCHEMA_YAML + "sensitive:\n  - column: {name: notes, type: categorical, "
+            "vocabulary: [a]}\n    bands: [1, 2]\n"
+        )
     with pytest.raises(ConfigError, match="increase"):
-        schema_from_text(SCHEMA_YAML + "sensitive:\n  - column: {name: notes, type: numeric, min: 0, max: 9}\n"
-                         "    bands: [5, 2]\n")
+        schema_from_text(
+            SCHEMA_YAML + "sensitive:\n  - column: {name: notes, type: numeric, min: 0, max: 9}\n    bands: [5, 2]\n"
+        )
 
 
 # --- the synthetic generator's declared defects are what the loader counts --------------------------
@@ -443,8 +455,9 @@ def test_a_table_read_in_chunks_equals_the_table_read_at_once(tmp_path: Path, ki
     generate(regions=["eu"], customers=2500, seed=3, out_dir=tmp_path)
     path = tmp_path / "eu.csv"
     if kind == "parquet":
-        pq.write_table(pa.Table.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False)),
-                       path := tmp_path / "eu.parquet")
+        pq.write_table(
+            pa.Table.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False)), path := tmp_path / "eu.parquet"
+        )
     whole = load_table(path, SYNTH)
     chunks = list(iter_table(path, SYNTH, chunk_rows=1000))
     assert len(chunks) >= 2
@@ -489,8 +502,9 @@ def test_telco_as_a_european_spreadsheet_exports_it_loads_like_the_original(tmp_
     chunks = list(iter_table(eu, telco, chunk_rows=2000))
     assert np.concatenate([c.ids for c in chunks]).tolist() == original.ids.tolist()
     assert chunks[-1].report.delimiter == ";"
-    result = CliRunner().invoke(app, ["data", "validate", "--schema", str(REPO / "configs" / "schemas" /
-                                                                         "telco_churn.yaml"), str(eu), "--json"])
+    result = CliRunner().invoke(
+        app, ["data", "validate", "--schema", str(REPO / "configs" / "schemas" / "telco_churn.yaml"), str(eu), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["delimiter"] == ";"
 

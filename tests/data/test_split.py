@@ -39,10 +39,17 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "all.csv"
 
 
-def split(schema: Schema, source: Path, out: Path, *, by: str = "hash", seed: int = 0,
-          regions: list[str] | None = None) -> dict:
-    return split_table(schema=schema, input_path=source, regions=regions or REGIONS,
-                       method=SplitMethod.parse(by), seed=seed, out_dir=out)
+def split(
+    schema: Schema, source: Path, out: Path, *, by: str = "hash", seed: int = 0, regions: list[str] | None = None
+) -> dict:
+    return split_table(
+        schema=schema,
+        input_path=source,
+        regions=regions or REGIONS,
+        method=SplitMethod.parse(by),
+        seed=seed,
+        out_dir=out,
+    )
 
 
 def read(out: Path, name: str) -> pd.DataFrame:
@@ -181,8 +188,10 @@ def test_bank_customers_keep_their_derived_ids_after_a_split(tmp_path: Path) -> 
         part = pd.read_csv(tmp_path / f"{r}.csv", sep=";", dtype=str, keep_default_na=False)
         # The id column holds each customer's id from the whole table (line 2 = bank-000002) ...
         rows = part["customer_id"].str.removeprefix("bank-").astype(int) - 2
-        pd.testing.assert_frame_equal(part.drop(columns="customer_id").reset_index(drop=True),
-                                      original.iloc[rows.to_numpy()].reset_index(drop=True))
+        pd.testing.assert_frame_equal(
+            part.drop(columns="customer_id").reset_index(drop=True),
+            original.iloc[rows.to_numpy()].reset_index(drop=True),
+        )
         # ... and the loader uses it instead of re-deriving one from the region file's own lines.
         region = load_table(tmp_path / f"{r}.csv", bank)
         assert list(region.ids) == list(part["customer_id"])

@@ -43,9 +43,7 @@ def read_region(out: Path, name: str) -> pd.DataFrame:
 
 
 def read_all(out: Path, manifest: SynthManifest) -> pd.DataFrame:
-    return pd.concat(
-        [read_region(out, r.name).assign(_region=r.name) for r in manifest.regions], ignore_index=True
-    )
+    return pd.concat([read_region(out, r.name).assign(_region=r.name) for r in manifest.regions], ignore_index=True)
 
 
 def defect_masks(df: pd.DataFrame, schema: Schema) -> dict[str, pd.Series]:

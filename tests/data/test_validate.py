@@ -11,12 +11,19 @@ from fedcrm.data.io import iter_table, load_table
 from fedcrm.data.schema import Schema
 from fedcrm.data.validate import stripped
 
-SCHEMA = Schema.model_validate({
-    "name": "tiny", "delimiter": ",", "id": {"column": "cid"}, "purposes": ["churn"],
-    "label": {"column": "churn", "positive": ["yes"], "negative": ["no"]},
-    "features": [{"name": "age", "type": "numeric", "min": 18, "max": 90},
-                 {"name": "plan", "type": "categorical", "vocabulary": ["basic", "pro"]}],
-})
+SCHEMA = Schema.model_validate(
+    {
+        "name": "tiny",
+        "delimiter": ",",
+        "id": {"column": "cid"},
+        "purposes": ["churn"],
+        "label": {"column": "churn", "positive": ["yes"], "negative": ["no"]},
+        "features": [
+            {"name": "age", "type": "numeric", "min": 18, "max": 90},
+            {"name": "plan", "type": "categorical", "vocabulary": ["basic", "pro"]},
+        ],
+    }
+)
 
 
 def test_cells_are_trimmed_of_every_character_python_calls_whitespace() -> None:

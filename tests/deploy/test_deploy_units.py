@@ -213,8 +213,10 @@ def test_a_round_waits_for_a_restarted_region_and_names_one_that_stays_away() ->
     eager = _guard([], node_regions={11: "eu", 22: "us"})
     sent = list(eager.configure_train(3, arrays, ConfigRecord({}), _RejoiningGrid(absent_calls=3)))  # type: ignore[arg-type]
     assert [m.metadata.dst_node_id for m in sent] == [22]
-    assert list(eager.events[3].failed) == ["eu"] and "not connected when the round started" in (
-        eager.events[3].failed["eu"])
+    assert (
+        list(eager.events[3].failed) == ["eu"]
+        and "not connected when the round started" in (eager.events[3].failed["eu"])
+    )
     # A region that never comes back: the wait is bounded, the round goes on with the others.
     bounded = _guard([], node_regions={11: "eu", 22: "us"}, wait_for_regions_s=1.0)
     t0 = time.monotonic()
@@ -263,8 +265,10 @@ def test_a_region_that_never_replies_is_named_in_the_round_events() -> None:
     guard.aggregate_train(1, [reply])
     guard.configure_evaluate(1, arrays, ConfigRecord({}), FakeGrid())  # type: ignore[arg-type]
     guard.aggregate_evaluate(1, [])
-    assert seen and seen[0].failed == {"eu": "no reply within the round timeout (training)", "us": (
-        "no reply within the round timeout (evaluation)")}
+    assert seen and seen[0].failed == {
+        "eu": "no reply within the round timeout (training)",
+        "us": ("no reply within the round timeout (evaluation)"),
+    }
 
 
 def test_certs_commands_split_the_operators_files_from_the_data_owners_key(tmp_path: Path) -> None:
@@ -280,8 +284,19 @@ def test_certs_commands_split_the_operators_files_from_the_data_owners_key(tmp_p
     private, public = tmp_path / "eu-host" / "supernode-eu.key", tmp_path / "eu-host" / "supernode-eu.pub"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     assert public.read_text().split()[0] in owner.output  # the line to send to the operator
-    args = ["certs", "--out", str(tmp_path / "c"), "--node-public-key", f"eu={public}", "--host", "link.example.org",
-            "--ca-valid-days", "365", "--valid-days", "90"]
+    args = [
+        "certs",
+        "--out",
+        str(tmp_path / "c"),
+        "--node-public-key",
+        f"eu={public}",
+        "--host",
+        "link.example.org",
+        "--ca-valid-days",
+        "365",
+        "--valid-days",
+        "90",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
@@ -300,11 +315,13 @@ def test_register_node_records_the_region_a_node_id_speaks_for(tmp_path: Path) -
 
     reg = tmp_path / "registry"
     res = CliRunner().invoke(
-        app, ["deploy", "register-node", "--registry", str(reg), "--region", "eu", "--node-id", "7"])
+        app, ["deploy", "register-node", "--registry", str(reg), "--region", "eu", "--node-id", "7"]
+    )
     assert res.exit_code == 0, res.output
     assert NodeRegistry(reg).regions() == {7: "eu"}
     moved = CliRunner().invoke(
-        app, ["deploy", "register-node", "--registry", str(reg), "--region", "us", "--node-id", "7"])
+        app, ["deploy", "register-node", "--registry", str(reg), "--region", "us", "--node-id", "7"]
+    )
     assert moved.exit_code == 2 and "already registered for region `eu`" in moved.output
 
 

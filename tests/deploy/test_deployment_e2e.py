@@ -126,7 +126,13 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
     # server checked every reply against the registry deploy_local recorded (no "unchecked" warning).
     # (plus the local bundle reviewer's signing key, which plays every data owner's trusted signer here).
     assert sorted(p.name for p in (tmp_path / "work" / "certs").iterdir()) == [
-        "bundle-signer-local.key", "bundle-signer-local.pub", "ca.crt", "ca.key", "server.crt", "server.key"]
+        "bundle-signer-local.key",
+        "bundle-signer-local.pub",
+        "ca.crt",
+        "ca.key",
+        "server.crt",
+        "server.key",
+    ]
     assert all((tmp_path / "work" / "regions" / r / f"supernode-{r}.key").is_file() for r in ("eu", "us", "apac"))
     assert not any("no node registry" in w for w in summary.warnings)
     assert verify(result.run_dir / "audit.log", expect_head=summary.audit_head).ok
@@ -171,8 +177,12 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
     cfg_path = write_tiny_config(
         tmp_path,
         regions={"eu": 500, "us": 400},
-        overrides={"training.rounds": 3, "federation.min_regions": 1, "federation.round_timeout_s": 150,
-                   "federation.wait_for_regions_s": 600},
+        overrides={
+            "training.rounds": 3,
+            "federation.min_regions": 1,
+            "federation.round_timeout_s": 150,
+            "federation.wait_for_regions_s": 600,
+        },
     )
     cfg = load_config(cfg_path)
     state = tmp_path / "state"
@@ -225,9 +235,11 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     ended = {r["round"]: summary.started + r["time_s"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
-    print(f"eu killed {float(seen['killed']) - summary.started:.0f} s into the run, round 2 ended at "  # type: ignore[arg-type]
-          f"{ended[2] - summary.started:.0f} s, eu back at {float(seen['restarted']) - summary.started:.0f} s, "  # type: ignore[arg-type]
-          f"round 3 ended at {ended[3] - summary.started:.0f} s")
+    print(
+        f"eu killed {float(seen['killed']) - summary.started:.0f} s into the run, round 2 ended at "  # type: ignore[arg-type]
+        f"{ended[2] - summary.started:.0f} s, eu back at {float(seen['restarted']) - summary.started:.0f} s, "  # type: ignore[arg-type]
+        f"round 3 ended at {ended[3] - summary.started:.0f} s"
+    )
     assert summary.rounds_completed == 3
     # What happened, by region: no reply within the round timeout, or (once eu's heartbeat expired, which
     # can come first) the SuperLink's own "Node Unavailable" error reply for it.
@@ -415,8 +427,21 @@ def test_ctrl_c_during_a_run_stops_every_process(tmp_path: Path) -> None:
     # Many rounds, so that the run is still going when Ctrl-C comes (2 rounds can finish first).
     cfg_path = write_tiny_config(tmp_path, regions={"eu": 300, "us": 300}, overrides={"training.rounds": 200})
     workdir = tmp_path / "work"
-    cmd = [sys.executable, "-m", "fedcrm.cli", "deploy", "local", "--config", str(cfg_path),
-           "--workdir", str(workdir), "--state", str(tmp_path / "state"), "--out", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedcrm.cli",
+        "deploy",
+        "local",
+        "--config",
+        str(cfg_path),
+        "--workdir",
+        str(workdir),
+        "--state",
+        str(tmp_path / "state"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"}
     )

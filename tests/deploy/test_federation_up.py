@@ -26,16 +26,24 @@ REPO = Path(__file__).resolve().parents[2]
 
 def fedcrm(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "FLWR_TELEMETRY_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "fedcrm.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "fedcrm.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def flower_processes_under(folder: Path) -> list[str]:
     """Live processes whose FLWR_HOME lies under ``folder``: everything a deployment started."""
     from fedcrm.deploy.supervisor import processes_with_env
 
-    return [f"{p} {Path(f'/proc/{p}/cmdline').read_bytes()[:120]!r}"
-            for p in processes_with_env("FLWR_HOME", under=folder)]
+    return [
+        f"{p} {Path(f'/proc/{p}/cmdline').read_bytes()[:120]!r}" for p in processes_with_env("FLWR_HOME", under=folder)
+    ]
 
 
 def test_a_reused_pid_is_never_signalled(tmp_path: Path) -> None:
@@ -45,10 +53,10 @@ def test_a_reused_pid_is_never_signalled(tmp_path: Path) -> None:
         real = Recorded.of_pid(sleeper.pid, name="x", log_path=tmp_path)
         assert real.running()
         # The same pid with another start time, or another command line: a pid the kernel gave to someone else.
-        for impostor in (Recorded(name="x", pid=sleeper.pid, started=real.started + 1, cmdline=real.cmdline,
-                                  log_path=tmp_path),
-                         Recorded(name="x", pid=sleeper.pid, started=real.started, cmdline="flower-supernode",
-                                  log_path=tmp_path)):
+        for impostor in (
+            Recorded(name="x", pid=sleeper.pid, started=real.started + 1, cmdline=real.cmdline, log_path=tmp_path),
+            Recorded(name="x", pid=sleeper.pid, started=real.started, cmdline="flower-supernode", log_path=tmp_path),
+        ):
             assert not impostor.running()
             assert impostor.stop(grace_s=1, hard_s=1) == []
             assert sleeper.poll() is None and start_ticks(sleeper.pid) == real.started
@@ -80,8 +88,9 @@ def test_the_run_config_carries_a_retrain_to_the_server_app(tmp_path: Path) -> N
 @pytest.mark.deployment
 @pytest.mark.slow
 def test_up_run_kill_status_restart_down(tmp_path: Path) -> None:
-    cfg = write_tiny_config(tmp_path, regions={"eu": 500, "us": 400},
-                            overrides={"federation.min_regions": 1, "unlearning.shards": 2})
+    cfg = write_tiny_config(
+        tmp_path, regions={"eu": 500, "us": 400}, overrides={"federation.min_regions": 1, "unlearning.shards": 2}
+    )
     folder = tmp_path / ".fedcrm" / "deployments" / "t"
     bystander = subprocess.Popen(["sleep", "900"], start_new_session=True)  # not ours: must survive `down`
     try:
@@ -89,8 +98,7 @@ def test_up_run_kill_status_restart_down(tmp_path: Path) -> None:
         assert up.returncode == 0, up.stdout + up.stderr
         desc = json.loads((folder / "federation.json").read_text())
         assert set(desc["processes"]) == {"superlink", "supernode-eu", "supernode-us", "exec-eu", "exec-us"}
-        assert sorted(p.name for p in (folder / "pids").glob("*.pid")) == sorted(
-            f"{k}.pid" for k in desc["processes"])
+        assert sorted(p.name for p in (folder / "pids").glob("*.pid")) == sorted(f"{k}.pid" for k in desc["processes"])
 
         # The command has exited; the federation is still up.
         st = fedcrm("deploy", "status", "--name", "t", "--json", cwd=tmp_path)
@@ -115,8 +123,18 @@ def test_up_run_kill_status_restart_down(tmp_path: Path) -> None:
         view = run_view(tmp_path / "run", region="eu", state_root=tmp_path / "state")
         customer, shard = next(iter(view.trained.items()))
         eu_before = len(PrivacyLedger.open(tmp_path / "state" / "eu", region="eu").events())
-        forget = fedcrm("forget", "--region", "eu", "--customer-id", customer, "--run", str(tmp_path / "run"),
-                        "--state", "state", cwd=tmp_path)
+        forget = fedcrm(
+            "forget",
+            "--region",
+            "eu",
+            "--customer-id",
+            customer,
+            "--run",
+            str(tmp_path / "run"),
+            "--state",
+            "state",
+            cwd=tmp_path,
+        )
         assert forget.returncode == 0, forget.stdout + forget.stderr
         served = ModelMeta.read(tmp_path / "run").version  # 2: the stale constituent already excluded
         retrain = fedcrm("retrain", str(tmp_path / "run"), "--federation", "t", "--json", cwd=tmp_path)

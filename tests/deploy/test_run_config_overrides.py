@@ -28,12 +28,15 @@ def test_overrides_are_typed_applied_and_recorded_in_the_run_config(tmp_path: Pa
     assert recorded["training"]["rounds"] == 20 and recorded["privacy"]["target_epsilon"] == 1.0
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("training.roundz=3", r"run config `overrides`: unknown key `training.roundz`"),
-    ("training.rounds", r"run config `overrides` 'training.rounds': expected KEY=VALUE"),
-    ("training.rounds=-1", r"training.rounds"),
-    ("name='unclosed", r"run config `overrides` .*closing quotation"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("training.roundz=3", r"run config `overrides`: unknown key `training.roundz`"),
+        ("training.rounds", r"run config `overrides` 'training.rounds': expected KEY=VALUE"),
+        ("training.rounds=-1", r"training.rounds"),
+        ("name='unclosed", r"run config `overrides` .*closing quotation"),
+    ],
+)
 def test_a_bad_override_is_refused_naming_the_run_config(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         experiment_config({"experiment-config": "configs/demo.yaml", "overrides": text})

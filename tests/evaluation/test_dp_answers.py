@@ -23,8 +23,9 @@ from fedcrm.unlearning.shards import holdout_mask
 from fedcrm.unlearning.tombstones import Tombstones
 
 
-def _region(tmp_path: Path, *, policy: dict | None = None, overrides: dict | None = None,
-            customers: int = 800) -> tuple[ExperimentConfig, Region]:
+def _region(
+    tmp_path: Path, *, policy: dict | None = None, overrides: dict | None = None, customers: int = 800
+) -> tuple[ExperimentConfig, Region]:
     cfg, settings = one_region(tmp_path, customers=customers, overrides=overrides, policy=policy)
     return cfg, Region(settings)
 
@@ -96,8 +97,9 @@ def test_hold_out_answers_compose_like_dp_accounting_and_apart_from_training(tmp
     for _ in range(3):
         region.evaluate(cfg, schema, constituents=_weights(cfg, region), run_id="r")
     events = region.ledger.events()
-    acct = dp_accounting.rdp.RdpAccountant([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-                                           + [128, 256, 512, 1024])
+    acct = dp_accounting.rdp.RdpAccountant(
+        [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128, 256, 512, 1024]
+    )
     for e in events[1:]:
         acct.compose(dp_accounting.GaussianDpEvent(e.noise_multiplier))
     holdout = region.ledger.epsilon_of_holdout(delta=region.delta, accountant="rdp")
@@ -118,6 +120,10 @@ def test_the_auc_noise_estimate_grows_with_the_noise_and_matches_repeated_answer
     small, large = auc_noise_sd(exact, noise_std=1.0), auc_noise_sd(exact, noise_std=20.0)
     assert small < 0.01 < large
     # The estimate agrees with the spread of AUCs of independently noised answers (what it stands for).
-    spread = np.std([auc_from_histograms(exact.hist_pos + rng.normal(0, 20.0, 24),
-                                         exact.hist_neg + rng.normal(0, 20.0, 24)) for _ in range(300)])
+    spread = np.std(
+        [
+            auc_from_histograms(exact.hist_pos + rng.normal(0, 20.0, 24), exact.hist_neg + rng.normal(0, 20.0, 24))
+            for _ in range(300)
+        ]
+    )
     assert large == pytest.approx(spread, rel=0.25)

@@ -29,8 +29,14 @@ def table(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 def _trained(kind: str, x: np.ndarray, y: np.ndarray, seed: int) -> torch.nn.Module:
     m = build_model(ModelConfig(kind=kind, hidden=(16, 16)), n_features=x.shape[1], seed=seed)
-    train_locally(m, x=x, y=y, training=TrainingConfig(local_epochs=5, batch_size=64, learning_rate=0.05),
-                  dp=None, randomness=ReleaseRandomness.public_seed(seed))
+    train_locally(
+        m,
+        x=x,
+        y=y,
+        training=TrainingConfig(local_epochs=5, batch_size=64, learning_rate=0.05),
+        dp=None,
+        randomness=ReleaseRandomness.public_seed(seed),
+    )
     return m
 
 
@@ -57,8 +63,9 @@ def test_logistic_contributions_are_exact_and_grouped_by_column(table) -> None: 
     w = model.out.weight.detach().numpy().ravel().astype(np.float64)
     logit = (x[:50] - ref) * w
     nz = np.abs(logit.sum(axis=1)) > 0.05
-    np.testing.assert_allclose(attr[nz] / delta[nz, None], logit[nz] / logit[nz].sum(axis=1, keepdims=True),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        attr[nz] / delta[nz, None], logit[nz] / logit[nz].sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6
+    )
     # A slow, independent integral of the gradient agrees with the closed form.
     slow = explain._riemann_ig(model, x[:5], ref, steps=2000)
     np.testing.assert_allclose(slow, attr[:5], atol=1e-6)
@@ -96,7 +103,10 @@ def test_explanation_in_the_users_words(table) -> None:  # noqa: ANN001
     model = _trained("logistic", x, table.labels, seed=0)
     i = 0
     e = explain.explain_customer(
-        [model], schema=SCHEMA, x=x[i], values={c: table.values[c].iloc[i] for c in table.values},
+        [model],
+        schema=SCHEMA,
+        x=x[i],
+        values={c: table.values[c].iloc[i] for c in table.values},
         customer_id=str(table.ids[i]),
     )
     assert e.completeness_error < 1e-6
@@ -115,10 +125,9 @@ def test_importance_sums_add_up_across_regions(table) -> None:  # noqa: ANN001
     model = _trained("logistic", x, table.labels, seed=0)
     whole = explain.importance_sums([model], schema=SCHEMA, x=x)
     parts = explain.importance_sums([model], schema=SCHEMA, x=x[:150]) + explain.importance_sums(
-        [model], schema=SCHEMA, x=x[150:])
+        [model], schema=SCHEMA, x=x[150:]
+    )
     np.testing.assert_allclose(whole, parts, rtol=1e-9)
     rep = explain.importance_report(whole, len(x), schema=SCHEMA)
     assert list(rep.values()) == sorted(rep.values(), reverse=True)
     assert set(rep) == {c.name for c in SCHEMA.model_columns}
-
-

@@ -51,7 +51,9 @@ def test_pooled_group_metrics_match_fairlearn_on_pooled_predictions() -> None:
                 "tpr": fl_metrics.true_positive_rate,
                 "fpr": fl_metrics.false_positive_rate,
             },
-            y_true=y, y_pred=y_pred, sensitive_features=groups,
+            y_true=y,
+            y_pred=y_pred,
+            sensitive_features=groups,
         )
         for g, row in frame.by_group.iterrows():
             m = rep["groups"][g]
@@ -79,9 +81,11 @@ def test_pooled_group_metrics_match_fairlearn_on_pooled_predictions() -> None:
             exact_ece = np.abs(gap).sum() / sel.sum()
             assert abs(m["ece"] - exact_ece) <= 0.5 / FAIR_BINS
         assert rep["demographic_parity_difference"] == pytest.approx(
-            fl_metrics.demographic_parity_difference(y, y_pred, sensitive_features=groups), abs=1e-12)
+            fl_metrics.demographic_parity_difference(y, y_pred, sensitive_features=groups), abs=1e-12
+        )
         assert rep["equalized_odds_difference"] == pytest.approx(
-            fl_metrics.equalized_odds_difference(y, y_pred, sensitive_features=groups), abs=1e-12)
+            fl_metrics.equalized_odds_difference(y, y_pred, sensitive_features=groups), abs=1e-12
+        )
     assert report["gender"]["demographic_parity_difference"] > 0.05  # the groups were made to differ
 
 
@@ -101,8 +105,11 @@ def test_small_group_is_suppressed_and_cannot_be_recovered_by_difference() -> No
 
 def test_wire_lists_of_wrong_length_are_refused() -> None:
     part = fairness.summarise_groups(
-        scores=np.full(4, 0.3), labels=np.array([0, 1, 0, 1]),
-        sensitive={"gender": np.array(["F"] * 4), "age": np.array(["<30"] * 4)}, schema=SCHEMA, min_customers=1,
+        scores=np.full(4, 0.3),
+        labels=np.array([0, 1, 0, 1]),
+        sensitive={"gender": np.array(["F"] * 4), "age": np.array(["<30"] * 4)},
+        schema=SCHEMA,
+        min_customers=1,
     )
     lists = fairness.to_lists(part, schema=SCHEMA)
     lists["hist_pos"] = lists["hist_pos"][:-1]

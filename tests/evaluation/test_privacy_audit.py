@@ -59,19 +59,26 @@ def _reference_p_value(m: int, r: int, v: int, eps: float, delta: float) -> floa
     q = math.exp(eps) / (1 + math.exp(eps))
     pmf = [math.comb(r, w) * q**w * (1 - q) ** (r - w) for w in range(r + 1)]
     tail = sum(pmf[v:])
-    alpha = max((sum(pmf[v - i:v]) / i for i in range(1, v + 1)), default=0.0)
+    alpha = max((sum(pmf[v - i : v]) / i for i in range(1, v + 1)), default=0.0)
     return min(tail + 2 * m * delta * alpha, 1.0)
 
 
-@pytest.mark.parametrize(("m", "r", "v", "eps", "delta"), [
-    (1000, 100, 90, 1.5, 1e-5), (1000, 100, 99, 3.0, 1e-3), (200, 60, 40, 0.5, 1e-4), (50, 20, 20, 2.0, 0.0),
-    (10_000, 150, 140, 2.2, 1e-6),
-])
+@pytest.mark.parametrize(
+    ("m", "r", "v", "eps", "delta"),
+    [
+        (1000, 100, 90, 1.5, 1e-5),
+        (1000, 100, 99, 3.0, 1e-3),
+        (200, 60, 40, 0.5, 1e-4),
+        (50, 20, 20, 2.0, 0.0),
+        (10_000, 150, 140, 2.2, 1e-6),
+    ],
+)
 def test_p_value_matches_an_independent_computation_of_the_theorem(
     m: int, r: int, v: int, eps: float, delta: float
 ) -> None:
     assert p_value(canaries=m, guesses=r, correct=v, epsilon=eps, delta=delta) == pytest.approx(
-        _reference_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-15)
+        _reference_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-15
+    )
 
 
 def test_the_delta_term_only_ever_weakens_the_bound() -> None:
@@ -134,9 +141,14 @@ def _black_box(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, holdout: np
 def test_overfit_non_private_model_on_a_small_region_is_caught(tmp_path: Path) -> None:
     x, y, holdout = _region(tmp_path, 600, 0.5)
     model = build_model(ModelConfig(kind="mlp", hidden=(64, 64)), n_features=x.shape[1], seed=0)
-    train_locally(model, x=x[~holdout], y=y[~holdout],
-                  training=TrainingConfig(local_epochs=150, batch_size=32, learning_rate=0.01), dp=None,
-                  randomness=ReleaseRandomness.public_seed(0))
+    train_locally(
+        model,
+        x=x[~holdout],
+        y=y[~holdout],
+        training=TrainingConfig(local_epochs=150, batch_size=32, learning_rate=0.01),
+        dp=None,
+        randomness=ReleaseRandomness.public_seed(0),
+    )
     r = _black_box(model, x, y, holdout, 0.5)
     assert r.canaries > 500 and r.auc > 0.65, r
     assert r.epsilon_lower_bound > 0.3, r  # a proven leak, at 95 % confidence
@@ -153,8 +165,14 @@ def test_dp_model_lower_bound_stays_below_its_epsilon(tmp_path: Path) -> None:
     model = build_model(ModelConfig(kind="mlp", hidden=(64, 64)), n_features=x.shape[1], seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train_locally(model, x=x[~holdout], y=y[~holdout], training=training,
-                      dp=DpSgd(noise_multiplier=sigma, clipping_norm=1.0), randomness=ReleaseRandomness.secure())
+        train_locally(
+            model,
+            x=x[~holdout],
+            y=y[~holdout],
+            training=training,
+            dp=DpSgd(noise_multiplier=sigma, clipping_norm=1.0),
+            randomness=ReleaseRandomness.secure(),
+        )
     r = _black_box(model, x, y, holdout, 0.5)
     assert r.epsilon_lower_bound <= target
     assert verdict(r.epsilon_lower_bound, claimed_epsilon=target) == "consistent"

@@ -34,10 +34,14 @@ runner = CliRunner()
 def _simulated(tmp: Path, policy_text: str, *, regions: dict[str, int]) -> dict[str, Any]:
     policy = tmp / "policy.yaml"
     policy.write_text(policy_text)
-    path = write_tiny_config(tmp, regions=regions, overrides={
-        "model": {"kind": "mlp", "hidden": [16, 16]},
-        "policies": {"eu": str(policy), "us": str(policy)},
-    })
+    path = write_tiny_config(
+        tmp,
+        regions=regions,
+        overrides={
+            "model": {"kind": "mlp", "hidden": [16, 16]},
+            "policies": {"eu": str(policy), "us": str(policy)},
+        },
+    )
     cfg = load_config(path)
     summary = run_simulated(cfg, run_dir=tmp / "run", state_root=tmp / "state", report=lambda s: None)
     return {"cfg": cfg, "summary": summary, "run": tmp / "run", "state": tmp / "state", "policy": policy}
@@ -74,23 +78,29 @@ def _pooled_holdout(run: dict[str, Any]) -> PooledHoldout:
         data = _holdout(run, region)
         s = served.proba(data.x[data.holdout])
         sensitive = data.sensitive.iloc[np.flatnonzero(data.holdout)].reset_index(drop=True)
-        part = fairness.summarise_groups(scores=s, labels=data.y[data.holdout], sensitive=sensitive, schema=schema,
-                                         min_customers=1)
+        part = fairness.summarise_groups(
+            scores=s, labels=data.y[data.holdout], sensitive=sensitive, schema=schema, min_customers=1
+        )
         pooled = fairness.add(pooled, fairness.from_lists(**fairness.to_lists(part, schema=schema), schema=schema))
         scores.append(s)
         labels.append(data.y[data.holdout])
         for a in groups:
             groups[a].append(np.asarray(sensitive[a]))
-    return PooledHoldout(scores=np.concatenate(scores), labels=np.concatenate(labels),
-                         groups={a: np.concatenate(v).astype(str) for a, v in groups.items()}, exact=pooled)
+    return PooledHoldout(
+        scores=np.concatenate(scores),
+        labels=np.concatenate(labels),
+        groups={a: np.concatenate(v).astype(str) for a, v in groups.items()},
+        exact=pooled,
+    )
 
 
 def _answer_std(run: dict[str, Any]) -> float:
     """Std of the pooled noise on one coordinate of the fairness answer: per region evaluation_noise ×
     √(coordinates one customer moves: a bin and a score per attribute, an importance row, the count)."""
     cfg = run["cfg"]
-    policy = Region(NodeSettings(region="eu", data_path=cfg.regions["eu"], state_dir=run["state"] / "eu",
-                                 policy_path=run["policy"])).policy
+    policy = Region(
+        NodeSettings(region="eu", data_path=cfg.regions["eu"], state_dir=run["state"] / "eu", policy_path=run["policy"])
+    ).policy
     attributes = len(fairness.sensitive_groups(load_schema(cfg.schema_path)))
     return policy.evaluation_noise * math.sqrt(2 * attributes + 2) * math.sqrt(len(cfg.regions))
 
@@ -113,8 +123,9 @@ def _check_against_fairlearn(report: dict[str, Any], pooled: PooledHoldout, *, c
             if not reported:
                 continue
         keep = np.isin(g, reported)
-        frame = fl_metrics.MetricFrame(metrics={"ppr": fl_metrics.selection_rate}, y_true=y[keep],
-                                       y_pred=y_pred[keep], sensitive_features=g[keep])
+        frame = fl_metrics.MetricFrame(
+            metrics={"ppr": fl_metrics.selection_rate}, y_true=y[keep], y_pred=y_pred[keep], sensitive_features=g[keep]
+        )
         rate_tol = 2 * count_tol / min((count[name] for name in reported), default=1) + 1e-9
         for name, row in frame.by_group.iterrows():
             m = report[a]["groups"][name]
@@ -125,7 +136,8 @@ def _check_against_fairlearn(report: dict[str, Any], pooled: PooledHoldout, *, c
             continue
         assert report[a]["demographic_parity_difference"] == pytest.approx(
             fl_metrics.demographic_parity_difference(y[keep], y_pred[keep], sensitive_features=g[keep]),
-            abs=2 * rate_tol)
+            abs=2 * rate_tol,
+        )
         eod = fl_metrics.equalized_odds_difference(y[keep], y_pred[keep], sensitive_features=g[keep])
         if np.isfinite(eod):
             assert report[a]["equalized_odds_difference"] == pytest.approx(eod, abs=2 * rate_tol)
@@ -164,9 +176,11 @@ def test_summary_fairness_with_little_evaluation_noise_is_fairlearns_within_that
     """The whole path (each region's noised answer, the wire, the server's pooling, summary.json) at a policy
     whose evaluation noise is small enough that one customer more or less in a group would show."""
     pytest.importorskip("fairlearn.metrics")
-    quiet = _simulated(tmp_path_factory.mktemp("quiet"),
-                       "min_customers: 1\nevaluation_noise: 0.001\nprivacy_budget: 1.0e9\n",
-                       regions={"eu": 1500, "us": 600})  # a hold-out of ~400: every gender has 50 and more
+    quiet = _simulated(
+        tmp_path_factory.mktemp("quiet"),
+        "min_customers: 1\nevaluation_noise: 0.001\nprivacy_budget: 1.0e9\n",
+        regions={"eu": 1500, "us": 600},
+    )  # a hold-out of ~400: every gender has 50 and more
     pooled = _pooled_holdout(quiet)
     count_tol = 6 * _answer_std(quiet) * math.sqrt(2 * fairness.FAIR_BINS)
     assert count_tol < 0.2  # well under one customer
@@ -178,20 +192,48 @@ def test_summary_fairness_with_little_evaluation_noise_is_fairlearns_within_that
 def test_explain_cli_scores_and_explains_one_customer_and_refuses_a_forgotten_one(run: dict[str, Any]) -> None:
     data = _holdout(run, "eu")
     cid = str(data.ids[0])
-    res = runner.invoke(app, ["explain", "--region", "eu", "--customer-id", cid, "--model", str(run["run"]),
-                              "--state", str(run["state"]), "--json", "--top", "20"])
+    res = runner.invoke(
+        app,
+        [
+            "explain",
+            "--region",
+            "eu",
+            "--customer-id",
+            cid,
+            "--model",
+            str(run["run"]),
+            "--state",
+            str(run["state"]),
+            "--json",
+            "--top",
+            "20",
+        ],
+    )
     assert res.exit_code == 0, res.output
     e = json.loads(res.output)
     assert e["score"] == pytest.approx(float(ServedModel.load(run["run"]).proba(data.x[:1])[0]), abs=1e-6)
     assert sum(c["points"] for c in e["contributions"]) == pytest.approx(
-        (e["score"] - e["reference_score"]) * 100, abs=0.2)
+        (e["score"] - e["reference_score"]) * 100, abs=0.2
+    )
     assert "churn risk by" in e["contributions"][0]["text"]
 
     forgotten = str(data.ids[1])
     Tombstones(run["state"] / "eu").add([forgotten])
     try:
-        res = runner.invoke(app, ["explain", "--region", "eu", "--customer-id", forgotten, "--model",
-                                  str(run["run"]), "--state", str(run["state"])])
+        res = runner.invoke(
+            app,
+            [
+                "explain",
+                "--region",
+                "eu",
+                "--customer-id",
+                forgotten,
+                "--model",
+                str(run["run"]),
+                "--state",
+                str(run["state"]),
+            ],
+        )
         assert res.exit_code == 3 and "forgotten" in res.output  # a privacy refusal
     finally:
         path = run["state"] / "eu" / "tombstones.txt"
@@ -220,14 +262,31 @@ def test_audit_privacy_cli_is_consistent_for_the_dp_run_and_fails_loudly_for_a_l
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a small model trains faster on one thread
     try:
-        train_locally(model, x=data.x[~data.holdout], y=data.y[~data.holdout],
-                      training=TrainingConfig(local_epochs=150, batch_size=32, learning_rate=0.01), dp=None,
-                      randomness=ReleaseRandomness.public_seed(0))
+        train_locally(
+            model,
+            x=data.x[~data.holdout],
+            y=data.y[~data.holdout],
+            training=TrainingConfig(local_epochs=150, batch_size=32, learning_rate=0.01),
+            dp=None,
+            randomness=ReleaseRandomness.public_seed(0),
+        )
     finally:
         torch.set_num_threads(threads)
     save_weights(leaky_run / "model" / "constituent-0.npz", get_weights(model))
-    res = runner.invoke(app, ["audit", "privacy", str(leaky_run), "--state", str(run["state"]), "--region", "eu",
-                              "--claimed-epsilon", "0.05"])
+    res = runner.invoke(
+        app,
+        [
+            "audit",
+            "privacy",
+            str(leaky_run),
+            "--state",
+            str(run["state"]),
+            "--region",
+            "eu",
+            "--claimed-epsilon",
+            "0.05",
+        ],
+    )
     assert res.exit_code == 3, res.output
     assert "PRIVACY AUDIT FAILED" in res.output
 
@@ -235,8 +294,19 @@ def test_audit_privacy_cli_is_consistent_for_the_dp_run_and_fails_loudly_for_a_l
 def test_audit_privacy_cli_white_box_passes_the_real_path_and_exits_3_on_a_planted_bug(
     run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    args = ["audit", "privacy", str(run["run"]), "--state", str(run["state"]), "--white-box", "--region", "eu",
-            "--canaries", "500", "--json"]
+    args = [
+        "audit",
+        "privacy",
+        str(run["run"]),
+        "--state",
+        str(run["state"]),
+        "--white-box",
+        "--region",
+        "eu",
+        "--canaries",
+        "500",
+        "--json",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     eu = json.loads((run["run"] / "privacy_audit.json").read_text())["regions"]["eu"]

@@ -45,9 +45,18 @@ def _planned(name: str, tmp_path: Path) -> tuple[ExperimentConfig, float, float]
 def _audit(cfg: ExperimentConfig, sigma: float, delta: float, *, bug: PlantedBug | None = None, seed: int = 0):  # noqa: ANN202
     x, y = _table()
     return white_box_audit(
-        x=x, y=y, model=cfg.model, training=cfg.training, noise_multiplier=sigma,
-        clipping_norm=cfg.privacy.clipping_norm, delta=delta, accountant=cfg.privacy.accountant,
-        planned_customers=SHIPPED[cfg.name], canaries=1000, auditor_rng=np.random.default_rng(seed), planted_bug=bug,
+        x=x,
+        y=y,
+        model=cfg.model,
+        training=cfg.training,
+        noise_multiplier=sigma,
+        clipping_norm=cfg.privacy.clipping_norm,
+        delta=delta,
+        accountant=cfg.privacy.accountant,
+        planned_customers=SHIPPED[cfg.name],
+        canaries=1000,
+        auditor_rng=np.random.default_rng(seed),
+        planted_bug=bug,
     )
 
 
@@ -57,9 +66,15 @@ def _audit(cfg: ExperimentConfig, sigma: float, delta: float, *, bug: PlantedBug
 def _linear_training(seed: int, canaries: torch.Tensor | None) -> np.ndarray:
     x, y = _table()
     model = build_model(ModelConfig(kind="logistic"), n_features=x.shape[1], seed=0)
-    train_locally(model, x=x, y=y, training=TrainingConfig(local_epochs=2, batch_size=64, optimizer="sgd"),
-                  dp=DpSgd(noise_multiplier=1.0, clipping_norm=1.0),
-                  randomness=ReleaseRandomness.public_seed(seed), canaries=canaries)
+    train_locally(
+        model,
+        x=x,
+        y=y,
+        training=TrainingConfig(local_epochs=2, batch_size=64, optimizer="sgd"),
+        dp=DpSgd(noise_multiplier=1.0, clipping_norm=1.0),
+        randomness=ReleaseRandomness.public_seed(seed),
+        canaries=canaries,
+    )
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
 
 
@@ -67,8 +82,10 @@ def test_no_canaries_leave_dp_sgd_exactly_as_in_production() -> None:
     # The hook with zero rows draws the same samples and noise as no hook at all: the same weights, bit
     # for bit. (tests/privacy/test_fast_clipping.py checks the production path against Opacus.)
     without = _linear_training(5, None)
-    with_empty = _linear_training(5, torch.sparse_coo_tensor(torch.zeros((2, 0), dtype=torch.long),
-                                                                 torch.zeros(0), (0, 13), check_invariants=True))
+    with_empty = _linear_training(
+        5,
+        torch.sparse_coo_tensor(torch.zeros((2, 0), dtype=torch.long), torch.zeros(0), (0, 13), check_invariants=True),
+    )
     assert np.array_equal(without, with_empty)
 
 
@@ -82,8 +99,15 @@ def test_a_canary_moves_its_coordinate_by_lr_c_over_b_each_step_it_is_sampled() 
     canaries = torch.zeros((2, 4))
     canaries[0, 0], canaries[1, 2] = 5.0, 1.0
     training = TrainingConfig(local_epochs=3, batch_size=10, optimizer="sgd", learning_rate=0.1)
-    train_locally(model, x=x, y=y, training=training, dp=DpSgd(noise_multiplier=0.0, clipping_norm=clip),
-                  randomness=ReleaseRandomness.public_seed(7), canaries=canaries)
+    train_locally(
+        model,
+        x=x,
+        y=y,
+        training=training,
+        dp=DpSgd(noise_multiplier=0.0, clipping_norm=clip),
+        randomness=ReleaseRandomness.public_seed(7),
+        canaries=canaries,
+    )
     q, steps = sampling_plan(n=50, batch_size=10, epochs=3)
     replay = ReleaseRandomness.public_seed(7)
     sampled = np.zeros(2)
@@ -100,8 +124,13 @@ def test_a_canary_moves_its_coordinate_by_lr_c_over_b_each_step_it_is_sampled() 
 
 def test_extra_rows_must_span_every_parameter() -> None:
     model = build_model(ModelConfig(kind="logistic"), n_features=3, seed=0)
-    dp = LinearStackDpSgd(model, noise_multiplier=1.0, clipping_norm=1.0, expected_batch_size=4,  # type: ignore[arg-type]
-                          randomness=ReleaseRandomness.public_seed(0))
+    dp = LinearStackDpSgd(
+        model,
+        noise_multiplier=1.0,
+        clipping_norm=1.0,
+        expected_batch_size=4,  # type: ignore[arg-type]
+        randomness=ReleaseRandomness.public_seed(0),
+    )
     with pytest.raises(ValueError, match=r"\(rows x 4\)"):
         dp.noise_only_step(extra=torch.zeros((1, 3)))
 
@@ -135,7 +164,16 @@ def test_white_box_audit_has_power_at_epsilon_8() -> None:
     training = TrainingConfig(rounds=10, local_epochs=1, batch_size=100, learning_rate=0.05)
     sigma = plan_noise_multiplier(target_epsilon=8.0, delta=1e-6, sample_rate=1.0, steps=10, accountant="rdp")
     x, y = _table(n=100)
-    audit = white_box_audit(x=x, y=y, model=ModelConfig(kind="logistic"), training=training, noise_multiplier=sigma,
-                            clipping_norm=1.0, delta=1e-6, canaries=10_000, auditor_rng=np.random.default_rng(0))
+    audit = white_box_audit(
+        x=x,
+        y=y,
+        model=ModelConfig(kind="logistic"),
+        training=training,
+        noise_multiplier=sigma,
+        clipping_norm=1.0,
+        delta=1e-6,
+        canaries=10_000,
+        auditor_rng=np.random.default_rng(0),
+    )
     assert audit.claimed_epsilon == pytest.approx(8.0, rel=0.01)
     assert 2.7 < audit.epsilon_lower_bound <= audit.claimed_epsilon, audit

@@ -33,8 +33,13 @@ def record_cache_size(log: Path) -> Callable[[Message, Context, Callable[..., Me
 def test_each_client_process_reuses_its_cached_region_data(tmp_path: Path) -> None:
     cfg = load_config(write_tiny_config(tmp_path, overrides={"training.rounds": 3}))
     log = tmp_path / "cache.log"
-    run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None,
-                  client_mods=[record_cache_size(log)])
+    run_simulated(
+        cfg,
+        run_dir=tmp_path / "run",
+        state_root=tmp_path / "state",
+        report=lambda s: None,
+        client_mods=[record_cache_size(log)],
+    )
     seen: dict[str, list[int]] = {}
     for line in log.read_text().splitlines():
         pid, _, size = line.split()

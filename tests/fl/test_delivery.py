@@ -41,8 +41,9 @@ def test_one_pass_delivers_what_flowers_per_node_loop_delivers_sweep_after_sweep
     ours, flowers = _store(dsts), _store(dsts)
     for _ in range(4):  # until both stores are drained: node 3 has three messages
         got = sorted(m.metadata.message_id for m in next_messages(ours, nodes))  # type: ignore[arg-type]
-        ref = sorted(m.metadata.message_id for n in nodes
-                     for m in InMemoryLinkState.get_message_ins(flowers, node_id=n, limit=1))  # type: ignore[arg-type]
+        ref = sorted(
+            m.metadata.message_id for n in nodes for m in InMemoryLinkState.get_message_ins(flowers, node_id=n, limit=1)
+        )  # type: ignore[arg-type]
         assert got == ref
     assert all(m.metadata.delivered_at for k, m in ours.message_ins_store.items() if k != "m6")
     assert ours.message_ins_store["m6"].metadata.delivered_at == ""

@@ -80,20 +80,47 @@ def test_dp_run_writes_results_and_ledger_matches_dp_accounting_and_spend_contin
     assert on_disk["final_metrics"] == summary.final_metrics
     # The summary's shape, pinned: reports, sweeps, MLflow and old run folders read these keys.
     assert list(on_disk) == [
-        "name", "run_id", "task", "privacy_mode", "final_metrics", "final_metrics_by_region", "suppressed_regions",
-        "privacy", "regions", "events", "warnings", "shards", "model_version", "rounds_completed",
-        "config_sha256", "code_version", "started", "wall_time_s", "audit_head", "fairness", "feature_importance",
+        "name",
+        "run_id",
+        "task",
+        "privacy_mode",
+        "final_metrics",
+        "final_metrics_by_region",
+        "suppressed_regions",
+        "privacy",
+        "regions",
+        "events",
+        "warnings",
+        "shards",
+        "model_version",
+        "rounds_completed",
+        "config_sha256",
+        "code_version",
+        "started",
+        "wall_time_s",
+        "audit_head",
+        "fairness",
+        "feature_importance",
     ]
     assert sorted(on_disk["events"]) == ["failed", "refused", "rejected"]
     assert sorted(next(iter(on_disk["privacy"].values()))) == [
-        "accountant", "budget", "delta", "epsilon", "refused", "releases_this_run", "target_epsilon"]
+        "accountant",
+        "budget",
+        "delta",
+        "epsilon",
+        "refused",
+        "releases_this_run",
+        "target_epsilon",
+    ]
     # The start time MLflow's metric timestamps count from (metrics.jsonl's time_s is relative to it).
     assert before <= on_disk["started"] <= on_disk["started"] + on_disk["wall_time_s"] <= after + 0.01
     rows = read_metrics(tmp_path / "run1" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     assert set(rows[-1]["epsilon"]) == {"eu", "us"}
     assert sorted(p.name for p in (tmp_path / "run1" / "checkpoints").iterdir()) == [
-        "round-0001-shard-0.npz", "round-0002-shard-0.npz"]
+        "round-0001-shard-0.npz",
+        "round-0002-shard-0.npz",
+    ]
     final = load_weights(tmp_path / "run1" / "model" / "constituent-0.npz")
     last_ckpt = load_weights(tmp_path / "run1" / "checkpoints" / "round-0002-shard-0.npz")
     assert all(np.array_equal(final[k], last_ckpt[k]) for k in final)
@@ -132,7 +159,8 @@ def test_policy_and_budget_refusals_are_reported_and_the_run_goes_on(tmp_path: P
     tight = tmp_path / "apac-policy.yaml"
     tight.write_text("privacy_budget: 0.5\n")
     path = write_tiny_config(
-        tmp_path, regions={"eu": 600, "us": 400, "apac": 400},
+        tmp_path,
+        regions={"eu": 600, "us": 400, "apac": 400},
         overrides={"policies": {"us": str(no_churn), "apac": str(tight)}},
     )
     cfg = load_config(path)
@@ -145,8 +173,10 @@ def test_policy_and_budget_refusals_are_reported_and_the_run_goes_on(tmp_path: P
     assert summary.privacy["eu"]["refused"] is None
     assert any("region us will not take part" in ln for ln in lines)
     # Refused regions spent nothing; the one that trained did.
-    assert not (tmp_path / "state" / "us" / "privacy_ledger.sqlite").exists() or not PrivacyLedger.open(
-        tmp_path / "state" / "us", region="us").events()
+    assert (
+        not (tmp_path / "state" / "us" / "privacy_ledger.sqlite").exists()
+        or not PrivacyLedger.open(tmp_path / "state" / "us", region="us").events()
+    )
     assert PrivacyLedger.open(tmp_path / "state" / "apac", region="apac").events() == []
     assert summary.privacy["eu"]["epsilon"] > 0
     assert np.isfinite(summary.final_metrics["auc"])
@@ -161,17 +191,23 @@ def test_a_run_stops_with_the_reasons_when_too_few_regions_can_take_part(tmp_pat
         tmp_path, overrides={"policies": {"eu": str(deny), "us": str(deny)}, "federation.min_regions": 1}
     )
     with pytest.raises(FederationError, match=wire.REFUSED_PURPOSE):
-        run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state",
-                      report=lambda s: None)
+        run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None)
 
 
 def test_client_level_dp_runs_through_flowers_wrapper_and_warns_with_few_regions(tmp_path: Path) -> None:
     policy = tmp_path / "any-dp.yaml"
     policy.write_text("required_privacy: any\n")  # client-level DP needs the regions' consent
-    path = write_tiny_config(tmp_path, overrides={"privacy.mode": "client_dp", "privacy.client_noise_multiplier": 2.0,
-                                                  "policies": {"eu": str(policy), "us": str(policy)}})
-    summary = run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state",
-                            report=lambda s: None)
+    path = write_tiny_config(
+        tmp_path,
+        overrides={
+            "privacy.mode": "client_dp",
+            "privacy.client_noise_multiplier": 2.0,
+            "policies": {"eu": str(policy), "us": str(policy)},
+        },
+    )
+    summary = run_simulated(
+        load_config(path), run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None
+    )
     assert any("client-level DP with only 2 regions protects little" in w for w in summary.warnings)
     assert any("not against the server" in w for w in summary.warnings)
     events = PrivacyLedger.open(tmp_path / "state" / "eu", region="eu").events()

@@ -20,22 +20,22 @@ def _run(tmp_path: Path, config: str, overrides: dict | None = None) -> dict:
     if cfg.privacy.mode == "none":  # non-private training needs the regions' consent (their policies)
         cfg = cfg.model_copy(update={"policies": {r: PERMISSIVE_POLICY for r in cfg.regions}})
     cfg = materialise_regions(cfg, data_dir=tmp_path / "regions")
-    summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state",
-                            report=lambda s: None).to_dict()
+    summary = run_simulated(
+        cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None
+    ).to_dict()
     # The model's quality exactly, at the regions (the summary's pooled AUC is a DP answer, ± its noise);
     # the privacy of training, from the ledgers' training releases (the hold-outs' answers are apart).
     summary["final_metrics"] = exact_holdout_metrics(cfg, run_dir=tmp_path / "run", state=tmp_path / "state")
     summary["training_epsilon"] = {
         r: PrivacyLedger.open(tmp_path / "state" / r, region=r).epsilon_of_shard(
-            shard=0, shards=1, delta=1e-6, accountant=cfg.privacy.accountant)
+            shard=0, shards=1, delta=1e-6, accountant=cfg.privacy.accountant
+        )
         for r in cfg.regions
     }
     return summary
 
 
-@pytest.mark.parametrize(
-    ("epsilon", "floor"), [(3.0, 0.82), (1.0, 0.80), (None, 0.83)], ids=["eps3", "eps1", "no-dp"]
-)
+@pytest.mark.parametrize(("epsilon", "floor"), [(3.0, 0.82), (1.0, 0.80), (None, 0.83)], ids=["eps3", "eps1", "no-dp"])
 def test_telco_three_regions_pooled_auc(tmp_path: Path, epsilon: float | None, floor: float) -> None:
     overrides = {"privacy.target_epsilon": epsilon} if epsilon else {"privacy.mode": "none"}
     summary = _run(tmp_path, "churn_telco_dp.yaml", overrides)

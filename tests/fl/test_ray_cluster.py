@@ -39,8 +39,10 @@ def _free_port() -> int:
 
 def _alive_nodes(address: str) -> set[str]:
     """The ids of the cluster's live nodes, asked from a separate driver (this process stays Ray-free)."""
-    code = (f"import ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
-            "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))")
+    code = (
+        f"import ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
+        "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     return set(out.stdout.split())
 
@@ -65,8 +67,14 @@ def loopback_ray_cluster(nodes: int, *, logs: Path) -> Iterator[str]:
             head = ["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"]
             where = head if i == 0 else [f"--address={address}"]
             with (logs / f"node-{i}.log").open("wb") as log:
-                started.append(subprocess.Popen([str(RAY), "start", *where, "--num-cpus=1", "--block"],
-                                                stdout=log, stderr=subprocess.STDOUT, env=env))
+                started.append(
+                    subprocess.Popen(
+                        [str(RAY), "start", *where, "--num-cpus=1", "--block"],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                )
             deadline = time.monotonic() + 120
             while len(_alive_nodes(address) if i else _head_up(port)) < i + 1:
                 if time.monotonic() > deadline or started[-1].poll() is not None:
@@ -111,16 +119,25 @@ def test_a_federation_runs_on_both_nodes_of_a_running_ray_cluster(tmp_path: Path
     with loopback_ray_cluster(2, logs=tmp_path / "ray") as address:
         nodes = _alive_nodes(address)
         assert len(nodes) == 2
-        summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None,
-                                client_mods=[record_ray_node(seen)], ray_address=address)
+        summary = run_simulated(
+            cfg,
+            run_dir=tmp_path / "run",
+            state_root=tmp_path / "state",
+            report=lambda s: None,
+            client_mods=[record_ray_node(seen)],
+            ray_address=address,
+        )
         assert _alive_nodes(address) == nodes, "the run stopped the cluster it was lent"
     assert not _head_up(int(address.rpartition(":")[2])), "the test's Ray head is still running"
     ran_on = {p.name.rsplit("-", 1)[0] for p in seen.iterdir()}
     assert ran_on == nodes, f"ClientApps ran on {len(ran_on)} of the cluster's 2 nodes"
     assert summary.rounds_completed == cfg.training.rounds
     for region in cfg.regions:
-        trained = [e for e in PrivacyLedger.open(tmp_path / "state" / region, region=region).events()
-                   if e.mechanism == MECHANISM_DP_SGD]
+        trained = [
+            e
+            for e in PrivacyLedger.open(tmp_path / "state" / region, region=region).events()
+            if e.mechanism == MECHANISM_DP_SGD
+        ]
         assert len(trained) == cfg.training.rounds
     assert (tmp_path / "run" / "model" / "model.json").exists()
 
@@ -129,8 +146,18 @@ def test_an_unreachable_ray_address_is_a_clear_error(tmp_path: Path) -> None:
     cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 300}))
     port = _free_port()  # nothing listens there
     with pytest.raises(ConfigError, match=f"--ray-address 127.0.0.1:{port}: no Ray head answers there"):
-        run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None,
-                      ray_address=f"127.0.0.1:{port}")
+        run_simulated(
+            cfg,
+            run_dir=tmp_path / "run",
+            state_root=tmp_path / "state",
+            report=lambda s: None,
+            ray_address=f"127.0.0.1:{port}",
+        )
     with pytest.raises(ConfigError, match="expected HOST:PORT"):
-        run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None,
-                      ray_address="ray://somewhere")
+        run_simulated(
+            cfg,
+            run_dir=tmp_path / "run",
+            state_root=tmp_path / "state",
+            report=lambda s: None,
+            ray_address="ray://somewhere",
+        )

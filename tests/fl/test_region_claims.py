@@ -28,7 +28,9 @@ def test_the_guard_rejects_a_reply_claiming_another_region(tmp_path: Path) -> No
     seen: list[RoundEvents] = []
     guard = GuardedStrategy(
         FedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
-        min_regions=1, excluded_nodes=set(), on_round=lambda rnd, ev, per_region, pooled: seen.append(ev),
+        min_regions=1,
+        excluded_nodes=set(),
+        on_round=lambda rnd, ev, per_region, pooled: seen.append(ev),
         registry=registry,
     )
 
@@ -40,18 +42,24 @@ def test_the_guard_rejects_a_reply_claiming_another_region(tmp_path: Path) -> No
     sent = {m.metadata.dst_node_id: m for m in guard.configure_train(1, arrays, ConfigRecord({}), Grid())}  # type: ignore[arg-type]
 
     def reply(node: int, claimed: str, value: float) -> Message:
-        return Message(content=RecordDict({
-            wire.ARRAYS: to_record({"w": np.full((2,), value, dtype=np.float32)}),
-            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 50.0, wire.EPSILON: 0.1}),
-            wire.STATUS: ConfigRecord({wire.REGION: claimed, wire.OUTCOME: wire.OUTCOME_OK}),
-        }), reply_to=sent[node])
+        return Message(
+            content=RecordDict(
+                {
+                    wire.ARRAYS: to_record({"w": np.full((2,), value, dtype=np.float32)}),
+                    wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 50.0, wire.EPSILON: 0.1}),
+                    wire.STATUS: ConfigRecord({wire.REGION: claimed, wire.OUTCOME: wire.OUTCOME_OK}),
+                }
+            ),
+            reply_to=sent[node],
+        )
 
     # Node 22 (registered for us) answers as eu: were it believed, its update would stand for eu's.
     aggregated, _ = guard.aggregate_train(1, [reply(11, "eu", 1.0), reply(22, "eu", 100.0)])
     ev = guard.events[1]
     assert set(ev.train) == {"eu"}
-    assert ev.rejected == {"us": "reply claims region `eu`, but node 22 is registered for `us`: rejected, "
-                                 "nothing of it counted"}
+    assert ev.rejected == {
+        "us": "reply claims region `eu`, but node 22 is registered for `us`: rejected, nothing of it counted"
+    }
     assert aggregated is not None and np.allclose(aggregated["w"].numpy(), 1.0)  # only eu's update
 
 
@@ -63,8 +71,11 @@ def test_a_node_never_registered_is_rejected_by_node_id(tmp_path: Path) -> None:
 
     registry = NodeRegistry(tmp_path / "registry")
     registry.record(node_id=11, region="eu")
-    msg = Message(content=RecordDict({wire.STATUS: ConfigRecord({wire.REGION: "eu", wire.OUTCOME: "ok"})}),
-                  dst_node_id=33, message_type="query")
+    msg = Message(
+        content=RecordDict({wire.STATUS: ConfigRecord({wire.REGION: "eu", wire.OUTCOME: "ok"})}),
+        dst_node_id=33,
+        message_type="query",
+    )
     msg.metadata._src_node_id = 33  # a reply as it arrives from node 33
     kept, rejected = screen_claims([msg], registry)
     assert kept == [] and list(rejected) == ["node-33"] and "not in the node registry" in rejected["node-33"]
@@ -95,8 +106,9 @@ def test_in_simulation_a_region_answering_as_another_is_rejected_every_round(tmp
         return reply
 
     cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 400, "us": 400}))
-    summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None,
-                            client_mods=[impostor])
+    summary = run_simulated(
+        cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None, client_mods=[impostor]
+    )
     reason = summary.events["rejected"]["us"]
     assert "claims region `eu`" in reason and "registered for `us`" in reason
     assert "us" not in summary.regions and set(summary.final_metrics_by_region) <= {"eu"}

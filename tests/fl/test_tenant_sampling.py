@@ -25,10 +25,18 @@ def test_each_round_trains_the_drawn_fraction_of_the_eligible_regions_and_only_t
     regions = {f"t{i}": 300 for i in range(6)} | {"refuser": 300}
     no_churn = tmp_path / "refuser-policy.yaml"
     no_churn.write_text("allowed_purposes: [propensity]\n")
-    cfg = load_config(write_tiny_config(tmp_path, regions=regions, overrides={
-        "training.rounds": ROUNDS, "federation.fraction_train": 0.5, "federation.min_regions": 2,
-        "policies": {"refuser": str(no_churn)},
-    }))
+    cfg = load_config(
+        write_tiny_config(
+            tmp_path,
+            regions=regions,
+            overrides={
+                "training.rounds": ROUNDS,
+                "federation.fraction_train": 0.5,
+                "federation.min_regions": 2,
+                "policies": {"refuser": str(no_churn)},
+            },
+        )
+    )
     state = tmp_path / "state"
     summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=state, report=lambda _: None)
 
@@ -42,8 +50,11 @@ def test_each_round_trains_the_drawn_fraction_of_the_eligible_regions_and_only_t
         assert set(r["selected"]) == set(r["epsilon"]), r
     for region in eligible:
         drawn_in = [r["round"] for r in rows if region in r["selected"]]
-        trained = [e for e in PrivacyLedger.open(state / region, region=region).events()
-                   if e.run_id == summary.run_id and e.mechanism == MECHANISM_DP_SGD]
+        trained = [
+            e
+            for e in PrivacyLedger.open(state / region, region=region).events()
+            if e.run_id == summary.run_id and e.mechanism == MECHANISM_DP_SGD
+        ]
         assert [e.round for e in trained] == drawn_in, region
     assert summary.privacy["refuser"]["refused"] is not None
     refuser_ledger = state / "refuser" / "privacy_ledger.sqlite"

@@ -14,11 +14,13 @@ from fedcrm.fl.strategy import check_update
 
 
 def test_declared_reply_passes_the_outgoing_check() -> None:
-    content = RecordDict({
-        wire.ARRAYS: ArrayRecord.from_array_dict({"w": Array(np.zeros(3, dtype=np.float32))}),
-        wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 100, wire.EPSILON: 1.0}),
-        wire.STATUS: status("eu", wire.OUTCOME_OK),
-    })
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord.from_array_dict({"w": Array(np.zeros(3, dtype=np.float32))}),
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 100, wire.EPSILON: 1.0}),
+            wire.STATUS: status("eu", wire.OUTCOME_OK),
+        }
+    )
     assert check_outgoing(content) is content
 
 
@@ -29,8 +31,9 @@ def test_a_regions_typed_results_map_each_figure_to_one_wire_key() -> None:
     from fedcrm.fl.client import profile_metrics, release_metrics
     from fedcrm.region import RegionProfile, TrainRelease
 
-    profile = RegionProfile(declared_customers=1200.0, smallest_shard=300.0, budget=8.0, delta=1e-6,
-                            min_customers=50, features=17)
+    profile = RegionProfile(
+        declared_customers=1200.0, smallest_shard=300.0, budget=8.0, delta=1e-6, min_customers=50, features=17
+    )
     release = TrainRelease(weights={"w": np.zeros(2)}, weight=1200.0, noise_multiplier=1.1, epsilon=0.4, budget=8.0)
     for result, metrics in ((profile, profile_metrics(profile)), (release, release_metrics(release))):
         assert set(metrics) <= wire.METRIC_KEYS
@@ -67,9 +70,13 @@ def test_a_blocked_reply_is_not_sent_and_is_logged(tmp_path, caplog) -> None:  #
     from fedcrm.data.synthetic import generate
 
     generate(regions=["eu"], customers=[50], seed=0, out_dir=tmp_path)
-    ctx = Context(run_id=1, node_id=1, node_config={"region": "eu", "data-path": str(data),
-                                                    "state-dir": str(tmp_path / "state")},
-                  state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"region": "eu", "data-path": str(data), "state-dir": str(tmp_path / "state")},
+        state=RecordDict(),
+        run_config={},
+    )
     with caplog.at_level(logging.ERROR, logger="fedcrm.region"):
         reply = client_module.answer(leaky, None, ctx)  # type: ignore[arg-type]  # the handler ignores it
     assert set(reply.keys()) == {wire.STATUS}

@@ -32,8 +32,23 @@ def test_a_simulated_run_leaves_a_verifiable_audit_trail_without_customer_ids(tm
     tables = {r: pd.read_csv(p, dtype=str, keep_default_na=False) for r, p in cfg.regions.items()}
     eu = tables["eu"]
     withdrawn = eu[eu.consent_churn == "yes"].customer_id.iloc[0]
-    result = runner.invoke(app, ["consent", "withdraw", "--region", "eu", "--customer-id", withdrawn,
-                                 "--purpose", "churn", "--state", str(state), "--operator", "dpo-anna"])
+    result = runner.invoke(
+        app,
+        [
+            "consent",
+            "withdraw",
+            "--region",
+            "eu",
+            "--customer-id",
+            withdrawn,
+            "--purpose",
+            "churn",
+            "--state",
+            str(state),
+            "--operator",
+            "dpo-anna",
+        ],
+    )
     assert result.exit_code == 0, result.output
 
     summary = run_simulated(cfg, run_dir=run_dir, state_root=state, report=lambda s: None)
@@ -75,9 +90,26 @@ def test_a_simulated_run_leaves_a_verifiable_audit_trail_without_customer_ids(tm
 
     out = tmp_path / "export.json"
     customer = eu[(eu.consent_churn == "yes") & (eu.customer_id != withdrawn)].customer_id.iloc[0]
-    result = runner.invoke(app, ["export", "--region", "eu", "--customer-id", customer, "--data",
-                                 str(cfg.regions["eu"]), "--schema", str(cfg.schema_path), "--run", str(run_dir),
-                                 "--out", str(out), "--state", str(state)])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--region",
+            "eu",
+            "--customer-id",
+            customer,
+            "--data",
+            str(cfg.regions["eu"]),
+            "--schema",
+            str(cfg.schema_path),
+            "--run",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--state",
+            str(state),
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = json.loads(out.read_text())["models"][0]
     assert model["run_id"] == summary.run_id and model["trained_on_their_data"] == (not model["in_holdout"])

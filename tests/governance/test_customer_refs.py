@@ -50,8 +50,11 @@ def _region_key(state: Path) -> bytes:
 
 def _secret_files(state: Path) -> list[str]:
     """Files that hold a key (tombstones.txt holds keyed tokens, not a key)."""
-    return sorted(str(p.relative_to(state)) for p in state.rglob("*") if p.is_file()
-                  and (p.suffix in {".key", ".salt"} or "secret" in p.name))
+    return sorted(
+        str(p.relative_to(state))
+        for p in state.rglob("*")
+        if p.is_file() and (p.suffix in {".key", ".salt"} or "secret" in p.name)
+    )
 
 
 # --- a fresh region ---------------------------------------------------------------------------------
@@ -61,16 +64,40 @@ def test_a_region_state_folder_holds_exactly_one_secret_after_a_run_a_forget_and
     cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 200}))
     state = tmp_path / "state" / "eu"
     data = Region(NodeSettings(region="eu", data_path=cfg.regions["eu"], state_dir=state)).load(
-        cfg, load_schema(cfg.schema_path))  # the region's side of a run: pre-flight, policy, audit log
+        cfg, load_schema(cfg.schema_path)
+    )  # the region's side of a run: pre-flight, policy, audit log
     run = RunDir.create(tmp_path / "run", cfg)
-    run.save_model(constituents={0: get_weights(build_model(cfg.model, n_features=4, seed=0))},
-                   feature_names=["a", "b", "c", "d"], version=1)
+    run.save_model(
+        constituents={0: get_weights(build_model(cfg.model, n_features=4, seed=0))},
+        feature_names=["a", "b", "c", "d"],
+        version=1,
+    )
     gone, kept = str(data.ids[0]), str(data.ids[1])
-    forget(state_dir=state, region="eu", customer_ids=[gone], table_ids=data.ids,
-           runs=[RunView(run_dir=run.path, shards=1, model_version=1, trained={gone: 0})])
-    result = runner.invoke(app, ["export", "--region", "eu", "--customer-id", kept, "--data", str(cfg.regions["eu"]),
-                                 "--schema", str(cfg.schema_path), "--out", str(tmp_path / "x.json"),
-                                 "--state", str(state.parent)])
+    forget(
+        state_dir=state,
+        region="eu",
+        customer_ids=[gone],
+        table_ids=data.ids,
+        runs=[RunView(run_dir=run.path, shards=1, model_version=1, trained={gone: 0})],
+    )
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--region",
+            "eu",
+            "--customer-id",
+            kept,
+            "--data",
+            str(cfg.regions["eu"]),
+            "--schema",
+            str(cfg.schema_path),
+            "--out",
+            str(tmp_path / "x.json"),
+            "--state",
+            str(state.parent),
+        ],
+    )
     assert result.exit_code == 0, result.output
 
     assert _secret_files(state) == ["region_secret.key"]
@@ -133,8 +160,14 @@ def _old_state(state: Path, *, refs: dict[str, str]) -> tuple[bytes, str]:
         os.chmod(p, 0o600)
     lines, prev = [], GENESIS_PREV
     for seq, (action, cid) in enumerate(refs.items()):
-        fields = {"seq": seq, "time": f"2026-01-0{seq + 1}T00:00:00.000000+00:00", "actor": "dpo", "action": action,
-                  "details": {"customer": _ref(salt, cid), "region": "eu"}, "prev": prev}
+        fields = {
+            "seq": seq,
+            "time": f"2026-01-0{seq + 1}T00:00:00.000000+00:00",
+            "actor": "dpo",
+            "action": action,
+            "details": {"customer": _ref(salt, cid), "region": "eu"},
+            "prev": prev,
+        }
         fields["hash"] = hashlib.sha256(_canon(fields)).hexdigest()
         lines.append(_canon(fields))
         prev = hashlib.sha256(lines[-1]).hexdigest()
@@ -153,14 +186,20 @@ def test_an_old_state_folder_switches_to_the_region_key_once_and_keeps_old_entri
     region_audit_log(state).customer_ref("c-2")  # opened again: no second migration entry
 
     entries = AuditLog(state / "audit.log").entries()
-    assert [e.action for e in entries] == ["consent_withdrawn", "export_served", "customer_key_changed",
-                                           "export_served"]
+    assert [e.action for e in entries] == [
+        "consent_withdrawn",
+        "export_served",
+        "customer_key_changed",
+        "export_served",
+    ]
     assert entries[2].actor == "fedcrm" and entries[2].details["legacy_key"] == "audit.log.salt"
     # The old head still anchors the log: the migration only appended.
     assert verify(state / "audit.log", expect_head=old_head).ok
     # c-1's entries: the old one under the salt, the new one under the region's key; none of c-2's.
     assert [(e.seq, e.action) for e in region_audit_log(state).entries_about("c-1")] == [
-        (0, "consent_withdrawn"), (3, "export_served")]
+        (0, "consent_withdrawn"),
+        (3, "export_served"),
+    ]
     assert [e.seq for e in region_audit_log(state).entries_about("c-2")] == [1]
 
 
@@ -172,9 +211,17 @@ def test_an_old_state_folders_pending_erasure_is_found_under_its_old_reference(t
     salt, _ = _old_state(state, refs={"policy_changed": "nobody"})
     # A request whose tombstone never came (a crash), in the old erasures/ store, under the salt's reference.
     (state / "erasures").mkdir()
-    old = {"request_id": "erasure-20260101T000000-0000abcd", "region": "eu", "customer_ref": _ref(salt, cid),
-           "shard_key": 7, "requested_at": "2026-01-01T00:00:00.000000+00:00", "requested_by": "dpo",
-           "tombstoned_at": None, "status": "pending", "runs": {}}
+    old = {
+        "request_id": "erasure-20260101T000000-0000abcd",
+        "region": "eu",
+        "customer_ref": _ref(salt, cid),
+        "shard_key": 7,
+        "requested_at": "2026-01-01T00:00:00.000000+00:00",
+        "requested_by": "dpo",
+        "tombstoned_at": None,
+        "status": "pending",
+        "runs": {},
+    }
     (state / "erasures" / f"{old['request_id']}.json").write_text(json.dumps(old))
 
     [done] = forget(state_dir=state, region="eu", customer_ids=[cid], table_ids=ids)

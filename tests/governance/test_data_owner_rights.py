@@ -49,8 +49,9 @@ def _table(cfg: ExperimentConfig, region: str = "eu") -> pd.DataFrame:
 
 
 def _region(cfg: ExperimentConfig, state: Path, region: str = "eu", policy: Path | None = None) -> Region:
-    return Region(NodeSettings(region=region, data_path=cfg.regions[region], state_dir=state / region,
-                               policy_path=policy))
+    return Region(
+        NodeSettings(region=region, data_path=cfg.regions[region], state_dir=state / region, policy_path=policy)
+    )
 
 
 def _fake_run(tmp_path: Path, cfg: ExperimentConfig, *, name: str, kind: str, shards: int = 1) -> Path:
@@ -61,9 +62,21 @@ def _fake_run(tmp_path: Path, cfg: ExperimentConfig, *, name: str, kind: str, sh
     names = FeatureEncoder(load_schema(cfg.schema_path)).feature_names
     constituents = {k: get_weights(build_model(cfg.model, n_features=len(names), seed=10 + k)) for k in range(shards)}
     rd.save_model(constituents=constituents, feature_names=names, version=3)
-    rd.write_summary(RunSummary(name=name, run_id=f"{name}-0001", task=cfg.task, privacy_mode="sample_dp",
-                                final_metrics={}, privacy={}, regions={}, warnings=[], config_sha256=cfg.digest(),
-                                code_version="test", wall_time_s=0.0))
+    rd.write_summary(
+        RunSummary(
+            name=name,
+            run_id=f"{name}-0001",
+            task=cfg.task,
+            privacy_mode="sample_dp",
+            final_metrics={},
+            privacy={},
+            regions={},
+            warnings=[],
+            config_sha256=cfg.digest(),
+            code_version="test",
+            wall_time_s=0.0,
+        )
+    )
     return run
 
 
@@ -84,8 +97,20 @@ def test_withdrawn_consent_excludes_the_customer_from_that_purpose_only(setup) -
     assert cid in set(before.ids)
     assert before.counts["excluded_no_consent"] == int((df.consent_churn != "yes").sum())
 
-    code, out = _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
-                        "--state", str(state), "--operator", "dpo-anna")
+    code, out = _invoke(
+        "consent",
+        "withdraw",
+        "--region",
+        "eu",
+        "--customer-id",
+        cid,
+        "--purpose",
+        "churn",
+        "--state",
+        str(state),
+        "--operator",
+        "dpo-anna",
+    )
     assert code == 0, out
 
     after = _region(cfg, state).load(cfg, schema)
@@ -97,8 +122,9 @@ def test_withdrawn_consent_excludes_the_customer_from_that_purpose_only(setup) -
     assert cid in set(_region(cfg, state).load(propensity, schema).ids)
 
     # Asked twice: a clear refusal, nothing added.
-    code, out = _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
-                        "--state", str(state))
+    code, out = _invoke(
+        "consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn", "--state", str(state)
+    )
     assert code == 2 and "already withdrew" in out
     entries = AuditLog(state / "eu" / "audit.log").entries()
     withdrawn = [e for e in entries if e.action == "consent_withdrawn"]
@@ -114,18 +140,34 @@ def test_consent_withdrawal_marks_only_the_constituent_that_trained_on_them_stal
     run = _fake_run(tmp_path, cfg, name="sharded", kind="logistic", shards=4)
     df = _table(cfg)
     # The hold-out is the region's: keyed by its secret, at its policy's fraction.
-    held = holdout_mask(df.customer_id.to_numpy(dtype=object), fraction=_region(cfg, state).policy.holdout_fraction,
-                        secret=region_secret(state / "eu"))
+    held = holdout_mask(
+        df.customer_id.to_numpy(dtype=object),
+        fraction=_region(cfg, state).policy.holdout_fraction,
+        secret=region_secret(state / "eu"),
+    )
     trained = df[~held & (df.consent_churn == "yes")].customer_id.iloc[0]
     held_out = df[held & (df.consent_churn == "yes")].customer_id.iloc[0]
     never = df[~held & (df.consent_churn != "yes")].customer_id.iloc[0]
     for cid in (trained, held_out, never):
-        code, out = _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
-                            "--state", str(state), "--run", str(run))
+        code, out = _invoke(
+            "consent",
+            "withdraw",
+            "--region",
+            "eu",
+            "--customer-id",
+            cid,
+            "--purpose",
+            "churn",
+            "--state",
+            str(state),
+            "--run",
+            str(run),
+        )
         assert code == 0, out
     requests = RequestStore(state / "eu", region="eu").all(kind="consent_withdrawal")
-    receipts = {r.request_id: json.loads((state / "eu" / "receipts" / f"{r.request_id}.json").read_text())
-                for r in requests}
+    receipts = {
+        r.request_id: json.loads((state / "eu" / "receipts" / f"{r.request_id}.json").read_text()) for r in requests
+    }
     assert len(list((state / "eu" / "receipts").glob("*.json"))) == 3
     for receipt in receipts.values():
         jsonschema.validate(receipt, RECEIPT_SCHEMA)
@@ -160,12 +202,14 @@ def test_a_changed_consent_column_on_reimport_is_honoured(setup) -> None:
 def test_unknown_purpose_and_forgotten_customer_are_refused(setup) -> None:
     cfg, _, state = setup
     cid = _table(cfg).customer_id.iloc[0]
-    code, out = _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "spam",
-                        "--state", str(state))
+    code, out = _invoke(
+        "consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "spam", "--state", str(state)
+    )
     assert code == 2 and "--purpose must be one of" in out
     Tombstones(state / "eu").add([cid])
-    code, out = _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
-                        "--state", str(state))
+    code, out = _invoke(
+        "consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn", "--state", str(state)
+    )
     assert code == 2 and "already forgotten" in out
     assert not ConsentWithdrawals(state / "eu").contains(cid, purpose="churn")
 
@@ -174,9 +218,25 @@ def test_unknown_purpose_and_forgotten_customer_are_refused(setup) -> None:
 
 
 def _export(cfg: ExperimentConfig, state: Path, cid: str, out: Path, *runs: Path, fmt: str = "json") -> tuple[int, str]:
-    args = ["export", "--region", "eu", "--customer-id", cid, "--data", str(cfg.regions["eu"]),
-            "--schema", str(cfg.schema_path), "--out", str(out), "--state", str(state), "--format", fmt,
-            "--operator", "dpo-anna"]
+    args = [
+        "export",
+        "--region",
+        "eu",
+        "--customer-id",
+        cid,
+        "--data",
+        str(cfg.regions["eu"]),
+        "--schema",
+        str(cfg.schema_path),
+        "--out",
+        str(out),
+        "--state",
+        str(state),
+        "--format",
+        fmt,
+        "--operator",
+        "dpo-anna",
+    ]
     for r in runs:
         args += ["--run", str(r)]
     return _invoke(*args)
@@ -193,8 +253,7 @@ def test_export_validates_against_its_schema_and_holds_the_right_values(setup, t
     held = holdout_mask(df.customer_id.to_numpy(dtype=object), fraction=fraction, secret=region_secret(state / "eu"))
     row = df[(df.consent_marketing == "no") & held].iloc[0]
     cid = row.customer_id
-    _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn",
-            "--state", str(state))
+    _invoke("consent", "withdraw", "--region", "eu", "--customer-id", cid, "--purpose", "churn", "--state", str(state))
     out = tmp_path / "export.json"
     code, text = _export(cfg, state, cid, out, logistic, mlp)
     assert code == 0, text
@@ -209,8 +268,13 @@ def test_export_validates_against_its_schema_and_holds_the_right_values(setup, t
     assert [f["name"] for f in doc["features"]] == encoder.feature_names
     assert np.allclose([f["value"] for f in doc["features"]], x)
     consent = {c["purpose"]: c for c in doc["consent"]}
-    assert consent["churn"] == {"purpose": "churn", "column": "consent_churn", "in_table": row.consent_churn == "yes",
-                                "withdrawn": True, "effective": False}
+    assert consent["churn"] == {
+        "purpose": "churn",
+        "column": "consent_churn",
+        "in_table": row.consent_churn == "yes",
+        "withdrawn": True,
+        "effective": False,
+    }
     assert consent["propensity"]["in_table"] is False and consent["propensity"]["effective"] is False
 
     lm, mm = doc["models"]

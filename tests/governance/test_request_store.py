@@ -30,18 +30,38 @@ def _legacy_state(state: Path, run: Path) -> dict[str, str]:
     (state / "consent_withdrawals.txt").write_text(f"churn {said_no}\n")
     (state / "erasures").mkdir()
     old_erasure = {
-        "request_id": "erasure-20260101T000000-0000abcd", "region": "eu", "customer_ref": "r" * 64,
-        "shard_key": 7, "requested_at": "2026-01-01T00:00:00.000000+00:00", "requested_by": "dpo",
-        "tombstoned_at": "2026-01-01T00:00:01.000000+00:00", "status": "pending",
-        "runs": {str(run.resolve()): {"shard": 1, "shards": 2, "status": "pending", "model_version_before": 1,
-                                      "model_version_after": None, "served_at": None, "epsilon_before": None,
-                                      "epsilon_after": None, "note": ""}},
+        "request_id": "erasure-20260101T000000-0000abcd",
+        "region": "eu",
+        "customer_ref": "r" * 64,
+        "shard_key": 7,
+        "requested_at": "2026-01-01T00:00:00.000000+00:00",
+        "requested_by": "dpo",
+        "tombstoned_at": "2026-01-01T00:00:01.000000+00:00",
+        "status": "pending",
+        "runs": {
+            str(run.resolve()): {
+                "shard": 1,
+                "shards": 2,
+                "status": "pending",
+                "model_version_before": 1,
+                "model_version_after": None,
+                "served_at": None,
+                "epsilon_before": None,
+                "epsilon_after": None,
+                "note": "",
+            }
+        },
     }
     (state / "erasures" / f"{old_erasure['request_id']}.json").write_text(json.dumps(old_erasure))
-    row = {"request_id": "consent-20260102T000000-0000beef", "kind": "consent_withdrawal", "purpose": "churn",
-           "customer_ref": "s" * 64, "requested": "2026-01-02T00:00:00+00:00",
-           "stale_constituents": [{"run_dir": str(run.resolve()), "shard": 0, "shards": 2, "model_version": 1}]}
-    (state / "pending_requests.jsonl").write_text(json.dumps(row) + "\n{\"torn")
+    row = {
+        "request_id": "consent-20260102T000000-0000beef",
+        "kind": "consent_withdrawal",
+        "purpose": "churn",
+        "customer_ref": "s" * 64,
+        "requested": "2026-01-02T00:00:00+00:00",
+        "stale_constituents": [{"run_dir": str(run.resolve()), "shard": 0, "shards": 2, "model_version": 1}],
+    }
+    (state / "pending_requests.jsonl").write_text(json.dumps(row) + '\n{"torn')
     return {"erasure": old_erasure["request_id"], "consent": row["request_id"]}
 
 

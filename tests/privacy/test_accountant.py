@@ -33,9 +33,7 @@ def _dp_event(releases: list[GaussianRelease]) -> dp_accounting.DpEvent:
     return dp_accounting.ComposedDpEvent(
         [
             dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(
-                    r.sample_rate, dp_accounting.GaussianDpEvent(r.noise_multiplier)
-                ),
+                dp_accounting.PoissonSampledDpEvent(r.sample_rate, dp_accounting.GaussianDpEvent(r.noise_multiplier)),
                 r.steps,
             )
             for r in releases
@@ -92,9 +90,7 @@ def test_composition_of_all_releases_costs_more_than_any_one(accountant: str) ->
     assert both > epsilon([a], delta=DELTA, accountant=accountant)
     assert both > epsilon([b], delta=DELTA, accountant=accountant)
     # ... and less than the sum of the parts: composition is tighter than adding ε.
-    assert both < epsilon([a], delta=DELTA, accountant=accountant) + epsilon(
-        [b], delta=DELTA, accountant=accountant
-    )
+    assert both < epsilon([a], delta=DELTA, accountant=accountant) + epsilon([b], delta=DELTA, accountant=accountant)
 
 
 def test_rounds_of_one_release_compose_like_one_long_release() -> None:
@@ -144,9 +140,7 @@ def test_unknown_accountant_is_refused() -> None:
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_planned_noise_lands_at_or_just_below_the_target(accountant: str) -> None:
     target, q, steps = 3.0, 0.01, 1000
-    sigma = plan_noise_multiplier(
-        target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=accountant
-    )
+    sigma = plan_noise_multiplier(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=accountant)
     spent = epsilon([GaussianRelease(sigma, q, steps)], delta=DELTA, accountant=accountant)
     assert 0.97 * target <= spent <= target
     # And it is the smallest such σ, up to the tolerance: a little less noise goes over.
@@ -160,9 +154,7 @@ def test_planned_noise_accounts_for_what_was_already_spent(accountant: str) -> N
     prior = [GaussianRelease(1.0, 0.01, 400)]
     spent_before = epsilon(prior, delta=DELTA, accountant=accountant)
     assert 0 < spent_before < target
-    fresh = plan_noise_multiplier(
-        target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=accountant
-    )
+    fresh = plan_noise_multiplier(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=accountant)
     rest = plan_noise_multiplier(
         target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=accountant, prior=prior
     )

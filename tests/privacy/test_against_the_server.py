@@ -26,8 +26,9 @@ from fedcrm.region import NodeSettings, Region
 Weights = dict[str, np.ndarray]
 
 
-def _setup(tmp_path: Path, *, overrides: dict | None = None, policy: dict | None = None,
-           customers: int = 600) -> tuple[ExperimentConfig, NodeSettings]:
+def _setup(
+    tmp_path: Path, *, overrides: dict | None = None, policy: dict | None = None, customers: int = 600
+) -> tuple[ExperimentConfig, NodeSettings]:
     return one_region(tmp_path, customers=customers, overrides=overrides, policy=policy)
 
 
@@ -36,12 +37,25 @@ def _start(cfg: ExperimentConfig, region: Region) -> Weights:
     return get_weights(build_model(cfg.model, n_features=n, seed=0))
 
 
-def _train(cfg: ExperimentConfig, settings: NodeSettings, *, round_: int = 1, shard: int = 0,
-           run_id: str = "run-a", start: Weights | None = None) -> tuple[Weights, dict[str, float]]:
+def _train(
+    cfg: ExperimentConfig,
+    settings: NodeSettings,
+    *,
+    round_: int = 1,
+    shard: int = 0,
+    run_id: str = "run-a",
+    start: Weights | None = None,
+) -> tuple[Weights, dict[str, float]]:
     """The update and the metrics of its training reply, as the region's ClientApp sends them."""
     region = Region(settings)
-    release = region.train(cfg, load_schema(cfg.schema_path), weights=start or _start(cfg, region), shard=shard,
-                           round_=round_, run_id=run_id)
+    release = region.train(
+        cfg,
+        load_schema(cfg.schema_path),
+        weights=start or _start(cfg, region),
+        shard=shard,
+        round_=round_,
+        run_id=run_id,
+    )
     return release.weights, release_metrics(release)
 
 
@@ -81,16 +95,22 @@ def test_reproducible_mode_needs_the_policy_and_never_reuses_a_key(tmp_path: Pat
     cfg, settings = _setup(tmp_path, overrides={"privacy.noise": "reproducible"})
     with pytest.raises(PolicyError, match="allow_reproducible_noise"):
         _train(cfg, settings)
-    cfg, settings = _setup(tmp_path, overrides={"privacy.noise": "reproducible"},
-                           policy={"allow_reproducible_noise": True})
+    cfg, settings = _setup(
+        tmp_path, overrides={"privacy.noise": "reproducible"}, policy={"allow_reproducible_noise": True}
+    )
     start = _start(cfg, Region(settings))
     fork = tmp_path / "fork"
     shutil.copytree(tmp_path / "state", fork)  # the region's state before the release
     first, _ = _train(cfg, settings, start=start)
     again, _ = _train(cfg, settings, start=start)  # the same round asked again (e.g. a retrain): a new key
     assert _distance(first, again) > 0
-    replayed, _ = _train(cfg, NodeSettings(region="eu", data_path=settings.data_path, state_dir=fork / "eu",
-                                           policy_path=settings.policy_path), start=start)
+    replayed, _ = _train(
+        cfg,
+        NodeSettings(
+            region="eu", data_path=settings.data_path, state_dir=fork / "eu", policy_path=settings.policy_path
+        ),
+        start=start,
+    )
     for k in first:  # from the same recorded state, the region regenerates its own release exactly
         np.testing.assert_array_equal(first[k], replayed[k])
     events = Region(settings).ledger.events()
@@ -148,8 +168,11 @@ def test_without_a_policy_a_region_refuses_to_train_without_dp(tmp_path: Path) -
 
 
 def test_non_private_training_allowed_by_policy_is_recorded_as_infinite_epsilon(tmp_path: Path) -> None:
-    cfg, settings = _setup(tmp_path, overrides={"privacy.mode": "none", "privacy.target_epsilon": None},
-                           policy={"allow_non_private": True, "required_privacy": "any"})
+    cfg, settings = _setup(
+        tmp_path,
+        overrides={"privacy.mode": "none", "privacy.target_epsilon": None},
+        policy={"allow_non_private": True, "required_privacy": "any"},
+    )
     _, metrics = _train(cfg, settings)
     assert metrics["epsilon"] == float("inf")
     (event,) = Region(settings).ledger.events()
@@ -201,10 +224,16 @@ def test_q_and_steps_are_planned_from_the_declared_size(tmp_path: Path) -> None:
 
 
 def test_client_dp_clips_at_the_region_and_weights_regions_uniformly(tmp_path: Path) -> None:
-    cfg, settings = _setup(tmp_path, overrides={"privacy.mode": "client_dp", "privacy.clipping_norm": 0.01,
-                                                "privacy.client_noise_multiplier": 2.0,
-                                                "training.learning_rate": 0.5},
-                           policy={"required_privacy": "any"})
+    cfg, settings = _setup(
+        tmp_path,
+        overrides={
+            "privacy.mode": "client_dp",
+            "privacy.clipping_norm": 0.01,
+            "privacy.client_noise_multiplier": 2.0,
+            "training.learning_rate": 0.5,
+        },
+        policy={"required_privacy": "any"},
+    )
     start = _start(cfg, Region(settings))
     new, metrics = _train(cfg, settings, start=start)
     assert _distance(new, start) <= 0.01 * (1 + 1e-5)
@@ -215,8 +244,9 @@ def test_client_dp_clips_at_the_region_and_weights_regions_uniformly(tmp_path: P
 
 def test_client_dp_refuses_robust_aggregation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="client_dp needs federation.strategy fedavg"):
-        load_config(write_tiny_config(tmp_path, overrides={"privacy.mode": "client_dp",
-                                                           "federation.strategy": "fedmedian"}))
+        load_config(
+            write_tiny_config(tmp_path, overrides={"privacy.mode": "client_dp", "federation.strategy": "fedmedian"})
+        )
 
 
 def test_client_dp_noise_is_scaled_to_the_updates_actually_aggregated(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,10 +268,13 @@ def test_client_dp_noise_is_scaled_to_the_updates_actually_aggregated(monkeypatc
     strategy.current_arrays = to_record(zeros)
 
     def reply(node: int) -> Message:
-        sent = Message(content=RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=node,
-                       message_type=MessageType.TRAIN)
-        return Message(content=RecordDict({wire.ARRAYS: to_record(zeros),
-                                           wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1.0})}), reply_to=sent)
+        sent = Message(
+            content=RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN
+        )
+        return Message(
+            content=RecordDict({wire.ARRAYS: to_record(zeros), wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1.0})}),
+            reply_to=sent,
+        )
 
     arrays, _ = strategy.aggregate_train(1, [reply(1), reply(2)])
     assert arrays is not None

@@ -37,8 +37,13 @@ def test_clipped_gradient_equals_a_per_customer_loop_of_clip_and_sum() -> None:
         for e, g in zip(expected, grads, strict=True):
             e += factor * g / batch
     model.zero_grad()
-    dp = LinearStackDpSgd(model, noise_multiplier=0.0, clipping_norm=clip, expected_batch_size=batch,
-                          randomness=ReleaseRandomness.public_seed(0))
+    dp = LinearStackDpSgd(
+        model,
+        noise_multiplier=0.0,
+        clipping_norm=clip,
+        expected_batch_size=batch,
+        randomness=ReleaseRandomness.public_seed(0),
+    )
     dp.compute_grads(x, y)
     for e, p in zip(expected, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)

@@ -17,14 +17,24 @@ ROUND_RELEASE = GaussianRelease(1.0, 0.01, 200)
 
 
 def _record_run(
-    ledger: PrivacyLedger, *, run_id: str, rounds: int, shard: int = 0, shards: int | None = None,
+    ledger: PrivacyLedger,
+    *,
+    run_id: str,
+    rounds: int,
+    shard: int = 0,
+    shards: int | None = None,
     release: GaussianRelease = ROUND_RELEASE,
 ) -> list[int]:
     ids = []
     for r in range(rounds):
         event_id = ledger.record_release(
-            shard=shard, shards=shards or max(shard + 1, 1), purpose="churn", run_id=run_id, round=r,
-            release=release, delta=DELTA,
+            shard=shard,
+            shards=shards or max(shard + 1, 1),
+            purpose="churn",
+            run_id=run_id,
+            round=r,
+            release=release,
+            delta=DELTA,
         )
         ledger.mark_outcome(event_id, "sent")
         ids.append(event_id)
@@ -129,9 +139,7 @@ def test_an_outcome_is_recorded_once_and_only_for_a_known_release(tmp_path: Path
 def test_check_budget_returns_the_spend_after_the_release(tmp_path: Path) -> None:
     ledger = PrivacyLedger.open(tmp_path, region="eu")
     _record_run(ledger, run_id="run-1", rounds=2)
-    after = ledger.check_budget(
-        budget=100.0, delta=DELTA, accountant="rdp", shard=0, next_release=ROUND_RELEASE
-    )
+    after = ledger.check_budget(budget=100.0, delta=DELTA, accountant="rdp", shard=0, next_release=ROUND_RELEASE)
     assert after == pytest.approx(epsilon([ROUND_RELEASE] * 3, delta=DELTA, accountant="rdp"))
 
 
@@ -144,8 +152,7 @@ def test_budget_refusal_names_the_numbers_and_records_nothing(tmp_path: Path) ->
     before = ledger.events()
 
     with pytest.raises(PrivacyBudgetError) as refused:
-        ledger.check_budget(budget=budget, delta=DELTA, accountant="rdp", shard=2, shards=3,
-                            next_release=ROUND_RELEASE)
+        ledger.check_budget(budget=budget, delta=DELTA, accountant="rdp", shard=2, shards=3, next_release=ROUND_RELEASE)
 
     message = str(refused.value)
     assert message.startswith(f"region eu: this round would bring ε to {would_be:.4g} on shard 2 of 3")
@@ -166,9 +173,7 @@ def test_shards_compose_in_parallel_so_region_epsilon_is_the_max(tmp_path: Path)
     assert by_shard == pytest.approx({0: two, 1: three})
     assert ledger.epsilon(delta=DELTA, accountant="rdp") == pytest.approx(three)
     # Not the sequential composition of all five releases, nor the sum of the shards.
-    assert ledger.epsilon(delta=DELTA, accountant="rdp") < epsilon(
-        [ROUND_RELEASE] * 5, delta=DELTA, accountant="rdp"
-    )
+    assert ledger.epsilon(delta=DELTA, accountant="rdp") < epsilon([ROUND_RELEASE] * 5, delta=DELTA, accountant="rdp")
     assert [e.release for e in ledger.events(0)] == [ROUND_RELEASE] * 2
     assert len(ledger.events(1)) == 3
 
@@ -282,12 +287,14 @@ def test_a_run_at_s1_then_one_at_s4_charges_each_customer_both(tmp_path: Path) -
     by_shard = ledger.epsilon_by_shard(shards=4, delta=DELTA, accountant="rdp")
     assert by_shard == pytest.approx({k: both for k in range(4)})
     # ... and the budget check of a further S = 4 release on shard 2 includes the S = 1 run.
-    after = ledger.check_budget(budget=100.0, delta=DELTA, accountant="rdp", shard=2, shards=4,
-                                next_release=ROUND_RELEASE)
+    after = ledger.check_budget(
+        budget=100.0, delta=DELTA, accountant="rdp", shard=2, shards=4, next_release=ROUND_RELEASE
+    )
     assert after == pytest.approx(epsilon([first, ROUND_RELEASE, ROUND_RELEASE], delta=DELTA, accountant="rdp"))
     with pytest.raises(PrivacyBudgetError):
-        ledger.check_budget(budget=both * 1.01, delta=DELTA, accountant="rdp", shard=2, shards=4,
-                            next_release=ROUND_RELEASE)
+        ledger.check_budget(
+            budget=both * 1.01, delta=DELTA, accountant="rdp", shard=2, shards=4, next_release=ROUND_RELEASE
+        )
 
 
 def test_cells_of_two_partitions_compose_only_the_shards_that_meet(tmp_path: Path) -> None:
@@ -338,7 +345,8 @@ def test_a_layout_1_ledger_is_migrated_with_its_events_charged_to_everyone(tmp_p
     assert (event.shard, event.shards, event.noise, event.status) == (3, None, "seeded", "sent")
     # Its partition is unknown, so every customer is charged, under any S.
     assert ledger.epsilon_of_shard(shard=0, shards=8, delta=DELTA, accountant="rdp") == pytest.approx(
-        epsilon([ROUND_RELEASE], delta=DELTA, accountant="rdp"))
+        epsilon([ROUND_RELEASE], delta=DELTA, accountant="rdp")
+    )
     _record_run(ledger, run_id="new", rounds=1)  # and the migrated file takes new releases, append-only still
     with pytest.raises(sqlite3.DatabaseError, match="append-only"), sqlite3.connect(path) as c:
         c.execute("DELETE FROM events")

@@ -45,8 +45,10 @@ def test_noise_is_standard_normal_scaled() -> None:
 
 def test_keys_keep_every_bit_unlike_a_cpu_torch_seed() -> None:
     # The flaw being fixed: torch's CPU generator keeps 32 bits of its seed, so 2**32 + 1 draws like 1.
-    assert torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(1)),
-                       torch.randn(4, generator=torch.Generator().manual_seed(2**32 + 1)))
+    assert torch.equal(
+        torch.randn(4, generator=torch.Generator().manual_seed(1)),
+        torch.randn(4, generator=torch.Generator().manual_seed(2**32 + 1)),
+    )
     a = ReleaseRandomness(1, mode="reproducible").normal((4,), std=1.0, dtype=torch.float32)
     b = ReleaseRandomness(2**32 + 1, mode="reproducible").normal((4,), std=1.0, dtype=torch.float32)
     c = ReleaseRandomness(2**200 + 1, mode="reproducible").normal((4,), std=1.0, dtype=torch.float32)
@@ -60,8 +62,11 @@ def test_secure_keys_are_fresh_every_time() -> None:
 
 def test_reproducible_keys_need_the_region_secret_and_differ_per_nonce() -> None:
     def draw(secret: str, nonce: str) -> list[float]:
-        return ReleaseRandomness.reproducible(region_secret=secret, nonce=nonce).normal(
-            (3,), std=1.0, dtype=torch.float64).tolist()
+        return (
+            ReleaseRandomness.reproducible(region_secret=secret, nonce=nonce)
+            .normal((3,), std=1.0, dtype=torch.float64)
+            .tolist()
+        )
 
     assert draw("s" * 64, "ledger:eu:1") == draw("s" * 64, "ledger:eu:1")  # the region can replay
     assert draw("s" * 64, "ledger:eu:1") != draw("s" * 64, "ledger:eu:2")  # every release its own key
@@ -84,8 +89,15 @@ def test_empty_poisson_batches_still_take_a_noisy_step() -> None:
     before = get_weights(model)
     training = TrainingConfig(local_epochs=1, batch_size=1, optimizer="sgd", learning_rate=0.1)
     dp = DpSgd(noise_multiplier=2.0, clipping_norm=1.0)
-    result = train_locally(model, x=x[:1], y=y[:1], training=training, dp=dp,
-                           randomness=ReleaseRandomness.public_seed(3), planned_customers=10_000)
+    result = train_locally(
+        model,
+        x=x[:1],
+        y=y[:1],
+        training=training,
+        dp=dp,
+        randomness=ReleaseRandomness.public_seed(3),
+        planned_customers=10_000,
+    )
     assert result.steps == 10_000 and result.empty_batches >= 9_990
     # 10,000 noisy steps move each weight by ~N(0, (lr·σ·C·√steps / B)²) = N(0, 20²); the few non-empty steps
     # alone could move the six weights by at most lr·C·(their number) each, about 1 in all.
@@ -106,8 +118,9 @@ def test_the_opacus_path_draws_its_noise_from_the_release_randomness(
     def trained(rnd: ReleaseRandomness) -> dict[str, np.ndarray]:
         torch.manual_seed(0)  # Opacus's own generator: must not matter
         model = build_model(spec, n_features=5, seed=1)
-        train_locally(model, x=x, y=y, training=training, dp=DpSgd(noise_multiplier=1.0, clipping_norm=1.0),
-                      randomness=rnd)
+        train_locally(
+            model, x=x, y=y, training=training, dp=DpSgd(noise_multiplier=1.0, clipping_norm=1.0), randomness=rnd
+        )
         return get_weights(model)
 
     same_a = trained(ReleaseRandomness(5, mode="reproducible"))

@@ -33,13 +33,17 @@ def tamper(region: str, change: Callable[[dict[str, np.ndarray], dict[str, np.nd
 
     def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         reply = call_next(msg, context)
-        if context.node_config.get("region") != region or msg.metadata.message_type != "train" \
-                or wire.ARRAYS not in reply.content:
+        if (
+            context.node_config.get("region") != region
+            or msg.metadata.message_type != "train"
+            or wire.ARRAYS not in reply.content
+        ):
             return reply
         sent = {k: v.numpy() for k, v in msg.content[wire.ARRAYS].items()}
         trained = {k: v.numpy() for k, v in reply.content[wire.ARRAYS].items()}
         reply.content[wire.ARRAYS] = ArrayRecord.from_array_dict(
-            {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in change(sent, trained).items()})
+            {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in change(sent, trained).items()}
+        )
         return reply
 
     return mod
@@ -61,22 +65,29 @@ def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: 
     regions = {f"r{i}": 400 for i in range(5)}
     # ε = 8: fresh noise every run, and the honest regions' model must be clearly better than chance in
     # every run, not only in most (at ε = 2 its hold-out AUC ranged 0.55-0.68 over runs).
-    cfg = load_config(write_tiny_config(tmp_path, regions=regions, overrides={
-        "training.rounds": 3, "federation.min_regions": 2, "privacy.target_epsilon": 8.0}))
+    cfg = load_config(
+        write_tiny_config(
+            tmp_path,
+            regions=regions,
+            overrides={"training.rounds": 3, "federation.min_regions": 2, "privacy.target_epsilon": 8.0},
+        )
+    )
     mods = [
         tamper("r0", replay_first(tmp_path / "r0-first-update.npz")),
         tamper("r1", lambda sent, trained: {k: sent[k] + 50 * (trained[k] - sent[k]) for k in sent}),
         tamper("r2", lambda sent, trained: {k: np.full_like(v, np.nan) for k, v in trained.items()}),
     ]
-    summary = run_simulated(cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state",
-                            report=lambda s: None, client_mods=mods)
+    summary = run_simulated(
+        cfg, run_dir=tmp_path / "run", state_root=tmp_path / "state", report=lambda s: None, client_mods=mods
+    )
 
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert "r0" not in rows[0]["rejected"]  # its first update is genuine
     for row in rows[1:]:
-        assert row["rejected"]["r0"].startswith("replayed update: bit-for-bit equal to the update region r0 "
-                                                "sent in round 1")
+        assert row["rejected"]["r0"].startswith(
+            "replayed update: bit-for-bit equal to the update region r0 sent in round 1"
+        )
     for row in rows:
         assert "x the round's median" in row["rejected"]["r1"]
         assert "NaN" in row["rejected"]["r2"]
@@ -89,7 +100,8 @@ def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: 
         assert [e.round for e in events if e.mechanism == MECHANISM_DP_SGD] == [1, 2, 3]
         # The rest are the final evaluation's DP answers, charged to the hold-out, not to training.
         assert {(e.mechanism, e.round, e.population) for e in events if e.mechanism != MECHANISM_DP_SGD} == {
-            (MECHANISM_GAUSSIAN, 0, "holdout:0.2")}
+            (MECHANISM_GAUSSIAN, 0, "holdout:0.2")
+        }
     # Nothing of the NaN or the 50x update reached the model: it is finite and better than chance, measured
     # exactly on every customer of the five regions (2,000: the hold-out alone, 400, adds sampling noise to
     # a weak 3-round model). The summary's figures are DP answers: on 400 hold-out customers their noise

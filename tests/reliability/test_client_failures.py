@@ -23,8 +23,12 @@ def crash_during_training(region: str, round_: int) -> Callable[[Message, Contex
         import fedcrm.region as region_module
 
         config = msg.content.get("config")
-        hit = (context.node_config.get("region") == region and msg.metadata.message_type == "train"
-               and config is not None and int(config["server-round"]) == round_)
+        hit = (
+            context.node_config.get("region") == region
+            and msg.metadata.message_type == "train"
+            and config is not None
+            and int(config["server-round"]) == round_
+        )
         if not hit:
             return call_next(msg, context)
         real = region_module.train_locally
@@ -42,11 +46,19 @@ def crash_during_training(region: str, round_: int) -> Callable[[Message, Contex
 
 
 def test_a_crash_mid_round_is_survived_reported_and_charged(tmp_path: Path) -> None:
-    path = write_tiny_config(tmp_path, regions={"eu": 500, "us": 500, "apac": 500},
-                             overrides={"training.rounds": 3, "federation.min_regions": 2})
+    path = write_tiny_config(
+        tmp_path,
+        regions={"eu": 500, "us": 500, "apac": 500},
+        overrides={"training.rounds": 3, "federation.min_regions": 2},
+    )
     state = tmp_path / "state"
-    summary = run_simulated(load_config(path), run_dir=tmp_path / "run", state_root=state, report=lambda s: None,
-                            client_mods=[crash_during_training("us", 2)])
+    summary = run_simulated(
+        load_config(path),
+        run_dir=tmp_path / "run",
+        state_root=state,
+        report=lambda s: None,
+        client_mods=[crash_during_training("us", 2)],
+    )
     assert "OSError" in summary.events["failed"]["us"]
     assert np.isfinite(summary.final_metrics["auc"])
     # Training releases only: the final evaluation's answers are events too (Gaussian, on the hold-out).

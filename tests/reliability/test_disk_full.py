@@ -63,15 +63,19 @@ def test_metrics_weights_audit_and_ledger_writes_on_a_full_disk(small_disk: Path
     audit = AuditLog.open(small_disk / "audit.log")
     audit.append(actor="test", action="run_started", details={"n": 1})
     ledger = PrivacyLedger.open(small_disk / "state", region="eu")
-    ledger.record_release(shard=0, purpose="churn", run_id="r", round=1,
-                          release=GaussianRelease(1.0, 0.01, 10), delta=1e-5)
+    ledger.record_release(
+        shard=0, purpose="churn", run_id="r", round=1, release=GaussianRelease(1.0, 0.01, 10), delta=1e-5
+    )
     metrics_before = (run.path / "metrics.jsonl").read_bytes()
     audit_before = audit.path.read_bytes()
 
     filler = fill(small_disk)
     big = {"round": 2, "shard": 0, "regions": {f"r{i}": "x" * 64 for i in range(2000)}}
-    with pytest.raises(StorageError, match=r"metrics\.jsonl: cannot append the round's metrics: the disk is full"
-                       r".*--resume"):
+    with pytest.raises(
+        StorageError,
+        match=r"metrics\.jsonl: cannot append the round's metrics: the disk is full"
+        r".*--resume",
+    ):
         run.append_metrics(big)
     assert (run.path / "metrics.jsonl").read_bytes() == metrics_before  # no torn line left behind
 
@@ -88,8 +92,15 @@ def test_metrics_weights_audit_and_ledger_writes_on_a_full_disk(small_disk: Path
 
     with pytest.raises(StorageError, match="privacy ledger: the disk is full"):
         for i in range(2, 5000):  # SQLite fills its free pages first; keep writing until the disk says no
-            ledger.record_release(shard=0, purpose="churn", run_id="r", round=i,
-                                  release=GaussianRelease(1.0, 0.01, 10), delta=1e-5, note="z" * 2000)
+            ledger.record_release(
+                shard=0,
+                purpose="churn",
+                run_id="r",
+                round=i,
+                release=GaussianRelease(1.0, 0.01, 10),
+                delta=1e-5,
+                note="z" * 2000,
+            )
     written = ledger.events()
     assert written[0].round == 1 and [e.round for e in written] == list(range(1, len(written) + 1))
 
@@ -99,14 +110,13 @@ def test_metrics_weights_audit_and_ledger_writes_on_a_full_disk(small_disk: Path
     assert [r["round"] for r in read_metrics(run.path / "metrics.jsonl")] == [1, 2]
     audit.append(actor="test", action="run_finished", details={})
     assert len(audit.entries()) == 2
-    ledger.record_release(shard=0, purpose="churn", run_id="r", round=9999,
-                          release=GaussianRelease(1.0, 0.01, 10), delta=1e-5)
+    ledger.record_release(
+        shard=0, purpose="churn", run_id="r", round=9999, release=GaussianRelease(1.0, 0.01, 10), delta=1e-5
+    )
     assert ledger.events()[-1].round == 9999
 
 
-def test_a_run_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_freed(
-    small_disk: Path, tmp_path: Path
-) -> None:
+def test_a_run_whose_disk_fills_stops_cleanly_and_resumes_once_space_is_freed(small_disk: Path, tmp_path: Path) -> None:
     cfg = load_config(write_tiny_config(tmp_path, overrides={"training.rounds": 4}))
     run_dir, state = small_disk / "run", tmp_path / "state"  # the ledgers live on another disk
     filler: list[Path] = []

@@ -47,13 +47,16 @@ def test_killed_run_resumes_from_its_checkpoints_and_keeps_every_charge(tmp_path
     kept as they were, training continues from the last of them, and every release ever made stays charged."""
     path = write_tiny_config(tmp_path, overrides={"training.rounds": ROUNDS})
     cfg = load_config(path)
-    reference = run_simulated(cfg, run_dir=tmp_path / "reference", state_root=tmp_path / "ref-state",
-                              report=lambda s: None)
+    reference = run_simulated(
+        cfg, run_dir=tmp_path / "reference", state_root=tmp_path / "ref-state", report=lambda s: None
+    )
 
     run_dir, state = tmp_path / "run", tmp_path / "state"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedcrm.cli", "run", str(path), "--out", str(run_dir), "--state", str(state)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
     )
     try:
@@ -69,15 +72,24 @@ def test_killed_run_resumes_from_its_checkpoints_and_keeps_every_charge(tmp_path
     assert not (run_dir / "summary.json").exists()
     done = completed_rounds(run_dir).get(0, 0)
     assert 1 <= done < ROUNDS
-    checkpoints = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").glob("round-*-shard-0.npz")
-                   if int(p.name.split("-")[1]) <= done}
+    checkpoints = {
+        p.name: p.read_bytes()
+        for p in (run_dir / "checkpoints").glob("round-*-shard-0.npz")
+        if int(p.name.split("-")[1]) <= done
+    }
     assert len(checkpoints) == done
     ledgers = {r: PrivacyLedger.open(state / r, region=r) for r in ("eu", "us")}
     before = {r: ledger.events() for r, ledger in ledgers.items()}
 
     lines: list[str] = []
-    resumed = run_simulated(cfg, run_dir=run_dir, state_root=state, report=lines.append, resume=True,
-                            client_mods=[record_first_start(tmp_path / "starts")])
+    resumed = run_simulated(
+        cfg,
+        run_dir=run_dir,
+        state_root=state,
+        report=lines.append,
+        resume=True,
+        client_mods=[record_first_start(tmp_path / "starts")],
+    )
     assert any(f"resuming shard 0 after round {done}" in ln for ln in lines)
     assert [r["round"] for r in read_metrics(run_dir / "metrics.jsonl")][-1] == ROUNDS
 

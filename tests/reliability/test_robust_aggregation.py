@@ -23,11 +23,15 @@ def scaled_updates_from(region: str, factor: float) -> Callable[[Message, Contex
 
     def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         reply = call_next(msg, context)
-        if context.node_config.get("region") == region and msg.metadata.message_type == "train" \
-                and wire.ARRAYS in reply.content:
+        if (
+            context.node_config.get("region") == region
+            and msg.metadata.message_type == "train"
+            and wire.ARRAYS in reply.content
+        ):
             arrays = reply.content[wire.ARRAYS]
             reply.content[wire.ARRAYS] = ArrayRecord.from_array_dict(
-                {k: Array((v.numpy() * factor).astype(np.float32)) for k, v in arrays.items()})
+                {k: Array((v.numpy() * factor).astype(np.float32)) for k, v in arrays.items()}
+            )
         return reply
 
     return mod
@@ -36,18 +40,33 @@ def scaled_updates_from(region: str, factor: float) -> Callable[[Message, Contex
 def _run(tmp_path: Path, strategy: str, *, poisoned: bool, guard: bool = False) -> dict:
     # guard=False switches off the norm screen, to see what the aggregation rule alone does.
     name = f"{strategy}-{poisoned}-{guard}"
-    path = write_tiny_config(tmp_path / name, regions=REGIONS, overrides={
-        "federation.strategy": strategy, "privacy.mode": "none", "privacy.target_epsilon": None,
-        "training.rounds": 3, "federation.min_regions": 3, "federation.outlier_norm_ratio": 10.0 if guard else None,
-        # Non-private training needs the regions' consent (their policies).
-        "policies": {r: str(PERMISSIVE_POLICY) for r in REGIONS}})
+    path = write_tiny_config(
+        tmp_path / name,
+        regions=REGIONS,
+        overrides={
+            "federation.strategy": strategy,
+            "privacy.mode": "none",
+            "privacy.target_epsilon": None,
+            "training.rounds": 3,
+            "federation.min_regions": 3,
+            "federation.outlier_norm_ratio": 10.0 if guard else None,
+            # Non-private training needs the regions' consent (their policies).
+            "policies": {r: str(PERMISSIVE_POLICY) for r in REGIONS},
+        },
+    )
     mods = [scaled_updates_from("r0", -40.0)] if poisoned else []
     cfg = load_config(path)
-    summary = run_simulated(cfg, run_dir=tmp_path / name / "run", state_root=tmp_path / name / "state",
-                            report=lambda s: None, client_mods=mods).to_dict()
+    summary = run_simulated(
+        cfg,
+        run_dir=tmp_path / name / "run",
+        state_root=tmp_path / name / "state",
+        report=lambda s: None,
+        client_mods=mods,
+    ).to_dict()
     # The model's quality exactly (the summary's metrics are DP answers, too noisy on these small hold-outs).
-    summary["final_metrics"] = exact_holdout_metrics(cfg, run_dir=tmp_path / name / "run",
-                                                     state=tmp_path / name / "state")
+    summary["final_metrics"] = exact_holdout_metrics(
+        cfg, run_dir=tmp_path / name / "run", state=tmp_path / name / "state"
+    )
     return summary
 
 

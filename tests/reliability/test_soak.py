@@ -53,8 +53,9 @@ def test_100_tenants_20_rounds_memory_flat_and_ledgers_match_the_rounds_taken(tm
     run_id = summary.run_id
     for tenant in cfg.regions:
         took_part = [r["round"] for r in rows if tenant in r["epsilon"]]
-        events = [e for e in PrivacyLedger.open(tmp_path / "state" / tenant, region=tenant).events()
-                  if e.run_id == run_id]
+        events = [
+            e for e in PrivacyLedger.open(tmp_path / "state" / tenant, region=tenant).events() if e.run_id == run_id
+        ]
         assert [e.round for e in events] == took_part, tenant
         assert all(e.status == "sent" for e in events), tenant
         assert summary.privacy[tenant]["releases_this_run"] == len(events)

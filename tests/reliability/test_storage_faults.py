@@ -47,8 +47,9 @@ def test_resume_point_needs_both_the_metrics_line_and_the_checkpoint(tmp_path: P
 
 def test_a_ledger_that_is_not_a_ledger_is_refused_and_left_in_place(tmp_path: Path) -> None:
     ledger = PrivacyLedger.open(tmp_path, region="eu")
-    ledger.record_release(shard=0, purpose="churn", run_id="r", round=1,
-                          release=GaussianRelease(1.0, 0.01, 100), delta=1e-5)
+    ledger.record_release(
+        shard=0, purpose="churn", run_id="r", round=1, release=GaussianRelease(1.0, 0.01, 100), delta=1e-5
+    )
     path = tmp_path / "privacy_ledger.sqlite"
     data = path.read_bytes()
     path.write_bytes(b"not a database" + data[14:100])

@@ -36,35 +36,84 @@ def _rows(rounds: int = 4) -> list[dict]:
     rows = []
     for r in range(1, rounds + 1):
         regions = {g: {"auc": 0.6 + 0.02 * r + 0.01 * i, "epsilon": 0.5 * r} for i, g in enumerate(REGIONS)}
-        rows.append({"round": r, "shard": 0, "time_s": float(r), "pooled": {"auc": 0.62 + 0.03 * r},
-                     "regions": regions, "epsilon": {g: 0.5 * r + 0.1 * i for i, g in enumerate(REGIONS)},
-                     "refused": {}, "failed": {}, "rejected": {}})
+        rows.append(
+            {
+                "round": r,
+                "shard": 0,
+                "time_s": float(r),
+                "pooled": {"auc": 0.62 + 0.03 * r},
+                "regions": regions,
+                "epsilon": {g: 0.5 * r + 0.1 * i for i, g in enumerate(REGIONS)},
+                "refused": {},
+                "failed": {},
+                "rejected": {},
+            }
+        )
     return rows
 
 
 def _privacy() -> dict:
-    return {g: {"epsilon": 2.0 + 0.1 * i, "delta": 1e-5, "budget": 10.0, "accountant": "rdp", "target_epsilon": 2.0,
-                "refused": None} for i, g in enumerate(REGIONS)}
+    return {
+        g: {
+            "epsilon": 2.0 + 0.1 * i,
+            "delta": 1e-5,
+            "budget": 10.0,
+            "accountant": "rdp",
+            "target_epsilon": 2.0,
+            "refused": None,
+        }
+        for i, g in enumerate(REGIONS)
+    }
 
 
 def _make_run(path: Path, data_file: Path) -> Path:
     path.mkdir(parents=True)
     data_file.write_text("customer_id,churn\n1,0\n")
-    (path / "config.yaml").write_text(yaml.safe_dump({
-        "name": "r", "task": "churn", "regions": {g: str(data_file) for g in REGIONS}, "seed": 7,
-        "model": {"kind": "mlp", "hidden": [8]}, "training": {"rounds": 4, "local_epochs": 1}}))
+    (path / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "r",
+                "task": "churn",
+                "regions": {g: str(data_file) for g in REGIONS},
+                "seed": 7,
+                "model": {"kind": "mlp", "hidden": [8]},
+                "training": {"rounds": 4, "local_epochs": 1},
+            }
+        )
+    )
     with open(path / "metrics.jsonl", "w") as f:
         for row in _rows():
             f.write(json.dumps(row) + "\n")
-    (path / "summary.json").write_text(json.dumps({
-        "name": "r", "run_id": "r-1234", "task": "churn", "privacy_mode": "sample_dp",
-        "final_metrics": {"auc": 0.74, "log_loss": 0.5, "accuracy": 0.8, "brier": 0.15, "customers": 900.0},
-        "final_metrics_by_region": {g: {"auc": 0.7, "log_loss": 0.5, "customers": 300.0, "positive_rate": 0.25}
-                                    for g in REGIONS},
-        "privacy": _privacy(),
-        "regions": {g: {"customers_in_table": 1500.0, "excluded_no_consent": 100.0, "forgotten": 2.0,
-                        "train": 1100.0, "holdout": 298.0} for g in REGIONS},
-        "warnings": [], "shards": 1, "config_sha256": "abc", "code_version": "deadbee", "wall_time_s": 12.0}))
+    (path / "summary.json").write_text(
+        json.dumps(
+            {
+                "name": "r",
+                "run_id": "r-1234",
+                "task": "churn",
+                "privacy_mode": "sample_dp",
+                "final_metrics": {"auc": 0.74, "log_loss": 0.5, "accuracy": 0.8, "brier": 0.15, "customers": 900.0},
+                "final_metrics_by_region": {
+                    g: {"auc": 0.7, "log_loss": 0.5, "customers": 300.0, "positive_rate": 0.25} for g in REGIONS
+                },
+                "privacy": _privacy(),
+                "regions": {
+                    g: {
+                        "customers_in_table": 1500.0,
+                        "excluded_no_consent": 100.0,
+                        "forgotten": 2.0,
+                        "train": 1100.0,
+                        "holdout": 298.0,
+                    }
+                    for g in REGIONS
+                },
+                "warnings": [],
+                "shards": 1,
+                "config_sha256": "abc",
+                "code_version": "deadbee",
+                "wall_time_s": 12.0,
+            }
+        )
+    )
     return path
 
 
@@ -74,14 +123,46 @@ def _sweep_frame() -> pd.DataFrame:
     for eps in ["0.5", "1.0", "4.0", "none"]:
         for seed in range(3):
             base = 0.8 if eps == "none" else 0.8 - 0.05 / float(eps)
-            rows.append({"cell": f"{eps}_{seed}", "kind": "federated", "seed": seed, "privacy.target_epsilon": eps,
-                         "status": "done", "error": "", "auc": base + rng.normal(0, 0.01),
-                         "epsilon_max": 0.0 if eps == "none" else float(eps), "run_dir": "/nowhere"})
+            rows.append(
+                {
+                    "cell": f"{eps}_{seed}",
+                    "kind": "federated",
+                    "seed": seed,
+                    "privacy.target_epsilon": eps,
+                    "status": "done",
+                    "error": "",
+                    "auc": base + rng.normal(0, 0.01),
+                    "epsilon_max": 0.0 if eps == "none" else float(eps),
+                    "run_dir": "/nowhere",
+                }
+            )
     for seed in range(3):
-        rows.append({"cell": f"c_{seed}", "kind": "centralised", "seed": seed, "privacy.target_epsilon": None,
-                     "status": "done", "error": "", "auc": 0.82, "epsilon_max": math.nan, "run_dir": "/nowhere"})
-    rows.append({"cell": "bad", "kind": "federated", "seed": 0, "privacy.target_epsilon": "8.0", "status": "failed",
-                 "error": "FederationError: boom", "auc": math.nan, "epsilon_max": math.nan, "run_dir": "/nowhere"})
+        rows.append(
+            {
+                "cell": f"c_{seed}",
+                "kind": "centralised",
+                "seed": seed,
+                "privacy.target_epsilon": None,
+                "status": "done",
+                "error": "",
+                "auc": 0.82,
+                "epsilon_max": math.nan,
+                "run_dir": "/nowhere",
+            }
+        )
+    rows.append(
+        {
+            "cell": "bad",
+            "kind": "federated",
+            "seed": 0,
+            "privacy.target_epsilon": "8.0",
+            "status": "failed",
+            "error": "FederationError: boom",
+            "auc": math.nan,
+            "epsilon_max": math.nan,
+            "run_dir": "/nowhere",
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -133,8 +214,9 @@ def test_cost_of_privacy_table_is_against_the_non_private_federated_mean() -> No
 
 
 def test_categorical_parameter_plot_has_one_point_per_value() -> None:
-    df = _sweep_frame().assign(privacy=lambda d: d["privacy.target_epsilon"].map(
-        lambda e: "none" if e == "none" else "sample_dp"))
+    df = _sweep_frame().assign(
+        privacy=lambda d: d["privacy.target_epsilon"].map(lambda e: "none" if e == "none" else "sample_dp")
+    )
     ax = plot_by_parameter(df, "privacy").axes[0]
     assert ax.get_xlabel() == "privacy" and "AUC" in ax.get_ylabel()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["sample_dp", "none"]
@@ -157,23 +239,40 @@ def _chromium() -> str | None:
 def _render(html_file: Path, tmp_path: Path) -> tuple[str, Path]:
     """Dump the DOM after load (a probe script writes image counts into the title) and take a screenshot."""
     probe = html_file.with_name("probe.html")
-    script = ("<script>window.addEventListener('load',function(){var im=document.images,ok=0;"
-              "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}"
-              "document.title='IMAGES '+ok+'/'+im.length+' TEXT '+document.body.innerText.length;});</script>")
+    script = (
+        "<script>window.addEventListener('load',function(){var im=document.images,ok=0;"
+        "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}"
+        "document.title='IMAGES '+ok+'/'+im.length+' TEXT '+document.body.innerText.length;});</script>"
+    )
     probe.write_text(html_file.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
-    common = [_chromium() or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*common, "--dump-dom", probe.resolve().as_uri()], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    common = [
+        _chromium() or "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        [*common, "--dump-dom", probe.resolve().as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     shot = tmp_path / "shot.png"
-    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1000,1400", probe.resolve().as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [*common, f"--screenshot={shot}", "--window-size=1000,1400", probe.resolve().as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     return dom, shot
 
 
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed (.ci/run installs it: "
-                    "apt-get install chromium)")
+@pytest.mark.skipif(
+    _chromium() is None, reason="headless Chromium is not installed (.ci/run installs it: apt-get install chromium)"
+)
 def test_run_and_sweep_html_render_in_chromium_with_every_plot_loaded(tmp_path: Path) -> None:
     import matplotlib.image as mpimg
 
@@ -183,8 +282,11 @@ def test_run_and_sweep_html_render_in_chromium_with_every_plot_loaded(tmp_path: 
     sweep.mkdir()
     df = _sweep_frame()
     df.to_csv(sweep / "results.csv", index=False)
-    (sweep / "sweep.json").write_text(json.dumps({"spec": {"name": "s", "grid": {"privacy.target_epsilon": []},
-                                                           "seeds": [0, 1, 2]}, "invocations": []}))
+    (sweep / "sweep.json").write_text(
+        json.dumps(
+            {"spec": {"name": "s", "grid": {"privacy.target_epsilon": []}, "seeds": [0, 1, 2]}, "invocations": []}
+        )
+    )
     sweep_html, sweep_md = write_report(sweep)
     for page, n_plots in ((html_path, 2), (sweep_html, 1)):
         dom, shot = _render(page, tmp_path)
@@ -214,13 +316,33 @@ def test_results_table_round_trips_through_parquet(tmp_path: Path) -> None:
     from fedcrm.run_summary import RunSummary
     from fedcrm.sweep import Cell, CellOutcome
 
-    outs = [CellOutcome(Cell(id="a", kind="federated", seed=0, params={"privacy.target_epsilon": 1.0}, overrides={}),
-                        None, tmp_path / "a", "done", summary=RunSummary(
-                            name="a", task="churn", privacy_mode="sample_dp", final_metrics={"auc": 0.7},
-                            privacy={"eu": {"epsilon": 0.9}}, regions={}, warnings=[], config_sha256="0" * 64,
-                            code_version="abc", wall_time_s=1.0)),
-            CellOutcome(Cell(id="b", kind="federated", seed=0, params={"privacy.target_epsilon": "none"},
-                             overrides={}), None, tmp_path / "b", "failed", error="boom")]
+    outs = [
+        CellOutcome(
+            Cell(id="a", kind="federated", seed=0, params={"privacy.target_epsilon": 1.0}, overrides={}),
+            None,
+            tmp_path / "a",
+            "done",
+            summary=RunSummary(
+                name="a",
+                task="churn",
+                privacy_mode="sample_dp",
+                final_metrics={"auc": 0.7},
+                privacy={"eu": {"epsilon": 0.9}},
+                regions={},
+                warnings=[],
+                config_sha256="0" * 64,
+                code_version="abc",
+                wall_time_s=1.0,
+            ),
+        ),
+        CellOutcome(
+            Cell(id="b", kind="federated", seed=0, params={"privacy.target_epsilon": "none"}, overrides={}),
+            None,
+            tmp_path / "b",
+            "failed",
+            error="boom",
+        ),
+    ]
     write_results(outs, tmp_path)
     back = pd.read_parquet(tmp_path / "results.parquet")
     assert list(back["privacy.target_epsilon"]) == ["1.0", "none"]

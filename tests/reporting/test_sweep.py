@@ -20,10 +20,18 @@ def _spec(tmp_path: Path, **extra: object) -> Path:
     # noisy enough to stay below the DP cells' target: the ε compared below is the worst-off customer's.
     policy = tmp_path / "research-policy.yaml"
     policy.write_text(yaml.safe_dump({**yaml.safe_load(PERMISSIVE_POLICY.read_text()), "evaluation_noise": 6.0}))
-    base = write_tiny_config(tmp_path, regions={"eu": 400, "us": 300}, overrides={
-        "training.rounds": 1, "policies": {"eu": str(policy), "us": str(policy)}})
-    doc = {"name": "t", "base": str(base), "grid": {"privacy.target_epsilon": [2, "none"]}, "seeds": [0, 1],
-           "output_dir": str(tmp_path / "sweeps")} | extra
+    base = write_tiny_config(
+        tmp_path,
+        regions={"eu": 400, "us": 300},
+        overrides={"training.rounds": 1, "policies": {"eu": str(policy), "us": str(policy)}},
+    )
+    doc = {
+        "name": "t",
+        "base": str(base),
+        "grid": {"privacy.target_epsilon": [2, "none"]},
+        "seeds": [0, 1],
+        "output_dir": str(tmp_path / "sweeps"),
+    } | extra
     p = tmp_path / "sweep.yaml"
     p.write_text(yaml.safe_dump(doc))
     return p
@@ -33,8 +41,12 @@ def test_grid_times_seeds_and_none_means_no_dp(tmp_path: Path) -> None:
     spec = load_sweep(_spec(tmp_path, baselines=["centralised"]))
     cells = expand_cells(spec)
     assert [c.id for c in cells] == [
-        "target_epsilon=2.0_seed=0", "target_epsilon=2.0_seed=1", "target_epsilon=none_seed=0",
-        "target_epsilon=none_seed=1", "centralised_seed=0", "centralised_seed=1",
+        "target_epsilon=2.0_seed=0",
+        "target_epsilon=2.0_seed=1",
+        "target_epsilon=none_seed=0",
+        "target_epsilon=none_seed=1",
+        "centralised_seed=0",
+        "centralised_seed=1",
     ]
     base = load_config(spec.base)
     none = cell_config(spec, base, cells[2], sweep_dir=tmp_path)
@@ -45,9 +57,18 @@ def test_grid_times_seeds_and_none_means_no_dp(tmp_path: Path) -> None:
 
 
 def test_mapping_values_are_override_bundles_with_labels(tmp_path: Path) -> None:
-    spec = load_sweep(_spec(tmp_path, grid={"privacy": [
-        {"label": "client", "privacy.mode": "client_dp", "privacy.client_noise_multiplier": 2.0},
-        {"label": "off", "privacy.mode": "none", "privacy.target_epsilon": None}]}, seeds=[3]))
+    spec = load_sweep(
+        _spec(
+            tmp_path,
+            grid={
+                "privacy": [
+                    {"label": "client", "privacy.mode": "client_dp", "privacy.client_noise_multiplier": 2.0},
+                    {"label": "off", "privacy.mode": "none", "privacy.target_epsilon": None},
+                ]
+            },
+            seeds=[3],
+        )
+    )
     cells = expand_cells(spec)
     assert [c.params["privacy"] for c in cells] == ["client", "off"]
     cfg = cell_config(spec, load_config(spec.base), cells[0], sweep_dir=tmp_path)

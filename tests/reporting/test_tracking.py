@@ -27,14 +27,32 @@ def _finished_run(tmp_path: Path) -> tuple[Path, RunSummary]:
     (run_dir / "model").mkdir(parents=True)
     (run_dir / "model" / "model.json").write_text("{}")
     (run_dir / "model_card.md").write_text("# card\n")
-    rows = [{"round": r, "shard": 0, "time_s": r, "pooled": {"auc": 0.6 + 0.1 * r},
-             "regions": {"eu": {"auc": 0.7, "epsilon": 0.5 * r}}, "epsilon": {"eu": 0.5 * r, "us": 0.4 * r}}
-            for r in (1, 2)]
+    rows = [
+        {
+            "round": r,
+            "shard": 0,
+            "time_s": r,
+            "pooled": {"auc": 0.6 + 0.1 * r},
+            "regions": {"eu": {"auc": 0.7, "epsilon": 0.5 * r}},
+            "epsilon": {"eu": 0.5 * r, "us": 0.4 * r},
+        }
+        for r in (1, 2)
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = RunSummary(name="tiny", task="churn", privacy_mode="sample_dp", run_id="tiny-1",
-                         final_metrics={"auc": 0.8, "customers": 100.0},
-                         privacy={"eu": {"epsilon": 1.0}, "us": {"epsilon": 0.8}}, regions={}, warnings=[],
-                         config_sha256="0" * 64, code_version="abc", started=STARTED, wall_time_s=5.0)
+    summary = RunSummary(
+        name="tiny",
+        task="churn",
+        privacy_mode="sample_dp",
+        run_id="tiny-1",
+        final_metrics={"auc": 0.8, "customers": 100.0},
+        privacy={"eu": {"epsilon": 1.0}, "us": {"epsilon": 0.8}},
+        regions={},
+        warnings=[],
+        config_sha256="0" * 64,
+        code_version="abc",
+        started=STARTED,
+        wall_time_s=5.0,
+    )
     (run_dir / "summary.json").write_text(summary.to_json())
     return run_dir, summary
 
@@ -97,15 +115,19 @@ def test_served_model_logged_as_pyfunc_scores_raw_rows_like_fedcrm_score(tmp_pat
     from fedcrm.fl.simulation import run_simulated
     from fedcrm.report import write_run_report
 
-    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 300, "us": 300},
-                                        overrides={"tracking": {"kind": "mlflow"}, "training.rounds": 1}))
+    cfg = load_config(
+        write_tiny_config(
+            tmp_path, regions={"eu": 300, "us": 300}, overrides={"tracking": {"kind": "mlflow"}, "training.rounds": 1}
+        )
+    )
     run_dir = tmp_path / "run"
     summary = run_simulated(cfg, run_dir=run_dir, state_root=tmp_path / "state", report=lambda s: None)
     write_run_report(run_dir)
     rid = log_run(cfg, run_dir, summary)
     out = tmp_path / "scores.csv"
-    result = CliRunner().invoke(app, ["score", "--region", "eu", "--model", str(run_dir), "--state",
-                                      str(tmp_path / "state"), "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["score", "--region", "eu", "--model", str(run_dir), "--state", str(tmp_path / "state"), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     scored = pd.read_csv(out, dtype={"customer_id": str})
 

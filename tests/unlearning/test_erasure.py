@@ -48,15 +48,24 @@ def _copy(src: Path, dst: Path) -> tuple[Path, Path]:
 
 def _eps(state: Path, region: str, delta: float) -> dict[int, float]:
     return PrivacyLedger.open(state / region, region=region).epsilon_by_shard(
-        shards=SHARDS, delta=delta, accountant="rdp")
+        shards=SHARDS, delta=delta, accountant="rdp"
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("trained")
-    cfg = load_config(write_tiny_config(base, regions={"eu": 600, "us": 600}, overrides={
-        "unlearning.shards": SHARDS, "privacy.noise": "reproducible",
-        "policies": {r: str(PERMISSIVE) for r in REGIONS}}))
+    cfg = load_config(
+        write_tiny_config(
+            base,
+            regions={"eu": 600, "us": 600},
+            overrides={
+                "unlearning.shards": SHARDS,
+                "privacy.noise": "reproducible",
+                "policies": {r: str(PERMISSIVE) for r in REGIONS},
+            },
+        )
+    )
     run_simulated(cfg, run_dir=base / "run", state_root=base / "state", report=lambda s: None)
     return base
 
@@ -70,7 +79,11 @@ def erased(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     victims = [cid for cid, k in view.trained.items() if k == STALE][:3]
     delta = json.loads((run / "summary.json").read_text())["privacy"]["eu"]["delta"]
     seen: dict[str, Any] = {
-        "run": run, "state": state, "victims": victims, "delta": delta, "log": [],
+        "run": run,
+        "state": state,
+        "victims": victims,
+        "delta": delta,
+        "log": [],
         "old": {k: load_weights(run / "model" / f"constituent-{k}.npz") for k in range(SHARDS)},
         "old_bytes": {p.relative_to(run): p.read_bytes() for p in run.rglob("*.npz")},
         "eps_before": {r: _eps(state, r, delta) for r in REGIONS},
@@ -226,8 +239,14 @@ def test_forget_and_retrain_equals_training_from_scratch_without_the_customers(
     shutil.copytree(erased["state_before_retrain"], tmp_path / "state")
     ref_cfg = cfg.model_copy(update={"regions": regions})
     kept_constituents = {k: w for k, w in erased["old"].items() if k != STALE}
-    run_simulated(ref_cfg, run_dir=tmp_path / "ref", state_root=tmp_path / "state", report=lambda s: None,
-                  shards=[STALE], initial=kept_constituents)
+    run_simulated(
+        ref_cfg,
+        run_dir=tmp_path / "ref",
+        state_root=tmp_path / "state",
+        report=lambda s: None,
+        shards=[STALE],
+        initial=kept_constituents,
+    )
     for k in range(SHARDS):
         got = load_weights(erased["run"] / "model" / f"constituent-{k}.npz")
         want = load_weights(tmp_path / "ref" / "model" / f"constituent-{k}.npz")
@@ -248,9 +267,10 @@ def test_forget_and_retrain_equals_training_from_scratch_without_the_customers(
         assert not old_nonces & new_nonces, f"{region}: the retrain reused a release key of the original training"
         # Fresh nonces are fresh noise: the first draws of each release's key all differ.
         secret = region_secret(erased["state"] / region)
-        draws = [ReleaseRandomness.reproducible(region_secret=secret, nonce=n).normal((8,), std=1.0,
-                                                                                       dtype=torch.float64)
-                 for n in sorted(old_nonces | new_nonces)]
+        draws = [
+            ReleaseRandomness.reproducible(region_secret=secret, nonce=n).normal((8,), std=1.0, dtype=torch.float64)
+            for n in sorted(old_nonces | new_nonces)
+        ]
         assert len({tuple(d.tolist()) for d in draws}) == len(draws)
     old, new = erased["old"][STALE], load_weights(erased["run"] / "model" / f"constituent-{STALE}.npz")
     assert not all(np.array_equal(old[n], new[n]) for n in old)
@@ -266,16 +286,28 @@ def test_a_retrain_over_budget_is_refused_and_changes_nothing(trained: Path, tmp
     retrain_release = planned[STALE]
 
     def spent_with(*releases: GaussianRelease) -> float:
-        return ledger.epsilon_of_shard(shard=STALE, shards=SHARDS, delta=delta, accountant="rdp",
-                                       next_release=list(releases))
+        return ledger.epsilon_of_shard(
+            shard=STALE, shards=SHARDS, delta=delta, accountant="rdp", next_release=list(releases)
+        )
 
     # Another use of the us data has spent nearly all of shard 1's budget (the policy's, 10): the least
     # spending that leaves no room for the retrain. Shard sizes follow the secret-keyed hold-out, so the
     # retrain's cost differs from run to run; the other use is chosen against it.
-    other = next(GaussianRelease(float(s), 0.2, 60) for s in np.linspace(3.0, 1.0, 401)
-                 if spent_with(GaussianRelease(float(s), 0.2, 60), retrain_release) > 10.001)
-    ledger.record_release(shard=STALE, shards=SHARDS, purpose="churn", run_id="other", round=1, release=other,
-                          delta=delta, population="train:0.2")
+    other = next(
+        GaussianRelease(float(s), 0.2, 60)
+        for s in np.linspace(3.0, 1.0, 401)
+        if spent_with(GaussianRelease(float(s), 0.2, 60), retrain_release) > 10.001
+    )
+    ledger.record_release(
+        shard=STALE,
+        shards=SHARDS,
+        purpose="churn",
+        run_id="other",
+        round=1,
+        release=other,
+        delta=delta,
+        population="train:0.2",
+    )
     spent = ledger.epsilon_by_shard(shards=SHARDS, delta=delta, accountant="rdp")
     assert 9 < spent[STALE] < 10 and spent[0] < 9  # shard 0 keeps room: only shard 1's retrain is refused
     events_before = len(ledger.events())

@@ -43,10 +43,22 @@ def test_an_overdue_request_still_served_fails_the_status_and_is_audited(tmp_pat
     state = tmp_path / "state"
     single, sharded = _run(tmp_path, cfg, shards=1, name="single"), _run(tmp_path, cfg, shards=4, name="sharded")
     a, b = str(ids[0]), str(ids[1])
-    forget(state_dir=state / "eu", region="eu", customer_ids=[a], table_ids=ids,
-           runs=[RunView(run_dir=single, shards=1, model_version=1, trained={a: 0})], deadline_days=10)
-    forget(state_dir=state / "eu", region="eu", customer_ids=[b], table_ids=ids,
-           runs=[RunView(run_dir=sharded, shards=4, model_version=1, trained={b: 1})], deadline_days=10)
+    forget(
+        state_dir=state / "eu",
+        region="eu",
+        customer_ids=[a],
+        table_ids=ids,
+        runs=[RunView(run_dir=single, shards=1, model_version=1, trained={a: 0})],
+        deadline_days=10,
+    )
+    forget(
+        state_dir=state / "eu",
+        region="eu",
+        customer_ids=[b],
+        table_ids=ids,
+        runs=[RunView(run_dir=sharded, shards=4, model_version=1, trained={b: 1})],
+        deadline_days=10,
+    )
 
     res = runner.invoke(app, ["erasures", "status", "--region", "eu", "--state", str(state), "--json"])
     assert res.exit_code == 0, res.output
@@ -95,8 +107,14 @@ def test_status_prices_a_retrain_at_the_regions_own_delta(tmp_path: Path) -> Non
     delta = RegionPolicy().delta
     for round_ in (1, 2):
         ledger.record_release(shard=0, purpose="churn", run_id="r1", round=round_, release=release, delta=delta)
-    forget(state_dir=state / "eu", region="eu", customer_ids=[str(ids[0])], table_ids=ids,
-           runs=[RunView(run_dir=single, shards=1, model_version=1, trained={str(ids[0]): 0})], deadline_days=10)
+    forget(
+        state_dir=state / "eu",
+        region="eu",
+        customer_ids=[str(ids[0])],
+        table_ids=ids,
+        runs=[RunView(run_dir=single, shards=1, model_version=1, trained={str(ids[0]): 0})],
+        deadline_days=10,
+    )
     res = runner.invoke(app, ["erasures", "status", "--region", "eu", "--state", str(state), "--json"])
     assert res.exit_code == 0, res.output
     priced = json.loads(res.output)["open"][0]["runs"][0]["retrain"]

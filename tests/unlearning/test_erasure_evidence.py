@@ -55,14 +55,26 @@ def _attack_p(loss: np.ndarray, group: np.ndarray, reference: np.ndarray, altern
 
 @pytest.mark.slow  # an overfit model on a larger region: minutes on 2 cores
 def test_forgotten_customers_lose_their_membership_signal(tmp_path: Path) -> None:
-    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 800, "us": 150}, overrides={
-        "unlearning.shards": 2,
-        "privacy": {"mode": "none"},
-        "model": {"kind": "mlp", "hidden": [256, 256]},
-        "training": {"rounds": 2, "local_epochs": 60, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.01},
-        # Training without DP needs the regions' allowance (allow_non_private); the ledger records ε = ∞.
-        "policies": {r: str(PERMISSIVE) for r in ("eu", "us")},
-    }))
+    cfg = load_config(
+        write_tiny_config(
+            tmp_path,
+            regions={"eu": 800, "us": 150},
+            overrides={
+                "unlearning.shards": 2,
+                "privacy": {"mode": "none"},
+                "model": {"kind": "mlp", "hidden": [256, 256]},
+                "training": {
+                    "rounds": 2,
+                    "local_epochs": 60,
+                    "batch_size": 32,
+                    "optimizer": "adam",
+                    "learning_rate": 0.01,
+                },
+                # Training without DP needs the regions' allowance (allow_non_private); the ledger records ε = ∞.
+                "policies": {r: str(PERMISSIVE) for r in ("eu", "us")},
+            },
+        )
+    )
     run, state = tmp_path / "run", tmp_path / "state"
     # Fixed region secrets: the same shards and hold-out on every run (the training's randomness is fresh
     # each run, as for any release; the checks below are statistical).

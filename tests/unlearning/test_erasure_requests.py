@@ -56,8 +56,9 @@ def test_a_customer_forgotten_twice_is_refused_with_the_first_request(region: di
     first = forget(state_dir=region["state"], region="eu", customer_ids=[cid], table_ids=region["ids"])
     files = _on_disk(region["state"])
     with pytest.raises(UnlearningError, match=f"already forgotten .*{first[0].request_id}"):
-        forget(state_dir=region["state"], region="eu", customer_ids=[cid, str(region["ids"][2])],
-               table_ids=region["ids"])
+        forget(
+            state_dir=region["state"], region="eu", customer_ids=[cid, str(region["ids"][2])], table_ids=region["ids"]
+        )
     assert _on_disk(region["state"]) == files
     assert not Tombstones(region["state"]).contains(str(region["ids"][2]))
 

@@ -38,8 +38,9 @@ def test_forget_and_withdraw_on_a_split_run_are_served_by_one_retrain(tmp_path: 
     rows_before = len(load_table(eu_file, load_schema(cfg.schema_path)))
 
     forget_customers(region="eu", customer_ids=[forgotten], state_root=state, runs=[run])
-    withdraw_consent(state_dir=state / "eu", region="eu", customer_id=withdrawn, purpose="churn",
-                     actor="operator:test", runs=(run,))
+    withdraw_consent(
+        state_dir=state / "eu", region="eu", customer_id=withdrawn, purpose="churn", actor="operator:test", runs=(run,)
+    )
 
     # The forgotten customer's row left fedcrm's copy of the table; the other rows are unchanged.
     after = load_table(eu_file, load_schema(cfg.schema_path))
@@ -51,8 +52,11 @@ def test_forget_and_withdraw_on_a_split_run_are_served_by_one_retrain(tmp_path: 
     rows = [json.loads(line) for line in (run / "erasures.jsonl").read_text().splitlines()]
     # Both served at once by exclusion (shard 0 dropped, shard 1 still served), then by the one retrain.
     assert sorted((r["kind"], r["runs"][0]["served_by"]) for r in rows) == [
-        ("consent_withdrawal", "exclusion"), ("consent_withdrawal", "retrain"), ("erasure", "exclusion"),
-        ("erasure", "retrain")]
+        ("consent_withdrawal", "exclusion"),
+        ("consent_withdrawal", "retrain"),
+        ("erasure", "exclusion"),
+        ("erasure", "retrain"),
+    ]
     retrained = run_view(run, region="eu", state_root=state).trained
     assert forgotten not in retrained and withdrawn not in retrained
     # The forgotten id is written nowhere in the run folder (table copy, receipts, metrics, logs); the
