@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 from fedcrm import wire
 from fedcrm.errors import FedcrmError, RefusalError
 from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
-from fedcrm.region import EVALUATION_COORDINATES, NodeSettings, Region, RegionProfile, TrainRelease
+from fedcrm.region import NodeSettings, Region, RegionProfile, TrainRelease
+from fedcrm.region_answers import EVALUATION_COORDINATES
 
 log = logging.getLogger("fedcrm.region")
 Handler = Callable[[Region, Message], RecordDict]
