@@ -333,34 +333,25 @@ class Region(HoldoutAnswers):
             new_weights = clip_update(new_weights, start=weights, norm=cfg.privacy.clipping_norm)
         self.ledger.mark_outcome(event_id, "sent")
         epsilon = self.ledger.epsilon(delta=self.delta, accountant=cfg.privacy.accountant)
-        self.audit.append(
-            actor=node_actor(self.name),
-            action=AuditAction.PRIVACY_SPENT,
-            details=finite(
+        self._audit_spent(
+            cfg,
+            run_id=run_id,
+            event_id=event_id,
+            epsilon=epsilon,
+            round=round_,
+            shard=shard,
+            shards=shards,
+            mode=cfg.privacy.mode,
+            customers=len(x),
+            declared_customers=n_declared,
+            **(
                 {
-                    "run_id": run_id,
-                    "purpose": cfg.task,
-                    "round": round_,
-                    "shard": shard,
-                    "shards": shards,
-                    "ledger_event": event_id,
-                    "delta": self.delta,
-                    "noise": cfg.privacy.noise,
-                    "epsilon_spent_total": epsilon,
-                    "budget": self.policy.privacy_budget,
-                    "mode": cfg.privacy.mode,
-                    "customers": len(x),
-                    "declared_customers": n_declared,
-                    **(
-                        {
-                            "noise_multiplier": release.noise_multiplier,
-                            "sample_rate": release.sample_rate,
-                            "steps": release.steps,
-                        }
-                        if isinstance(release, GaussianRelease)
-                        else {}
-                    ),
+                    "noise_multiplier": release.noise_multiplier,
+                    "sample_rate": release.sample_rate,
+                    "steps": release.steps,
                 }
+                if isinstance(release, GaussianRelease)
+                else {}
             ),
         )
         return TrainRelease(

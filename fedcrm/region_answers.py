@@ -100,6 +100,22 @@ class HoldoutAnswers:
         self.ledger.mark_outcome(event_id, "sent")
         # An answer spends the hold-out's budget like a round spends a shard's: the data owner's log must
         # show it, or its last ε would understate the region's (the worst-off customer may be in the hold-out).
+        self._audit_spent(
+            cfg,
+            run_id=run_id,
+            event_id=event_id,
+            epsilon=self.epsilon(cfg),
+            round=0,
+            answer=what,
+            mechanism=MECHANISM_GAUSSIAN,
+            noise_multiplier=self.policy.evaluation_noise,
+        )
+        return answer
+
+    def _audit_spent(
+        self, cfg: ExperimentConfig, *, run_id: str, event_id: int, epsilon: float, **details: Any
+    ) -> None:
+        """A release that left, in the data owner's audit log: what it spent and the region's ε after it."""
         self.audit.append(
             actor=node_actor(self.name),
             action=AuditAction.PRIVACY_SPENT,
@@ -107,19 +123,15 @@ class HoldoutAnswers:
                 {
                     "run_id": run_id,
                     "purpose": cfg.task,
-                    "round": 0,
-                    "answer": what,
                     "ledger_event": event_id,
-                    "mechanism": MECHANISM_GAUSSIAN,
                     "delta": self.delta,
                     "noise": cfg.privacy.noise,
-                    "noise_multiplier": self.policy.evaluation_noise,
-                    "epsilon_spent_total": self.epsilon(cfg),
+                    "epsilon_spent_total": epsilon,
                     "budget": self.policy.privacy_budget,
+                    **details,
                 }
             ),
         )
-        return answer
 
     def answer_noise_std(self, *, coordinates: int) -> float:
         """The std of the noise on each count of an answer (public: the policy's σ and the answer's form)."""
