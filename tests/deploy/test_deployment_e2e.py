@@ -9,7 +9,6 @@ torch): about 1-3 minutes on an idle 2-core machine, far more on a loaded one. T
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import socket
 import struct
@@ -28,7 +27,8 @@ from fedcrm.config import load_config
 from fedcrm.deploy.certs import create_certificates, create_node_key
 from fedcrm.deploy.local import COMPLETED, LocalDeployment, default_app_dir, deploy_local, region_nodes
 from fedcrm.governance.audit_log import verify
-from fedcrm.privacy.ledger import PrivacyLedger
+from fedcrm.privacy.ledger import MECHANISM_GAUSSIAN, PrivacyLedger
+from fedcrm.run_summary import RunSummary
 from fedcrm.runs import read_metrics
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
@@ -139,7 +139,12 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     assert all(set(r["epsilon"]) == {"eu", "us", "apac"} for r in rows)
-    assert set(summary.final_metrics_by_region) == {"eu", "us", "apac"}
+    # Every region answered the served model's evaluation (a metered DP answer in its ledger); a region's
+    # own AUC is shown only when its noisy counts allow one (tiny hold-outs: not always).
+    for region in ("eu", "us", "apac"):
+        answers = PrivacyLedger.open(tmp_path / "state" / region, region=region).events()
+        assert any(e.run_id == summary.run_id and e.mechanism == MECHANISM_GAUSSIAN for e in answers), region
+    assert set(summary.final_metrics_by_region) <= {"eu", "us", "apac"}
 
     # The same config in simulation. Both paths seed everything (initial model, Poisson sampling, DP noise
     # per region and round) and run the same code, so they differ only by float rounding (summation order
@@ -233,7 +238,7 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
     assert status["status"] == COMPLETED, status
     assert "killed" in seen and "restarted" in seen, seen
 
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = RunSummary.read(tmp_path / "run")
     ended = {r["round"]: summary.started + r["time_s"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
     print(
         f"eu killed {float(seen['killed']) - summary.started:.0f} s into the run, round 2 ended at "  # type: ignore[arg-type]
@@ -364,11 +369,11 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
         wire_bytes = bytes(proxy.captured)
 
     # -- the policy refusal, recorded in summary.json; the run went on without apac ------------------
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = RunSummary.read(tmp_path / "run")
     reason = wire.REFUSED_COLUMN  # the words ("column `nps_score` ...") stay in apac's audit log
     assert summary.events["refused"] == {"apac": reason}
     assert summary.privacy["apac"]["refused"] == reason
-    assert set(summary.final_metrics_by_region) == {"eu", "us"}
+    assert set(summary.final_metrics_by_region) <= {"eu", "us"}
     assert PrivacyLedger.open(tmp_path / "state" / "apac", region="apac").events() == []
 
     # -- positive controls: the capture is readable and holds what the regions did send ----------------
