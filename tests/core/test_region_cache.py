@@ -33,6 +33,7 @@ def test_region_data_is_reused_until_any_input_changes(tmp_path: Path) -> None:
     # A new secret (the data owner restored another key file): another hold-out, not the cached one.
     key_file = region_secret_path(settings.state_dir)
     key_file.with_name("restored.key").write_text("f" * 64)
+    key_file.with_name("restored.key").chmod(0o600)  # a secret readable by others is refused
     os.replace(key_file.with_name("restored.key"), key_file)
     other = load()
     assert other is not first and not (other.holdout == first.holdout).all()
