@@ -108,6 +108,23 @@ def exact_holdout_metrics(cfg, *, run_dir: Path, state: Path) -> dict[str, float
 PERMISSIVE_POLICY = REPO / "configs" / "policies" / "permissive.yaml"
 
 
+def same_region_state(template: Path, state_root: Path, regions) -> Path:  # noqa: ANN001
+    """``state_root`` starts as a copy of ``template``'s region folders (made once: each region's secret
+    and an empty ledger), so runs compared with each other hold out the same customers and, in
+    reproducible noise mode, draw the same release keys. Returns ``state_root``."""
+    import shutil
+
+    from fedcrm.privacy.ledger import PrivacyLedger
+    from fedcrm.state.secret import region_secret
+
+    for region in regions:
+        if not (template / region).exists():
+            region_secret(template / region)
+            PrivacyLedger.open(template / region, region=region)
+        shutil.copytree(template / region, state_root / region)
+    return state_root
+
+
 def one_region(tmp_path: Path, *, customers: int, overrides: dict | None = None, policy: dict | None = None):  # noqa: ANN201
     """A tiny one-region config and the node settings of its region ``eu`` (with ``policy`` as its file)."""
     from fedcrm.config import load_config

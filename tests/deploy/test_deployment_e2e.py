@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import write_tiny_config
+from conftest import PERMISSIVE_POLICY, exact_holdout_metrics, same_region_state, write_tiny_config
 
 from fedcrm import wire
 from fedcrm.config import load_config
@@ -82,7 +82,16 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
     from fedcrm.fl.simulation import run_simulated
     from fedcrm.runs import load_weights
 
-    cfg_path = write_tiny_config(tmp_path, regions={"eu": 500, "us": 400, "apac": 400})
+    regions = ("eu", "us", "apac")
+    # Reproducible noise (the permissive policy allows it) from the same region secrets and empty ledgers
+    # in both runs: the same hold-outs, the same release keys, so deployment and simulation can be compared.
+    cfg_path = write_tiny_config(
+        tmp_path,
+        regions={"eu": 500, "us": 400, "apac": 400},
+        overrides={"privacy.noise": "reproducible", "policies": {r: str(PERMISSIVE_POLICY) for r in regions}},
+    )
+    for state in ("state", "state-sim"):
+        same_region_state(tmp_path / "template", tmp_path / state, regions)
     foreign = create_certificates(out_dir=tmp_path / "foreign-ca")  # a node trusting another CA
     foreign_key, _ = create_node_key(out_dir=tmp_path / "foreign-ca", region="eu")  # same region name
     rogue_key, _ = create_node_key(out_dir=tmp_path / "rogue", region="rogue")  # key never registered
@@ -146,23 +155,22 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
         assert any(e.run_id == summary.run_id and e.mechanism == MECHANISM_GAUSSIAN for e in answers), region
     assert set(summary.final_metrics_by_region) <= {"eu", "us", "apac"}
 
-    # The same config in simulation. Both paths seed everything (initial model, Poisson sampling, DP noise
-    # per region and round) and run the same code, so they differ only by float rounding (summation order
-    # in FedAvg, thread counts in torch): weights within 1e-3, pooled AUC within 0.01 (1 % of the AUC
-    # scale; one customer pair's rank flip among 282 hold-out customers moves it by far less).
+    # The same config in simulation, from the same region state: the same hold-outs and, in reproducible
+    # mode, the same noise and Poisson samples, so the two differ only by float rounding (summation order
+    # in FedAvg, thread counts in torch): weights within 1e-3, the exact pooled AUC within 0.01.
     t1 = time.time()
-    sim = run_simulated(
-        load_config(cfg_path), run_dir=tmp_path / "run-sim", state_root=tmp_path / "state-sim", report=lambda s: None
-    )
+    sim_cfg = load_config(cfg_path)
+    sim = run_simulated(sim_cfg, run_dir=tmp_path / "run-sim", state_root=tmp_path / "state-sim", report=lambda s: None)
     sim_s = time.time() - t1
-    dep_auc, sim_auc = summary.final_metrics["auc"], sim.final_metrics["auc"]
-    print(f"deployed AUC {dep_auc:.5f} in {deployed_s:.0f}s; simulated AUC {sim_auc:.5f} in {sim_s:.0f}s")
-    assert abs(dep_auc - sim_auc) <= 0.01
-    assert abs(summary.final_metrics["log_loss"] - sim.final_metrics["log_loss"]) <= 0.01
+    dep_m = exact_holdout_metrics(sim_cfg, run_dir=result.run_dir, state=tmp_path / "state")
+    sim_m = exact_holdout_metrics(sim_cfg, run_dir=tmp_path / "run-sim", state=tmp_path / "state-sim")
+    print(f"deployed AUC {dep_m['auc']:.5f} in {deployed_s:.0f}s; simulated AUC {sim_m['auc']:.5f} in {sim_s:.0f}s")
+    assert abs(dep_m["auc"] - sim_m["auc"]) <= 0.01
+    assert abs(dep_m["log_loss"] - sim_m["log_loss"]) <= 0.01
     w_dep = load_weights(result.run_dir / "model" / "constituent-0.npz")
     w_sim = load_weights(tmp_path / "run-sim" / "model" / "constituent-0.npz")
     assert max(float(np.max(np.abs(w_dep[k] - w_sim[k]))) for k in w_dep) <= 1e-3
-    for region in ("eu", "us", "apac"):
+    for region in regions:
         assert summary.privacy[region]["epsilon"] == pytest.approx(sim.privacy[region]["epsilon"], rel=1e-6)
 
 

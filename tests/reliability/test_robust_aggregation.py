@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PERMISSIVE_POLICY, exact_holdout_metrics, write_tiny_config
+from conftest import PERMISSIVE_POLICY, exact_holdout_metrics, same_region_state, write_tiny_config
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from fedcrm import wire
@@ -59,7 +59,8 @@ def _run(tmp_path: Path, strategy: str, *, poisoned: bool, guard: bool = False) 
     summary = run_simulated(
         cfg,
         run_dir=tmp_path / name / "run",
-        state_root=tmp_path / name / "state",
+        # The same region secrets in every run: the same hold-outs and training customers, compared.
+        state_root=same_region_state(tmp_path / "template", tmp_path / name / "state", REGIONS),
         report=lambda s: None,
         client_mods=mods,
     ).to_dict()
