@@ -218,6 +218,25 @@ class SeenIds:
         self.lines = np.insert(self.lines, at, lines[order])
 
 
+def _two_valued(
+    column_text: Any,
+    yes: tuple[str, ...],
+    no: tuple[str, ...],
+    *,
+    path: Path,
+    lines: np.ndarray,
+    column: str,
+    expected: str,
+) -> np.ndarray:
+    """Which cells of a yes/no column (the label, a consent) say yes; any other value is an error at its row."""
+    cells = _Cells(column_text, few_distinct=True)
+    says_yes = cells.among(yes)
+    bad = ~(says_yes | cells.among(no))
+    if bad.any():
+        raise error_at(path, lines[bad], column, f"{expected} {list(yes + no)}, found {cells.first(bad)!r}")
+    return says_yes
+
+
 def validate(
     raw: TextChunk, *, schema: Schema, path: Path, report: ValidationReport, seen: SeenIds | None = None
 ) -> CustomerTable:
@@ -242,46 +261,45 @@ def validate(
     (seen or SeenIds(path)).add(ids, lines, column=id_column)
 
     lab = schema.label
-    label_cells = _Cells(raw[lab.column], few_distinct=True)
-    pos = label_cells.among(lab.positive)
-    bad = ~(pos | label_cells.among(lab.negative))
-    if bad.any():
-        raise error_at(
-            path,
-            lines[bad],
-            lab.column,
-            f"expected a label value among {list(lab.positive + lab.negative)}, found {label_cells.first(bad)!r}",
-        )
+    pos = _two_valued(
+        raw[lab.column],
+        lab.positive,
+        lab.negative,
+        path=path,
+        lines=lines,
+        column=lab.column,
+        expected="expected a label value among",
+    )
 
     drop = np.zeros(n, dtype=bool)
-    values: dict[str, np.ndarray] = {}
-    for col in schema.model_columns:
-        values[col.name], d = _parse_column(raw[col.name], col, lines=lines, path=path, report=report)
+
+    def parse(col: Any) -> np.ndarray:
+        nonlocal drop
+        parsed, d = _parse_column(raw[col.name], col, lines=lines, path=path, report=report)
         drop |= d
         if d.any():
             report.rows_dropped[f"missing {col.name}"] += int(d.sum())
+        return parsed
+
+    values: dict[str, np.ndarray] = {col.name: parse(col) for col in schema.model_columns}
     sensitive: dict[str, Any] = {}
     for s in schema.sensitive:
         parsed = values.get(s.column.name)
         if parsed is None:
-            parsed, d = _parse_column(raw[s.column.name], s.column, lines=lines, path=path, report=report)
-            drop |= d
-            if d.any():
-                report.rows_dropped[f"missing {s.column.name}"] += int(d.sum())
+            parsed = parse(s.column)
         sensitive[s.column.name] = _band(parsed.astype(float), s.bands) if s.bands else parsed
-    consent: dict[str, np.ndarray] = {}
-    for c in schema.consent:
-        consent_cells = _Cells(raw[c.column], few_distinct=True)
-        granted = consent_cells.among(c.granted)
-        bad = ~(granted | consent_cells.among(c.refused))
-        if bad.any():
-            raise error_at(
-                path,
-                lines[bad],
-                c.column,
-                f"consent must be one of {list(c.granted + c.refused)}, found {consent_cells.first(bad)!r}",
-            )
-        consent[c.purpose] = granted
+    consent: dict[str, np.ndarray] = {
+        c.purpose: _two_valued(
+            raw[c.column],
+            c.granted,
+            c.refused,
+            path=path,
+            lines=lines,
+            column=c.column,
+            expected="consent must be one of",
+        )
+        for c in schema.consent
+    }
 
     keep = ~drop
     report.rows_kept += int(keep.sum())
