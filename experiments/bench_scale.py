@@ -116,7 +116,26 @@ def run_cell(
             "pss_round2_gib": _pss_at(sampler.peak.samples, ends[1] if len(ends) > 1 else ends[0]) / 2**30,
             "pss_last_gib": _pss_at(sampler.peak.samples, ends[-1]) / 2**30,
         }
+        row |= _training_spread(out / "state")
     return row
+
+
+def _training_spread(state_root: Path) -> dict[str, Any]:
+    """Rounds each tenant trained and its training customers' ε (from the ledgers; the run's ε above is
+    the worst customer's, which the hold-out evaluation at the end sets when a tenant trained little)."""
+    from fedcrm.privacy.ledger import POPULATION_TRAIN, PrivacyLedger
+
+    rounds, eps = [], []
+    for d in sorted(p for p in state_root.iterdir() if p.is_dir()):
+        ledger = PrivacyLedger.open(d, region=d.name)
+        trained = [e for e in ledger.events() if (e.population or POPULATION_TRAIN).startswith(POPULATION_TRAIN)]
+        rounds.append(len(trained))
+        eps.append(ledger.epsilon_of_shard(shard=0, shards=1, delta=1e-6, accountant="rdp") if trained else 0.0)
+    spread = {}
+    for name, values in (("rounds_trained", rounds), ("train_epsilon", eps)):
+        values.sort()
+        spread[name] = (values[0], statistics.median(values), values[-1]) if values else (0, 0, 0)
+    return spread
 
 
 def _pss_at(samples: list[tuple[float, int]], t: float) -> int:
@@ -149,7 +168,7 @@ def main() -> None:
     print(
         f"{'tenants':>7} {'cust':>7} {'frac':>5} {'wall s':>7} {'to r1 s':>8} {'round s':>8} {'ms/t-r':>6} "
         f"{'r2→3 s':>7} {'last s':>7} {'PSS peak':>9} {'RSS peak':>9} {'PSS r2':>7} {'PSS end':>8} {'actor':>6} "
-        f"{'procs':>5} {'ε min/median/max':>17}",
+        f"{'procs':>5} {'ε min/median/max':>17} {'rounds trained':>14} {'training ε':>17}",
         flush=True,
     )
     rows = []
@@ -171,7 +190,9 @@ def main() -> None:
             f"{r['per_round_s']:>8.2f} {r['ms_per_tenant_round']:>6.1f} {r['first_gap_s']:>7.2f} "
             f"{r['last_gap_s']:>7.2f} {r['peak_pss_gib']:>8.2f}G {r['peak_rss_gib']:>8.2f}G "
             f"{r['pss_round2_gib']:>6.2f}G {r['pss_last_gib']:>7.2f}G {r['actor_rss_gib']:>5.2f}G "
-            f"{r['processes']:>5} {r['epsilon_min']:>5.2f}/{r['epsilon_median']:.2f}/{r['epsilon_max']:.2f}",
+            f"{r['processes']:>5} {r['epsilon_min']:>5.2f}/{r['epsilon_median']:.2f}/{r['epsilon_max']:.2f} "
+            f"{'/'.join(f'{v:g}' for v in r['rounds_trained']):>14} "
+            f"{'/'.join(f'{v:.2f}' for v in r['train_epsilon']):>17}",
             flush=True,
         )
     if args.json:

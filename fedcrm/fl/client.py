@@ -164,7 +164,8 @@ def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
             }
         )
     try:
-        content = handler(region, msg)
+        with region.ledger.session():  # one ledger connection for the message's reads and writes
+            content = handler(region, msg)
     except RefusalError as e:
         # The server is told a fixed code; the words (exact counts below the policy's minimum, the
         # ε spent) stay here: in this log and, through Region, in the region's audit log.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -60,9 +61,20 @@ def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str) -> Conf
 
 
 def read_plan(config: ConfigRecord) -> tuple[ExperimentConfig, Schema, str]:
-    cfg = validate_mapping(ExperimentConfig, json.loads(str(config[wire.EXPERIMENT])), source="plan sent by the server")
-    schema = schema_from_text(str(config[wire.SCHEMA]), source="schema sent by the server")
+    cfg, schema = _parse_plan(str(config[wire.EXPERIMENT]), str(config[wire.SCHEMA]))
     return cfg, schema, str(config[wire.RUN_ID])
+
+
+@lru_cache(maxsize=16)
+def _parse_plan(experiment: str, schema_text: str) -> tuple[ExperimentConfig, Schema]:
+    """The plan's config and schema, parsed once per process for every message that carries the same text.
+
+    A run sends the same plan with every message; parsing its schema's YAML was over half of a small
+    region's work per round (docs/benchmarks.md). Both results are frozen models, safe to share; a text
+    that fails to parse raises each time (exceptions are not cached).
+    """
+    cfg = validate_mapping(ExperimentConfig, json.loads(experiment), source="plan sent by the server")
+    return cfg, schema_from_text(schema_text, source="schema sent by the server")
 
 
 def extend(config: ConfigRecord, extra: dict[str, str | int | float]) -> ConfigRecord:

@@ -9,11 +9,14 @@ region (the operator's registration, in deployment). The ClientApp's own code is
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import socket
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.config import ExperimentConfig
+from fedcrm.durable import write_text_atomically
 from fedcrm.errors import ConfigError
 from fedcrm.fl.client import build_client_app
 from fedcrm.fl.delivery import use_one_pass_delivery
@@ -37,21 +41,47 @@ def simulated_nodes(cfg: ExperimentConfig, *, state_root: Path) -> NodeConfigs:
     return {i: s.node_config() for i, s in enumerate(region_settings(cfg, state_root=state_root).values())}
 
 
+def write_node_table(nodes: NodeConfigs, *, state_root: Path) -> Path:
+    """Keep the simulation's node configs in a file under the state root; return its path.
+
+    The simulation pickles the ClientApp, mods and all, to its actors with every message: a mod holding
+    every region's node config made each message as large as the federation (at 1,000 regions, a
+    federation's worth of pickling per message, N² per round). The mod holds this path instead, and
+    each ClientApp process reads the file once. The name is the content's hash, so the file never
+    changes once written and runs sharing a state root never disturb each other. The state root is
+    where the regions' ledgers go, so every node of a Ray cluster that runs ClientApps reaches it.
+    """
+    text = json.dumps({str(pid): node for pid, node in nodes.items()}, sort_keys=True)
+    path = Path(state_root).resolve() / f".simulated-nodes-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(path, text, what="write the simulation's node configs")
+    return path
+
+
+@lru_cache(maxsize=4)
+def _node_table(path: str) -> NodeConfigs:
+    return {int(pid): node for pid, node in json.loads(Path(path).read_text(encoding="utf-8")).items()}
+
+
 def simulated_node_config(
-    nodes: NodeConfigs, *, registry: NodeRegistry | None = None
+    node_table: Path, *, registry: NodeRegistry | None = None
 ) -> Callable[[Message, Context, Callable[..., Message]], Message]:
     """A client mod that sets the node config a real data owner would set, by partition id.
 
-    With ``registry``, it also records which region it assigned to this node id, before the node
-    answers: Flower's simulation picks node ids at random and tells the server only the ids, so the
-    one that assigns the regions is the one that can register them.
+    ``node_table`` is :func:`write_node_table`'s file. With ``registry``, the mod also records which
+    region it assigned to this node id, before the node answers: Flower's simulation picks node ids at
+    random and tells the server only the ids, so the one that assigns the regions is the one that can
+    register them.
     """
+    table = str(node_table)
 
     def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         pid = int(context.node_config["partition-id"])
+        node = _node_table(table)[pid]
         if registry is not None and registry.region_of(context.node_id) is None:
-            registry.record(node_id=context.node_id, region=nodes[pid][REGION])
-        context.node_config.update(nodes[pid])
+            registry.record(node_id=context.node_id, region=node[REGION])
+        context.node_config.update(node)
         return call_next(msg, context)
 
     return mod
@@ -59,8 +89,10 @@ def simulated_node_config(
 
 # Regions one client process serves per round before a second process pays for its ~0.45 GB.
 REGIONS_PER_PROCESS = 8
-# How often the server looks for replies in simulation (Flower's in-memory grid default: 0.1 s).
+# How often the server looks for replies in simulation (Flower's in-memory grid default: 0.1 s): every
+# 10 ms, and 0.1 ms more per region, up to Flower's 0.1 s (see _poll_often).
 SIMULATION_POLL_S = 0.01
+POLL_S_PER_REGION = 0.0001
 
 
 def client_processes(regions: int, *, cpus: int | None = None) -> int:
@@ -75,14 +107,23 @@ def client_processes(regions: int, *, cpus: int | None = None) -> int:
     return max(1, min(cpus, -(-regions // REGIONS_PER_PROCESS)))
 
 
-def _poll_often(grid: Grid) -> None:
-    """Look for replies every 10 ms, not every 100 ms (Flower's default for the in-memory grid).
+def poll_interval(regions: int) -> float:
+    """Seconds between the server's looks for replies in a simulation of ``regions`` regions.
 
     In simulation a reply is a queue away, and each of a round's two phases waited half a poll on
-    average: ~0.1 s of a 0.6 s Telco round. Polling an in-process dict costs next to nothing.
+    average with Flower's 0.1 s: ~0.1 s of a 0.6 s Telco round, hence 10 ms for small federations. But
+    each look checks every outstanding message under the link state's lock, the lock the delivery
+    thread needs too: at 1,000 regions a look every 10 ms kept a core half busy for the whole round
+    (py-spy, docs/benchmarks.md). So the interval grows with the regions, back to Flower's 0.1 s.
     """
-    if getattr(grid, "pull_interval", 0) > SIMULATION_POLL_S:
-        grid.pull_interval = SIMULATION_POLL_S  # type: ignore[attr-defined]
+    return min(0.1, max(SIMULATION_POLL_S, POLL_S_PER_REGION * regions))
+
+
+def _poll_often(grid: Grid, *, regions: int) -> None:
+    """Look for replies every :func:`poll_interval`, not every 100 ms (Flower's in-memory grid default)."""
+    interval = poll_interval(regions)
+    if getattr(grid, "pull_interval", 0) > interval:
+        grid.pull_interval = interval  # type: ignore[attr-defined]
 
 
 def _quiet_flower() -> None:
@@ -130,13 +171,14 @@ def run_simulated(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        _poll_often(grid)
+        _poll_often(grid, regions=len(cfg.regions))
         try:
             outcome["summary"] = run_federation(grid, cfg, run_dir=run_dir, report=report, **federation_kwargs)
         except BaseException as e:  # re-raised below, in the caller's thread
             outcome["error"] = e
 
-    client_app = build_client_app(mods=[simulated_node_config(nodes, registry=registry), *client_mods])
+    node_table = write_node_table(nodes, state_root=state_root)
+    client_app = build_client_app(mods=[simulated_node_config(node_table, registry=registry), *client_mods])
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": ray_init_args(len(nodes), processes=processes, ray_address=ray_address),
