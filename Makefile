@@ -32,8 +32,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The long tests that need no deployment (full federated runs on real data, sweeps, a two-node Ray
+# cluster); `make test-deployment` runs the rest, so the two together run every long test once.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow and not deployment"
 
 # 100 synthetic tenants x 20 rounds: memory flat across rounds, every ledger matches the rounds taken.
 test-soak: $(STAMP)
