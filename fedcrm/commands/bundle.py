@@ -77,11 +77,20 @@ def region_exec(
         Path | None, typer.Option("--root-certificates", help="CA of the Runtime API's TLS certificate.")
     ] = None,
     parent_pid: Annotated[int | None, typer.Option("--parent-pid", help="Stop when this process ends.")] = None,
+    spawn: Annotated[
+        bool,
+        typer.Option(
+            "--spawn",
+            help="Start each ClientApp as a fresh Python process (seconds of imports per message) instead of "
+            "a fork of this one, which imports torch, Opacus and fedcrm once at start.",
+        ),
+    ] = False,
 ) -> None:
     """Start your region's ClientApps, each only after its bundle passed your trust file.
 
     Run next to `flower-supernode --isolation process`: it replaces Flower's SuperExec for your node.
     A refused bundle gets an error reply naming the reason; the details go to this process's log.
+    Each message's ClientApp is a fork of this process (its libraries imported once), unless --spawn.
     """
     from fedcrm.deploy.gate import run_region_exec
 
@@ -91,6 +100,7 @@ def region_exec(
         run_region_exec(
             runtime_api_address=runtime_api_address, trust_path=trust, insecure=insecure,
             root_certificates=str(root_certificates) if root_certificates else None, parent_pid=parent_pid,
+            spawn=spawn,
         )  # fmt: skip
     except FedcrmError as e:
         exit_with(e)

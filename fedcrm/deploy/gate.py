@@ -12,6 +12,12 @@ before any of its files are written or imported.
 
 Flower's ``--trusted-entities`` cannot do this job in 1.42: it accepts only bundles that arrive with
 Flower Hub verification records, so it refuses every bundle submitted with ``flwr run .``.
+
+Warm: a fresh interpreter per message spent seconds importing torch, Opacus, Flower and fedcrm before
+a round that trains for 0.02 s (docs/benchmarks.md §5). The executor imports them once, at start, and
+forks itself per message (POSIX): the child is a gated ClientApp process as before, the check still
+before the bundle is unpacked, and nothing of the child's (its bundle on ``sys.path``, the gate's
+patch of Flower's pull) reaches the executor or the next message. ``--spawn`` keeps the old way.
 """
 
 from __future__ import annotations
@@ -131,6 +137,48 @@ def run_gated_clientapp(
 # --- the region's SuperExec -----------------------------------------------------------------------
 
 
+def _preload() -> None:
+    """Import, once, what every gated ClientApp process needs: its children start with it imported."""
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
+    import opacus  # noqa: F401
+
+    import fedcrm.fl.client  # noqa: F401 - torch, numpy, pandas, fedcrm's region code
+    import fedcrm.training  # noqa: F401
+
+
+def _fork_gated_clientapp(**kwargs: Any) -> int:
+    """A child of this (pre-imported) executor that runs one message through the gate; returns its pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        run_gated_clientapp(**kwargs)
+        code = 0
+    except SystemExit as e:  # Flower ends a ClientApp process through sys.exit
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - the child reports and ends; the executor goes on
+        log.exception("gated ClientApp process failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)  # never return into the executor's loop
+
+
+def _reap(children: set[int]) -> set[int]:
+    """The children still running; finished ones are waited for (no zombies)."""
+    running = set()
+    for pid in children:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if done == 0:
+            running.add(pid)
+    return running
+
+
 def run_region_exec(
     *,
     runtime_api_address: str,
@@ -138,11 +186,14 @@ def run_region_exec(
     insecure: bool,
     root_certificates: str | None = None,
     parent_pid: int | None = None,
+    spawn: bool = False,
 ) -> None:
     """Ask the SuperNode for ClientApp tasks forever; start each as a gated ClientApp process.
 
     Flower's own SuperExec loop (``flwr.supercore.superexec.run_superexec``) with two differences: only
-    ClientApp tasks are taken (a region runs no ServerApp), and each is started through the gate.
+    ClientApp tasks are taken (a region runs no ServerApp), and each is started through the gate. Each
+    is a fork of this process, which imported the ClientApp's libraries at start, or with ``spawn`` (or
+    where there is no fork) a fresh interpreter.
     """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -169,18 +220,29 @@ def run_region_exec(
         event_type=EventType.RUN_SUPEREXEC_LEAVE, exit_message="fedcrm region exec stopped.",
         exit_handlers=[client.close],
     )  # fmt: skip
-    log.info("region exec: taking ClientApp tasks from %s, bundles checked against %s", runtime_api_address,
-             trust_path)  # fmt: skip
-    running: list[subprocess.Popen[bytes]] = []
+    fork = not spawn and hasattr(os, "fork")
+    if fork:
+        _preload()
+    log.info("region exec: taking ClientApp tasks from %s, bundles checked against %s (%s per message)",
+             runtime_api_address, trust_path, "fork" if fork else "new process")  # fmt: skip
+    spawned: list[subprocess.Popen[bytes]] = []
+    forked: set[int] = set()
     while True:
-        running = [p for p in running if p.poll() is None]  # reap finished ClientApps (no zombies)
+        spawned = [p for p in spawned if p.poll() is None]  # reap finished ClientApps (no zombies)
+        forked = _reap(forked)
         res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         if res.HasField("task") and res.token:
+            if fork:
+                forked.add(_fork_gated_clientapp(
+                    runtime_api_address=runtime_api_address, token=res.token, trust_path=trust_path,
+                    insecure=insecure, root_certificates=root_certificates, parent_pid=os.getpid(),
+                ))  # fmt: skip
+                continue  # another task may be waiting: ask again at once
             argv = gated_clientapp_command(
                 runtime_api_address=runtime_api_address, token=res.token, trust=trust_path, insecure=insecure,
                 root_certificates=root_certificates, parent_pid=os.getpid(),
             )  # fmt: skip
-            running.append(subprocess.Popen(argv))  # noqa: S603 - our own module, with this host's Python
+            spawned.append(subprocess.Popen(argv))  # noqa: S603 - our own module, with this host's Python
         time.sleep(_POLL_S)
 
 
