@@ -35,21 +35,28 @@ def id_token(customer_id: str, *, secret: str) -> str:
 
 
 def id_tokens(ids: np.ndarray, *, secret: str) -> list[str]:
-    """:func:`id_token` of every id (a million ids a scoring run, when anyone was ever forgotten).
+    """:func:`id_token` of every id (a million ids a scoring run, when anyone was ever forgotten)."""
+    return [d.hex() for d in id_digests(ids, secret=secret)]
+
+
+def id_digests(ids: np.ndarray, *, secret: str) -> list[bytes]:
+    """The 32 bytes each :func:`id_token` is the hex of.
 
     HMAC (RFC 2104) with its two keyed SHA-256 states built once and copied per id: 2x faster than
-    the one-shot ``hmac.digest``, which sets the key up again for every id.
+    the one-shot ``hmac.digest``, which sets the key up again for every id. Raw bytes, no hex: the
+    membership test compares them with the list's tokens decoded once.
     """
     key = secret.encode()
     key = (hashlib.sha256(key).digest() if len(key) > _SHA256_BLOCK else key).ljust(_SHA256_BLOCK, b"\0")
-    inner0 = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-    outer0 = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-    out = []
-    for i in ids:
-        inner, outer = inner0.copy(), outer0.copy()
-        inner.update(str(i).encode("utf-8"))
+    new_inner = hashlib.sha256(bytes(b ^ 0x36 for b in key)).copy
+    new_outer = hashlib.sha256(bytes(b ^ 0x5C for b in key)).copy
+    out: list[bytes] = []
+    keep = out.append
+    for message in map(str.encode, map(str, ids)):  # UTF-8, as id_token encodes
+        inner, outer = new_inner(), new_outer()
+        inner.update(message)
         outer.update(inner.digest())
-        out.append(outer.hexdigest())
+        keep(outer.digest())
     return out
 
 
@@ -109,7 +116,8 @@ class KeyedTokens:
         tokens = self.tokens(scope)
         if not tokens:
             return np.zeros(len(ids), dtype=bool)
-        return np.fromiter((t in tokens for t in id_tokens(ids, secret=self.secret)), dtype=bool, count=len(ids))
+        wanted = {bytes.fromhex(t) for t in tokens}
+        return np.fromiter(map(wanted.__contains__, id_digests(ids, secret=self.secret)), dtype=bool, count=len(ids))
 
 
 class Tombstones:
