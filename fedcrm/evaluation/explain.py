@@ -246,14 +246,17 @@ def sentences_by_rank(
 
     n = points.shape[0]
     what = TASK_WORDS.get(task, "the score")
-    heads: list[str] = []  # "column: value " for every distinct value of every column
-    head_of = np.empty((n, len(columns)), dtype=np.int64)  # row, column -> its entry in heads
+    rows = np.arange(n)
+    ranked = np.zeros((n, len(columns)), dtype=bool)
+    ranked[rows[:, None], order] = True  # only the values a reason shows are worded
+    heads: list[str] = []  # "column: value " for every distinct value shown, of every column
+    head_of = np.zeros((n, len(columns)), dtype=np.int64)  # row, column -> its entry in heads
     for c, (col, v) in enumerate(zip(columns, values, strict=True)):
-        codes, distinct = _distinct(v)
-        head_of[:, c] = len(heads) + codes
+        shown = np.flatnonzero(ranked[:, c])
+        codes, distinct = _distinct(np.asarray(v)[shown])
+        head_of[shown, c] = len(heads) + codes
         heads += [f"{col.name}: {value_text(col, u)} " for u in distinct]
     head_text = pa.array(heads, type=pa.string())
-    rows = np.arange(n)
     out = []
     for k in range(order.shape[1]):
         at = order[:, k]
