@@ -59,6 +59,22 @@ def make_run(run_dir: Path, *, data: Path, kind: str) -> None:
     )
 
 
+def synth_table(out: Path, *, customers: int) -> Path:
+    """One region of ``customers`` synthetic customers (``fedcrm data synth --seed 0``), written once."""
+    data_dir = out / f"data-{customers}"
+    if not (data_dir / "eu.csv").exists():
+        t = time.perf_counter()
+        # In a child process: generating holds the whole table, which would hide this one's peak memory.
+        subprocess.run(
+            [sys.executable, "-m", "fedcrm.cli", "data", "synth", "--regions", "eu", "--customers", str(customers)]
+            + ["--seed", "0", "--out", str(data_dir)],
+            check=True,
+            cwd=REPO,
+        )
+        print(f"wrote {customers} synthetic customers in {time.perf_counter() - t:.1f} s", flush=True)
+    return data_dir / "eu.csv"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--customers", type=int, default=1_000_000)
@@ -73,31 +89,7 @@ def main() -> None:
     from fedcrm.scoring import ScoringModel, score_region
     from fedcrm.unlearning.tombstones import Tombstones
 
-    data_dir = args.out / f"data-{args.customers}"
-    if not (data_dir / "eu.csv").exists():
-        t = time.perf_counter()
-        # In a child process: generating holds the whole table, which would hide this one's peak memory.
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fedcrm.cli",
-                "data",
-                "synth",
-                "--regions",
-                "eu",
-                "--customers",
-                str(args.customers),
-                "--seed",
-                "0",
-                "--out",
-                str(data_dir),
-            ],
-            check=True,
-            cwd=REPO,
-        )
-        print(f"wrote {args.customers} synthetic customers in {time.perf_counter() - t:.1f} s", flush=True)
-    data = data_dir / "eu.csv"
+    data = synth_table(args.out, customers=args.customers)
     run_dir, state = args.out / f"run-{args.model}", args.out / "state" / "eu"
     make_run(run_dir, data=data, kind=args.model)
     Tombstones(state).add(["eu-0000001"])

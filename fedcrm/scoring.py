@@ -27,7 +27,14 @@ from fedcrm.data.io import DEFAULT_CHUNK_ROWS, CustomerTable, iter_table, table_
 from fedcrm.data.schema import Schema, load_schema
 from fedcrm.durable import write_atomically
 from fedcrm.errors import ConfigError, DataError
-from fedcrm.evaluation.explain import Contribution, attributions, by_column, reference_customer, value_text
+from fedcrm.evaluation.explain import (
+    Contribution,
+    attributions,
+    by_column,
+    reference_customer,
+    sentences_by_rank,
+    value_text,
+)
 from fedcrm.evaluation.served import ServedModel
 
 if TYPE_CHECKING:
@@ -65,17 +72,30 @@ class ScoringModel:
         """The purpose the model serves (``churn``, ``propensity``): consent is asked for this one."""
         return str(self.served.config.get("task", ""))
 
-    def score(self, table: CustomerTable) -> np.ndarray:
-        """The served score (probability) of every customer of a validated table."""
-        return self.served.proba(FeatureEncoder(self.schema).encode(table))
+    def score(self, table: CustomerTable, *, x: np.ndarray | None = None) -> np.ndarray:
+        """The served score (probability) of every customer of a validated table (``x``: its encoding, if made)."""
+        return self.served.proba(self.encode(table) if x is None else x)
+
+    def encode(self, table: CustomerTable) -> np.ndarray:
+        """The model's input for ``table``: made once a chunk, for its scores and its reasons."""
+        return FeatureEncoder(self.schema).encode(table)
+
+    def _ranked(
+        self, table: CustomerTable, *, top: int, x: np.ndarray | None = None
+    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Column names, per-column contributions (n, columns), and each row's ``top`` columns, largest |points| first.
+
+        A stable sort: of two columns that moved the score equally, the schema's first comes first.
+        """
+        x = self.encode(table) if x is None else x
+        attr, _ = attributions(self.served.models, x, ref=reference_customer(self.schema))
+        names, per_col = by_column(attr, FeatureEncoder(self.schema))
+        order = np.argsort(-np.abs(per_col), axis=1, kind="stable")[:, : min(top, len(names))]
+        return names, per_col, order
 
     def reasons(self, table: CustomerTable, *, top: int) -> list[list[Contribution]]:
         """Per customer, the ``top`` columns that moved the score most (largest |points| first)."""
-        x = FeatureEncoder(self.schema).encode(table)
-        attr, _ = attributions(self.served.models, x, ref=reference_customer(self.schema))
-        names, per_col = by_column(attr, FeatureEncoder(self.schema))
-        top = min(top, len(names))
-        order = np.argsort(-np.abs(per_col), axis=1, kind="stable")[:, :top]
+        names, per_col, order = self._ranked(table, top=top)
         columns = {c.name: c for c in self.schema.model_columns}
         values = [table.values[n].to_numpy() for n in names]
         return [
@@ -89,6 +109,21 @@ class ScoringModel:
             ]
             for i in range(len(table))
         ]
+
+    def reason_sentences(self, table: CustomerTable, *, top: int, x: np.ndarray | None = None) -> list[pa.Array]:
+        """Per rank (first, second, ...), every customer's reason as :meth:`reasons` words it, as Arrow text.
+
+        ``min(top, columns)`` arrays, the sentences of ``Contribution.sentence`` built a chunk at a time.
+        """
+        names, per_col, order = self._ranked(table, top=top, x=x)
+        columns = {c.name: c for c in self.schema.model_columns}
+        return sentences_by_rank(
+            columns=[columns[n] for n in names],
+            values=[table.values[n].to_numpy() for n in names],
+            points=per_col * 100,
+            order=order,
+            task=self.task,
+        )
 
     # -- the notebook API: raw rows in a DataFrame ---------------------------------------------------
 
@@ -220,19 +255,18 @@ def _score_frame(model: ScoringModel, table: CustomerTable, *, reasons: int) -> 
     """The output rows of one chunk, as an Arrow table straight away (a pandas frame would copy the ids)."""
     import pyarrow as pa
 
+    x = model.encode(table) if len(table) else None
     columns: dict[str, pa.Array] = {
         "customer_id": pa.array(table.ids, type=pa.string()),
         # Types fixed even for an empty chunk (everyone forgotten or refusing): the writer keeps the first schema.
-        "score": pa.array(model.score(table) if len(table) else np.empty(0), type=pa.float64()),
+        "score": pa.array(model.score(table, x=x) if len(table) else np.empty(0), type=pa.float64()),
         "model_version": pa.array(np.full(len(table), model.version, dtype=np.int64)),
     }
     if reasons:
-        per_row = model.reasons(table, top=reasons) if len(table) else []
-        task = model.task
+        ranked = model.reason_sentences(table, top=reasons, x=x) if len(table) else []
         for k in range(reasons):
-            columns[f"reason_{k + 1}"] = pa.array(
-                [r[k].sentence(task) if k < len(r) else "" for r in per_row], type=pa.string()
-            )
+            # More reasons asked than the model has columns: the extra ones are empty.
+            columns[f"reason_{k + 1}"] = ranked[k] if k < len(ranked) else pa.array([""] * len(table), type=pa.string())
     return pa.table(columns)
 
 

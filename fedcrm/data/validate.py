@@ -200,8 +200,9 @@ class SeenIds:
         h = h[order]
         if (h[1:] == h[:-1]).any():
             _check_unique(ids, lines=lines, path=self.path, column=column)  # exact; a mere hash collision passes
+        place = np.searchsorted(self.hashes, h)  # once: for the check against earlier chunks and for the merge
         if len(self.hashes):
-            at = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
+            at = np.minimum(place, len(self.hashes) - 1)
             again = self.hashes[at] == h
             if again.any():
                 first = int(order[again].min())  # the duplicate that comes first in this chunk
@@ -213,9 +214,9 @@ class SeenIds:
                     line=int(same[0]),
                     column=column,
                 )
-        at = np.searchsorted(self.hashes, h)  # one merge of two sorted runs, no temporary sort of the whole
-        self.hashes = np.insert(self.hashes, at, h)
-        self.lines = np.insert(self.lines, at, lines[order])
+        # One merge of two sorted runs, no temporary sort of the whole.
+        self.hashes = np.insert(self.hashes, place, h)
+        self.lines = np.insert(self.lines, place, lines[order])
 
 
 def _two_valued(

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -35,6 +36,9 @@ from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.io import MISSING
 from fedcrm.data.schema import BooleanColumn, CategoricalColumn, Column, NumericColumn, Schema
 from fedcrm.models import ensemble_proba
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 Method = Literal["auto", "captum", "riemann"]
 DEFAULT_STEPS = 64
@@ -222,6 +226,91 @@ def value_text(col: Column, value: Any) -> str:
     if isinstance(col, BooleanColumn):
         return "yes" if v > 0.5 else "no"
     return f"{v:g}"
+
+
+# -- many customers, in words (``fedcrm score --reasons``) -----------------------------------------
+
+
+def sentences_by_rank(
+    *, columns: list[Column], values: list[np.ndarray], points: np.ndarray, order: np.ndarray, task: str
+) -> list[pa.Array]:
+    """Per rank ``k``, every customer's ``Contribution.sentence`` for their column ``order[:, k]``.
+
+    ``columns[c]`` is worded with ``values[c]`` (the table's parsed values) and ``points[:, c]``; the
+    text is exactly :meth:`Contribution.sentence`'s, built for a whole chunk: each distinct value of a
+    column is worded once by :func:`value_text`, the points by integer arithmetic where that is exact,
+    and Arrow joins the parts (a Python ``Contribution`` and f-string per customer and reason cost 16 µs a row).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = points.shape[0]
+    what = TASK_WORDS.get(task, "the score")
+    rows = np.arange(n)
+    ranked = np.zeros((n, len(columns)), dtype=bool)
+    ranked[rows[:, None], order] = True  # only the values a reason shows are worded
+    heads: list[str] = []  # "column: value " for every distinct value shown, of every column
+    head_of = np.zeros((n, len(columns)), dtype=np.int64)  # row, column -> its entry in heads
+    for c, (col, v) in enumerate(zip(columns, values, strict=True)):
+        shown = np.flatnonzero(ranked[:, c])
+        codes, distinct = _distinct(np.asarray(v)[shown])
+        head_of[shown, c] = len(heads) + codes
+        heads += [f"{col.name}: {value_text(col, u)} " for u in distinct]
+    head_text = pa.array(heads, type=pa.string())
+    out = []
+    for k in range(order.shape[1]):
+        at = order[:, k]
+        p = points[rows, at]
+        out.append(
+            pc.binary_join_element_wise(
+                pc.take(head_text, pa.array(head_of[rows, at])),
+                pc.if_else(pa.array(p >= 0), f"raised {what} by ", f"lowered {what} by "),  # NaN: lowered, as >= says
+                one_decimal(np.abs(p)),
+                " points",
+                "",
+            )
+        )
+    return out
+
+
+def _distinct(values: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+    """Codes into the distinct values and those values, so each is worded once.
+
+    Floats are told apart by their bits (``-0.0`` is worded ``-0``, ``0.0`` is ``0``). Text is told
+    apart by equality, which is safe for ``str`` only: a column holding anything else (or missing
+    values) is worded row by row.
+    """
+    if values.dtype.kind == "f":
+        codes, bits = pd.factorize(np.ascontiguousarray(values, dtype=np.float64).view(np.int64))
+        return np.asarray(codes, dtype=np.int64), bits.view(np.float64).tolist()
+    codes, distinct = pd.factorize(np.asarray(values, dtype=object))
+    if (codes < 0).any() or not all(type(u) is str for u in distinct):
+        return np.arange(len(values), dtype=np.int64), list(values)
+    return np.asarray(codes, dtype=np.int64), list(distinct)
+
+
+def one_decimal(x: np.ndarray) -> pa.Array:
+    """``f"{v:.1f}"`` of every ``v`` in ``x`` (non-negative), as Arrow text.
+
+    ``.1f`` rounds the exact binary value half-to-even. ``rint(10 v)`` gives the same tenths unless 10 v
+    lies within the product's rounding error of a half (0.35 is 0.34999… in binary, yet 10 × 0.35 is
+    3.5 exactly): those, and anything huge or not finite, are formatted by Python itself.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ten = x * 10
+    with np.errstate(invalid="ignore"):
+        exact = np.isfinite(x) & (x < 1e6) & (np.abs(ten - np.floor(ten) - 0.5) > 1e-6)
+    tenths = np.where(exact, np.rint(np.where(exact, ten, 0.0)), 0).astype(np.int64)
+    text = pc.binary_join_element_wise(
+        pc.cast(pa.array(tenths // 10), pa.string()), pc.cast(pa.array(tenths % 10), pa.string()), "."
+    )
+    if exact.all():
+        return text
+    return pc.replace_with_mask(
+        text, pa.array(~exact), pa.array([f"{v:.1f}" for v in x[~exact].tolist()], type=pa.string())
+    )
 
 
 def explain_customer(

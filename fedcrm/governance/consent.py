@@ -37,6 +37,6 @@ class ConsentWithdrawals:
             raise ValueError("a consent withdrawal names one purpose; forgetting a customer is `fedcrm forget`")
         return bool(self.keyed.add([customer_id], scope=purpose))
 
-    def mask(self, ids: np.ndarray, *, purpose: str) -> np.ndarray:
-        """True for customers who withdrew consent to ``purpose``."""
-        return self.keyed.mask(ids, scope=purpose)
+    def mask(self, ids: np.ndarray, *, purpose: str, digests: np.ndarray | None = None) -> np.ndarray:
+        """True for customers who withdrew consent to ``purpose`` (``digests``: see :meth:`KeyedTokens.mask`)."""
+        return self.keyed.mask(ids, scope=purpose, digests=digests)
