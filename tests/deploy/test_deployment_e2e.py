@@ -436,6 +436,7 @@ def test_ctrl_c_during_a_run_stops_every_process(tmp_path: Path) -> None:
     import signal
     import subprocess
     import sys
+    import threading
 
     # Many rounds, so that the run is still going when Ctrl-C comes (2 rounds can finish first).
     cfg_path = write_tiny_config(tmp_path, regions={"eu": 300, "us": 300}, overrides={"training.rounds": 200})
@@ -459,18 +460,27 @@ def test_ctrl_c_during_a_run_stops_every_process(tmp_path: Path) -> None:
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"}
     )
     out: list[str] = []
-    try:
+    submitted = threading.Event()
+
+    def read() -> None:  # drain the output all along: a full pipe would block the command mid-stop
         assert proc.stdout is not None
         for line in proc.stdout:
             out.append(line)
             if "submitted" in line:
-                break
-        else:
-            pytest.fail("the deployment ended before the run was submitted:\n" + "".join(out))
+                submitted.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        while not submitted.wait(timeout=1):
+            if proc.poll() is not None:
+                reader.join(timeout=10)
+                pytest.fail("the deployment ended before the run was submitted:\n" + "".join(out))
         assert len(flower_processes_of(workdir)) >= 5  # SuperLink, 2 SuperNodes and their SuperExecs at least
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
-        out.append(rest)
+        # Stopping is bounded: each of the six components gets 10 s after SIGTERM, then SIGKILL and 15 s.
+        proc.wait(timeout=6 * 25 + 30)
+        reader.join(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
