@@ -396,7 +396,10 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
     sent_counts = metric_values(wire_bytes, b"num-examples")
     # eu and us: 2 training replies + the served model's evaluation each (per-round evaluation is off)
     assert len(sent_counts) >= 6, sent_counts
-    assert min(sent_counts) >= min_customers, sent_counts
+    # A training reply's count is the region's declared size; an evaluation reply's is a DP-noised count
+    # of its hold-out (any value: one CI run saw 24.2), which no policy minimum bounds.
+    training = [c for c in sent_counts if c in set(train_counts.values())]
+    assert len(training) >= 4 and min(training) >= min_customers, sent_counts
     for row in read_metrics(tmp_path / "run" / "metrics.jsonl"):
         for r, m in row["regions"].items():
             assert m["customers"] >= min_customers, (row["round"], r, m)
