@@ -459,8 +459,17 @@ def test_ctrl_c_during_a_run_stops_every_process(tmp_path: Path) -> None:
         "--out",
         str(tmp_path / "run"),
     ]
+    # Ctrl-C as a terminal delivers it, to a command that has SIGINT's default action. A test run started
+    # in the background of a non-interactive shell (`cmd &`, as a CI script may do) ignores SIGINT, and
+    # its children inherit that: `deploy local` then never saw the signal (seen: SigIgn had SIGINT set, the
+    # command still waiting for its run minutes later). That was the test's harness, not the command.
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"}
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - no threads here
     )
     out: list[str] = []
     submitted = threading.Event()
