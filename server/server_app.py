@@ -25,6 +25,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.config import ExperimentConfig, load_config
+from fedcrm.fl.grid import PromptGrid
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.server import run_federation
 from fedcrm.overrides import parse_override_text
@@ -74,4 +75,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = resolve_app_path(run_dir_value) if run_dir_value else cfg.output_dir / cfg.name
     registry_value = str(context.run_config.get("node-registry", "") or "")
     registry = NodeRegistry(resolve_app_path(registry_value)) if registry_value else None
-    run_federation(grid, cfg, run_dir=run_dir, registry=registry, **retrain_arguments(dict(context.run_config)))
+    # Replies looked for every 0.1 s, not Flower's 3 s: each message phase of a run waited that long.
+    run_federation(
+        PromptGrid(grid), cfg, run_dir=run_dir, registry=registry, **retrain_arguments(dict(context.run_config))
+    )

@@ -1,14 +1,15 @@
-"""Approving app bundles and running a region behind its gate.
+"""Approving app bundles, and the executors that start a deployment's apps.
 
 ``fedcrm bundle keygen|hash|sign`` are for whoever reviews app bundles for a data owner;
 ``fedcrm region exec`` is what a data owner runs next to their SuperNode (``--isolation process``) so
-that only bundles approved in the region's trust file start (docs/deployment.md).
+that only bundles approved in the region's trust file start (docs/deployment.md); ``fedcrm server exec``
+is the coordinator's, next to the SuperLink (``--isolation process``): a warm ServerApp per run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +19,7 @@ from fedcrm.errors import FedcrmError
 bundle_app = typer.Typer(help="Review and approve app bundles (what `flwr run` ships to the regions).",
                          no_args_is_help=True)  # fmt: skip
 region_app = typer.Typer(help="Run a region's side of a deployment.", no_args_is_help=True)
+server_app = typer.Typer(help="Run the coordinator's side of a deployment.", no_args_is_help=True)
 
 
 @bundle_app.command("keygen")
@@ -39,7 +41,7 @@ def keygen(
 def bundle_hash(app: Annotated[Path, typer.Argument(help="The Flower app folder `flwr run` would submit.")]) -> None:
     """Print the SHA-256 of the bundle built from APP (what a region's approved_bundles lists)."""
     from fedcrm.deploy.approval import bundle_digest
-    from fedcrm.deploy.local import build_bundle
+    from fedcrm.deploy.bundle import build_bundle
 
     out.print(bundle_digest(build_bundle(app)))
 
@@ -55,7 +57,7 @@ def sign(
     changes the hash, and the regions refuse it.
     """
     from fedcrm.deploy.approval import SIGNATURE_KEY, bundle_digest, sign_bundle
-    from fedcrm.deploy.local import build_bundle
+    from fedcrm.deploy.bundle import build_bundle
 
     try:
         digest = bundle_digest(build_bundle(app))
@@ -66,25 +68,37 @@ def sign(
     out.print(f'{SIGNATURE_KEY}="{signature}"', markup=False, highlight=False)
 
 
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="The Runtime API without TLS (loopback only).")]
+RootCertsOpt = Annotated[
+    Path | None, typer.Option("--root-certificates", help="CA of the Runtime API's TLS certificate.")
+]
+ParentPidOpt = Annotated[int | None, typer.Option("--parent-pid", help="Stop when this process ends.")]
+
+
+def _spawn_opt(what: str) -> Any:
+    return typer.Option(
+        "--spawn",
+        help=f"Start each {what} as a fresh Python process (seconds of imports each) instead of a fork of this "
+        "one, which imports torch and fedcrm once at start.",
+    )
+
+
+def _tls(insecure: bool, root_certificates: Path | None) -> str | None:
+    if not insecure and root_certificates is None:
+        exit_with(FedcrmError("give --root-certificates for a TLS Runtime API, or --insecure on loopback"))
+    return str(root_certificates) if root_certificates else None
+
+
 @region_app.command("exec")
 def region_exec(
     runtime_api_address: Annotated[
         str, typer.Option("--runtime-api-address", help="Your SuperNode's Runtime API (its --host:--port).")
     ],
     trust: Annotated[Path, typer.Option("--trust", help="Your trust file: approved_bundles, trusted_signers.")],
-    insecure: Annotated[bool, typer.Option("--insecure", help="Runtime API without TLS (loopback only).")] = False,
-    root_certificates: Annotated[
-        Path | None, typer.Option("--root-certificates", help="CA of the Runtime API's TLS certificate.")
-    ] = None,
-    parent_pid: Annotated[int | None, typer.Option("--parent-pid", help="Stop when this process ends.")] = None,
-    spawn: Annotated[
-        bool,
-        typer.Option(
-            "--spawn",
-            help="Start each ClientApp as a fresh Python process (seconds of imports per message) instead of "
-            "a fork of this one, which imports torch, Opacus and fedcrm once at start.",
-        ),
-    ] = False,
+    insecure: InsecureOpt = False,
+    root_certificates: RootCertsOpt = None,
+    parent_pid: ParentPidOpt = None,
+    spawn: Annotated[bool, _spawn_opt("message's ClientApp")] = False,
 ) -> None:
     """Start your region's ClientApps, each only after its bundle passed your trust file.
 
@@ -94,18 +108,38 @@ def region_exec(
     """
     from fedcrm.deploy.gate import run_region_exec
 
-    if not insecure and root_certificates is None:
-        exit_with(FedcrmError("give --root-certificates for a TLS Runtime API, or --insecure on loopback"))
+    certs = _tls(insecure, root_certificates)
     try:
-        run_region_exec(
-            runtime_api_address=runtime_api_address, trust_path=trust, insecure=insecure,
-            root_certificates=str(root_certificates) if root_certificates else None, parent_pid=parent_pid,
-            spawn=spawn,
-        )  # fmt: skip
+        run_region_exec(runtime_api_address=runtime_api_address, trust_path=trust, insecure=insecure,
+                        root_certificates=certs, parent_pid=parent_pid, spawn=spawn)  # fmt: skip
     except FedcrmError as e:
         exit_with(e)
+
+
+@server_app.command("exec")
+def server_exec(
+    runtime_api_address: Annotated[
+        str, typer.Option("--runtime-api-address", help="The SuperLink's Runtime API (its --host:--port).")
+    ],
+    insecure: InsecureOpt = False,
+    root_certificates: RootCertsOpt = None,
+    parent_pid: ParentPidOpt = None,
+    spawn: Annotated[bool, _spawn_opt("run's ServerApp")] = False,
+) -> None:
+    """Start each run's ServerApp, warm: a fork of this process, which imported Flower and fedcrm once.
+
+    Run next to `flower-superlink --isolation process`, with the SuperLink's FLWR_HOME: it replaces the
+    SuperExec that `--isolation subprocess` starts, so that a run starts without waiting for a new
+    interpreter's imports.
+    """
+    from fedcrm.deploy.server_exec import run_server_exec
+
+    certs = _tls(insecure, root_certificates)
+    run_server_exec(runtime_api_address=runtime_api_address, insecure=insecure, root_certificates=certs,
+                    parent_pid=parent_pid, spawn=spawn)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(bundle_app, name="bundle")
     app.add_typer(region_app, name="region")
+    app.add_typer(server_app, name="server")

@@ -45,6 +45,7 @@ from fedcrm.deploy.local import (
     submit_and_wait,
 )
 from fedcrm.deploy.supervisor import Component, Recorded, Report, processes_with_env, terminate_as_interrupt
+from fedcrm.deploy.topology import SERVER_EXEC
 from fedcrm.durable import write_json_atomically
 from fedcrm.errors import ConfigError, FederationError
 from fedcrm.run_summary import RunSummary
@@ -193,7 +194,7 @@ def up(
             "node_config": node.node_config(),
             "trust": str(prep.trust[node.region]),
         }
-    for comp in [dep.superlink, *dep.supernodes.values(), *dep.executors.values()]:
+    for comp in [dep.superlink, dep.server_exec, *dep.supernodes.values(), *dep.executors.values()]:
         assert comp is not None
         fed.remember(comp)
     fed.save()
@@ -211,8 +212,16 @@ def restart_missing(fed: Federation, *, report: Report = print, timeout: float =
     node id online again.
     """
     dead = [r for r in fed.regions if not fed.processes[f"supernode-{r}"].running()]
+    server_exec = fed.processes.get(SERVER_EXEC)
+    if server_exec is None or not server_exec.running():  # runs would wait for a ServerApp forever
+        dep = fed.attach(report=report)
+        if server_exec is not None:
+            server_exec.stop(grace_s=3)
+        fed.remember(dep.start_server_exec(superlink_pid=fed.processes[SUPERLINK].pid))
+        fed.save()
+        report(f"federation {fed.name}: restarted {SERVER_EXEC}")
     if not dead:
-        report(f"federation {fed.name}: every process is running")
+        report(f"federation {fed.name}: every region is running")
         return []
     dep = fed.attach(report=report)
     # The SuperLink refuses a node id it still holds online: wait for the dead node's heartbeat to expire.
@@ -310,6 +319,12 @@ def run_on(
     fed = Federation.load(folder)
     if not fed.superlink_running():
         raise FederationError(f"deployment {fed.name}: its SuperLink is not running; `fedcrm deploy up` first")
+    server_exec = fed.processes.get(SERVER_EXEC)
+    if server_exec is None or not server_exec.running():
+        raise FederationError(
+            f"deployment {fed.name}: the server's executor ({SERVER_EXEC}), which starts each run's ServerApp, "
+            f"is not running; `fedcrm deploy up --name {fed.name}` restarts it"
+        )
     config = Path(config).resolve()
     cfg = load_config(config)
     if set(cfg.regions) != set(fed.regions):

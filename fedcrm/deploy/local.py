@@ -28,6 +28,7 @@ from typing import Any
 
 from fedcrm.config import load_config
 from fedcrm.deploy.approval import SIGNATURE_KEY, bundle_digest, sign_bundle
+from fedcrm.deploy.bundle import build_bundle
 from fedcrm.deploy.certs import (
     CertificateBundle,
     create_bundle_signing_key,
@@ -51,7 +52,6 @@ __all__ = [
     "LocalDeployment",
     "Prepared",
     "approve_locally",
-    "build_bundle",
     "default_app_dir",
     "deploy_local",
     "free_port",
@@ -95,13 +95,6 @@ def load_or_create_certificates(out_dir: Path) -> CertificateBundle:
         supernode_public_keys={},
         hosts=("localhost", "127.0.0.1"),
     )
-
-
-def build_bundle(app_dir: Path) -> bytes:
-    """The app bundle (FAB) ``flwr run APP_DIR`` submits: Flower builds it deterministically."""
-    from flwr.cli.build import build_fab_from_disk
-
-    return bytes(build_fab_from_disk(Path(app_dir)))
 
 
 def sign_app(app_dir: Path, *, keys_dir: Path) -> tuple[str, Path]:

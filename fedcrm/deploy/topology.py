@@ -1,8 +1,9 @@
 """The Flower topology of a one-host deployment: one SuperLink, one SuperNode per region, the ``flwr`` CLI.
 
 :class:`LocalDeployment` starts exactly what a real multi-machine federation runs (``docs/deployment.md``),
-only with every party on 127.0.0.1: a ``flower-superlink`` with TLS, SuperNode authentication, subprocess
-isolation, runtime dependency installation off and a SQLite database; one ``flower-supernode`` per region
+only with every party on 127.0.0.1: a ``flower-superlink`` with TLS, SuperNode authentication, process
+isolation (each run's ServerApp a fork of ``fedcrm server exec``, :mod:`fedcrm.deploy.server_exec`),
+runtime dependency installation off and a SQLite database; one ``flower-supernode`` per region
 with its own ``FLWR_HOME``, port and ``--node-config`` (:class:`fedcrm.node_settings.NodeSettings`: region,
 data file, state folder, policy, delimiter), as its data owner would set it; and the ``flwr`` CLI against a
 connection in its own ``$FLWR_HOME/config.toml``. Every process is started and stopped by
@@ -24,16 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from fedcrm.config import ExperimentConfig
+from fedcrm.deploy.bundle import stage_bundle
 from fedcrm.deploy.certs import CertificateBundle
 from fedcrm.deploy.supervisor import Component, Report, free_port, pump, start_component
 from fedcrm.errors import ConfigError, FederationError
 from fedcrm.node_settings import NodeSettings, region_settings
 
-__all__ = ["COMPLETED", "CONNECTION", "FINISHED", "LocalDeployment", "node_config_arg", "region_nodes"]
+__all__ = ["COMPLETED", "CONNECTION", "FINISHED", "SERVER_EXEC", "LocalDeployment", "node_config_arg", "region_nodes"]
 
 CONNECTION = "fedcrm-local"  # the connection's name in the CLI's config.toml
 FINISHED = "finished:"
 COMPLETED = "finished:completed"
+SERVER_EXEC = "server-exec"  # the component that starts each run's ServerApp
 
 
 def node_config_arg(values: dict[str, str]) -> str:
@@ -92,6 +95,7 @@ class LocalDeployment:
         self.logs = self.workdir / "logs"
         self.cli_home = self.workdir / "cli"
         self.superlink: Component | None = None
+        self.server_exec: Component | None = None  # `fedcrm server exec`: each run's ServerApp
         self.supernodes: dict[str, Component] = {}
         self.executors: dict[str, Component] = {}  # each gated region's `fedcrm region exec`
         self.others: list[Component] = []
@@ -190,7 +194,7 @@ class LocalDeployment:
             argv += ["--insecure"]  # Flower then refuses --enable-supernode-auth: it needs TLS
         argv += [
             *(["--enable-supernode-auth"] if self.tls else []),
-            "--isolation", "subprocess",
+            "--isolation", "process",  # the ServerApps: `fedcrm server exec`, started below
             "--disable-runtime-dependency-installation",
             "--database", str(db),
             "--host", "127.0.0.1", "--port", str(self.port),
@@ -207,8 +211,27 @@ class LocalDeployment:
                 raise FederationError(f"the SuperLink did not answer within {ready_timeout:.0f} s")
             time.sleep(0.5)
         self.superlink.refresh_groups()
+        self.start_server_exec()
         mode = "TLS, SuperNode authentication on" if self.tls else "PLAINTEXT, no SuperNode authentication"
         self.report(f"SuperLink up on {self.address} ({mode})")
+
+    def start_server_exec(self, *, superlink_pid: int | None = None) -> Component:
+        """Start ``fedcrm server exec`` against the SuperLink's Runtime API: it forks each run's ServerApp
+        from a process that imported fedcrm once. It ends with the SuperLink (``--parent-pid``: this
+        deployment's, or ``superlink_pid`` for a SuperLink that an earlier command started)."""
+        parent = superlink_pid if superlink_pid is not None else self.superlink.pid if self.superlink else None
+        if parent is None:
+            raise FederationError("no SuperLink to start the server's executor for")
+        argv = [sys.executable, "-m", "fedcrm.cli", "server", "exec", "--runtime-api-address", self.address]
+        if self.tls:
+            assert self.certs is not None
+            argv += ["--root-certificates", str(Path(self.certs.ca_cert).resolve())]
+        else:
+            argv += ["--insecure"]
+        self.server_exec = self._start(
+            SERVER_EXEC, [*argv, "--parent-pid", str(parent)], flwr_home=self.workdir / "superlink"
+        )
+        return self.server_exec
 
     def _write_cli_config(self) -> None:
         lines = [
@@ -301,7 +324,10 @@ class LocalDeployment:
         """``flwr run APP`` with ``run_config`` (written to a TOML file: paths need no shell quoting)."""
         path = self.workdir / "run-config.toml"
         path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()), encoding="utf-8")
-        data = self._flwr_json("run", str(app_dir), CONNECTION, "--run-config", str(path), timeout=300)
+        # `flwr run` builds the bundle from the folder it is given by walking all of it: from the app's
+        # source checkout (its virtual environment included) that took seconds; its staged files, none.
+        staged = stage_bundle(app_dir, into=self.workdir / "bundle")
+        data = self._flwr_json("run", str(staged), CONNECTION, "--run-config", str(path), timeout=300)
         run_id = data.get("run-id")
         if not run_id:
             raise FederationError(f"`flwr run` gave no run id: {data}")
@@ -348,8 +374,9 @@ class LocalDeployment:
                     status = self.run_status(run_id)
                     if str(status.get("status", "")).startswith(FINISHED):
                         break
-                if self.superlink is not None and not self.superlink.alive():
-                    raise FederationError(f"the SuperLink stopped during the run:\n{self.superlink.log_tail()}")
+                for comp in (self.superlink, self.server_exec):
+                    if comp is not None and not comp.alive():
+                        raise FederationError(f"{comp.name} stopped during the run:\n{comp.log_tail()}")
                 time.sleep(0.5)
             else:
                 with contextlib.suppress(FederationError):
@@ -363,10 +390,13 @@ class LocalDeployment:
     # -- stopping ------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop the SuperNodes, then the SuperLink, then anything else; raise if a process survives."""
+        """Stop the SuperNodes, anything else, the server's executor, then the SuperLink; raise if a process
+        survives."""
         left: list[str] = []
         for comp in [*self.supernodes.values(), *self.executors.values(), *self.others]:
             left += comp.stop()
+        if self.server_exec is not None:
+            left += self.server_exec.stop()
         if self.superlink is not None:
             left += self.superlink.stop()
         if left:

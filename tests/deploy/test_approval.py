@@ -24,8 +24,9 @@ from fedcrm.deploy.approval import (
     load_trust,
     sign_bundle,
 )
+from fedcrm.deploy.bundle import build_bundle
 from fedcrm.deploy.certs import create_bundle_signing_key, create_node_key
-from fedcrm.deploy.local import build_bundle, default_app_dir
+from fedcrm.deploy.local import default_app_dir
 from fedcrm.errors import BundleRefused, ConfigError
 
 

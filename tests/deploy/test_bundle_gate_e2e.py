@@ -22,8 +22,9 @@ from probe_app import read_result, write_probe_app
 from test_deployment_e2e import flower_processes_of
 
 from fedcrm.deploy.approval import SIGNATURE_KEY, bundle_digest, sign_bundle
+from fedcrm.deploy.bundle import build_bundle
 from fedcrm.deploy.certs import create_bundle_signing_key, create_certificates, create_node_key
-from fedcrm.deploy.local import COMPLETED, LocalDeployment, build_bundle
+from fedcrm.deploy.local import COMPLETED, LocalDeployment
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 

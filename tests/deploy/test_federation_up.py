@@ -97,7 +97,9 @@ def test_up_run_kill_status_run_without_it_restart_down(tmp_path: Path) -> None:
         up = fedcrm("deploy", "up", "--config", str(cfg), "--name", "t", "--state", "state", cwd=tmp_path)
         assert up.returncode == 0, up.stdout + up.stderr
         desc = json.loads((folder / "federation.json").read_text())
-        assert set(desc["processes"]) == {"superlink", "supernode-eu", "supernode-us", "exec-eu", "exec-us"}
+        assert set(desc["processes"]) == {
+            "superlink", "server-exec", "supernode-eu", "supernode-us", "exec-eu", "exec-us"
+        }  # fmt: skip
         assert sorted(p.name for p in (folder / "pids").glob("*.pid")) == sorted(f"{k}.pid" for k in desc["processes"])
 
         # The command has exited; the federation is still up.
@@ -176,6 +178,18 @@ def test_up_run_kill_status_run_without_it_restart_down(tmp_path: Path) -> None:
         assert releases("eu") == eu_releases
         assert releases("us") > us_releases
 
+        # Every run so far (two trainings, one retrain) was a fork of the same warm ServerApp executor.
+        recorded = json.loads((folder / "federation.json").read_text())["processes"]
+        assert recorded["server-exec"]["pid"] == desc["processes"]["server-exec"]["pid"]
+        # The server's executor dies too: a run would wait for a ServerApp forever, so it is refused.
+        exec_pid = desc["processes"]["server-exec"]["pid"]
+        os.kill(exec_pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline and start_ticks(exec_pid) is not None:
+            time.sleep(0.2)
+        refused = fedcrm("run", str(cfg), "--federation", "t", "--out", str(tmp_path / "never"), cwd=tmp_path)
+        assert refused.returncode != 0 and "deploy up" in refused.stderr, refused.stdout + refused.stderr[-2000:]
+
         # `deploy up` again restarts only what is missing; the SuperLink and us keep their processes.
         again = fedcrm("deploy", "up", "--config", str(cfg), "--name", "t", "--state", "state", cwd=tmp_path)
         assert again.returncode == 0, again.stdout + again.stderr
@@ -183,6 +197,7 @@ def test_up_run_kill_status_run_without_it_restart_down(tmp_path: Path) -> None:
         for kept in ("superlink", "supernode-us", "exec-us"):
             assert after[kept]["pid"] == desc["processes"][kept]["pid"], kept
         assert after["supernode-eu"]["pid"] != eu_pid
+        assert after["server-exec"]["pid"] != exec_pid
         st = fedcrm("deploy", "status", "--name", "t", "--json", cwd=tmp_path)
         assert st.returncode == 0, st.stdout + st.stderr
 
