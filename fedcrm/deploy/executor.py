@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedcrm.errors import FederationError
+
 __all__ = ["BUNDLE_MODULES", "Task", "TaskRunner", "fork_task", "reap", "run_executor"]
 
 log = logging.getLogger("fedcrm.deploy")
@@ -164,7 +166,7 @@ def run_executor(
         runner.preload()
         preloaded = [m for m in BUNDLE_MODULES if m in sys.modules]
         if preloaded:  # a fork would run these instead of the bundle's own
-            raise RuntimeError(f"{runner.name}: bundle modules {preloaded} were imported before any bundle")
+            raise FederationError(f"{runner.name}: bundle modules {preloaded} were imported before any bundle")
     log.info("%s: taking %s tasks from %s (%s per task)", runner.name, runner.task_type, runtime_api_address,
              "fork" if fork else "new process")  # fmt: skip
     spawned: list[subprocess.Popen[bytes]] = []

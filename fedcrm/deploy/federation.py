@@ -212,9 +212,9 @@ def restart_missing(fed: Federation, *, report: Report = print, timeout: float =
     node id online again.
     """
     dead = [r for r in fed.regions if not fed.processes[f"supernode-{r}"].running()]
+    dep = fed.attach(report=report)
     server_exec = fed.processes.get(SERVER_EXEC)
     if server_exec is None or not server_exec.running():  # runs would wait for a ServerApp forever
-        dep = fed.attach(report=report)
         if server_exec is not None:
             server_exec.stop(grace_s=3)
         fed.remember(dep.start_server_exec(superlink_pid=fed.processes[SUPERLINK].pid))
@@ -223,7 +223,6 @@ def restart_missing(fed: Federation, *, report: Report = print, timeout: float =
     if not dead:
         report(f"federation {fed.name}: every region is running")
         return []
-    dep = fed.attach(report=report)
     # The SuperLink refuses a node id it still holds online: wait for the dead node's heartbeat to expire.
     dep.wait_nodes([int(fed.regions[r]["node_id"]) for r in dead], status="offline", timeout=timeout)
     for region in dead:

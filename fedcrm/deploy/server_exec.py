@@ -15,15 +15,12 @@ answers is decided at the region (its policy, its secret, its bundle gate).
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 from fedcrm.deploy.executor import Task, TaskRunner, run_executor
 
 __all__ = ["run_server_exec", "run_serverapp_task", "serverapp_command"]
-
-log = logging.getLogger("fedcrm.server")
 
 
 def serverapp_command(task: Task) -> list[str]:
