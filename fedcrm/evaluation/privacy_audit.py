@@ -42,8 +42,10 @@ from scipy.stats import binom
 from sklearn.metrics import roc_auc_score
 
 _EPS = 1e-7
-# Guess counts tried, as shares of the canaries: k+ alone, and k+ = k- (the scores' two tails). Fixed in
-# advance, and paid for by a Bonferroni correction, so that picking the best afterwards stays valid.
+# Guess counts tried, as shares of the canaries: k+ alone, k- alone and k+ = k- (the scores' two tails).
+# Fixed in advance, and paid for by a Bonferroni correction, so that picking the best afterwards stays
+# valid. k- alone is where a loss attack's signal is: a model that memorised its members fits them all,
+# so the highest losses are non-members, while the lowest are members and easy non-members alike.
 GUESS_SHARES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 _BISECTIONS = 50
 
@@ -119,9 +121,9 @@ class OneRunResult:
 
 
 def guess_counts(canaries: int, *, shares: tuple[float, ...] = GUESS_SHARES) -> list[tuple[int, int]]:
-    """The (k+, k-) pairs tried: every share of ``canaries`` as k+ alone and as k+ = k-."""
+    """The (k+, k-) pairs tried: every share of ``canaries`` as k+ alone, as k- alone and as k+ = k-."""
     ks = sorted({max(1, round(s * canaries)) for s in shares if round(s * canaries) <= canaries})
-    return [(k, 0) for k in ks] + [(k, k) for k in ks if 2 * k <= canaries]
+    return [(k, 0) for k in ks] + [(0, k) for k in ks] + [(k, k) for k in ks if 2 * k <= canaries]
 
 
 def one_run_audit(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float = 0.95) -> OneRunResult:

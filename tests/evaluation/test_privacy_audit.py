@@ -112,6 +112,33 @@ def test_guessing_a_coin_gives_no_evidence_and_a_perfect_separation_gives_a_lot(
     assert verdict(perfect.epsilon_lower_bound, claimed_epsilon=None) == "no claim"
 
 
+def test_a_memorising_models_losses_prove_a_leak_from_their_high_end_alone() -> None:
+    # A model that memorised its members: every member's loss is near 0, as is that of most non-members
+    # (easy customers); only non-members get a high loss (the 30 % it gets wrong). The low-loss end is a
+    # coin between members and easy non-members; the high-loss end is all non-members.
+    rng = np.random.default_rng(3)
+    included = rng.random(240) < 0.5
+    wrong = ~included & (rng.random(240) < 0.3)
+    scores = -np.where(wrong, rng.exponential(2.0, 240) + 1.0, rng.exponential(0.01, 240))
+    result = one_run_audit(scores, included, delta=DELTA)
+    assert (result.guesses_in, result.guesses_out) == (0, result.guesses_out) and result.guesses_out > 0
+    assert result.correct == result.guesses_out
+    # Without the k- alone guesses (the audit before session 7), the same scores prove far less.
+    ranked = included[np.argsort(scores)]  # lowest score first
+    without = max(
+        epsilon_lower_bound(
+            canaries=240,
+            guesses=k_in + k_out,
+            correct=int(ranked[240 - k_in :].sum()) + int((~ranked[:k_out]).sum()),
+            delta=DELTA,
+            significance=0.05 / result.hypotheses,
+        )
+        for k_in, k_out in guess_counts(240)
+        if k_in > 0
+    )
+    assert result.epsilon_lower_bound > 2 * without  # 1.20 and 0.54
+
+
 # -- black box: customers as canaries ----------------------------------------------------------------
 
 

@@ -35,7 +35,12 @@ def _run(tmp_path: Path, config: str, overrides: dict | None = None) -> dict:
     return summary
 
 
-@pytest.mark.parametrize(("epsilon", "floor"), [(3.0, 0.82), (1.0, 0.80), (None, 0.83)], ids=["eps3", "eps1", "no-dp"])
+# Each run draws fresh noise and fresh region secrets (a new hold-out), so its AUC is a random variable:
+# over 8 fresh runs (session 7) Telco at ε = 3 gave 0.837 ± 0.010 (0.821-0.851), at ε = 1 0.834 ± 0.009
+# (0.817-0.842), without DP (4 runs) 0.850 ± 0.008; Bank at ε = 3 0.761 ± 0.008 (0.749-0.773). The floors
+# sit about 4 standard deviations below the mean: a run under them is a regression, not bad luck (the
+# earlier Bank floor, 0.76, failed 3 of these 8 runs; Telco's 0.82 at ε = 3 sat 1.7 deviations down).
+@pytest.mark.parametrize(("epsilon", "floor"), [(3.0, 0.80), (1.0, 0.79), (None, 0.81)], ids=["eps3", "eps1", "no-dp"])
 def test_telco_three_regions_pooled_auc(tmp_path: Path, epsilon: float | None, floor: float) -> None:
     overrides = {"privacy.target_epsilon": epsilon} if epsilon else {"privacy.mode": "none"}
     summary = _run(tmp_path, "churn_telco_dp.yaml", overrides)
@@ -47,5 +52,5 @@ def test_telco_three_regions_pooled_auc(tmp_path: Path, epsilon: float | None, f
 
 def test_bank_four_regions_without_duration_pooled_auc(tmp_path: Path) -> None:
     summary = _run(tmp_path, "propensity_bank_dp.yaml")
-    assert summary["final_metrics"]["auc"] >= 0.76
+    assert summary["final_metrics"]["auc"] >= 0.73
     assert all(eps <= 3.0 for eps in summary["training_epsilon"].values())
