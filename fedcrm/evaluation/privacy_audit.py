@@ -126,11 +126,19 @@ def guess_counts(canaries: int, *, shares: tuple[float, ...] = GUESS_SHARES) -> 
     return [(k, 0) for k in ks] + [(0, k) for k in ks] + [(k, k) for k in ks if 2 * k <= canaries]
 
 
-def one_run_audit(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float = 0.95) -> OneRunResult:
+def one_run_audit(
+    scores: np.ndarray,
+    included: np.ndarray,
+    *,
+    delta: float,
+    confidence: float = 0.95,
+    hypotheses: list[tuple[int, int]] | None = None,
+) -> OneRunResult:
     """Guess from ``scores`` (higher: more likely included) and bound ε from the correct guesses.
 
-    Every (k+, k-) of :func:`guess_counts` is tried, each at significance (1 − confidence) / (their
-    number), and the best bound is reported: it holds with the stated confidence.
+    Every (k+, k-) of ``hypotheses`` (by default :func:`guess_counts`; fix them before looking at the
+    scores) is tried, each at significance (1 − confidence) / (their number), and the best bound is
+    reported: it holds with the stated confidence.
     """
     s, inc = np.asarray(scores, dtype=np.float64), np.asarray(included, dtype=bool)
     if s.shape != inc.shape or s.ndim != 1 or len(s) == 0:
@@ -140,7 +148,7 @@ def one_run_audit(scores: np.ndarray, included: np.ndarray, *, delta: float, con
     # hidden information from the canaries' order.
     order = np.lexsort((np.random.default_rng().permutation(m), s))
     ranked = inc[order]  # lowest score first
-    hyps = guess_counts(m)
+    hyps = guess_counts(m) if hypotheses is None else hypotheses
     significance = (1 - confidence) / len(hyps)
     best = (0.0, 0, 0, 0)
     for k_in, k_out in hyps:
