@@ -75,3 +75,10 @@ class StorageError(FedcrmError):
 
 class BundleRefused(PolicyError):
     """A region refuses to run an app bundle (FAB): not approved by its data owner, or unsafe to load."""
+
+
+class RegionDataUnusable(RefusalError):
+    """The region's table cannot be read or does not meet its schema. The server is told one fixed code
+    whichever check failed; the region's log and audit log get the details (file, line, column)."""
+
+    default_code = wire.REFUSED_DATA_UNUSABLE

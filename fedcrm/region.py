@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.io import RowBoundedCache, file_version, load_table
 from fedcrm.data.schema import Schema
-from fedcrm.errors import DataError, PolicyError, PrivacyBudgetError
+from fedcrm.errors import DataError, PolicyError, PrivacyBudgetError, RegionDataUnusable
 from fedcrm.governance.audit_log import AuditAction
 from fedcrm.governance.audit_trail import finite, node_actor, record_policy_if_changed, region_audit_log
 from fedcrm.governance.consent import ConsentWithdrawals
@@ -36,6 +35,13 @@ from fedcrm.privacy.ledger import (
 from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.region_answers import HoldoutAnswers
 from fedcrm.region_data import RegionData
+from fedcrm.region_surface import (
+    check_declared_shard,
+    declared_shard_size,
+    declared_training,
+    refuse_fatal_unknowns,
+    warn_if_exact_sizes,
+)
 from fedcrm.training import DpSgd, sampling_plan, train_locally
 from fedcrm.unlearning.shards import holdout_mask, region_secret, region_secret_path, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
@@ -63,8 +69,9 @@ class TrainRelease:
 class RegionProfile:
     """What the server learns about a region before a run: public figures only.
 
-    Sizes as the policy declares them (rounded by default); the exact counts stay in the region's
-    audit log: a +1 in "forgotten" between two runs would tell the server that someone asked to be erased.
+    Sizes as the policy declares them (its ``declared_customers``, else a count rounded to its public
+    step), and the smallest shard is the declared size over the shard count, never a count of a shard:
+    a +1 in "forgotten" between two runs would tell the server that someone asked to be erased.
     """
 
     declared_customers: float  # training customers, as declared
@@ -94,6 +101,7 @@ class Region(HoldoutAnswers):
         self.consent_withdrawals = ConsentWithdrawals(settings.state_dir)
         self.audit = region_audit_log(settings.state_dir)
         record_policy_if_changed(self.audit, region=self.name, policy=self.policy, path=settings.policy_path)
+        warn_if_exact_sizes(self.policy, region=self.name)
 
     def _audit_refusal(self, error: Exception, **context: Any) -> None:
         self.audit.append(
@@ -116,6 +124,8 @@ class Region(HoldoutAnswers):
                 delta=cfg.privacy.delta,
                 holdout_fraction=cfg.evaluation.holdout_fraction,
             )
+            self.policy.check_shards(region=self.name, shards=cfg.unlearning.shards)
+            refuse_fatal_unknowns(region=self.name, schema=schema)
         except PolicyError as e:
             self._audit_refusal(e, purpose=cfg.task, config_sha256=cfg.digest())
             raise
@@ -127,6 +137,15 @@ class Region(HoldoutAnswers):
         the region's secret (each by inode, modification time and size), the schema and the settings that
         pick the hold-out and the shards. Any change to one of them builds the data again.
         """
+        try:
+            return self._load_cached(cfg, schema)
+        except DataError as e:
+            # Which check failed (a label, an id, a cell) would be a bit about the data: the server is
+            # told one fixed code, the data owner the file, line and column.
+            self._audit_refusal(e, purpose=cfg.task, config_sha256=cfg.digest())
+            raise RegionDataUnusable(f"region {self.name}: its table cannot be used: {e}") from e
+
+    def _load_cached(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
         table_version = file_version(self.settings.data_path)
         if table_version is None:
             return self._load(cfg, schema)  # the missing file is reported in the usual words
@@ -157,12 +176,8 @@ class Region(HoldoutAnswers):
             tombstones=self.tombstones,
             withdrawals=self.consent_withdrawals,
         )
-        if len(table) == 0:
-            raise DataError(
-                f"region {self.name}: no customer can be used for purpose `{cfg.task}` "
-                f"({counts.get('excluded_no_consent', 0)} lack consent, {counts['forgotten']} forgotten)",
-                path=str(self.settings.data_path),
-            )
+        # No customer usable for the purpose is not a failure: the server sees the declared size (0 below
+        # half a step), and a refusal on it reads as that of any small region.
         x = FeatureEncoder(schema).encode(table)
         holdout = holdout_mask(
             table.ids, fraction=self.policy.holdout_fraction, secret=region_secret(self.settings.state_dir)
@@ -173,6 +188,14 @@ class Region(HoldoutAnswers):
         return RegionData(
             x=x, y=table.labels, ids=table.ids, holdout=holdout, shard=shard, sensitive=table.sensitive, counts=counts
         )
+
+    def declared_training(self, cfg: ExperimentConfig, schema: Schema) -> int:
+        """Training customers as the server may know them; reads the table only if the policy declares none."""
+        return declared_training(self.policy, counted=lambda: self.load(cfg, schema).counts["train"])
+
+    def declared_shard(self, cfg: ExperimentConfig, schema: Schema) -> int:
+        """Each shard's training customers as the server may know them (the declared size over S)."""
+        return declared_shard_size(declared=self.declared_training(cfg, schema), shards=cfg.unlearning.shards)
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -271,20 +294,10 @@ class Region(HoldoutAnswers):
         round_: int,
         run_id: str,
     ) -> TrainRelease:
-        data = self.load(cfg, schema)  # train() has checked the request against the policy
-        x, y = data.train_shard(shard)
-        if len(x) < self.policy.min_customers:
-            raise PolicyError(
-                f"region {self.name}: shard {shard} has {len(x)} training customers, fewer than the "
-                f"policy's minimum {self.policy.min_customers} behind any update",
-                code=wire.REFUSED_SHARD_SIZE,
-            )
-        if self.delta >= 1.0 / len(x):
-            raise PolicyError(
-                f"region {self.name}: the policy's δ = {self.delta:g} is not below 1/N = {1 / len(x):.3g} for "
-                f"shard {shard}'s {len(x)} customers: a release could then reveal a customer outright; lower δ"
-            )
-        n_declared = self.policy.declared_size(len(x))
+        # train() has checked the request against the policy; the sizes checked are the declared ones.
+        n_declared = self.declared_shard(cfg, schema)
+        check_declared_shard(self.policy, region=self.name, shard=shard, declared=n_declared)
+        x, y = self.load(cfg, schema).train_shard(shard)
         release, dp = self._release(cfg, n_declared=n_declared, run_id=run_id, shard=shard)
         shards = cfg.unlearning.shards
         if isinstance(release, GaussianRelease):  # a non-private release was allowed by the policy as such
@@ -373,24 +386,32 @@ class Region(HoldoutAnswers):
         return ReleaseRandomness.secure()
 
     def describe(self, cfg: ExperimentConfig, schema: Schema) -> RegionProfile:
-        """What the server learns before a run (:class:`RegionProfile`); the exact counts go to the audit log."""
-        data = self.load(cfg, schema)
-        shard_sizes = [int((~data.holdout & (data.shard == k)).sum()) for k in range(cfg.unlearning.shards)]
+        """What the server learns before a run (:class:`RegionProfile`): declared figures only.
+
+        With ``declared_customers`` in the policy no row is read; else one rounded count is. The exact
+        counts, where read, go to the region's audit log.
+        """
+        counts: dict[str, object] = {}
+
+        def counted() -> int:
+            data = self.load(cfg, schema)
+            counts["counts"] = data.counts
+            counts["shard_sizes"] = [
+                int((~data.holdout & (data.shard == k)).sum()) for k in range(cfg.unlearning.shards)
+            ]
+            return data.counts["train"]
+
+        declared = declared_training(self.policy, counted=counted)
         self.audit.append(
             actor=node_actor(self.name),
             action=AuditAction.PREFLIGHT,
-            details={
-                "purpose": cfg.task,
-                "config_sha256": cfg.digest(),
-                "counts": data.counts,
-                "shard_sizes": shard_sizes,
-            },
+            details={"purpose": cfg.task, "config_sha256": cfg.digest(), "declared_customers": declared, **counts},
         )
         return RegionProfile(
-            declared_customers=float(self.policy.declared_size(data.counts["train"])),
-            smallest_shard=float(self.policy.declared_size(min(shard_sizes))),
+            declared_customers=float(declared),
+            smallest_shard=float(declared_shard_size(declared=declared, shards=cfg.unlearning.shards)),
             budget=self.policy.privacy_budget,
             delta=self.delta,
             min_customers=self.policy.min_customers,
-            features=int(data.x.shape[1]),
+            features=FeatureEncoder(schema).n_features,
         )

@@ -45,6 +45,9 @@ REFUSED_NOISE: Final = "noise-below-policy-floor"
 REFUSED_SHARD_SIZE: Final = "below-minimum-shard-size"
 REFUSED_BUDGET: Final = "budget-exhausted"
 REFUSED_BY_POLICY: Final = "refused-by-policy"  # any other policy refusal
+REFUSED_SHARDS: Final = "shard-count-not-allowed"  # unlearning.shards outside the policy's allowed_shards
+# Any failure to read or check the region's table, whichever check failed: which one would be a bit of data.
+REFUSED_DATA_UNUSABLE: Final = "region-data-unusable"
 REFUSAL_CODES: Final = frozenset(
     {
         REFUSED_PURPOSE,
@@ -54,6 +57,8 @@ REFUSAL_CODES: Final = frozenset(
         REFUSED_SHARD_SIZE,
         REFUSED_BUDGET,
         REFUSED_BY_POLICY,
+        REFUSED_SHARDS,
+        REFUSED_DATA_UNUSABLE,
     }
 )
 

@@ -20,6 +20,9 @@ DEFAULT_BUDGET = 10.0
 # 1e-6 is at most 1/(10·N) for regions up to 100,000 customers, and the region warns above that.
 DEFAULT_DELTA = 1e-6
 PublicSize = Literal["rounded", "exact"]
+# Up to 16 shards: more would make each shard a few dozen customers in a small region, where a shard's
+# size and its training update say most about each customer in it.
+DEFAULT_ALLOWED_SHARDS = tuple(range(1, 17))
 
 
 class RegionPolicy(BaseModel):
@@ -56,6 +59,19 @@ class RegionPolicy(BaseModel):
         "rounded", description="what the server may learn of the region's size: rounded to 2 significant digits"
     )
     erasure_deadline_days: int = Field(30, ge=1, description="days to serve an erasure (GDPR Art. 12(3))")
+    # What the server may learn of the region's size, and the shard counts it may ask for (0.2.0). Every
+    # size the server sees, and every size a refusal compares, is one of these figures, never a count.
+    declared_customers: int | None = Field(
+        None,
+        ge=0,
+        description="the data owner's public figure of training customers: with it, sizes never depend on the data",
+    )
+    size_step: int = Field(
+        100, ge=1, description="the coarsest step a size derived from the data is rounded to, at every size"
+    )
+    allowed_shards: tuple[int, ...] = Field(
+        DEFAULT_ALLOWED_SHARDS, min_length=1, description="the shard counts (unlearning.shards) a run may ask for"
+    )
 
     def check_request(
         self,
@@ -124,12 +140,25 @@ class RegionPolicy(BaseModel):
     def declared_size(self, n: int) -> int:
         """A count as the policy lets the server learn it: the sampling rate and steps are planned from it.
 
-        ``rounded`` (2 significant digits) hides small changes: one erasure or withdrawal moves it only
-        when the count crosses a rounding boundary. The policy declares this figure public.
+        ``rounded``: 2 significant digits, and never finer than ``size_step`` at any size, so a small
+        count is as coarse as a large one (37 customers read 0, 987 read 1,000). One erasure or
+        withdrawal moves the figure only when the count crosses the middle of a step, at most once in
+        ``size_step`` erasures; a size the owner declares (``declared_customers``) never moves.
+        ``exact`` is the owner's explicit choice to publish the count (the region warns about it).
         """
-        if self.public_size == "exact" or n < 100:
+        if self.public_size == "exact":
             return n
-        return int(round(n, -(len(str(n)) - 2)))
+        step = max(self.size_step, 10 ** max(0, len(str(n)) - 2))
+        return round(n / step) * step
+
+    def check_shards(self, *, region: str, shards: int) -> None:
+        """Refuse, from the run's plan alone, a shard count the policy does not allow."""
+        if shards not in self.allowed_shards:
+            raise PolicyError(
+                f"region {region}: the run asks for {shards} shards (unlearning.shards); the region's policy "
+                f"allows {list(self.allowed_shards)} (allowed_shards)",
+                code=wire.REFUSED_SHARDS,
+            )
 
 
 def load_policy(path: str | Path | None, *, default_budget: float | None = None) -> RegionPolicy:

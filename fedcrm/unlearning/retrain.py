@@ -45,6 +45,7 @@ from fedcrm.governance.request_store import (
 from fedcrm.node_settings import region_settings
 from fedcrm.privacy.accountant import GaussianRelease
 from fedcrm.region import Region
+from fedcrm.region_surface import check_declared_shard
 from fedcrm.run_summary import RunSummary
 from fedcrm.runs import CONFIG_FILE, ModelMeta, RunDir, load_weights
 from fedcrm.training import sampling_plan
@@ -215,17 +216,17 @@ def retrain_releases(plan: RetrainPlan) -> dict[str, tuple[Region, dict[int, Gau
         except FedcrmError as e:
             raise UnlearningError(f"region {region} cannot take part in the erasure retrain: {e}") from e
     out: dict[str, tuple[Region, dict[int, GaussianRelease]]] = {}
-    for region, (r, data) in loaded.items():
+    for region, (r, _data) in loaded.items():
         releases: dict[int, GaussianRelease] = {}
+        # As the region plans its rounds: from its declared size (a count of the shard would move with
+        # the erasure itself), refused on it as a round would be.
+        declared = r.declared_shard(cfg, schema)
         for k in plan.stale:
-            n = int((~data.holdout & (data.shard == k)).sum())
-            if n < r.policy.min_customers:
-                raise UnlearningError(
-                    f"region {region} refuses the erasure retrain: shard {k} keeps {n} training customers, fewer "
-                    f"than its policy's minimum {r.policy.min_customers} behind any update"
-                )
+            try:
+                check_declared_shard(r.policy, region=region, shard=k, declared=declared)
+            except PolicyError as e:
+                raise UnlearningError(f"region {region} refuses the erasure retrain: {e}") from e
             if cfg.privacy.mode == "sample_dp":
-                declared = r.policy.declared_size(n)
                 q, steps = sampling_plan(
                     n=declared, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs
                 )

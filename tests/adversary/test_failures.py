@@ -1,0 +1,131 @@
+"""Free bits through failures (issue 23, item 4): a server probes a region with plans that fail only
+if some property of its data holds, and reads the answer off the failure, uncharged and repeatable.
+
+Each probe here is played through the region's ClientApp (``fedcrm.fl.client.answer``) on real files,
+SQLite ledger and torch, against two tables that differ only in the probed property: the replies must
+be the same. Before 0.2.0 every one of them told the two tables apart (one replied, one failed).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from region_probes import SCHEMA_TEXT, ask, edited_table, node, seen, tiny_federation
+
+from fedcrm import wire
+from fedcrm.data.io import MISSING, load_table
+from fedcrm.data.schema import load_schema
+from fedcrm.governance.audit_log import AuditLog
+
+pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
+
+
+def _blank(column: str, row: int = 0):  # noqa: ANN202
+    def edit(frame):  # noqa: ANN001, ANN202
+        frame.loc[row, column] = ""
+
+    return edit
+
+
+def test_probe_for_a_blank_age_gets_the_reply_of_a_table_without_one(tmp_path: Path) -> None:
+    """`age` is banded for fairness only. Before: one blank age failed every message of the region
+    (a free "does anyone lack an age?"); now the blank is the `(missing)` band, counted in DP answers."""
+    cfg, table = tiny_federation(tmp_path, customers=300)
+    with_blank = edited_table(table, tmp_path / "blank" / "eu.csv", _blank("age", row=7))
+    for kind in ("describe", "train"):
+        clean = seen(ask(kind, cfg, node(tmp_path, data=table, state=f"clean-{kind}")))
+        probed = seen(ask(kind, cfg, node(tmp_path, data=with_blank, state=f"blank-{kind}")))
+        assert probed == clean, kind
+        assert clean["status/outcome"] == wire.OUTCOME_OK
+    loaded = load_table(with_blank, load_schema(cfg.schema_path))
+    assert loaded.sensitive["age"].iloc[7] == MISSING
+
+
+def test_probe_with_unknown_error_on_a_vocabulary_is_refused_before_the_table_is_read(tmp_path: Path) -> None:
+    """`unknown: error` on the plan's vocabulary asks "does anyone hold a value outside it?". Before: a
+    table with one `gold` plan failed, one without trained. Now both, and a region with no table at all,
+    get the same refusal: the plan alone decides it."""
+    cfg, table = tiny_federation(tmp_path, customers=300)
+    probe = SCHEMA_TEXT.replace(
+        "vocabulary: [basic, standard, premium], unknown: other",
+        "vocabulary: [basic, standard, premium], unknown: error",
+    )
+    assert probe != SCHEMA_TEXT
+
+    def only(value: str):  # noqa: ANN202
+        def edit(frame):  # noqa: ANN001, ANN202
+            frame["plan"] = "standard"
+            frame.loc[0, "plan"] = value
+
+        return edit
+
+    tables = {
+        "holds gold": edited_table(table, tmp_path / "gold" / "eu.csv", only("gold")),
+        "vocabulary only": edited_table(table, tmp_path / "vocab" / "eu.csv", only("basic")),
+        "no table": tmp_path / "nowhere" / "eu.csv",
+    }
+    replies = {
+        name: seen(ask("train", cfg, node(tmp_path, data=path, state=name.replace(" ", "-")), schema_text=probe))
+        for name, path in tables.items()
+    }
+    assert replies["holds gold"] == replies["vocabulary only"] == replies["no table"]
+    assert replies["no table"]["status/outcome"] == wire.OUTCOME_REFUSED
+
+
+@pytest.mark.parametrize(
+    "defect",
+    ["label outside the spec", "duplicate id", "not a number", "no table"],
+)
+def test_every_data_failure_reads_as_one_fixed_code_and_its_details_stay_at_the_region(
+    tmp_path: Path, defect: str
+) -> None:
+    """Whichever check fails, the server reads one code (`region-data-unusable`), with no digit, no
+    column, no line; the data owner's audit log has the file, line and column. Before: a failure whose
+    reason and outcome (`failed`, "DataError") differed from a refusal's, with the region's own words
+    a step away."""
+    cfg, table = tiny_federation(tmp_path, customers=300)
+
+    def edit(frame):  # noqa: ANN001, ANN202
+        if defect == "label outside the spec":
+            frame.loc[3, "churned"] = "maybe"
+        elif defect == "duplicate id":
+            frame.loc[5, "customer_id"] = frame.loc[4, "customer_id"]
+        elif defect == "not a number":
+            frame.loc[2, "tenure_months"] = "n/a"
+
+    path = tmp_path / "nowhere.csv" if defect == "no table" else edited_table(table, tmp_path / "bad" / "eu.csv", edit)
+    for kind in ("describe", "train"):
+        reply = seen(ask(kind, cfg, node(tmp_path, data=path, state=f"state-{kind}")))
+        assert reply == {
+            "status/outcome": wire.OUTCOME_REFUSED,
+            "status/reason": wire.REFUSED_DATA_UNUSABLE,
+            "status/kind": "RegionDataUnusable",
+            "records": [wire.STATUS],
+        }, kind
+        assert not re.search(r"\d", str(reply))
+    refusals = [e for e in AuditLog(tmp_path / "state-train" / "audit.log").entries() if e.action == "refusal"]
+    assert refusals and str(path) in refusals[-1].details["reason"]
+
+
+def test_probe_for_an_empty_purpose_gets_the_reply_of_a_small_region(tmp_path: Path) -> None:
+    """The consent column decides who may be used. Before: a region where nobody consented failed
+    ("no customer can be used"), one with 30 consenting customers answered its exact 24 training
+    customers. Now both read as a region below the public size step: the same declared 0 and refusal."""
+    cfg, table = tiny_federation(tmp_path, customers=300)
+
+    def consenting(n: int):  # noqa: ANN202
+        def edit(frame):  # noqa: ANN001, ANN202
+            frame["consent_churn"] = "no"
+            frame.loc[: n - 1, "consent_churn"] = "yes"
+
+        return edit
+
+    empty = edited_table(table, tmp_path / "empty" / "eu.csv", consenting(0))
+    small = edited_table(table, tmp_path / "small" / "eu.csv", consenting(30))
+    for kind in ("describe", "train"):
+        a = seen(ask(kind, cfg, node(tmp_path, data=empty, state=f"empty-{kind}")))
+        b = seen(ask(kind, cfg, node(tmp_path, data=small, state=f"small-{kind}")))
+        assert a == b, kind
+    assert b["status/reason"] == wire.REFUSED_SHARD_SIZE
