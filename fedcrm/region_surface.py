@@ -44,7 +44,9 @@ def check_declared_shard(policy: RegionPolicy, *, region: str, shard: int, decla
     """Refuse a round whose shard is, as declared, below the policy's minimum or too small for its δ.
 
     Both compare the declared size: a refusal on the exact count would flip with one erasure at the
-    boundary and tell the server so for free. The exact count goes to the region's own audit log.
+    boundary and tell the server so for free. A shard whose exact count is below the minimum still
+    trains: DP-SGD's guarantee to each customer rests on q (the batch over the declared size), σ and
+    the steps, not on how many others the shard holds. The exact count goes to the region's audit log.
     """
     if declared < policy.min_customers:
         raise PolicyError(
