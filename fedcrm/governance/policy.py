@@ -56,7 +56,7 @@ class RegionPolicy(BaseModel):
         4, ge=0, description="how many evaluation answers one run may ask of this region; then it refuses"
     )
     public_size: PublicSize = Field(
-        "rounded", description="what the server may learn of the region's size: rounded to 2 significant digits"
+        "rounded", description="what the server may learn of the region's size: see declared_size (exact: warned)"
     )
     erasure_deadline_days: int = Field(30, ge=1, description="days to serve an erasure (GDPR Art. 12(3))")
     # What the server may learn of the region's size, and the shard counts it may ask for (0.2.0). Every
