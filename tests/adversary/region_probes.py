@@ -21,8 +21,11 @@ from fedcrm.data.schema import schema_from_text
 from fedcrm.fl import client
 from fedcrm.fl.codec import extend, plan_config, to_record
 from fedcrm.models import build_model, get_weights
+from fedcrm.node_settings import NodeSettings
+from fedcrm.region import Region
 
-SCHEMA_TEXT = (REPO / "configs" / "schemas" / "synthetic_crm.yaml").read_text(encoding="utf-8")
+SCHEMA = str(REPO / "configs" / "schemas" / "synthetic_crm.yaml")
+SCHEMA_TEXT = Path(SCHEMA).read_text(encoding="utf-8")
 
 
 def tiny_federation(tmp_path: Path, *, customers: int, overrides: dict | None = None) -> tuple[ExperimentConfig, Path]:
@@ -42,7 +45,8 @@ def edited_table(table: Path, out: Path, edit: Any) -> Path:
 
 def node(tmp_path: Path, *, data: Path, state: str = "state", policy: dict | None = None) -> Context:
     """The node config a data owner gives region ``eu``: its table, its state folder, its policy file."""
-    node_config = {"region": "eu", "data-path": str(data), "state-dir": str(tmp_path / state)}
+    # `schema-path`: the owner's own schema (the shipped one), for regions that own theirs (issue 23 item 1).
+    node_config = {"region": "eu", "data-path": str(data), "state-dir": str(tmp_path / state), "schema-path": SCHEMA}
     if policy is not None:
         path = tmp_path / f"{state}-policy.yaml"
         path.write_text(yaml.safe_dump(policy))
@@ -76,6 +80,11 @@ def ask(
     }
     msg = Message(content=RecordDict(content), dst_node_id=1, message_type=MessageType.TRAIN)  # type: ignore[arg-type]
     return client.answer(client._train, msg, context)
+
+
+def owner_region(context: Context) -> Region:
+    """The region as its data owner's own tools open it (exact counts), on the node's files and state."""
+    return Region(NodeSettings.from_node_config(dict(context.node_config)))
 
 
 def seen(reply: RecordDict) -> dict[str, Any]:

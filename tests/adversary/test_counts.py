@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from region_probes import ask, node, seen, tiny_federation
+from region_probes import ask, node, owner_region, seen, tiny_federation
 
 from fedcrm import wire
 from fedcrm.data.schema import load_schema
 from fedcrm.governance.policy import RegionPolicy
-from fedcrm.node_settings import NodeSettings
 from fedcrm.region import Region
 from fedcrm.unlearning.tombstones import Tombstones
 
@@ -30,15 +29,7 @@ ALLOW_24 = {"allowed_shards": [1, 2, 4, SHARDS]} if "allowed_shards" in RegionPo
 
 def _owner_view(tmp_path: Path, cfg, state: str, policy: dict) -> tuple[Region, object]:  # noqa: ANN001
     """The region as its data owner sees it (exact counts), on the same files and state as the node."""
-    node(tmp_path, data=Path(cfg.regions["eu"]), state=state, policy=policy)  # writes the policy file
-    region = Region(
-        NodeSettings(
-            region="eu",
-            data_path=Path(cfg.regions["eu"]),
-            state_dir=tmp_path / state,
-            policy_path=tmp_path / f"{state}-policy.yaml",
-        )
-    )
+    region = owner_region(node(tmp_path, data=Path(cfg.regions["eu"]), state=state, policy=policy))
     return region, region.load(cfg, load_schema(cfg.schema_path))
 
 
@@ -131,8 +122,6 @@ def test_a_declared_size_answers_the_preflight_without_reading_the_table(tmp_pat
 
 def test_a_policy_publishing_exact_sizes_warns(tmp_path: Path) -> None:
     cfg, table = tiny_federation(tmp_path, customers=300)
-    (tmp_path / "exact.yaml").write_text("public_size: exact\n")
+    context = node(tmp_path, data=table, policy={"public_size": "exact"})
     with pytest.warns(UserWarning, match="exact sizes"):
-        Region(
-            NodeSettings(region="eu", data_path=table, state_dir=tmp_path / "st", policy_path=tmp_path / "exact.yaml")
-        )
+        owner_region(context)
