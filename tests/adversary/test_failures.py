@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from region_probes import SCHEMA_TEXT, ask, edited_table, node, seen, tiny_federation
 
@@ -129,3 +130,37 @@ def test_probe_for_an_empty_purpose_gets_the_reply_of_a_small_region(tmp_path: P
         b = seen(ask(kind, cfg, node(tmp_path, data=small, state=f"small-{kind}")))
         assert a == b, kind
     assert b["status/reason"] == wire.REFUSED_SHARD_SIZE
+
+
+def test_probe_for_a_blank_age_in_the_holdout_gets_a_fairness_answer_of_the_same_shape(tmp_path: Path) -> None:
+    """The owner declares blank ages (`missing: indicator`). Before: the evaluation answer was charged,
+    then the fairness answer failed (ValueError: a value outside the bands) exactly when a hold-out
+    customer lacked an age. Now `(missing)` is a band of every banded attribute: the same answer shape,
+    a blank or not."""
+    from region_probes import owner_region
+
+    from fedcrm.fl.codec import plan_config, read_plan
+    from fedcrm.models import build_model, get_weights
+
+    cfg, table = tiny_federation(tmp_path, customers=300)
+    text = SCHEMA_TEXT.replace(
+        "{name: age, type: numeric, min: 18, max: 95}",
+        "{name: age, type: numeric, min: 18, max: 95, missing: indicator}",
+    )
+    assert text != SCHEMA_TEXT
+    plan_cfg, schema, run_id = read_plan(plan_config(cfg, schema_text=text, run_id="probe"))
+    owner = owner_region(node(tmp_path, data=table, state="look"))
+    data = owner.load(plan_cfg, schema)
+    held_out = str(data.ids[data.holdout][0])  # a hold-out customer
+
+    def blank_age(frame):  # noqa: ANN001, ANN202
+        frame.loc[frame["customer_id"] == held_out, "age"] = ""
+
+    with_blank = edited_table(table, tmp_path / "blank" / "eu.csv", blank_age)
+    weights = get_weights(build_model(cfg.model, n_features=data.x.shape[1], seed=0))
+    shapes = {}
+    for name, path in (("clean", table), ("blank", with_blank)):
+        region = owner_region(node(tmp_path, data=path, state="look"))  # same secret: same hold-out
+        trust = region.trust_summary(plan_cfg, schema, constituents=[weights], run_id=run_id)
+        shapes[name] = {k: np.shape(v) for k, v in trust.to_metrics(schema=schema).items()}
+    assert shapes["blank"] == shapes["clean"]
