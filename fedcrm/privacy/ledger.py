@@ -46,6 +46,7 @@ from fedcrm.privacy.ledger_store import (
     POPULATION_HOLDOUT,
     POPULATION_TRAIN,
     SCHEMA_VERSION,
+    SEEDED_ACCEPTED_KEY,
     LedgerEvent,
     LedgerStore,
     Outcome,
@@ -221,11 +222,13 @@ class PrivacyLedger(LedgerStore):
             params += (shard,)
         with self._connect_for_reading() as conn:
             rows = conn.execute(query + " ORDER BY e.id", params).fetchall()
+            accepted = self._meta(conn, self._seeded_key) is not None
         return [
             LedgerEvent(
                 **dict(zip(EVENT_COLUMNS, row[: len(EVENT_COLUMNS)], strict=True)),
                 outcome=row[-2],
                 outcome_reason=row[-1] or "",
+                seeded_accepted=accepted,
             )
             for row in rows
         ]
@@ -318,8 +321,9 @@ class PrivacyLedger(LedgerStore):
             spent = spend(None)
             where = "its hold-out" if holdout else f"shard {shard} of {shards}" if shards > 1 else "its customers"
             cause = (
-                " Some of these customers were already released without DP (a `none` run), so no ε "
-                "bound holds for them any more."
+                " Some of these customers were already released without DP (a `none` run, or releases "
+                "migrated from fedcrm 0.1 that the data owner has not accepted: `fedcrm budget --accept-seeded`), "
+                "so no ε bound holds for them any more."
                 if math.isinf(spent)
                 else ""
             )
@@ -366,3 +370,25 @@ class PrivacyLedger(LedgerStore):
             "n_pending": sum(1 for event in events if event.outcome is None),
             "events": [event.as_dict() for event in events],
         }
+
+    # -- releases migrated from fedcrm 0.1 ---------------------------------------------------------
+
+    @property
+    def _seeded_key(self) -> str:
+        return f"{SEEDED_ACCEPTED_KEY}:{self.region}"
+
+    def seeded_accepted(self) -> str | None:
+        """The data owner's acceptance of this region's ``seeded`` releases (what it records), or None."""
+        with self._connect_for_reading() as conn:
+            return self._meta(conn, self._seeded_key)
+
+    def record_seeded_accepted(self, record: str) -> None:
+        """Count this region's ``seeded`` releases at their recorded σ from now on; once, never undone.
+
+        A meta row, append-only like every row here, so the acceptance lives and travels with the events
+        it qualifies. Only :func:`fedcrm.governance.seeded_releases.accept_seeded` calls this, after it
+        wrote the decision to the region's audit log.
+        """
+        check_text("record", record)
+        with self._connect() as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (self._seeded_key, record))
