@@ -61,7 +61,11 @@ def _trust(tmp_path: Path, *bundles: bytes) -> RegionTrust:
 def test_bundle_shipping_an_installed_package_named_by_its_component_is_refused(
     tmp_path: Path, package: str, clientapp: str
 ) -> None:
-    fab = build_bundle(_app(tmp_path / "app", clientapp=clientapp, ship=package))
+    """The bundle's ClientApp is its own copy of an installed package, and it ships no ``clients`` (whose
+    presence would have been refused on 0.1 anyway: ``clients`` is installed with fedcrm)."""
+    app = _app(tmp_path / "app", clientapp=clientapp, ship=package)
+    shutil.rmtree(app / "clients")
+    fab = build_bundle(app)
     assert f"{package}/__init__.py" in zipfile.ZipFile(io.BytesIO(fab)).namelist()
     with pytest.raises(BundleRefused, match=CARRIES_SAFEGUARDS) as refused:
         check_bundle(content=fab, signature="", trust=_trust(tmp_path, fab))
