@@ -40,7 +40,7 @@ def budget(
     from fedcrm.governance.audit_trail import operator_actor
     from fedcrm.governance.policy import load_policy
     from fedcrm.governance.seeded_releases import accept_seeded as accept_seeded_releases
-    from fedcrm.privacy.client_dp import AGAINST_SERVER, epsilon_against_server
+    from fedcrm.privacy.client_dp import AGAINST_SERVER
     from fedcrm.privacy.ledger import PrivacyLedger
     from fedcrm.privacy.ledger_store import SEEDED_MIGRATION_NOTE
     from fedcrm.unlearning.budget import retrain_budgets
@@ -55,9 +55,6 @@ def budget(
         ledger = PrivacyLedger.open(state_dir, region=region)
         rules = load_policy(policy)
         s = ledger.summary(delta=rules.delta, accountant=accountant, budget=rules.privacy_budget)
-        s["seeded_accepted"] = ledger.seeded_accepted()
-        # Client-level DP rounds reached the server un-noised: against it their customers have no bound.
-        s["epsilon_against_server"] = epsilon_against_server(ledger.events(), epsilon=s["epsilon_spent"])
         s["retrains_left_by_shard"] = {
             str(k): b.retrains_left
             for k, b in retrain_budgets(ledger, budget=s["budget"], delta=rules.delta, accountant=accountant).items()

@@ -83,7 +83,8 @@ def privacy_warnings(cfg: ExperimentConfig, *, regions: int) -> list[str]:
             "client-level DP: the server adds the noise, so each region's clipped update reaches the server "
             f"un-noised: ε against the server and its operator is {AGAINST_SERVER}. The regions' ledgers "
             "charge each customer at noise multiplier σ/2 (removing one customer moves their region's clipped "
-            "update by up to 2C); that ε holds only against other regions and the model's users."
+            "update by up to 2C); that ε holds against other regions and the model's users, not against the "
+            "server."
         )
     if cfg.privacy.mode != "none" and cfg.privacy.noise == "reproducible":
         out.append(

@@ -31,6 +31,7 @@ from typing import Any
 
 from fedcrm.errors import PrivacyBudgetError, StorageError
 from fedcrm.privacy.accountant import AccountantName, GaussianRelease, NonPrivateRelease, Release, epsilon
+from fedcrm.privacy.client_dp import epsilon_against_server
 from fedcrm.privacy.ledger_cells import MAX_CELLS, cells
 from fedcrm.privacy.ledger_store import (
     EVENT_COLUMNS,
@@ -359,12 +360,15 @@ class PrivacyLedger(LedgerStore):
             "delta": delta,
             "accountant": accountant,
             "epsilon_spent": spent,
+            # Client-level DP rounds reached the server un-noised: against it their customers have no bound.
+            "epsilon_against_server": epsilon_against_server(events, epsilon=spent),
             "remaining": max(budget - spent, 0.0),
             # Per partition S used, per shard: the worst ε of a customer in that shard (all partitions
             # composed). JSON object keys are strings; make that explicit rather than leave it to json.dumps.
             "epsilon_by_shard": by_partition,
             "epsilon_holdout": self.epsilon_of_holdout(delta=delta, accountant=accountant) if events else 0.0,
             "releases_by_noise": noise,
+            "seeded_accepted": self.seeded_accepted(),  # the owner's acceptance of 0.1's releases, or None
             "non_private_releases": sum(1 for event in events if event.mechanism == MECHANISM_NON_PRIVATE),
             "n_events": len(events),
             "n_pending": sum(1 for event in events if event.outcome is None),
