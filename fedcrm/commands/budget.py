@@ -51,7 +51,8 @@ def budget(
             raise FedcrmError(f"no privacy ledger for region {region} under {state} (nothing released yet?)")
         if accept_seeded:
             entry = accept_seeded_releases(state_dir=state_dir, region=region, actor=operator_actor(operator))
-            out.print(f"seeded releases of region {region} accepted (audit entry {entry.seq}, {entry.hash[:12]})")
+            if not as_json:  # the JSON's seeded_accepted says it
+                out.print(f"seeded releases of region {region} accepted (audit entry {entry.seq}, {entry.hash[:12]})")
         ledger = PrivacyLedger.open(state_dir, region=region)
         rules = load_policy(policy)
         s = ledger.summary(delta=rules.delta, accountant=accountant, budget=rules.privacy_budget)

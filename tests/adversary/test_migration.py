@@ -80,6 +80,7 @@ def test_accept_seeded_is_audited_durable_and_once(tmp_path: Path) -> None:
     args = ["budget", "--region", "eu", "--state", str(state)]
     accepted = CliRunner().invoke(app, [*args, "--accept-seeded", "--operator", "dpo-alice", "--json"])
     assert accepted.exit_code == 0, accepted.output
+    assert "dpo-alice" in json.loads(accepted.output)["seeded_accepted"]
     entries = [e for e in AuditLog.open(state / "eu" / "audit.log").entries() if e.action == "seeded_accepted"]
     assert [(e.actor, e.details["event_ids"]) for e in entries] == [("dpo-alice", [1, 2])]
     # Durable: a fresh ledger object composes the old releases at their recorded σ.
