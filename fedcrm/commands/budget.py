@@ -85,7 +85,10 @@ def budget(
         f"the policy, {accountant}), budget {s['budget']:g}, remaining {s['remaining']:.3f}"
     )
     if math.isinf(s["epsilon_against_server"]) and not math.isinf(s["epsilon_spent"]):
-        out.print(f"against the server: {AGAINST_SERVER}; the ε above holds against the model's users only")
+        out.print(
+            f"against the server: {AGAINST_SERVER}; the ε above holds only against those who see the noised "
+            "aggregate (other regions, the model's users)"
+        )
     for size, per_shard in s["epsilon_by_shard"].items():
         if size != "1":
             out.print(f"shards of S={size}: " + ", ".join(f"{k}: {v:.3f}" for k, v in per_shard.items()))
@@ -93,7 +96,8 @@ def budget(
     if s["releases_by_noise"].get("seeded"):
         out.print(
             f"[yellow]warning:[/] accepted: {s['seeded_accepted']}. Releases marked `seeded` count at their σ, "
-            "although whoever wrote their config could predict their noise."
+            "although whoever wrote their config could predict their noise; fedcrm 0.1's evaluation answers, exact "
+            "and unrecorded, stay outside every ε."
             if s["seeded_accepted"]
             else f"[yellow]warning:[/] {SEEDED_MIGRATION_NOTE}"
         )
