@@ -58,6 +58,7 @@ class PrivacyConfig(_Section):
     clipping_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
     # client_dp only: the Gaussian noise multiplier of Flower's DP-FedAvg wrapper.
+    # Each customer is charged σ/2: their removal moves their region's clipped update by up to 2C.
     client_noise_multiplier: float = Field(0.5, ge=0)
 
     @model_validator(mode="after")

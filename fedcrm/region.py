@@ -27,6 +27,7 @@ from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, get_weights, set_weights
 from fedcrm.node_settings import NodeSettings
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
+from fedcrm.privacy.client_dp import client_dp_release
 from fedcrm.privacy.clipping import clip_update
 from fedcrm.privacy.ledger import (
     NOISE_REPRODUCIBLE,
@@ -250,15 +251,15 @@ class Region(HoldoutAnswers):
             self.policy.check_noise(region=self.name, noise_multiplier=release.noise_multiplier)
             return release, DpSgd(noise_multiplier=release.noise_multiplier, clipping_norm=cfg.privacy.clipping_norm)
         if cfg.privacy.mode == "client_dp":
-            # The region's whole update, clipped here; the server adds the noise to the uniform average of
-            # the updates it aggregates (fedcrm.fl.strategy), so one region's share has sensitivity C/m
-            # against noise σ·C/m: σ as stated. Against the server itself, which sees the clipped update
-            # before noising, this protects nothing.
-            sigma = cfg.privacy.client_noise_multiplier
-            self.policy.check_noise(region=self.name, noise_multiplier=sigma)
-            if sigma <= 0:
-                return NonPrivateRelease(), None
-            return GaussianRelease(sigma, 1.0, 1), None
+            # The region's whole update, clipped here; the server adds noise σ·C/m to the uniform average of
+            # the m updates it aggregates (fedcrm.fl.strategy). One customer can move this region's share by
+            # 2C/m (across the C-ball), so the customer sees σ/2, and the ledger charges that
+            # (fedcrm.privacy.client_dp). Against the server itself, which sees the clipped update before
+            # noising, this protects nothing: ε = ∞, shown as such wherever the ledger's ε is.
+            charged = client_dp_release(server_noise_multiplier=cfg.privacy.client_noise_multiplier)
+            sigma = charged.noise_multiplier if isinstance(charged, GaussianRelease) else 0.0
+            self.policy.check_noise(region=self.name, noise_multiplier=sigma)  # the σ the customer sees
+            return charged, None
         return NonPrivateRelease(), None
 
     def _train_round(

@@ -239,7 +239,8 @@ def test_client_dp_clips_at_the_region_and_weights_regions_uniformly(tmp_path: P
     assert _distance(new, start) <= 0.01 * (1 + 1e-5)
     assert metrics["num-examples"] == 1.0
     (event,) = Region(settings).ledger.events()
-    assert event.release == GaussianRelease(cfg.privacy.client_noise_multiplier, 1.0, 1)
+    # One customer moves the clipped update by up to 2C: the customer sees σ/2 (issue 23; was σ).
+    assert event.release == GaussianRelease(cfg.privacy.client_noise_multiplier / 2, 1.0, 1)
 
 
 def test_client_dp_refuses_robust_aggregation(tmp_path: Path) -> None:
