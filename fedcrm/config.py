@@ -56,7 +56,9 @@ class PrivacyConfig(_Section):
     # secret (research and tests; only where the region's policy allows it). See fedcrm.privacy.randomness.
     noise: Literal["secure", "reproducible"] = "secure"
     clipping_norm: float = Field(1.0, gt=0)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="must be each region's: a region whose policy names another accountant refuses the run"
+    )
     # client_dp only: the Gaussian noise multiplier of Flower's DP-FedAvg wrapper.
     client_noise_multiplier: float = Field(0.5, ge=0)
 

@@ -16,7 +16,7 @@ from fedcrm.errors import FedcrmError
 def budget(
     region: Annotated[str, typer.Option(help="Region name.")],
     state: StateOpt = DEFAULT_STATE,
-    accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
+    accountant: Annotated[str | None, typer.Option(help="rdp or prv; default: the policy's.")] = None,
     policy: Annotated[
         Path | None, typer.Option(help="The region's policy file (its budget and δ); default: the default policy.")
     ] = None,
@@ -37,6 +37,7 @@ def budget(
             raise FedcrmError(f"no privacy ledger for region {region} under {state} (nothing released yet?)")
         ledger = PrivacyLedger.open(state_dir, region=region)
         rules = load_policy(policy)
+        accountant = accountant or rules.accountant  # the ledger composes as the region's policy says
         s = ledger.summary(delta=rules.delta, accountant=accountant, budget=rules.privacy_budget)
         s["retrains_left_by_shard"] = {
             str(k): b.retrains_left

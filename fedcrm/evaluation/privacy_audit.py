@@ -222,7 +222,15 @@ def audit_region(
         )
     schema = load_schema(cfg.schema_path)
     served.check_schema(schema)
-    r = Region(NodeSettings(region=region, data_path=data_path, state_dir=state_dir, policy_path=policy_path))
+    r = Region(
+        NodeSettings(
+            region=region,
+            data_path=data_path,
+            state_dir=state_dir,
+            policy_path=policy_path,
+            schema_path=cfg.schema_path,  # the data owner audits with their own schema
+        )
+    )
     data = r.load(cfg, schema)
     chosen = customer_canaries(
         data.holdout, holdout_fraction=cfg.evaluation.holdout_fraction, rng=np.random.default_rng()
