@@ -21,7 +21,7 @@ RUN_ID: Final = "run-id"
 SHARD: Final = "shard"
 ROUND_OFFSET: Final = "round-offset"  # rounds completed before a resume: ledger and seeds use the true round
 EXPERIMENT: Final = "experiment"  # the run's config as JSON, region paths blanked
-SCHEMA: Final = "schema"  # the declared schema as YAML (public encoding facts)
+SCHEMA: Final = "schema"  # the run's schema as YAML: a request, checked against the region's own (REFUSED_SCHEMA)
 
 ACTION_DESCRIBE: Final = "describe"
 ACTION_EVALUATE_SERVED: Final = "evaluate-served"

@@ -61,6 +61,8 @@ def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str) -> Conf
 
 
 def read_plan(config: ConfigRecord) -> tuple[ExperimentConfig, Schema, str]:
+    """The run's config, schema and id as the server sent them. The schema is the server's request only: a
+    region reads its table with its data owner's own (``Region.owned_schema``), never with this one."""
     cfg, schema = _parse_plan(str(config[wire.EXPERIMENT]), str(config[wire.SCHEMA]))
     return cfg, schema, str(config[wire.RUN_ID])
 
