@@ -162,6 +162,11 @@ class ExperimentConfig(_Section):
     policies: dict[str, Path] = Field(
         default_factory=dict, description="simulation only: region name -> that data owner's policy file"
     )
+    region_schemas: dict[str, Path] = Field(
+        default_factory=dict,
+        description="simulation only: region name -> the schema file that data owner declares (default: `schema`); "
+        "each region checks the run's schema against its own and refuses a run whose schema differs",
+    )
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -221,6 +226,9 @@ class ExperimentConfig(_Section):
         unknown = sorted(set(self.policies) - set(self.regions))
         if unknown:
             raise ValueError(f"policies given for unknown regions {unknown}")
+        unknown = sorted(set(self.region_schemas) - set(self.regions))
+        if unknown:
+            raise ValueError(f"region_schemas given for unknown regions {unknown}")
         unknown = sorted(set(self.region_delimiters) - set(self.regions))
         if unknown:
             raise ValueError(f"region_delimiters given for unknown regions {unknown}")
@@ -248,6 +256,7 @@ class ExperimentConfig(_Section):
 
         update: dict[str, Any] = {"schema_path": fix(self.schema_path), "output_dir": fix(self.output_dir)}
         update["policies"] = {k: fix(v) for k, v in self.policies.items()}
+        update["region_schemas"] = {k: fix(v) for k, v in self.region_schemas.items()}
         if self.split is None:
             update["regions"] = {k: fix(v) for k, v in self.regions.items()}
         else:

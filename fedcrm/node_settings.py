@@ -83,8 +83,9 @@ def region_settings(cfg: ExperimentConfig, *, state_root: Path) -> dict[str, Nod
     """Every region's settings as its data owner would set them, where this machine plays every owner.
 
     Each region's state is ``state_root/<region>``; its file, policy and delimiter are the config's. Its
-    schema is the config's schema file, as the data owner of a simulated region on the shipped tables would
-    declare it: the region then checks every plan the server sends against this copy, not the server's text.
+    schema is the one ``region_schemas`` names for it, else the config's schema file (as the data owner of a
+    simulated region on the shipped tables would declare it): the region checks every plan the server sends
+    against this copy of its own, not against the server's text.
     """
     return {
         name: NodeSettings(
@@ -93,7 +94,7 @@ def region_settings(cfg: ExperimentConfig, *, state_root: Path) -> dict[str, Nod
             state_dir=(Path(state_root) / name).resolve(),
             policy_path=_absolute(cfg.policies[name]) if name in cfg.policies else None,
             delimiter=cfg.region_delimiters.get(name),
-            schema_path=_absolute(cfg.schema_path),
+            schema_path=_absolute(cfg.region_schemas.get(name, cfg.schema_path)),
         )
         for name, path in cfg.regions.items()
     }

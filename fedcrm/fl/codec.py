@@ -47,6 +47,7 @@ def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str) -> Conf
     public["regions"] = {name: "(set by the region's data owner)" for name in cfg.regions}
     public["split"] = None
     public["policies"] = {}
+    public["region_schemas"] = {}  # each region's schema is its data owner's (its node config), not the server's
     public["region_delimiters"] = {}  # each region's file format is its own (its node config), not the server's
     public.pop("tracking", None)  # server side only: where results are tracked is none of a region's business
     public["schema"] = "(sent as text)"

@@ -12,6 +12,7 @@ config's, so the server could move the budget's cap by about 10 %.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from fedcrm.fl import client as client_module
 from fedcrm.fl.codec import extend, plan_config, read_plan, to_record
 from fedcrm.governance.audit_log import AuditLog
 from fedcrm.models import build_model, get_weights
-from fedcrm.node_settings import NodeSettings
+from fedcrm.node_settings import NodeSettings, region_settings
 from fedcrm.privacy.ledger import PrivacyLedger
 from fedcrm.region import Region
 from fedcrm.unlearning.tombstones import Tombstones
@@ -185,6 +186,25 @@ def test_a_region_without_its_own_schema_does_not_take_the_servers(tmp_path: Pat
     reply = _train_reply(cfg, node, _owner_schema())
     assert _outcome(reply) == (wire.OUTCOME_REFUSED, wire.REFUSED_SCHEMA)
     assert "schema-path" in _refusal_reasons(node)[0]
+
+
+def test_a_simulated_region_checks_the_configs_schema_against_its_owners_file(tmp_path: Path) -> None:
+    """Before 0.2.0 `fedcrm run` gave every simulated region the config's schema: a config whose schema
+    re-keyed the customers re-keyed them at every region. Each simulated owner now has a file of their own
+    (`region_schemas`, else the config's `schema`), and the plan never carries it."""
+    rekeyed = tmp_path / "rekeyed.yaml"
+    rekeyed.write_text(yaml.safe_dump(_owner_schema() | {"id": REKEYED_ID}, sort_keys=False))
+    overrides = {"schema": str(rekeyed), "region_schemas": {"eu": str(OWNER_SCHEMA)}}
+    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 300, "us": 300}, overrides=overrides))
+    nodes = region_settings(cfg, state_root=tmp_path / "state")
+    assert nodes["eu"].schema_path == OWNER_SCHEMA.resolve()
+    assert nodes["us"].schema_path == rekeyed.resolve()  # an owner who declared none: the config's
+    plan = plan_config(cfg, schema_text=rekeyed.read_text(), run_id="r1")
+    assert json.loads(str(plan[wire.EXPERIMENT]))["region_schemas"] == {}  # no owner's path goes out
+
+    reply = _train_reply(cfg, nodes["eu"].node_config(), yaml.safe_load(rekeyed.read_text()))
+    assert _outcome(reply) == (wire.OUTCOME_REFUSED, wire.REFUSED_SCHEMA)
+    assert _ledger_events(nodes["eu"].node_config()) == 0
 
 
 def test_the_servers_accountant_choice_does_not_move_the_regions_cap(tmp_path: Path) -> None:
