@@ -79,6 +79,25 @@ def _absolute(path: Path) -> Path:
     return path.resolve()
 
 
+def _owner_schema(cfg: ExperimentConfig, region: str) -> Path:
+    """The schema file ``region``'s data owner declares where this machine plays them: ``region_schemas``,
+    else the config's schema (the shipped tables' owners declare the shipped schema)."""
+    return _absolute(cfg.region_schemas.get(region, cfg.schema_path))
+
+
+def owner_settings(
+    cfg: ExperimentConfig, *, region: str, data_path: Path, state_dir: Path, policy_path: Path | None
+) -> NodeSettings:
+    """A region's settings for a data owner's own command on a table and state they name (an audit)."""
+    return NodeSettings(
+        region=region,
+        data_path=Path(data_path),
+        state_dir=Path(state_dir),
+        policy_path=policy_path,
+        schema_path=_owner_schema(cfg, region),
+    )
+
+
 def region_settings(cfg: ExperimentConfig, *, state_root: Path) -> dict[str, NodeSettings]:
     """Every region's settings as its data owner would set them, where this machine plays every owner.
 
@@ -94,7 +113,7 @@ def region_settings(cfg: ExperimentConfig, *, state_root: Path) -> dict[str, Nod
             state_dir=(Path(state_root) / name).resolve(),
             policy_path=_absolute(cfg.policies[name]) if name in cfg.policies else None,
             delimiter=cfg.region_delimiters.get(name),
-            schema_path=_absolute(cfg.region_schemas.get(name, cfg.schema_path)),
+            schema_path=_owner_schema(cfg, name),
         )
         for name, path in cfg.regions.items()
     }
