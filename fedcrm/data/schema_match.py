@@ -81,6 +81,9 @@ def schema_differences(plan: Schema, *, owner: Schema) -> list[str]:
     return out
 
 
+# A region checks the plan with every message, twice (check_request, load): 0.8 ms each on the synthetic
+# schema, 0.04 ms from this cache. Frozen schemas hash by value; a refusal raises and is not cached.
+@lru_cache(maxsize=64)
 def owned_schema(plan: Schema, *, owner: Schema | None, region: str) -> Schema:
     """The schema ``region`` reads its table with for a run that sent ``plan``: the owner's own, with the
     run's choice of the owner's features. Raises :class:`PolicyError` (``wire.REFUSED_SCHEMA``) naming every
