@@ -96,7 +96,11 @@ def exact_holdout_metrics(cfg, *, run_dir: Path, state: Path) -> dict[str, float
     for region, path in cfg.regions.items():
         data = Region(
             NodeSettings(
-                region=region, data_path=Path(path), state_dir=state / region, policy_path=cfg.policies.get(region)
+                region=region,
+                data_path=Path(path),
+                state_dir=state / region,
+                policy_path=cfg.policies.get(region),
+                schema_path=cfg.schema_path,
             )
         ).load(cfg, schema)
         scores.append(served.proba(data.x[data.holdout]))
@@ -136,7 +140,11 @@ def one_region(tmp_path: Path, *, customers: int, overrides: dict | None = None,
         policy_path = tmp_path / "eu-policy.yaml"
         policy_path.write_text(yaml.safe_dump(policy))
     return cfg, NodeSettings(
-        region="eu", data_path=Path(cfg.regions["eu"]), state_dir=tmp_path / "state" / "eu", policy_path=policy_path
+        region="eu",
+        data_path=Path(cfg.regions["eu"]),
+        state_dir=tmp_path / "state" / "eu",
+        policy_path=policy_path,
+        schema_path=cfg.schema_path,  # the data owner's own copy of the schema
     )
 
 

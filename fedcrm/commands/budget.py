@@ -17,7 +17,7 @@ from fedcrm.errors import FedcrmError
 def budget(
     region: Annotated[str, typer.Option(help="Region name.")],
     state: StateOpt = DEFAULT_STATE,
-    accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
+    accountant: Annotated[str | None, typer.Option(help="rdp or prv; default: the policy's.")] = None,
     policy: Annotated[
         Path | None, typer.Option(help="The region's policy file (its budget and δ); default: the default policy.")
     ] = None,
@@ -55,6 +55,7 @@ def budget(
                 out.print(f"seeded releases of region {region} accepted (audit entry {entry.seq}, {entry.hash[:12]})")
         ledger = PrivacyLedger.open(state_dir, region=region)
         rules = load_policy(policy)
+        accountant = accountant or rules.accountant  # the ledger composes as the region's policy says
         s = ledger.summary(delta=rules.delta, accountant=accountant, budget=rules.privacy_budget)
         s["retrains_left_by_shard"] = {
             str(k): b.retrains_left

@@ -252,7 +252,7 @@ def check_retrain_budget(plan: RetrainPlan) -> None:
                 r.ledger.check_budget(
                     budget=r.policy.privacy_budget,
                     delta=r.delta,
-                    accountant=cfg.privacy.accountant,
+                    accountant=r.policy.accountant,
                     shard=k,
                     shards=cfg.unlearning.shards,
                     next_release=release,

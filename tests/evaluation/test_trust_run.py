@@ -55,7 +55,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _holdout(run: dict[str, Any], region: str):  # noqa: ANN202
     cfg = run["cfg"]
-    r = Region(NodeSettings(region=region, data_path=cfg.regions[region], state_dir=run["state"] / region))
+    r = Region(
+        NodeSettings(
+            region=region, data_path=cfg.regions[region], state_dir=run["state"] / region, schema_path=cfg.schema_path
+        )
+    )
     return r.load(cfg, load_schema(cfg.schema_path))
 
 
