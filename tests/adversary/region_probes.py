@@ -43,10 +43,12 @@ def edited_table(table: Path, out: Path, edit: Any) -> Path:
     return out
 
 
-def node(tmp_path: Path, *, data: Path, state: str = "state", policy: dict | None = None) -> Context:
-    """The node config a data owner gives region ``eu``: its table, its state folder, its policy file."""
+def node(
+    tmp_path: Path, *, data: Path, state: str = "state", policy: dict | None = None, schema: str = SCHEMA
+) -> Context:
+    """The node config a data owner gives region ``eu``: its table, state folder, policy file and schema."""
     # `schema-path`: the owner's own schema (the shipped one), for regions that own theirs (issue 23 item 1).
-    node_config = {"region": "eu", "data-path": str(data), "state-dir": str(tmp_path / state), "schema-path": SCHEMA}
+    node_config = {"region": "eu", "data-path": str(data), "state-dir": str(tmp_path / state), "schema-path": schema}
     if policy is not None:
         path = tmp_path / f"{state}-policy.yaml"
         path.write_text(yaml.safe_dump(policy))

@@ -148,8 +148,10 @@ def test_probe_for_a_blank_age_in_the_holdout_gets_a_fairness_answer_of_the_same
         "{name: age, type: numeric, min: 18, max: 95, missing: indicator}",
     )
     assert text != SCHEMA_TEXT
+    owners = tmp_path / "owner-schema.yaml"  # the owner's own declaration: blank ages are expected
+    owners.write_text(text)
     plan_cfg, schema, run_id = read_plan(plan_config(cfg, schema_text=text, run_id="probe"))
-    owner = owner_region(node(tmp_path, data=table, state="look"))
+    owner = owner_region(node(tmp_path, data=table, state="look", schema=str(owners)))
     data = owner.load(plan_cfg, schema)
     held_out = str(data.ids[data.holdout][0])  # a hold-out customer
 
@@ -160,7 +162,7 @@ def test_probe_for_a_blank_age_in_the_holdout_gets_a_fairness_answer_of_the_same
     weights = get_weights(build_model(cfg.model, n_features=data.x.shape[1], seed=0))
     shapes = {}
     for name, path in (("clean", table), ("blank", with_blank)):
-        region = owner_region(node(tmp_path, data=path, state="look"))  # same secret: same hold-out
+        region = owner_region(node(tmp_path, data=path, state="look", schema=str(owners)))  # same hold-out
         trust = region.trust_summary(plan_cfg, schema, constituents=[weights], run_id=run_id)
         shapes[name] = {k: np.shape(v) for k, v in trust.to_metrics(schema=schema).items()}
     assert shapes["blank"] == shapes["clean"]
