@@ -183,8 +183,11 @@ class Region(HoldoutAnswers):
     def _load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
         # The table itself is not cached: the encoded result is what is kept, and keeping the table
         # too would double the rows held for each region and evict sooner.
+        # Read and checked under every feature the owner declares, the run's choice or not: else a blank in
+        # a feature would fail the runs that choose it and no other, and the choice would probe for it.
+        declared = owner_schema(self.settings.schema_path) or schema
         table, counts = usable_for(
-            load_table(self.settings.data_path, schema, delimiter=self.settings.delimiter),
+            load_table(self.settings.data_path, declared, delimiter=self.settings.delimiter),
             purpose=cfg.task,
             tombstones=self.tombstones,
             withdrawals=self.consent_withdrawals,

@@ -104,7 +104,7 @@ def test_a_shard_count_outside_allowed_shards_is_refused_before_the_table_is_rea
         for i, path in enumerate((table, tmp_path / "no-table.csv"))
     ]
     assert all(r == replies[0] for r in replies)
-    assert replies[0]["status/reason"] == wire.REFUSED_SHARDS
+    assert replies[0]["status/reason"] == "shard-count-not-allowed"
 
 
 def test_a_declared_size_answers_the_preflight_without_reading_the_table(tmp_path: Path) -> None:

@@ -21,6 +21,9 @@ from fedcrm.data.schema import load_schema
 from fedcrm.governance.audit_log import AuditLog
 
 pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
+# The fixed code, as the server reads it (wire.REFUSED_DATA_UNUSABLE; spelled out so the attacks replay on
+# code that predates it).
+UNUSABLE = "region-data-unusable"
 
 
 def _blank(column: str, row: int = 0):  # noqa: ANN202
@@ -101,7 +104,7 @@ def test_every_data_failure_reads_as_one_fixed_code_and_its_details_stay_at_the_
         reply = seen(ask(kind, cfg, node(tmp_path, data=path, state=f"state-{kind}")))
         assert reply == {
             "status/outcome": wire.OUTCOME_REFUSED,
-            "status/reason": wire.REFUSED_DATA_UNUSABLE,
+            "status/reason": UNUSABLE,
             "status/kind": "RegionDataUnusable",
             "records": [wire.STATUS],
         }, kind
@@ -166,3 +169,21 @@ def test_probe_for_a_blank_age_in_the_holdout_gets_a_fairness_answer_of_the_same
         trust = region.trust_summary(plan_cfg, schema, constituents=[weights], run_id=run_id)
         shapes[name] = {k: np.shape(v) for k, v in trust.to_metrics(schema=schema).items()}
     assert shapes["blank"] == shapes["clean"]
+
+
+def test_probe_by_choosing_features_gets_the_same_reply_with_or_without_a_blank_feature(tmp_path: Path) -> None:
+    """A run chooses among the owner's features. `tenure_months` allows no blank (`missing: error`) and
+    one customer has one. Before: a run choosing it failed and a run leaving it out trained, so two runs
+    told whether the column held a blank. Now the table is checked under every declared feature: both
+    runs read `region-data-unusable`."""
+    cfg, table = tiny_federation(tmp_path, customers=300)
+    tenure = "  - {name: tenure_months, type: numeric, min: 0, max: 120, description: months as a customer}\n"
+    assert tenure in SCHEMA_TEXT
+    without = SCHEMA_TEXT.replace(tenure, "")
+    with_blank = edited_table(table, tmp_path / "blank" / "eu.csv", _blank("tenure_months", row=11))
+    replies = {
+        name: seen(ask("train", cfg, node(tmp_path, data=with_blank, state=name), schema_text=text))
+        for name, text in (("all features", SCHEMA_TEXT), ("without tenure", without))
+    }
+    assert replies["all features"] == replies["without tenure"]
+    assert replies["without tenure"]["status/reason"] == UNUSABLE
