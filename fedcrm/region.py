@@ -173,6 +173,7 @@ class Region(HoldoutAnswers):
             str(state.resolve()),
             file_version(region_secret_path(state)),
             schema.model_dump_json(),
+            self._declared_schema(schema).model_dump_json(),  # the table is checked under all of it (_load)
             cfg.task,
             self.policy.holdout_fraction,
             cfg.unlearning.shards,
@@ -180,14 +181,16 @@ class Region(HoldoutAnswers):
         )
         return self.cache.remember(key, lambda: self._load(cfg, schema), rows=lambda d: len(d.ids))
 
+    def _declared_schema(self, schema: Schema) -> Schema:
+        """The schema the table is read and checked under: the owner's, every declared feature, whichever the
+        run chose. Else a blank in a feature would fail only the runs that choose it: a choice would probe it."""
+        return owner_schema(self.settings.schema_path) or schema
+
     def _load(self, cfg: ExperimentConfig, schema: Schema) -> RegionData:
         # The table itself is not cached: the encoded result is what is kept, and keeping the table
         # too would double the rows held for each region and evict sooner.
-        # Read and checked under every feature the owner declares, the run's choice or not: else a blank in
-        # a feature would fail the runs that choose it and no other, and the choice would probe for it.
-        declared = owner_schema(self.settings.schema_path) or schema
         table, counts = usable_for(
-            load_table(self.settings.data_path, declared, delimiter=self.settings.delimiter),
+            load_table(self.settings.data_path, self._declared_schema(schema), delimiter=self.settings.delimiter),
             purpose=cfg.task,
             tombstones=self.tombstones,
             withdrawals=self.consent_withdrawals,
