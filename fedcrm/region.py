@@ -41,7 +41,6 @@ from fedcrm.region_surface import (
     check_declared_shard,
     declared_shard_size,
     declared_training,
-    refuse_fatal_unknowns,
     warn_if_exact_sizes,
 )
 from fedcrm.training import DpSgd, sampling_plan, train_locally
@@ -136,7 +135,6 @@ class Region(HoldoutAnswers):
                 accountant=cfg.privacy.accountant,
             )
             self.policy.check_shards(region=self.name, shards=cfg.unlearning.shards)
-            refuse_fatal_unknowns(region=self.name, schema=schema)
         except PolicyError as e:
             self._audit_refusal(e, purpose=cfg.task, config_sha256=cfg.digest())
             raise

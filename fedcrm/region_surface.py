@@ -4,8 +4,8 @@ The rule (README, "How privacy is accounted"): after a region reads its data, no
 observe depends on the data except DP answers charged first. So every size the server sees, and every
 size a refusal compares, is a *declared* figure: the data owner's ``declared_customers``, else the
 count rounded to the policy's public step (:meth:`RegionPolicy.declared_size`); a shard's size is the
-declared size over the shard count, never a count of the shard. And a plan whose schema would make the
-table's contents decide between success and failure is refused from the plan alone, before a row is read.
+declared size over the shard count, never a count of the shard. (Failures after the table is read are
+one fixed code, and do not depend on the run's choices: see ``Region.load`` and ``Region._declared_schema``.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Callable
 
 from fedcrm import wire
-from fedcrm.data.schema import CategoricalColumn, Schema
 from fedcrm.errors import PolicyError
 from fedcrm.governance.policy import RegionPolicy
 
@@ -60,22 +59,6 @@ def check_declared_shard(policy: RegionPolicy, *, region: str, shard: int, decla
             f"shard {shard}'s {declared} declared customers: a release could then reveal a customer outright; "
             "lower δ",
             code=wire.REFUSED_SHARD_SIZE,
-        )
-
-
-def refuse_fatal_unknowns(*, region: str, schema: Schema) -> None:
-    """Refuse, before reading, a plan whose schema makes a category outside its vocabulary fatal.
-
-    With ``unknown: error`` on a vocabulary the plan chooses, failing or not would answer "does any
-    customer hold a value outside this list?", once per probe, uncharged. With ``unknown: other`` such a
-    value is encoded as ``(other)`` and counted in the region's own report.
-    """
-    columns = [*schema.model_columns, *(s.column for s in schema.sensitive)]
-    fatal = [c.name for c in columns if isinstance(c, CategoricalColumn) and c.unknown == "error"]
-    if fatal:
-        raise PolicyError(
-            f"region {region}: the run's schema declares `unknown: error` on {fatal}: whether the table holds "
-            "a value outside a vocabulary must not decide a reply; declare `unknown: other`"
         )
 
 

@@ -50,7 +50,8 @@ def test_probe_for_a_blank_age_gets_the_reply_of_a_table_without_one(tmp_path: P
 def test_probe_with_unknown_error_on_a_vocabulary_is_refused_before_the_table_is_read(tmp_path: Path) -> None:
     """`unknown: error` on the plan's vocabulary asks "does anyone hold a value outside it?". Before: a
     table with one `gold` plan failed, one without trained. Now both, and a region with no table at all,
-    get the same refusal: the plan alone decides it."""
+    get the same refusal: the plan alone decides it (the vocabulary and its `unknown` are the owner's; an
+    owner who declares `unknown: error` gets one fixed code on every run, whichever features it uses)."""
     cfg, table = tiny_federation(tmp_path, customers=300)
     probe = SCHEMA_TEXT.replace(
         "vocabulary: [basic, standard, premium], unknown: other",
