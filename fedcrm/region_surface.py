@@ -1,4 +1,4 @@
-"""What a server can observe of a region besides its DP answers: declared sizes and plan-only refusals.
+"""What a server can observe of a region besides its DP answers: declared sizes, and refusals on them.
 
 The rule (README, "How privacy is accounted"): after a region reads its data, nothing the server can
 observe depends on the data except DP answers charged first. So every size the server sees, and every
