@@ -1,5 +1,5 @@
 """fedcrm's own PRV accountant against Opacus's ``PRVAccountant``, the one it replaced in 0.2.0: the
-same computation, so a ledger's ε must not move (only the FFTs differ, numpy's for scipy's)."""
+same computation, so a ledger's ε must not move (only the pairwise convolution's FFT lengths differ)."""
 
 from __future__ import annotations
 
