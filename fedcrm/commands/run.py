@@ -65,7 +65,6 @@ def run(
     """
     from fedcrm.config import load_config
     from fedcrm.experiment import materialise_regions
-    from fedcrm.fl.simulation import run_simulated
 
     if federation is not None:
         _run_on_federation(
@@ -90,6 +89,9 @@ def run(
         )
         if resume and not (run_dir / "config.yaml").exists():
             raise FedcrmError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
+        # After the first line: Flower, Ray and torch take seconds to import, and the line says what runs.
+        from fedcrm.fl.simulation import run_simulated
+
         summary = run_simulated(
             cfg,
             run_dir=run_dir,

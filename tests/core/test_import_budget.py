@@ -109,3 +109,29 @@ def test_command_that_loads_a_model_imports_nothing_of_the_federation_or_dp_trai
 def test_commands_that_load_a_model_do_import_torch_for_it(model_loaded: dict[str, set[str]]) -> None:
     # Else the test above would pass on commands that did nothing.
     assert "torch" in set().union(*model_loaded.values())
+
+
+# A ClientApp process of the simulation unpickles the ClientApp, mods and all, and so imports the modules
+# they come from; it then prints which of the server's side it loaded.
+_UNPICKLE_CLIENT_APP = """
+import pickle, sys
+pickle.loads(sys.stdin.buffer.read())
+print(sorted(m for m in sys.modules if m in ("fedcrm.fl.server", "fedcrm.fl.strategy", "fedcrm.fl.simulation")))
+"""
+
+
+def test_simulated_client_app_process_imports_nothing_of_the_server_side(tmp_path: Path) -> None:
+    # What Ray does with the ClientApp that `fedcrm run` builds: each ClientApp process imported the
+    # server's strategy and the simulation driver for the node-config mod, ~1 s a process before 0.2.0.
+    from ray import cloudpickle
+
+    from fedcrm.fl.client import build_client_app
+    from fedcrm.fl.simulation import simulated_node_config, write_node_table
+
+    table = write_node_table({0: {"region": "eu"}}, state_root=tmp_path)
+    app = build_client_app(mods=[simulated_node_config(table)])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = [sys.executable, "-c", _UNPICKLE_CLIENT_APP]
+    done = subprocess.run(child, input=cloudpickle.dumps(app), cwd=REPO, env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "[]"
