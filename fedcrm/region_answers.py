@@ -73,7 +73,7 @@ class HoldoutAnswers:
         self.ledger.check_budget(
             budget=self.policy.privacy_budget,
             delta=self.delta,
-            accountant=cfg.privacy.accountant,
+            accountant=self.policy.accountant,
             shard=0,
             next_release=release,
             holdout=True,
