@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,17 +24,14 @@ from fedcrm.governance.audit_trail import finite, node_actor, record_policy_if_c
 from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.eligibility import usable_for
 from fedcrm.governance.policy import RegionPolicy, load_policy
-from fedcrm.models import build_model, get_weights, set_weights
 from fedcrm.node_settings import NodeSettings
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
 from fedcrm.privacy.client_dp import client_dp_release
-from fedcrm.privacy.clipping import clip_update
 from fedcrm.privacy.ledger import (
     NOISE_REPRODUCIBLE,
     POPULATION_TRAIN,
     PrivacyLedger,
 )
-from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.region_answers import HoldoutAnswers
 from fedcrm.region_data import RegionData
 from fedcrm.region_surface import (
@@ -43,9 +40,14 @@ from fedcrm.region_surface import (
     declared_training,
     warn_if_exact_sizes,
 )
-from fedcrm.training import DpSgd, sampling_plan, train_locally
 from fedcrm.unlearning.shards import holdout_mask, region_secret, region_secret_path, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
+
+if TYPE_CHECKING:
+    # torch's side (models, DP-SGD, noise) is imported where a region trains: a data owner's commands
+    # load a region's customers without it (tests/core/test_import_budget.py).
+    from fedcrm.privacy.randomness import ReleaseRandomness
+    from fedcrm.training import DpSgd
 
 Weights = dict[str, np.ndarray]
 
@@ -234,6 +236,8 @@ class Region(HoldoutAnswers):
         """
         if cfg.privacy.target_epsilon is None:
             raise PolicyError(f"region {self.name}: privacy.target_epsilon is required to plan the noise")
+        from fedcrm.training import sampling_plan  # torch's side: see TYPE_CHECKING above
+
         q, steps_per_round = sampling_plan(n=n, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs)
         if run_id is not None:
             for event in self.ledger.events(shard):
@@ -285,6 +289,8 @@ class Region(HoldoutAnswers):
         self, cfg: ExperimentConfig, *, n_declared: int, run_id: str, shard: int
     ) -> tuple[Release, DpSgd | None]:
         """What this round releases, as the ledger will record it, and the DP-SGD settings for it."""
+        from fedcrm.training import DpSgd  # torch's side: see TYPE_CHECKING above
+
         if cfg.privacy.mode == "sample_dp":
             release = self.planned_release(cfg, n=n_declared, run_id=run_id, shard=shard)
             self.policy.check_noise(region=self.name, noise_multiplier=release.noise_multiplier)
@@ -340,6 +346,10 @@ class Region(HoldoutAnswers):
             population=f"{POPULATION_TRAIN}:{self.policy.holdout_fraction:g}",
         )
         randomness = self._randomness(cfg, event_id)
+        from fedcrm.models import build_model, get_weights, set_weights  # torch's side: see TYPE_CHECKING above
+        from fedcrm.privacy.clipping import clip_update
+        from fedcrm.training import train_locally
+
         model = build_model(cfg.model, n_features=x.shape[1], seed=0)
         set_weights(model, weights)
         try:
@@ -396,6 +406,8 @@ class Region(HoldoutAnswers):
         return self.ledger.epsilon(delta=self.delta, accountant=self.policy.accountant)
 
     def _randomness(self, cfg: ExperimentConfig, event_id: int) -> ReleaseRandomness:
+        from fedcrm.privacy.randomness import ReleaseRandomness  # torch's side: see TYPE_CHECKING above
+
         if cfg.privacy.noise == NOISE_REPRODUCIBLE:
             return ReleaseRandomness.reproducible(
                 region_secret=region_secret(self.settings.state_dir), nonce=self.ledger.nonce(event_id)

@@ -21,7 +21,6 @@ from fedcrm.governance.audit_log import AuditAction
 from fedcrm.governance.audit_trail import finite, node_actor
 from fedcrm.governance.customer_refs import RegionAuditLog
 from fedcrm.governance.policy import RegionPolicy
-from fedcrm.models import build_model, ensemble_proba, set_weights
 from fedcrm.privacy.accountant import GaussianRelease
 from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised, sensitivity
 from fedcrm.privacy.ledger import MECHANISM_GAUSSIAN, POPULATION_HOLDOUT, PrivacyLedger
@@ -140,6 +139,9 @@ class HoldoutAnswers:
     def _holdout_models(
         self, cfg: ExperimentConfig, schema: Schema, constituents: list[Weights]
     ) -> tuple[RegionData, list[Any]]:
+        # torch is for a model to answer on: loading a region's customers (a data owner's commands) needs none.
+        from fedcrm.models import build_model, set_weights
+
         data = self.load(cfg, schema)
         models = []
         for w in constituents:
@@ -152,6 +154,8 @@ class HoldoutAnswers:
         self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights], run_id: str
     ) -> ScoreSummary:
         """The served model (mean of constituents) on the hold-out, as a DP answer charged to the ledger."""
+        from fedcrm.models import ensemble_proba  # see _holdout_models
+
         data, models = self._holdout_models(cfg, schema, constituents)
         x, y = data.x[data.holdout], data.y[data.holdout]
         scores = ensemble_proba(models, x) if len(x) else np.zeros(0)
@@ -188,6 +192,7 @@ class HoldoutAnswers:
         as one DP answer: the noise, not suppression by exact counts, protects small groups."""
         from fedcrm.evaluation.explain import importance_sums
         from fedcrm.evaluation.fairness import GroupHistograms, summarise_groups
+        from fedcrm.models import ensemble_proba  # see _holdout_models
 
         data, models = self._holdout_models(cfg, schema, constituents)
         x, y = data.x[data.holdout], data.y[data.holdout]

@@ -49,7 +49,6 @@ from fedcrm.region import Region
 from fedcrm.region_surface import check_declared_shard
 from fedcrm.run_summary import RunSummary
 from fedcrm.runs import CONFIG_FILE, ModelMeta, RunDir, load_weights
-from fedcrm.training import sampling_plan
 from fedcrm.unlearning.erasure import RunView
 from fedcrm.unlearning.marker import RUN_MARKER, read_marker, write_marker
 from fedcrm.unlearning.shred import destroy, discard_staging, swap_in
@@ -204,6 +203,8 @@ def retrain_releases(plan: RetrainPlan) -> dict[str, tuple[Region, dict[int, Gau
     size, the rounds and the target ε). A region that would refuse to take part raises here. Regions of a
     non-private run (privacy.mode none) release nothing the accountant can price: their dict is empty.
     """
+    from fedcrm.training import sampling_plan  # torch's module: `forget` and `erasures` import this one without it
+
     cfg = plan.cfg
     schema = load_schema(cfg.schema_path)
     loaded: dict[str, tuple[Region, Any]] = {}
