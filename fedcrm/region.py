@@ -32,6 +32,7 @@ from fedcrm.privacy.ledger import (
     NOISE_REPRODUCIBLE,
     POPULATION_TRAIN,
     PrivacyLedger,
+    population_label,
 )
 from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.region_answers import HoldoutAnswers
@@ -287,17 +288,12 @@ class Region(HoldoutAnswers):
         n_declared = self.policy.declared_size(len(x))
         release, dp = self._release(cfg, n_declared=n_declared, run_id=run_id, shard=shard)
         shards = cfg.unlearning.shards
-        if isinstance(release, GaussianRelease):  # a non-private release was allowed by the policy as such
-            self.ledger.check_budget(
-                budget=self.policy.privacy_budget,
-                delta=self.delta,
-                accountant=cfg.privacy.accountant,
-                shard=shard,
-                shards=shards,
-                next_release=release,
-            )
-        # Write-ahead: the spend is durable before the update can leave the region.
-        event_id = self.ledger.record_release(
+        # Write-ahead: the spend is durable before the update can leave the region, and checked against the
+        # budget in the same transaction (concurrent rounds cannot all pass one check). A non-private
+        # release was allowed by the policy as such: no check.
+        event_id = self.ledger.reserve(
+            budget=self.policy.privacy_budget if isinstance(release, GaussianRelease) else None,
+            accountant=cfg.privacy.accountant,
             shard=shard,
             shards=shards,
             purpose=cfg.task,
@@ -307,7 +303,7 @@ class Region(HoldoutAnswers):
             delta=self.delta,
             noise=cfg.privacy.noise,
             note=f"mode {cfg.privacy.mode}",
-            population=f"{POPULATION_TRAIN}:{self.policy.holdout_fraction:g}",
+            population=population_label(POPULATION_TRAIN, holdout_fraction=self.policy.holdout_fraction),
         )
         randomness = self._randomness(cfg, event_id)
         model = build_model(cfg.model, n_features=x.shape[1], seed=0)
