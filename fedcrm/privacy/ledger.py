@@ -37,6 +37,7 @@ from typing import Any
 from fedcrm.errors import PolicyError, PrivacyBudgetError, StorageError
 from fedcrm.privacy.accountant import AccountantName, GaussianRelease, NonPrivateRelease, Release, epsilon
 from fedcrm.privacy.ledger_cells import MAX_CELLS, cells
+from fedcrm.privacy.ledger_population import population_label, population_threshold
 from fedcrm.privacy.ledger_store import (
     EVENT_COLUMNS,
     LEDGER_FILENAME,
@@ -57,8 +58,6 @@ from fedcrm.privacy.ledger_store import (
     Outcome,
     check_int,
     check_text,
-    population_label,
-    population_threshold,
     utc_now,
 )
 

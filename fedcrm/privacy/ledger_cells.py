@@ -12,7 +12,8 @@ import math
 from collections.abc import Sequence
 
 from fedcrm.privacy.accountant import Release
-from fedcrm.privacy.ledger_store import POPULATION_HOLDOUT, LedgerEvent, population_threshold
+from fedcrm.privacy.ledger_population import population_threshold
+from fedcrm.privacy.ledger_store import POPULATION_HOLDOUT, LedgerEvent
 
 # Beyond this many cells the worst cell is bounded by composing every event (each customer's history
 # is a subset of all events): looser, never lower.

@@ -38,12 +38,10 @@ NOISE_SECURE = "secure"
 NOISE_REPRODUCIBLE = "reproducible"
 NOISE_SEEDED = "seeded"  # layout-1 events: noise from a seed the server could derive
 # Which customers an event read: the training customers or the hold-out, each named with the hold-out
-# threshold that split them (``train:200000/1000000``, see population_label); NULL: every customer (layout 1).
+# threshold that split them (``train:200000/1000000``, fedcrm.privacy.ledger_population); NULL: every
+# customer (layout 1).
 POPULATION_TRAIN = "train"
 POPULATION_HOLDOUT = "holdout"
-# The hold-out mask's resolution: a customer is held out when their keyed bucket in [0, HOLDOUT_SCALE) is
-# below holdout_threshold(fraction) (fedcrm.unlearning.shards.holdout_mask).
-HOLDOUT_SCALE = 1_000_000
 OUTCOME_SENT = "sent"
 OUTCOME_NOT_SENT = "not_sent"
 STATUS_PENDING = "pending"
@@ -202,41 +200,6 @@ class LedgerEvent:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def holdout_threshold(fraction: float) -> int:
-    """The integer the hold-out mask compares a customer's bucket with: what the ledger records, so that two
-    fractions are the same hold-out in the ledger exactly when they are the same customers."""
-    return int(fraction * HOLDOUT_SCALE)
-
-
-def population_label(kind: str, *, holdout_fraction: float) -> str:
-    """``train:<threshold>/<scale>`` or ``holdout:<threshold>/<scale>``: who an event read, in the mask's integers."""
-    if kind not in (POPULATION_TRAIN, POPULATION_HOLDOUT):
-        raise ValueError(f"population must be '{POPULATION_TRAIN}' or '{POPULATION_HOLDOUT}', got {kind!r}")
-    return f"{kind}:{holdout_threshold(holdout_fraction)}/{HOLDOUT_SCALE}"
-
-
-def population_threshold(population: str) -> int:
-    """The hold-out threshold a population label was recorded under.
-
-    Labels before 0.2.0 held the fraction as ``%g`` (``train:0.2``): it is read as the fraction it shows,
-    which is the fraction the policy gave unless that had more than six significant digits (``%g`` rounded
-    it; no shipped or documented policy did).
-    """
-    _, _, value = population.partition(":")
-    threshold, slash, scale = value.partition("/")
-    try:
-        if slash:
-            if int(scale) != HOLDOUT_SCALE:
-                raise ValueError(f"scale {scale}, expected {HOLDOUT_SCALE}")
-            return int(threshold)
-        return holdout_threshold(float(value))
-    except ValueError as exc:
-        raise ValueError(
-            f"population must be <kind>:<threshold>/{HOLDOUT_SCALE} (or <kind>:<fraction> before 0.2.0), "
-            f"got {population!r}: {exc}"
-        ) from exc
 
 
 def check_int(name: str, value: int, *, minimum: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedcrm.data.split import hash_buckets
-from fedcrm.privacy.ledger_store import HOLDOUT_SCALE, holdout_threshold
+from fedcrm.privacy.ledger_population import HOLDOUT_SCALE, holdout_threshold
 from fedcrm.state.secret import region_secret, region_secret_path
 
 # The secret lives in fedcrm.state.secret; these names stay importable from here for the modules that
