@@ -26,8 +26,9 @@ from conftest import one_region
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import Schema
 from fedcrm.data.split import hash_buckets
-from fedcrm.errors import PolicyError
+from fedcrm.errors import ConfigError, PolicyError
 from fedcrm.fl.codec import plan_config, read_plan
+from fedcrm.governance.policy import load_policy
 from fedcrm.models import build_model, get_weights
 from fedcrm.node_settings import NodeSettings
 from fedcrm.privacy.accountant import GaussianRelease, epsilon
@@ -71,6 +72,10 @@ def test_the_old_allowance_field_is_read_per_day_with_a_deprecation(tmp_path: Pa
     with pytest.warns(FutureWarning, match="evaluations_per_run .* deprecated .* evaluations_per_day"):
         region = Region(settings)
     assert region.policy.evaluation_allowance == (3, "evaluations_per_run, read as evaluations_per_day")
+    both = tmp_path / "both.yaml"
+    both.write_text("evaluations_per_run: 3\nevaluations_per_day: 5\n")
+    with pytest.raises(ConfigError, match="keep evaluations_per_day only"):
+        load_policy(both)
 
 
 def test_fractions_that_print_alike_but_hold_out_different_customers_are_charged_together(tmp_path: Path) -> None:
