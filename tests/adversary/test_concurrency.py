@@ -202,3 +202,48 @@ def test_concurrent_training_rounds_each_near_the_budget_release_one(
     ledger = PrivacyLedger.open(settings.state_dir, region="eu")
     assert sum(1 for e in ledger.events() if e.run_id == run_id) == 1
     assert 2.5 < ledger.epsilon_of_shard(shard=0, shards=1, delta=Region(settings).delta, accountant="rdp") <= 3.0
+
+
+@pytest.mark.usefixtures("task_identity", "one_thread")
+def test_concurrent_training_messages_to_the_client_app_release_one(tmp_path: Path) -> None:
+    """The same race through the ClientApp's train handler (each message its own Region and ledger
+    session, as a SuperNode serves them): one reply carries an update, seven the budget's refusal code."""
+    from flwr.app import Context, Message, MessageType, RecordDict
+
+    from fedcrm import wire
+    from fedcrm.fl import client
+    from fedcrm.fl.codec import extend, to_record
+
+    overrides = {"training.rounds": 1, "training.batch_size": 128, "privacy.target_epsilon": 2.9}
+    cfg, settings = one_region(tmp_path, customers=600, overrides=overrides, policy={"privacy_budget": 3.0})
+    _history(settings, population=HOLDOUT, mechanism=MECHANISM_GAUSSIAN)
+    plan = plan_config(cfg, schema_text=cfg.schema_path.read_text(encoding="utf-8"), run_id="race")
+    wire_cfg, schema, _ = read_plan(plan)
+    region = Region(settings)
+    x, _ = region.load(wire_cfg, schema).train_shard(0)
+    region.planned_release(wire_cfg, n=region.policy.declared_size(len(x)))
+    weights = _weights(wire_cfg, schema, settings)
+    node_config = {
+        "region": "eu",
+        "data-path": str(settings.data_path),
+        "state-dir": str(settings.state_dir),
+        "policy-path": str(settings.policy_path),
+    }
+    barrier = threading.Barrier(REQUESTS)
+    replies: list[RecordDict] = []
+
+    def one() -> None:
+        content = {wire.CONFIG: extend(plan, {wire.SHARD: 0, wire.ROUND: 1}), wire.ARRAYS: to_record(weights)}
+        msg = Message(content=RecordDict(content), dst_node_id=1, message_type=MessageType.TRAIN)  # type: ignore[arg-type]
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+        barrier.wait()
+        replies.append(client.answer(client._train, msg, context))
+
+    threads = [threading.Thread(target=one) for _ in range(REQUESTS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    codes = sorted((r[wire.STATUS][wire.OUTCOME], r[wire.STATUS][wire.REASON]) for r in replies)
+    assert codes == [(wire.OUTCOME_OK, "")] + [(wire.OUTCOME_REFUSED, wire.REFUSED_BUDGET)] * (REQUESTS - 1), codes
+    assert sum(1 for r in replies if wire.ARRAYS in r) == 1
