@@ -47,7 +47,14 @@ def main() -> None:
         schema = load_schema(cfg.schema_path)
         sizes = []
         for region, path in cfg.regions.items():
-            r = Region(NodeSettings(region=region, data_path=Path(path), state_dir=args.out / "state" / region))
+            r = Region(
+                NodeSettings(
+                    region=region,
+                    data_path=Path(path),
+                    state_dir=args.out / "state" / region,
+                    schema_path=cfg.schema_path,
+                )
+            )
             data = r.load(cfg.with_overrides({"unlearning.shards": args.shards}), schema)
             sizes += [int((~data.holdout & (data.shard == k)).sum()) for k in range(args.shards)]
         for k in (int(x) for x in args.reserve.split(",")):

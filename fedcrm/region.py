@@ -18,6 +18,7 @@ from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.io import RowBoundedCache, file_version, load_table
 from fedcrm.data.schema import Schema
+from fedcrm.data.schema_match import owned_schema, owner_schema
 from fedcrm.errors import DataError, PolicyError, PrivacyBudgetError
 from fedcrm.governance.audit_log import AuditAction
 from fedcrm.governance.audit_trail import finite, node_actor, record_policy_if_changed, region_audit_log
@@ -27,6 +28,7 @@ from fedcrm.governance.policy import RegionPolicy, load_policy
 from fedcrm.models import build_model, get_weights, set_weights
 from fedcrm.node_settings import NodeSettings
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release, plan_noise_multiplier
+from fedcrm.privacy.client_dp import client_dp_release
 from fedcrm.privacy.clipping import clip_update
 from fedcrm.privacy.ledger import (
     NOISE_REPRODUCIBLE,
@@ -105,9 +107,16 @@ class Region(HoldoutAnswers):
 
     # -- data --------------------------------------------------------------------------------------
 
+    def owned_schema(self, schema: Schema) -> Schema:
+        """The schema this region reads its table with for a run that sent ``schema``: its data owner's own,
+        with the run's choice among the owner's features; refused (PolicyError) if the run's differs in
+        anything else (fedcrm.data.schema_match). Every keyed hash is then keyed on the owner's id."""
+        return owned_schema(schema, owner=owner_schema(self.settings.schema_path), region=self.name)
+
     def check_request(self, cfg: ExperimentConfig, schema: Schema) -> None:
-        columns = [c.name for c in schema.model_columns]
         try:
+            schema = self.owned_schema(schema)  # before the policy: its columns are then the owner's
+            columns = [c.name for c in schema.model_columns]
             self.policy.check_request(
                 region=self.name,
                 purpose=cfg.task,
@@ -116,6 +125,8 @@ class Region(HoldoutAnswers):
                 noise=cfg.privacy.noise,
                 delta=cfg.privacy.delta,
                 holdout_fraction=cfg.evaluation.holdout_fraction,
+                label=schema.label.column,
+                accountant=cfg.privacy.accountant,
             )
         except PolicyError as e:
             self._audit_refusal(e, purpose=cfg.task, config_sha256=cfg.digest())
@@ -126,8 +137,10 @@ class Region(HoldoutAnswers):
 
         The cache key names every input: the table file, the tombstones, the consent withdrawals and
         the region's secret (each by inode, modification time and size), the schema and the settings that
-        pick the hold-out and the shards. Any change to one of them builds the data again.
+        pick the hold-out and the shards. Any change to one of them builds the data again. The schema is the
+        owner's (:meth:`owned_schema`), checked here too, so no path reads a row under the server's.
         """
+        schema = self.owned_schema(schema)
         table_version = file_version(self.settings.data_path)
         if table_version is None:
             return self._load(cfg, schema)  # the missing file is reported in the usual words
@@ -213,7 +226,7 @@ class Region(HoldoutAnswers):
             sample_rate=q,
             # Room for the reserved erasure retrains of this shard (each repeats the run's training).
             steps=steps_per_round * cfg.training.rounds * (1 + cfg.unlearning.reserve_retrains),
-            accountant=cfg.privacy.accountant,
+            accountant=self.policy.accountant,
         )
         return GaussianRelease(sigma, q, steps_per_round)
 
@@ -251,15 +264,15 @@ class Region(HoldoutAnswers):
             self.policy.check_noise(region=self.name, noise_multiplier=release.noise_multiplier)
             return release, DpSgd(noise_multiplier=release.noise_multiplier, clipping_norm=cfg.privacy.clipping_norm)
         if cfg.privacy.mode == "client_dp":
-            # The region's whole update, clipped here; the server adds the noise to the uniform average of
-            # the updates it aggregates (fedcrm.fl.strategy), so one region's share has sensitivity C/m
-            # against noise σ·C/m: σ as stated. Against the server itself, which sees the clipped update
-            # before noising, this protects nothing.
-            sigma = cfg.privacy.client_noise_multiplier
-            self.policy.check_noise(region=self.name, noise_multiplier=sigma)
-            if sigma <= 0:
-                return NonPrivateRelease(), None
-            return GaussianRelease(sigma, 1.0, 1), None
+            # The region's whole update, clipped here; the server adds noise σ·C/m to the uniform average of
+            # the m updates it aggregates (fedcrm.fl.strategy). One customer can move this region's share by
+            # 2C/m (across the C-ball), so the customer sees σ/2, and the ledger charges that
+            # (fedcrm.privacy.client_dp). Against the server itself, which sees the clipped update before
+            # noising, this protects nothing: ε = ∞, shown as such wherever the ledger's ε is.
+            charged = client_dp_release(server_noise_multiplier=cfg.privacy.client_noise_multiplier)
+            sigma = charged.noise_multiplier if isinstance(charged, GaussianRelease) else 0.0
+            self.policy.check_noise(region=self.name, noise_multiplier=sigma)  # the σ the customer sees
+            return charged, None
         return NonPrivateRelease(), None
 
     def _train_round(
@@ -293,7 +306,7 @@ class Region(HoldoutAnswers):
         # release was allowed by the policy as such: no check.
         event_id = self.ledger.reserve(
             budget=self.policy.privacy_budget if isinstance(release, GaussianRelease) else None,
-            accountant=cfg.privacy.accountant,
+            accountant=self.policy.accountant,
             shard=shard,
             shards=shards,
             purpose=cfg.task,
@@ -328,7 +341,7 @@ class Region(HoldoutAnswers):
         if cfg.privacy.mode == "client_dp":
             new_weights = clip_update(new_weights, start=weights, norm=cfg.privacy.clipping_norm)
         self.ledger.mark_outcome(event_id, "sent")
-        epsilon = self.ledger.epsilon(delta=self.delta, accountant=cfg.privacy.accountant)
+        epsilon = self.ledger.epsilon(delta=self.delta, accountant=self.policy.accountant)
         self._audit_spent(
             cfg,
             run_id=run_id,
@@ -359,7 +372,7 @@ class Region(HoldoutAnswers):
         )
 
     def epsilon(self, cfg: ExperimentConfig) -> float:
-        return self.ledger.epsilon(delta=self.delta, accountant=cfg.privacy.accountant)
+        return self.ledger.epsilon(delta=self.delta, accountant=self.policy.accountant)
 
     def _randomness(self, cfg: ExperimentConfig, event_id: int) -> ReleaseRandomness:
         if cfg.privacy.noise == NOISE_REPRODUCIBLE:

@@ -75,7 +75,7 @@ class HoldoutAnswers:
         release = GaussianRelease(self.policy.evaluation_noise, 1.0, 1)
         event_id = self.ledger.reserve(
             budget=self.policy.privacy_budget,
-            accountant=cfg.privacy.accountant,
+            accountant=self.policy.accountant,
             allowance=DailyAllowance(answers=answers, source=source),
             shard=0,
             purpose=cfg.task,

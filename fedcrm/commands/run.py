@@ -163,6 +163,9 @@ def _print_summary(summary: RunSummary, run_dir: Path) -> None:
             p.get("refused") or "",
         )
     out.print(t)
+    against = {p["against_server"] for p in summary.privacy.values() if p.get("against_server")}
+    for text in sorted(against):  # client-level DP: the ε above holds against the model's users only
+        out.print(f"ε against the server: {text}")
     for w in summary.warnings:
         out.print(f"[yellow]warning:[/] {w}")
     out.print(f"Results in [bold]{run_dir}[/]: summary.json, metrics.jsonl, model/, checkpoints/")

@@ -36,6 +36,7 @@ from typing import Any
 
 from fedcrm.errors import PolicyError, PrivacyBudgetError, StorageError
 from fedcrm.privacy.accountant import AccountantName, GaussianRelease, NonPrivateRelease, Release, epsilon
+from fedcrm.privacy.client_dp import epsilon_against_server
 from fedcrm.privacy.ledger_cells import MAX_CELLS, cells
 from fedcrm.privacy.ledger_population import population_label, population_threshold
 from fedcrm.privacy.ledger_store import (
@@ -53,6 +54,7 @@ from fedcrm.privacy.ledger_store import (
     POPULATION_TRAIN,
     REPLAY_FILENAME,
     SCHEMA_VERSION,
+    SEEDED_ACCEPTED_KEY,
     LedgerEvent,
     LedgerStore,
     Outcome,
@@ -314,11 +316,13 @@ class PrivacyLedger(LedgerStore):
             params += (shard,)
         with self._connect_for_reading() as conn:
             rows = conn.execute(query + " ORDER BY e.id", params).fetchall()
+            accepted = self._meta(conn, self._seeded_key) is not None
         return [
             LedgerEvent(
                 **dict(zip(EVENT_COLUMNS, row[: len(EVENT_COLUMNS)], strict=True)),
                 outcome=row[-2],
                 outcome_reason=row[-1] or "",
+                seeded_accepted=accepted,
             )
             for row in rows
         ]
@@ -412,8 +416,9 @@ class PrivacyLedger(LedgerStore):
             spent = spend(None)
             where = "its hold-out" if holdout else f"shard {shard} of {shards}" if shards > 1 else "its customers"
             cause = (
-                " Some of these customers were already released without DP (a `none` run), so no ε "
-                "bound holds for them any more."
+                " Some of these customers were already released without DP (a `none` run, or releases "
+                "migrated from fedcrm 0.1 that the data owner has not accepted: `fedcrm budget --accept-seeded`), "
+                "so no ε bound holds for them any more."
                 if math.isinf(spent)
                 else ""
             )
@@ -449,14 +454,39 @@ class PrivacyLedger(LedgerStore):
             "delta": delta,
             "accountant": accountant,
             "epsilon_spent": spent,
+            # Client-level DP rounds reached the server un-noised: against it their customers have no bound.
+            "epsilon_against_server": epsilon_against_server(events, epsilon=spent),
             "remaining": max(budget - spent, 0.0),
             # Per partition S used, per shard: the worst ε of a customer in that shard (all partitions
             # composed). JSON object keys are strings; make that explicit rather than leave it to json.dumps.
             "epsilon_by_shard": by_partition,
             "epsilon_holdout": self.epsilon_of_holdout(delta=delta, accountant=accountant) if events else 0.0,
             "releases_by_noise": noise,
+            "seeded_accepted": self.seeded_accepted(),  # the owner's acceptance of 0.1's releases, or None
             "non_private_releases": sum(1 for event in events if event.mechanism == MECHANISM_NON_PRIVATE),
             "n_events": len(events),
             "n_pending": sum(1 for event in events if event.outcome is None),
             "events": [event.as_dict() for event in events],
         }
+
+    # -- releases migrated from fedcrm 0.1 ---------------------------------------------------------
+
+    @property
+    def _seeded_key(self) -> str:
+        return f"{SEEDED_ACCEPTED_KEY}:{self.region}"
+
+    def seeded_accepted(self) -> str | None:
+        """The data owner's acceptance of this region's ``seeded`` releases (what it records), or None."""
+        with self._connect_for_reading() as conn:
+            return self._meta(conn, self._seeded_key)
+
+    def record_seeded_accepted(self, record: str) -> None:
+        """Count this region's ``seeded`` releases at their recorded σ from now on; once, never undone.
+
+        A meta row, append-only like every row here, so the acceptance lives and travels with the events
+        it qualifies. Only :func:`fedcrm.governance.seeded_releases.accept_seeded` calls this, after it
+        wrote the decision to the region's audit log.
+        """
+        check_text("record", record)
+        with self._connect() as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (self._seeded_key, record))

@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import sqlite3
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ MECHANISM_NON_PRIVATE = "non_private"  # a release without DP, allowed only by t
 NOISE_SECURE = "secure"
 NOISE_REPRODUCIBLE = "reproducible"
 NOISE_SEEDED = "seeded"  # layout-1 events: noise from a seed the server could derive
+SEEDED_ACCEPTED_KEY = "seeded_accepted"  # meta key prefix: the data owner accepted a region's seeded releases
 # Which customers an event read: the training customers or the hold-out, each named with the hold-out
 # threshold that split them (``train:200000/1000000``, fedcrm.privacy.ledger_population); NULL: every
 # customer (layout 1).
@@ -150,6 +152,14 @@ _MIGRATE_1 = (
 # were drawn with, see PrivacyLedger.nonce). Adding a column rewrites no row; the triggers are dropped
 # only so that the version row may change, and created again.
 _MIGRATE_2 = _DROP_TRIGGERS + "ALTER TABLE events ADD COLUMN nonce TEXT;" + _SET_VERSION
+# What the migration tells the data owner (and `fedcrm budget` repeats while seeded releases remain).
+SEEDED_MIGRATION_NOTE = (
+    "this ledger was written by fedcrm 0.1 and has been migrated. Its releases are marked `seeded`: their "
+    "noise came from a seed derived from the run's config, which the server could predict, so they count "
+    "as ε = ∞ until the data owner accepts them with `fedcrm budget --accept-seeded` (audited). fedcrm 0.1's "
+    "evaluation answers were exact (no noise) and were never recorded in the ledger: no ε bounds what they "
+    "revealed about the customers they scored."
+)
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,9 @@ class LedgerEvent:
     nonce: str | None  # the release's random nonce (None: recorded before layout 3)
     outcome: str | None
     outcome_reason: str
+    # A migrated 0.1 release (``seeded``) counts as ε = ∞ until the data owner accepted its predictable
+    # noise (fedcrm.governance.seeded_releases): the server could derive that noise and subtract it.
+    seeded_accepted: bool = False
 
     @property
     def status(self) -> str:
@@ -183,7 +196,7 @@ class LedgerEvent:
 
     @property
     def release(self) -> Release:
-        if self.mechanism == MECHANISM_NON_PRIVATE:
+        if self.mechanism == MECHANISM_NON_PRIVATE or (self.noise == NOISE_SEEDED and not self.seeded_accepted):
             return NonPrivateRelease()
         return GaussianRelease(self.noise_multiplier, self.sample_rate, self.steps)
 
@@ -393,6 +406,7 @@ class LedgerStore:
                 conn.execute("PRAGMA legacy_alter_table=OFF")
                 conn.execute("PRAGMA foreign_keys=ON")
                 tables = self._tables(conn)
+                warnings.warn(f"{self.path}: {SEEDED_MIGRATION_NOTE}", UserWarning, stacklevel=3)
             elif self._version(conn) == "2" and {"meta", "events", "outcomes"} <= tables:
                 try:
                     conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_2} {_SCHEMA} {ledger_id} COMMIT;")

@@ -44,6 +44,7 @@ from fedcrm.governance.request_store import (
 )
 from fedcrm.node_settings import region_settings
 from fedcrm.privacy.accountant import GaussianRelease
+from fedcrm.privacy.client_dp import client_dp_release
 from fedcrm.region import Region
 from fedcrm.run_summary import RunSummary
 from fedcrm.runs import CONFIG_FILE, ModelMeta, RunDir, load_weights
@@ -231,7 +232,12 @@ def retrain_releases(plan: RetrainPlan) -> dict[str, tuple[Region, dict[int, Gau
                 )
                 releases[k] = GaussianRelease(r.noise_multiplier(cfg, n=declared), q, steps * cfg.training.rounds)
             elif cfg.privacy.mode != "none":
-                releases[k] = GaussianRelease(cfg.privacy.client_noise_multiplier, 1.0, cfg.training.rounds)
+                # Client-level DP: each customer sees σ/2 (their removal moves the clipped update by 2C).
+                release = client_dp_release(
+                    server_noise_multiplier=cfg.privacy.client_noise_multiplier, rounds=cfg.training.rounds
+                )
+                if isinstance(release, GaussianRelease):
+                    releases[k] = release
         out[region] = (r, releases)
     return out
 
@@ -246,7 +252,7 @@ def check_retrain_budget(plan: RetrainPlan) -> None:
                 r.ledger.check_budget(
                     budget=r.policy.privacy_budget,
                     delta=r.delta,
-                    accountant=cfg.privacy.accountant,
+                    accountant=r.policy.accountant,
                     shard=k,
                     shards=cfg.unlearning.shards,
                     next_release=release,

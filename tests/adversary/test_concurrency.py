@@ -223,12 +223,7 @@ def test_concurrent_training_messages_to_the_client_app_release_one(tmp_path: Pa
     x, _ = region.load(wire_cfg, schema).train_shard(0)
     region.planned_release(wire_cfg, n=region.policy.declared_size(len(x)))
     weights = _weights(wire_cfg, schema, settings)
-    node_config = {
-        "region": "eu",
-        "data-path": str(settings.data_path),
-        "state-dir": str(settings.state_dir),
-        "policy-path": str(settings.policy_path),
-    }
+    node_config = settings.node_config()  # what the data owner passes as --node-config
     barrier = threading.Barrier(REQUESTS)
     replies: list[RecordDict] = []
 

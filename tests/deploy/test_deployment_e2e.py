@@ -423,7 +423,9 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
             row = line.split(",", 1)[1]  # the customer's values without the id
             assert row.encode() not in wire_bytes
         scratch_state = tmp_path / "scratch" / n.region  # a throwaway ledger: this only reads the table
-        scratch = Region(NodeSettings(region=n.region, data_path=n.data_path, state_dir=scratch_state))
+        scratch = Region(
+            NodeSettings(region=n.region, data_path=n.data_path, state_dir=scratch_state, schema_path=cfg.schema_path)
+        )
         x = scratch.load(cfg, schema).x.astype(np.float32)
         for i in range(len(x)):
             assert x[i].tobytes() not in wire_bytes and x[i].astype(np.float64).tobytes() not in wire_bytes

@@ -8,6 +8,7 @@ wire, mis-scaled client-level DP.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def test_same_config_and_state_give_fresh_noise_and_nearby_tables_differ_by_the_
     table.loc[:2, "churned"] = 1 - table.loc[:2, "churned"]  # three customers' labels flipped
     changed = tmp_path / "changed.csv"
     table.to_csv(changed, index=False)
-    b, _ = _train(cfg, NodeSettings(region="eu", data_path=changed, state_dir=other / "eu"), start=start)
+    b, _ = _train(cfg, replace(settings, data_path=changed, state_dir=other / "eu"), start=start)
     ratio = _distance(a1, b) / noise_apart
     assert 0.5 < ratio < 2.0, ratio  # the difference between the tables is hidden in noise of its own size
 
@@ -110,9 +111,7 @@ def test_reproducible_mode_needs_the_policy_and_never_reuses_a_key(tmp_path: Pat
     PrivacyLedger.open(fork / "eu", region="eu").replay(Region(settings).ledger)
     replayed, _ = _train(
         cfg,
-        NodeSettings(
-            region="eu", data_path=settings.data_path, state_dir=fork / "eu", policy_path=settings.policy_path
-        ),
+        replace(settings, state_dir=fork / "eu"),
         start=start,
     )
     for k in first:  # from the same recorded state, the region regenerates its own release exactly
@@ -243,7 +242,8 @@ def test_client_dp_clips_at_the_region_and_weights_regions_uniformly(tmp_path: P
     assert _distance(new, start) <= 0.01 * (1 + 1e-5)
     assert metrics["num-examples"] == 1.0
     (event,) = Region(settings).ledger.events()
-    assert event.release == GaussianRelease(cfg.privacy.client_noise_multiplier, 1.0, 1)
+    # One customer moves the clipped update by up to 2C: the customer sees σ/2 (issue 23; was σ).
+    assert event.release == GaussianRelease(cfg.privacy.client_noise_multiplier / 2, 1.0, 1)
 
 
 def test_client_dp_refuses_robust_aggregation(tmp_path: Path) -> None:
