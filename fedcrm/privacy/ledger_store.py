@@ -321,7 +321,7 @@ class LedgerStore:
             raise self._damaged(f"cannot be opened ({exc})") from exc
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a release is on disk before record_release returns, so the write-ahead holds
+            # FULL: a release is on disk before reserve returns, so the write-ahead holds
             # through a power cut, not only a process crash.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
