@@ -31,6 +31,7 @@ from fedcrm.privacy.ledger import (
     NOISE_REPRODUCIBLE,
     POPULATION_TRAIN,
     PrivacyLedger,
+    population_label,
 )
 from fedcrm.region_answers import HoldoutAnswers
 from fedcrm.region_data import RegionData
@@ -323,17 +324,12 @@ class Region(HoldoutAnswers):
         x, y = self.load(cfg, schema).train_shard(shard)
         release, dp = self._release(cfg, n_declared=n_declared, run_id=run_id, shard=shard)
         shards = cfg.unlearning.shards
-        if isinstance(release, GaussianRelease):  # a non-private release was allowed by the policy as such
-            self.ledger.check_budget(
-                budget=self.policy.privacy_budget,
-                delta=self.delta,
-                accountant=self.policy.accountant,
-                shard=shard,
-                shards=shards,
-                next_release=release,
-            )
-        # Write-ahead: the spend is durable before the update can leave the region.
-        event_id = self.ledger.record_release(
+        # Write-ahead: the spend is durable before the update can leave the region, and checked against the
+        # budget in the same transaction (concurrent rounds cannot all pass one check). A non-private
+        # release was allowed by the policy as such: no check.
+        event_id = self.ledger.reserve(
+            budget=self.policy.privacy_budget if isinstance(release, GaussianRelease) else None,
+            accountant=self.policy.accountant,
             shard=shard,
             shards=shards,
             purpose=cfg.task,
@@ -343,7 +339,7 @@ class Region(HoldoutAnswers):
             delta=self.delta,
             noise=cfg.privacy.noise,
             note=f"mode {cfg.privacy.mode}",
-            population=f"{POPULATION_TRAIN}:{self.policy.holdout_fraction:g}",
+            population=population_label(POPULATION_TRAIN, holdout_fraction=self.policy.holdout_fraction),
         )
         randomness = self._randomness(cfg, event_id)
         from fedcrm.models import build_model, get_weights, set_weights  # torch's side: see TYPE_CHECKING above

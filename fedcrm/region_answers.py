@@ -1,9 +1,9 @@
 """What a region answers about its hold-out: DP aggregates, metered and charged to its ledger.
 
 Every answer (the served model's evaluation, fairness and importance) is one Gaussian mechanism on the
-hold-out population: refused past the policy's per-run allowance or the hold-out's budget, recorded in
-the ledger (write-ahead) and the audit log before it leaves. :class:`HoldoutAnswers` is the part of
-:class:`fedcrm.region.Region` that gives them.
+hold-out population: refused past the policy's daily allowance or the hold-out's budget, checked and
+recorded in the ledger in one transaction (write-ahead) and in the audit log before it leaves.
+:class:`HoldoutAnswers` is the part of :class:`fedcrm.region.Region` that gives them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import Schema
-from fedcrm.errors import DataError, PolicyError
+from fedcrm.errors import DataError
 from fedcrm.evaluation.metrics import ScoreSummary
 from fedcrm.evaluation.trust import TrustSummary
 from fedcrm.governance.audit_log import AuditAction
@@ -23,7 +23,13 @@ from fedcrm.governance.customer_refs import RegionAuditLog
 from fedcrm.governance.policy import RegionPolicy
 from fedcrm.privacy.accountant import GaussianRelease
 from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised, sensitivity
-from fedcrm.privacy.ledger import MECHANISM_GAUSSIAN, POPULATION_HOLDOUT, PrivacyLedger
+from fedcrm.privacy.ledger import (
+    MECHANISM_GAUSSIAN,
+    POPULATION_HOLDOUT,
+    DailyAllowance,
+    PrivacyLedger,
+    population_label,
+)
 from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.region_data import RegionData
 
@@ -60,25 +66,16 @@ class HoldoutAnswers:
     ) -> dict[str, np.ndarray]:
         """Release ``parts`` (scaled so one customer moves a coordinate by at most 1) as one Gaussian answer.
 
-        Refused when the run has used up the policy's evaluation allowance or the hold-out's budget;
-        recorded in the ledger (write-ahead) as a Gaussian mechanism on the hold-out before it leaves.
+        Refused when the region has given the policy's answers of the day (UTC, over every run: the run id
+        is the server's) or the hold-out's budget would be exceeded; the count, the budget check and the
+        write-ahead record of a Gaussian mechanism on the hold-out are one ledger transaction.
         """
-        asked = sum(1 for e in self.ledger.events() if e.run_id == run_id and e.mechanism == MECHANISM_GAUSSIAN)
-        if asked >= self.policy.evaluations_per_run:
-            raise PolicyError(
-                f"region {self.name}: run {run_id} has had its {self.policy.evaluations_per_run} evaluation "
-                "answers (the policy's evaluations_per_run); no more are given for this run"
-            )
+        answers, source = self.policy.evaluation_allowance
         release = GaussianRelease(self.policy.evaluation_noise, 1.0, 1)
-        self.ledger.check_budget(
+        event_id = self.ledger.reserve(
             budget=self.policy.privacy_budget,
-            delta=self.delta,
             accountant=self.policy.accountant,
-            shard=0,
-            next_release=release,
-            holdout=True,
-        )
-        event_id = self.ledger.record_release(
+            allowance=DailyAllowance(answers=answers, source=source),
             shard=0,
             purpose=cfg.task,
             run_id=run_id,
@@ -88,7 +85,7 @@ class HoldoutAnswers:
             noise=cfg.privacy.noise,
             note=what,
             mechanism=MECHANISM_GAUSSIAN,
-            population=f"{POPULATION_HOLDOUT}:{self.policy.holdout_fraction:g}",
+            population=population_label(POPULATION_HOLDOUT, holdout_fraction=self.policy.holdout_fraction),
         )
         answer = noised(
             parts,

@@ -6,10 +6,11 @@ allows is refused by that region with a specific reason; the federation goes on 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedcrm import wire
 from fedcrm.errors import PolicyError
@@ -19,6 +20,9 @@ DEFAULT_BUDGET = 10.0
 # δ of every release from the region's data. One fixed value, so the whole history composes at one δ;
 # 1e-6 is at most 1/(10·N) for regions up to 100,000 customers, and the region warns above that.
 DEFAULT_DELTA = 1e-6
+# Hold-out answers a region gives per UTC day when its policy names no allowance: a final evaluation and
+# its fairness answer for a dozen runs.
+DEFAULT_EVALUATIONS_PER_DAY = 24
 PublicSize = Literal["rounded", "exact"]
 # Up to 16 shards: more would make each shard a few dozen customers in a small region, where a shard's
 # size and its training update say most about each customer in it.
@@ -52,8 +56,8 @@ class RegionPolicy(BaseModel):
     evaluation_noise: float = Field(
         3.0, gt=0, description="noise multiplier of every evaluation answer (Gaussian, × its sensitivity)"
     )
-    evaluations_per_run: int = Field(
-        4, ge=0, description="how many evaluation answers one run may ask of this region; then it refuses"
+    evaluations_per_run: int | None = Field(
+        None, ge=0, description="deprecated since 0.2.0: read as evaluations_per_day (a run id is the server's)"
     )
     public_size: PublicSize = Field(
         "rounded", description="what the server may learn of the region's size: see declared_size (exact: warned)"
@@ -78,6 +82,40 @@ class RegionPolicy(BaseModel):
     allowed_shards: tuple[int, ...] = Field(
         DEFAULT_ALLOWED_SHARDS, min_length=1, description="the shard counts (unlearning.shards) a run may ask for"
     )
+    # The evaluation allowance, per window the region owns (issue 23).
+    evaluations_per_day: int | None = Field(
+        None,
+        ge=0,
+        description=f"evaluation answers given per UTC day over every run (None: {DEFAULT_EVALUATIONS_PER_DAY}); "
+        "then the region refuses until 00:00 UTC",
+    )
+
+    @model_validator(mode="after")
+    def _read_evaluations_per_run(self) -> RegionPolicy:
+        # 0.1's allowance was counted per run id, which the server chooses: a new id was a new allowance.
+        if self.evaluations_per_run is not None:
+            if self.evaluations_per_day is not None:
+                raise ValueError(
+                    "evaluations_per_run and evaluations_per_day are both set: keep evaluations_per_day only "
+                    "(evaluations_per_run is deprecated since 0.2.0)"
+                )
+            warnings.warn(
+                f"the policy's evaluations_per_run ({self.evaluations_per_run}) is deprecated since fedcrm 0.2.0 "
+                "and read as evaluations_per_day: a run id is chosen by the server, so a per-run allowance "
+                "bounded nothing; rename the field to evaluations_per_day",
+                FutureWarning,  # shown by default: the data owner who wrote the policy should read it
+                stacklevel=2,
+            )
+        return self
+
+    @property
+    def evaluation_allowance(self) -> tuple[int, str]:
+        """Hold-out answers per UTC day, and the policy field that says so."""
+        if self.evaluations_per_day is not None:
+            return self.evaluations_per_day, "evaluations_per_day"
+        if self.evaluations_per_run is not None:
+            return self.evaluations_per_run, "evaluations_per_run, read as evaluations_per_day"
+        return DEFAULT_EVALUATIONS_PER_DAY, "evaluations_per_day (default)"
 
     def check_request(
         self,

@@ -22,6 +22,7 @@ from fedcrm.errors import ConfigError, PolicyError, PrivacyBudgetError
 from fedcrm.fl.client import profile_metrics, release_metrics
 from fedcrm.models import build_model, get_weights
 from fedcrm.privacy.accountant import GaussianRelease, epsilon
+from fedcrm.privacy.ledger import PrivacyLedger
 from fedcrm.region import NodeSettings, Region
 
 Weights = dict[str, np.ndarray]
@@ -105,6 +106,9 @@ def test_reproducible_mode_needs_the_policy_and_never_reuses_a_key(tmp_path: Pat
     first, _ = _train(cfg, settings, start=start)
     again, _ = _train(cfg, settings, start=start)  # the same round asked again (e.g. a retrain): a new key
     assert _distance(first, again) > 0
+    # Replaying from the recorded state needs the recorded keys, named by the data owner (a copy of the
+    # state alone is a restored backup: it draws a fresh key, tests/adversary/test_server_chosen_windows.py).
+    PrivacyLedger.open(fork / "eu", region="eu").replay(Region(settings).ledger)
     replayed, _ = _train(
         cfg,
         replace(settings, state_dir=fork / "eu"),

@@ -343,6 +343,29 @@ def test_a_layout_1_ledger_is_migrated_with_its_events_charged_to_everyone(tmp_p
     assert len(PrivacyLedger.open(tmp_path, region="eu").events()) == 2
 
 
+def test_a_layout_2_ledger_gets_a_nonce_column_and_keeps_its_events_and_their_keys(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.open(tmp_path, region="eu")
+    _record_run(ledger, run_id="old", rounds=1)
+    old_nonce = f"{ledger.ledger_id}:eu:1"  # how 0.2's layout 2 made every key: no random part
+    conn = sqlite3.connect(tmp_path / LEDGER_FILENAME)  # back to layout 2, as an earlier 0.2 build wrote it
+    triggers = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")]
+    conn.executescript(
+        "".join(f"DROP TRIGGER {name};" for name in triggers)
+        + "ALTER TABLE events DROP COLUMN nonce; DELETE FROM meta WHERE key = 'schema_version';"
+        "INSERT INTO meta VALUES ('schema_version', '2');"
+    )
+    conn.close()
+    ledger = PrivacyLedger.open(tmp_path, region="eu")
+    (event,) = ledger.events()
+    assert (event.run_id, event.nonce) == ("old", None)
+    assert ledger.nonce(event.id) == old_nonce  # an old release keeps the key it was drawn with
+    _record_run(ledger, run_id="new", rounds=1)
+    new = ledger.events()[-1]
+    assert new.nonce and ledger.nonce(new.id) == f"{ledger.ledger_id}:eu:{new.id}:{new.nonce}"
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"), sqlite3.connect(tmp_path / LEDGER_FILENAME) as c:
+        c.execute("DELETE FROM events")
+
+
 def test_reproducible_nonces_are_unique_per_ledger_and_event(tmp_path: Path) -> None:
     a = PrivacyLedger.open(tmp_path / "a", region="eu")
     b = PrivacyLedger.open(tmp_path / "b", region="eu")
