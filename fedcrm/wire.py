@@ -25,6 +25,14 @@ SCHEMA: Final = "schema"  # the run's schema as YAML: a request, checked against
 
 ACTION_DESCRIBE: Final = "describe"
 ACTION_EVALUATE_SERVED: Final = "evaluate-served"
+ACTIONS: Final = frozenset({ACTION_DESCRIBE, ACTION_EVALUATE_SERVED})
+# Everything a message from the server may carry: its records, and the keys of its CONFIG record. A region
+# refuses any other (fedcrm.fl.client.check_incoming) before it reads a row; README's "What the server
+# sends" names what bounds each of them.
+REQUEST_RECORDS: Final = frozenset({CONFIG, ARRAYS})
+PLAN_KEYS: Final = frozenset({ACTION, ROUND, RUN_ID, SHARD, ROUND_OFFSET, EXPERIMENT, SCHEMA})
+RUN_ID_MAX_CHARS: Final = 128  # a label in the ledger: printable, short
+PLAN_TEXT_MAX_CHARS: Final = 1_000_000  # the experiment and the schema, each
 
 # STATUS keys (region -> server).
 REGION: Final = "region"
@@ -52,6 +60,7 @@ REFUSED_SCHEMA: Final = "schema-not-the-regions"
 REFUSED_SHARDS: Final = "shard-count-not-allowed"  # unlearning.shards outside the policy's allowed_shards
 # Any failure to read or check the region's table, whichever check failed: which one would be a bit of data.
 REFUSED_DATA_UNUSABLE: Final = "region-data-unusable"
+REFUSED_MESSAGE: Final = "message-not-in-vocabulary"  # a record, key or value outside PLAN_KEYS' shapes
 REFUSAL_CODES: Final = frozenset(
     {
         REFUSED_PURPOSE,
@@ -64,6 +73,7 @@ REFUSAL_CODES: Final = frozenset(
         REFUSED_SCHEMA,
         REFUSED_SHARDS,
         REFUSED_DATA_UNUSABLE,
+        REFUSED_MESSAGE,
     }
 )
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcrm import wire
-from fedcrm.errors import FedcrmError, RefusalError
+from fedcrm.errors import FedcrmError, PolicyError, RefusalError
 from fedcrm.fl.codec import from_record, number, plan_config, read_plan, to_record, unpack_constituents
 from fedcrm.region import NodeSettings, Region, RegionProfile, TrainRelease
 from fedcrm.region_answers import EVALUATION_COORDINATES
@@ -44,6 +44,48 @@ def check_outgoing(content: RecordDict) -> RecordDict:
         if (name == wire.ARRAYS) != (type(record).__name__ == "ArrayRecord"):
             raise BlockedReply(f"record `{name}` has the wrong type {type(record).__name__}")
     return content
+
+
+def _refuse_message(what: str) -> NoReturn:
+    raise PolicyError(f"the server's message {what}", code=wire.REFUSED_MESSAGE)
+
+
+def check_incoming(content: RecordDict) -> None:
+    """Refuse a server message outside the wire vocabulary, from the message alone (no row read yet).
+
+    Records: ``config`` (and ``arrays``); config keys: :data:`fedcrm.wire.PLAN_KEYS`, each of its shape.
+    Whatever the server sends beyond them would be an input nothing bounds (README: "What the server sends").
+    """
+    extra = set(content.keys()) - wire.REQUEST_RECORDS
+    if extra:
+        _refuse_message(f"carries records {sorted(extra)}, outside {sorted(wire.REQUEST_RECORDS)}")
+    config = content.get(wire.CONFIG)
+    if not isinstance(config, ConfigRecord):
+        _refuse_message(f"has no `{wire.CONFIG}` record of plan keys")
+    if wire.ARRAYS in content and not isinstance(content[wire.ARRAYS], ArrayRecord):
+        _refuse_message(f"carries `{wire.ARRAYS}` that are not an ArrayRecord")
+    keys = set(config.keys())
+    if keys - wire.PLAN_KEYS:
+        _refuse_message(f"carries config keys {sorted(keys - wire.PLAN_KEYS)}, outside {sorted(wire.PLAN_KEYS)}")
+    for key in (wire.EXPERIMENT, wire.SCHEMA, wire.RUN_ID):
+        value = config.get(key)
+        if not isinstance(value, str) or not value:
+            _refuse_message(f"lacks `{key}` as text")
+        if len(value) > wire.PLAN_TEXT_MAX_CHARS:
+            _refuse_message(f"has a `{key}` of {len(value)} characters (at most {wire.PLAN_TEXT_MAX_CHARS})")
+    run_id = str(config[wire.RUN_ID])
+    if len(run_id) > wire.RUN_ID_MAX_CHARS or not run_id.isprintable():
+        _refuse_message(f"has a run id that is not printable text of at most {wire.RUN_ID_MAX_CHARS} characters")
+    if wire.ACTION in keys and config[wire.ACTION] not in wire.ACTIONS:
+        _refuse_message(f"asks for action {config[wire.ACTION]!r}, not one of {sorted(wire.ACTIONS)}")
+    for key in (wire.ROUND, wire.SHARD, wire.ROUND_OFFSET):
+        if key in keys:
+            value = config[key]
+            whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+                isinstance(value, float) and value.is_integer()
+            )
+            if not whole or float(value) < 0:  # type: ignore[arg-type]
+                _refuse_message(f"has `{key}` = {value!r}, not a whole number ≥ 0")
 
 
 def status(region: str, outcome: str, reason: str = "", kind: str = "") -> ConfigRecord:
@@ -75,11 +117,14 @@ def profile_metrics(profile: RegionProfile) -> dict[str, float]:
 def _train(region: Region, msg: Message) -> RecordDict:
     config = msg.content[wire.CONFIG]
     cfg, schema, run_id = read_plan(config)  # type: ignore[arg-type]
+    shard = int(number(config, wire.SHARD, 0))
+    if shard >= cfg.unlearning.shards:
+        _refuse_message(f"asks for shard {shard} of a run with {cfg.unlearning.shards} shards")
     release = region.train(
         cfg,
         schema,
         weights=from_record(msg.content[wire.ARRAYS]),  # type: ignore[arg-type]
-        shard=int(number(config, wire.SHARD, 0)),
+        shard=shard,
         round_=int(number(config, wire.ROUND) + number(config, wire.ROUND_OFFSET, 0)),
         run_id=run_id,
     )
@@ -165,6 +210,7 @@ def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
         )
     try:
         with region.ledger.session():  # one ledger connection for the message's reads and writes
+            check_incoming(msg.content)
             content = handler(region, msg)
     except RefusalError as e:
         # The server is told a fixed code; the words (exact counts below the policy's minimum, the
