@@ -93,7 +93,10 @@ def install_approved(*, content: bytes, fab_id: str, version: str, digest: str) 
     folder = get_project_dir(fab_id, version, digest)
     expected = bundle_files(content)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(folder.with_name(folder.name + ".lock")):
+    # The lock lives beside Flower's apps/ folder, not in it: apps/ holds installed bundles only.
+    locks = folder.parent.with_name("app-locks")
+    locks.mkdir(parents=True, exist_ok=True)
+    with _locked(locks / f"{folder.name}.lock"):
         if (folder.exists() or folder.is_symlink()) and installed_files(folder) != expected:
             log.warning("install folder %s does not hold approved bundle %s: deleted, extracted again", folder, digest)
             _remove(folder)
