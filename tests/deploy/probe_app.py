@@ -77,7 +77,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def write_probe_app(
-    app_dir: Path, *, marker: Path, name: str = "probe", ship_fedcrm: bool = False, requires: str = "==0.1.*"
+    app_dir: Path, *, marker: Path, name: str = "probe", ship_fedcrm: bool = False, requires: str = "==0.2.*"
 ) -> Path:
     """Write the probe app into ``app_dir``; ``ship_fedcrm`` adds a ``fedcrm/`` that marks its import too."""
     (app_dir / "server").mkdir(parents=True, exist_ok=True)

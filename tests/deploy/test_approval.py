@@ -92,11 +92,11 @@ def test_approved_bundle_that_ships_fedcrm_or_an_installed_package_is_refused(tm
     assert CARRIES_SAFEGUARDS in why and "['numpy']" in why
 
 
-@pytest.mark.parametrize("requires", ["==0.2.*", ">=1.0", ""])
+@pytest.mark.parametrize("requires", ["==0.1.*", ">=1.0", ""])
 def test_bundle_written_for_another_fedcrm_is_refused(tmp_path: Path, requires: str) -> None:
     fab = _bundle(tmp_path, requires=requires)
     why = _refusal(content=fab, trust=_trust(tmp_path, approved_bundles=[bundle_digest(fab)]))
-    assert WRONG_FEDCRM in why and "0.1.0" in why
+    assert WRONG_FEDCRM in why and "0.2.0" in why
 
 
 def test_trust_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
