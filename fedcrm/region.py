@@ -271,6 +271,8 @@ class Region(HoldoutAnswers):
         round_: int,
         run_id: str,
     ) -> TrainRelease:
+        # The server's model spec and weights, against the policy's bounds, before the table is opened.
+        self.check_model(cfg, schema, constituents=[weights])
         data = self.load(cfg, schema)  # train() has checked the request against the policy
         x, y = data.train_shard(shard)
         if len(x) < self.policy.min_customers:

@@ -45,6 +45,10 @@ REFUSED_NOISE: Final = "noise-below-policy-floor"
 REFUSED_SHARD_SIZE: Final = "below-minimum-shard-size"
 REFUSED_BUDGET: Final = "budget-exhausted"
 REFUSED_BY_POLICY: Final = "refused-by-policy"  # any other policy refusal
+# The model the server sends, refused before a customer row is read: a spec above the policy's size bound,
+# or weights that do not fit the spec, are not finite, or exceed the policy's bound on |w|.
+REFUSED_MODEL_SIZE: Final = "model-too-large"
+REFUSED_WEIGHTS: Final = "weights-not-accepted"
 REFUSAL_CODES: Final = frozenset(
     {
         REFUSED_PURPOSE,
@@ -54,6 +58,8 @@ REFUSAL_CODES: Final = frozenset(
         REFUSED_SHARD_SIZE,
         REFUSED_BUDGET,
         REFUSED_BY_POLICY,
+        REFUSED_MODEL_SIZE,
+        REFUSED_WEIGHTS,
     }
 )
 

@@ -360,6 +360,9 @@ def importance_sums(models: list[nn.Module], *, schema: Schema, x: np.ndarray, s
     attr, _ = attributions(models, x, ref=reference_customer(schema), method="riemann", steps=steps)
     _, per_col = by_column(attr, enc)
     rows = np.abs(per_col)
+    # A row that is not finite (weights the server chose can make it so for the customers it targets)
+    # counts as zeros: the answer keeps its shape and that customer's share stays bounded.
+    rows = np.where(np.isfinite(rows).all(axis=1, keepdims=True), rows, 0.0)
     # Each customer's row clipped to L2 norm 1, so that their share of the sum is bounded (a DP answer).
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return np.asarray((rows / np.maximum(norms, 1.0)).sum(axis=0))

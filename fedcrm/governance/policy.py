@@ -56,6 +56,15 @@ class RegionPolicy(BaseModel):
         "rounded", description="what the server may learn of the region's size: rounded to 2 significant digits"
     )
     erasure_deadline_days: int = Field(30, ge=1, description="days to serve an erasure (GDPR Art. 12(3))")
+    # Bounds on the model the server sends (fedcrm.model_limits), checked before a customer row is read.
+    max_weight_abs: float = Field(
+        1e3,
+        gt=0,
+        description="largest |weight| accepted from the server (trained models here stay under 4; non-finite refused)",
+    )
+    max_parameters: int = Field(
+        1_000_000, ge=1, description="largest model, in parameters, the server may ask this region to build"
+    )
 
     def check_request(
         self,

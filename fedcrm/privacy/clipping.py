@@ -92,13 +92,24 @@ class LinearStackDpSgd:
         # d(sum of losses)/d(outputs): row i is customer i's own output gradient (rows do not interact).
         out_grads = torch.autograd.grad(per_sample.sum(), outputs)
         with torch.no_grad():
-            sq_norms = torch.zeros(len(x), dtype=x.dtype)
+            # Norms in float64: a finite float32 gradient's squared norm can overflow float32.
+            sq_norms = torch.zeros(len(x), dtype=torch.float64)
             for layer, a, g in zip(self.linears, inputs, out_grads, strict=True):
-                a_sq = (a * a).sum(1)
-                sq_norms.addcmul_((g * g).sum(1), a_sq + 1.0 if layer.bias is not None else a_sq)
-            clip = (self.clipping_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+                a_sq = torch.linalg.vector_norm(a, dim=1, dtype=torch.float64).square()
+                g_sq = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square()
+                sq_norms.addcmul_(g_sq, a_sq + 1.0 if layer.bias is not None else a_sq)
+            # The mechanism is total for any weights: a row whose loss, activations or gradient are not
+            # finite (weights the server chose can make them so for exactly the customers it targets)
+            # contributes zero, as an absent customer does, instead of turning the whole release into NaN.
+            finite = torch.isfinite(sq_norms) & torch.isfinite(per_sample.detach())
+            clip = torch.where(finite, (self.clipping_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0), 0.0)
+            clip = clip.to(x.dtype).unsqueeze(1)
+            every_row_finite = bool(finite.all())
             for layer, a, g in zip(self.linears, inputs, out_grads, strict=True):
-                gc = g * clip.unsqueeze(1)
+                gc = g * clip
+                if not every_row_finite:  # 0 · inf is nan: the rows themselves must be zeros
+                    dropped = ~finite.unsqueeze(1)
+                    gc, a = gc.masked_fill(dropped, 0.0), a.masked_fill(dropped, 0.0)
                 layer.weight.grad = gc.t() @ a
                 if layer.bias is not None:
                     layer.bias.grad = gc.sum(0)
@@ -142,12 +153,15 @@ class LinearStackDpSgd:
             offset += p.numel()
 
     def _noise_and_scale(self) -> None:
-        for p in self.params:
-            grad = p.grad
-            if grad is None:  # every parameter belongs to a Linear layer (see ``supports``)
-                continue
+        grads = [p.grad for p in self.params if p.grad is not None]  # every parameter is a Linear layer's
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            # A non-finite sum of clipped rows (it cannot be one, each row being finite and clipped, but the
+            # release must not depend on that) becomes a noise-only step: the noise is still added.
+            for g in grads:
+                g.zero_()
+        for grad in grads:
             if self.noise_std > 0:
-                grad += self.randomness.normal(p.shape, std=self.noise_std, dtype=p.dtype)
+                grad += self.randomness.normal(grad.shape, std=self.noise_std, dtype=grad.dtype)
             grad /= self.expected_batch_size
 
 
@@ -159,5 +173,8 @@ def clip_update(weights: dict[str, np.ndarray], *, start: dict[str, np.ndarray],
     """
     deltas = {k: weights[k].astype(np.float64) - start[k].astype(np.float64) for k in weights}
     total = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas.values())))
+    if not np.isfinite(total):
+        # A non-finite update (weights the server chose can make training diverge) leaves as no update at all.
+        return {k: start[k].astype(weights[k].dtype) for k in weights}
     scale = min(1.0, norm / total) if total > 0 else 1.0
     return {k: (start[k] + scale * deltas[k]).astype(weights[k].dtype) for k in weights}
