@@ -213,7 +213,9 @@ def _draw_noise_from(randomness: ReleaseRandomness, *, optimizer: torch.optim.Op
         if not all(bool(torch.isfinite(s).all()) for s in sums):
             # Opacus's ghost clipping cannot drop one non-finite row (its second backward pass multiplies
             # the row by 0 and gets nan), so a non-finite sum becomes a noise-only step: the noise is still
-            # added. fedcrm's own models take the exact path (fedcrm.privacy.clipping), which drops the row.
+            # added and nothing non-finite leaves, but the other rows' share is lost with it, which bounds
+            # no one's influence. A region never takes this path: every model fedcrm.models builds takes
+            # the exact one (fedcrm.privacy.clipping), which drops the non-finite row alone.
             sums = [torch.zeros_like(s) for s in sums]
         for p, summed in zip(params, sums, strict=True):
             p.grad = (summed + randomness.normal(summed.shape, std=std, dtype=summed.dtype)).view_as(p)

@@ -95,7 +95,7 @@ class LinearStackDpSgd:
         out_grads = torch.autograd.grad(per_sample.sum(), outputs)
         with torch.no_grad():
             loss = per_sample.detach().mean()
-            sq_norms = self._sq_norms(inputs, out_grads, dtype=x.dtype)
+            sq_norms = self._sq_norms(inputs, out_grads)
             # One look for the whole batch (a sum is finite only if every term is): the rows' own checks
             # below cost a fifth of a step, and only weights that make some row non-finite need them.
             if math.isfinite(float(sq_norms.sum() + loss)):
@@ -116,14 +116,12 @@ class LinearStackDpSgd:
             self._noise_and_scale(check=dropped is not None or extra is not None)
         return loss
 
-    def _sq_norms(
-        self, inputs: list[torch.Tensor], out_grads: tuple[torch.Tensor, ...], *, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Each row's squared per-sample gradient norm over every Linear layer: ‖g_i‖²·(‖a_i‖² + 1 for a bias)."""
-        sq_norms = torch.zeros(len(inputs[0]), dtype=dtype)
+    def _sq_norms(self, inputs: list[torch.Tensor], out_grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Each row's squared gradient norm over every Linear layer, ‖g_i‖²·(‖a_i‖² + 1 with a bias), in their dtype."""
+        sq_norms = torch.zeros(len(inputs[0]), dtype=inputs[0].dtype)
         for layer, a, g in zip(self.linears, inputs, out_grads, strict=True):
-            a_sq = (a * a).sum(1, dtype=dtype)
-            sq_norms.addcmul_((g * g).sum(1, dtype=dtype), a_sq + 1.0 if layer.bias is not None else a_sq)
+            a_sq = (a * a).sum(1)
+            sq_norms.addcmul_((g * g).sum(1), a_sq + 1.0 if layer.bias is not None else a_sq)
         return sq_norms
 
     def _clip_finite_rows(
@@ -136,9 +134,7 @@ class LinearStackDpSgd:
         as an absent customer does, instead of turning the whole release into NaN. Norms in float64 here:
         a finite float32 gradient's squared norm can overflow float32, and such a row is clipped, not dropped.
         """
-        sq_norms = self._sq_norms(
-            [a.double() for a in inputs], tuple(g.double() for g in out_grads), dtype=torch.float64
-        )
+        sq_norms = self._sq_norms([a.double() for a in inputs], tuple(g.double() for g in out_grads))
         finite = torch.isfinite(sq_norms) & torch.isfinite(per_sample)
         clip = torch.where(finite, (self.clipping_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0), 0.0)
         return clip.to(inputs[0].dtype).unsqueeze(1), ~finite.unsqueeze(1)
