@@ -47,7 +47,8 @@ test-deployment: $(STAMP)
 # The issue's benchmarks in about 8 minutes, each printing its table (docs/benchmarks.md has the figures):
 # local DP training, end-to-end Telco vs the baseline, 100 tenants, erasure latency, scoring throughput,
 # the cost of DP evaluation answers, retrains a budget serves, the privacy audit's power, and a federation
-# that stays up (deploy up + run --federation) against a cold deploy local (about 3 minutes more).
+# that stays up (deploy up + run --federation) against a cold deploy local (about 3 minutes more), and
+# each data owner's command's wall time, first and again, beside flwr --version and import torch.
 # BENCH_SCALE_CELLS picks the tenant rows (`make bench-tenants` runs the 100 / 500 / 1,000 rows).
 BENCH_SCALE_CELLS ?= 10x1000,100x1000
 bench: $(STAMP)
@@ -60,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python experiments/erasure_budget.py --datasets telco,bank --shards 8 --reserve 0,3
 	$(BIN)/python experiments/audit_power.py --repeats 1 --max-canaries 10000
 	$(BIN)/python experiments/bench_federation.py --rounds 2
+	$(BIN)/python experiments/bench_startup.py --customers 3000
 
 # The whole scale grid: 10-200 tenants, 1k-100k customers each (about 7 minutes on 2 cores).
 bench-scale: $(STAMP)

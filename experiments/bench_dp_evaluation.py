@@ -43,7 +43,11 @@ def exact_and_noisy(cfg: Any, *, run_dir: Path, state_root: Path, draws: int) ->
     exact_parts: list[ScoreSummary] = []
     groups: list[fairness.FairnessSummary] = []
     for region, path in cfg.regions.items():
-        r = Region(NodeSettings(region=region, data_path=Path(path), state_dir=state_root / region))
+        r = Region(
+            NodeSettings(
+                region=region, data_path=Path(path), state_dir=state_root / region, schema_path=cfg.schema_path
+            )
+        )
         data = r.load(cfg, schema)
         x, y = data.x[data.holdout], data.y[data.holdout]
         scores = served.proba(x)
@@ -61,7 +65,11 @@ def exact_and_noisy(cfg: Any, *, run_dir: Path, state_root: Path, draws: int) ->
         exact = exact + part
     fine = ScoreSummary()  # the 0.1 wire: 2,000 bins, no noise
     for region, path in cfg.regions.items():
-        r = Region(NodeSettings(region=region, data_path=Path(path), state_dir=state_root / region))
+        r = Region(
+            NodeSettings(
+                region=region, data_path=Path(path), state_dir=state_root / region, schema_path=cfg.schema_path
+            )
+        )
         data = r.load(cfg, schema)
         fine = fine + ScoreSummary.of(scores=served.proba(data.x[data.holdout]), labels=data.y[data.holdout])
 

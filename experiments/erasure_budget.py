@@ -1,7 +1,7 @@
 """How many erasure retrains a region's budget serves, with and without `unlearning.reserve_retrains`.
 
 For each shipped config (Telco, Bank) at S shards, each region plans σ exactly as it will
-(`Region.noise_multiplier`: the declared size of its smallest shard, the rounds × local epochs, the
+(`Region.noise_multiplier`: its declared size over S (`Region.declared_shard`), the rounds × local epochs, the
 target ε, and room for K reserved retrains). The initial training and each retrain of a shard are the
 same release; the table gives the ε a shard spends on its initial training, what the default budget
 (ε = 10) leaves, and how many retrains fit before the region refuses. Accountant arithmetic only (the
@@ -47,13 +47,19 @@ def main() -> None:
         schema = load_schema(cfg.schema_path)
         sizes = []
         for region, path in cfg.regions.items():
-            r = Region(NodeSettings(region=region, data_path=Path(path), state_dir=args.out / "state" / region))
-            data = r.load(cfg.with_overrides({"unlearning.shards": args.shards}), schema)
-            sizes += [int((~data.holdout & (data.shard == k)).sum()) for k in range(args.shards)]
+            r = Region(
+                NodeSettings(
+                    region=region,
+                    data_path=Path(path),
+                    state_dir=args.out / "state" / region,
+                    schema_path=cfg.schema_path,
+                )
+            )
+            sizes.append(r.declared_shard(cfg.with_overrides({"unlearning.shards": args.shards}), schema))
         for k in (int(x) for x in args.reserve.split(",")):
             c = cfg.with_overrides({"unlearning.shards": args.shards, "unlearning.reserve_retrains": k})
             region = Region(NodeSettings(region="probe", data_path=Path("-"), state_dir=args.out / "state" / "probe"))
-            n = policy.declared_size(min(sizes))
+            n = min(sizes)  # each region's declared size over S, as it plans its rounds
             sigma = region.noise_multiplier(c, n=n)
             q, steps = sampling_plan(n=n, batch_size=c.training.batch_size, epochs=c.training.local_epochs)
             one = GaussianRelease(sigma, q, steps * c.training.rounds)

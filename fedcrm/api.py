@@ -102,7 +102,7 @@ def load_model(run_dir: str | Path, *, schema: str | Path | None = None) -> Scor
 
 
 def budget(
-    region: str, state: str | Path = "state", *, policy: str | Path | None = None, accountant: str = "rdp"
+    region: str, state: str | Path = "state", *, policy: str | Path | None = None, accountant: str | None = None
 ) -> dict[str, Any]:
     """A region's privacy ledger as ``fedcrm budget --json`` shows it: ε spent, budget, remaining, events."""
     from fedcrm.errors import StorageError
@@ -114,4 +114,5 @@ def budget(
         raise StorageError(f"no privacy ledger for region {region} under {state} (nothing released yet?)")
     ledger = PrivacyLedger.open(state_dir, region=region)
     rules = load_policy(Path(policy) if policy else None)  # δ and the budget are the region's policy's
-    return ledger.summary(delta=rules.delta, accountant=accountant, budget=rules.privacy_budget)
+    # The accountant too is the policy's, unless the caller asks to see the ledger under another.
+    return ledger.summary(delta=rules.delta, accountant=accountant or rules.accountant, budget=rules.privacy_budget)

@@ -56,8 +56,11 @@ class PrivacyConfig(_Section):
     # secret (research and tests; only where the region's policy allows it). See fedcrm.privacy.randomness.
     noise: Literal["secure", "reproducible"] = "secure"
     clipping_norm: float = Field(1.0, gt=0)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="must be each region's: a region whose policy names another accountant refuses the run"
+    )
     # client_dp only: the Gaussian noise multiplier of Flower's DP-FedAvg wrapper.
+    # Each customer is charged σ/2: their removal moves their region's clipped update by up to 2C.
     client_noise_multiplier: float = Field(0.5, ge=0)
 
     @model_validator(mode="after")
@@ -160,6 +163,11 @@ class ExperimentConfig(_Section):
     policies: dict[str, Path] = Field(
         default_factory=dict, description="simulation only: region name -> that data owner's policy file"
     )
+    region_schemas: dict[str, Path] = Field(
+        default_factory=dict,
+        description="simulation only: region name -> the schema file that data owner declares (default: `schema`); "
+        "each region checks the run's schema against its own and refuses a run whose schema differs",
+    )
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -219,6 +227,9 @@ class ExperimentConfig(_Section):
         unknown = sorted(set(self.policies) - set(self.regions))
         if unknown:
             raise ValueError(f"policies given for unknown regions {unknown}")
+        unknown = sorted(set(self.region_schemas) - set(self.regions))
+        if unknown:
+            raise ValueError(f"region_schemas given for unknown regions {unknown}")
         unknown = sorted(set(self.region_delimiters) - set(self.regions))
         if unknown:
             raise ValueError(f"region_delimiters given for unknown regions {unknown}")
@@ -246,6 +257,7 @@ class ExperimentConfig(_Section):
 
         update: dict[str, Any] = {"schema_path": fix(self.schema_path), "output_dir": fix(self.output_dir)}
         update["policies"] = {k: fix(v) for k, v in self.policies.items()}
+        update["region_schemas"] = {k: fix(v) for k, v in self.region_schemas.items()}
         if self.split is None:
             update["regions"] = {k: fix(v) for k, v in self.regions.items()}
         else:

@@ -75,3 +75,11 @@ class StorageError(FedcrmError):
 
 class BundleRefused(PolicyError):
     """A region refuses to run an app bundle (FAB): not approved by its data owner, or unsafe to load."""
+
+
+class RegionDataUnusable(RefusalError, DataError):
+    """The region's table cannot be read or does not meet its schema. The server is told one fixed code
+    whichever check failed; the message, for the data owner (their commands, the region's log and audit
+    log), keeps the details (file, line, column). A DataError too, so the owner's tools read it as one."""
+
+    default_code = wire.REFUSED_DATA_UNUSABLE

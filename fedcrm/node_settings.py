@@ -1,4 +1,4 @@
-"""What a data owner sets on their node: the region, its data file, its state folder, its policy.
+"""What a data owner sets on their node: the region, its data file, its state folder, its policy, its schema.
 
 One shape for every way a region runs. On a real SuperNode its data owner writes it as ``--node-config``
 (:meth:`NodeSettings.from_node_config` reads it there); where this machine plays every data owner (the
@@ -24,6 +24,9 @@ DATA_PATH: Final = "data-path"
 STATE_DIR: Final = "state-dir"
 POLICY_PATH: Final = "policy-path"
 DELIMITER: Final = "delimiter"  # the data file's CSV delimiter, when the owner fixes it (else the schema's)
+# The owner's schema: who a customer is, the label, consent and sensitive columns, the features it allows.
+# A region without one refuses every run (fedcrm.data.schema_match): the server's schema is only a request.
+SCHEMA_PATH: Final = "schema-path"
 REQUIRED: Final = (REGION, DATA_PATH, STATE_DIR)
 
 
@@ -36,6 +39,7 @@ class NodeSettings:
     state_dir: Path
     policy_path: Path | None = None
     delimiter: str | None = None  # the data file's CSV delimiter, when the owner fixes it (else the schema's)
+    schema_path: Path | None = None  # the owner's schema; without it the region refuses every run
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -52,6 +56,7 @@ class NodeSettings:
             state_dir=Path(str(node_config[STATE_DIR])),
             policy_path=Path(str(policy)) if policy else None,
             delimiter=str(node_config[DELIMITER]) if node_config.get(DELIMITER) else None,
+            schema_path=Path(str(node_config[SCHEMA_PATH])) if node_config.get(SCHEMA_PATH) else None,
         )
 
     def node_config(self) -> dict[str, str]:
@@ -61,6 +66,8 @@ class NodeSettings:
             values[POLICY_PATH] = str(self.policy_path)
         if self.delimiter is not None:
             values[DELIMITER] = self.delimiter
+        if self.schema_path is not None:
+            values[SCHEMA_PATH] = str(self.schema_path)
         return values
 
 
@@ -72,10 +79,32 @@ def _absolute(path: Path) -> Path:
     return path.resolve()
 
 
+def _owner_schema(cfg: ExperimentConfig, region: str) -> Path:
+    """The schema file ``region``'s data owner declares where this machine plays them: ``region_schemas``,
+    else the config's schema (the shipped tables' owners declare the shipped schema)."""
+    return _absolute(cfg.region_schemas.get(region, cfg.schema_path))
+
+
+def owner_settings(
+    cfg: ExperimentConfig, *, region: str, data_path: Path, state_dir: Path, policy_path: Path | None
+) -> NodeSettings:
+    """A region's settings for a data owner's own command on a table and state they name (an audit)."""
+    return NodeSettings(
+        region=region,
+        data_path=Path(data_path),
+        state_dir=Path(state_dir),
+        policy_path=policy_path,
+        schema_path=_owner_schema(cfg, region),
+    )
+
+
 def region_settings(cfg: ExperimentConfig, *, state_root: Path) -> dict[str, NodeSettings]:
     """Every region's settings as its data owner would set them, where this machine plays every owner.
 
-    Each region's state is ``state_root/<region>``; its file, policy and delimiter are the config's.
+    Each region's state is ``state_root/<region>``; its file, policy and delimiter are the config's. Its
+    schema is the one ``region_schemas`` names for it, else the config's schema file (as the data owner of a
+    simulated region on the shipped tables would declare it): the region checks every plan the server sends
+    against this copy of its own, not against the server's text.
     """
     return {
         name: NodeSettings(
@@ -84,6 +113,7 @@ def region_settings(cfg: ExperimentConfig, *, state_root: Path) -> dict[str, Nod
             state_dir=(Path(state_root) / name).resolve(),
             policy_path=_absolute(cfg.policies[name]) if name in cfg.policies else None,
             delimiter=cfg.region_delimiters.get(name),
+            schema_path=_owner_schema(cfg, name),
         )
         for name, path in cfg.regions.items()
     }

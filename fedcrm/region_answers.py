@@ -1,9 +1,9 @@
 """What a region answers about its hold-out: DP aggregates, metered and charged to its ledger.
 
 Every answer (the served model's evaluation, fairness and importance) is one Gaussian mechanism on the
-hold-out population: refused past the policy's per-run allowance or the hold-out's budget, recorded in
-the ledger (write-ahead) and the audit log before it leaves. :class:`HoldoutAnswers` is the part of
-:class:`fedcrm.region.Region` that gives them.
+hold-out population: refused past the policy's daily allowance or the hold-out's budget, checked and
+recorded in the ledger in one transaction (write-ahead) and in the audit log before it leaves.
+:class:`HoldoutAnswers` is the part of :class:`fedcrm.region.Region` that gives them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import numpy as np
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.schema import Schema
-from fedcrm.errors import PolicyError
 from fedcrm.evaluation.metrics import ScoreSummary
 from fedcrm.evaluation.trust import TrustSummary
 from fedcrm.governance.audit_log import AuditAction
@@ -23,10 +22,15 @@ from fedcrm.governance.audit_trail import finite, node_actor
 from fedcrm.governance.customer_refs import RegionAuditLog
 from fedcrm.governance.policy import RegionPolicy
 from fedcrm.model_limits import check_weights
-from fedcrm.models import build_model, ensemble_proba, set_weights
 from fedcrm.privacy.accountant import GaussianRelease
 from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised, sensitivity
-from fedcrm.privacy.ledger import MECHANISM_GAUSSIAN, POPULATION_HOLDOUT, PrivacyLedger
+from fedcrm.privacy.ledger import (
+    MECHANISM_GAUSSIAN,
+    POPULATION_HOLDOUT,
+    DailyAllowance,
+    PrivacyLedger,
+    population_label,
+)
 from fedcrm.privacy.randomness import ReleaseRandomness
 from fedcrm.region_data import RegionData
 
@@ -72,25 +76,16 @@ class HoldoutAnswers:
     ) -> dict[str, np.ndarray]:
         """Release ``parts`` (scaled so one customer moves a coordinate by at most 1) as one Gaussian answer.
 
-        Refused when the run has used up the policy's evaluation allowance or the hold-out's budget;
-        recorded in the ledger (write-ahead) as a Gaussian mechanism on the hold-out before it leaves.
+        Refused when the region has given the policy's answers of the day (UTC, over every run: the run id
+        is the server's) or the hold-out's budget would be exceeded; the count, the budget check and the
+        write-ahead record of a Gaussian mechanism on the hold-out are one ledger transaction.
         """
-        asked = sum(1 for e in self.ledger.events() if e.run_id == run_id and e.mechanism == MECHANISM_GAUSSIAN)
-        if asked >= self.policy.evaluations_per_run:
-            raise PolicyError(
-                f"region {self.name}: run {run_id} has had its {self.policy.evaluations_per_run} evaluation "
-                "answers (the policy's evaluations_per_run); no more are given for this run"
-            )
+        answers, source = self.policy.evaluation_allowance
         release = GaussianRelease(self.policy.evaluation_noise, 1.0, 1)
-        self.ledger.check_budget(
+        event_id = self.ledger.reserve(
             budget=self.policy.privacy_budget,
-            delta=self.delta,
-            accountant=cfg.privacy.accountant,
-            shard=0,
-            next_release=release,
-            holdout=True,
-        )
-        event_id = self.ledger.record_release(
+            accountant=self.policy.accountant,
+            allowance=DailyAllowance(answers=answers, source=source),
             shard=0,
             purpose=cfg.task,
             run_id=run_id,
@@ -100,7 +95,7 @@ class HoldoutAnswers:
             noise=cfg.privacy.noise,
             note=what,
             mechanism=MECHANISM_GAUSSIAN,
-            population=f"{POPULATION_HOLDOUT}:{self.policy.holdout_fraction:g}",
+            population=population_label(POPULATION_HOLDOUT, holdout_fraction=self.policy.holdout_fraction),
         )
         answer = noised(
             parts,
@@ -165,6 +160,9 @@ class HoldoutAnswers:
         self, cfg: ExperimentConfig, schema: Schema, constituents: list[Weights]
     ) -> tuple[RegionData, list[Any]]:
         self.check_model(cfg, schema, constituents=constituents)  # before the table is opened
+        # torch is for a model to answer on: loading a region's customers (a data owner's commands) needs none.
+        from fedcrm.models import build_model, set_weights
+
         data = self.load(cfg, schema)
         models = []
         for w in constituents:
@@ -177,6 +175,8 @@ class HoldoutAnswers:
         self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights], run_id: str
     ) -> ScoreSummary:
         """The served model (mean of constituents) on the hold-out, as a DP answer charged to the ledger."""
+        from fedcrm.models import ensemble_proba  # see _holdout_models
+
         data, models = self._holdout_models(cfg, schema, constituents)
         x, y = data.x[data.holdout], data.y[data.holdout]
         scores = finite_scores(ensemble_proba(models, x)) if len(x) else np.zeros(0)
@@ -211,6 +211,7 @@ class HoldoutAnswers:
         as one DP answer: the noise, not suppression by exact counts, protects small groups."""
         from fedcrm.evaluation.explain import importance_sums
         from fedcrm.evaluation.fairness import GroupHistograms, summarise_groups
+        from fedcrm.models import ensemble_proba  # see _holdout_models
 
         data, models = self._holdout_models(cfg, schema, constituents)
         x, y = data.x[data.holdout], data.y[data.holdout]

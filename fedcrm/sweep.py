@@ -88,6 +88,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
         # The regions' policy files (a sweep with a non-private cell needs policies that allow it),
         # relative to the sweep file like `base`.
         fixed["policies"] = {r: str((path.parent / p).resolve()) for r, p in fixed["policies"].items()}
+    if isinstance(fixed.get("region_schemas"), dict):
+        # The simulated data owners' own schema files, relative to the sweep file like their policies.
+        fixed["region_schemas"] = {r: str((path.parent / p).resolve()) for r, p in fixed["region_schemas"].items()}
     return spec.model_copy(update={"base": base, "output_dir": out, "fixed": fixed})
 
 

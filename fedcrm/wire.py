@@ -21,7 +21,7 @@ RUN_ID: Final = "run-id"
 SHARD: Final = "shard"
 ROUND_OFFSET: Final = "round-offset"  # rounds completed before a resume: ledger and seeds use the true round
 EXPERIMENT: Final = "experiment"  # the run's config as JSON, region paths blanked
-SCHEMA: Final = "schema"  # the declared schema as YAML (public encoding facts)
+SCHEMA: Final = "schema"  # the run's schema as YAML: a request, checked against the region's own (REFUSED_SCHEMA)
 
 ACTION_DESCRIBE: Final = "describe"
 ACTION_EVALUATE_SERVED: Final = "evaluate-served"
@@ -45,6 +45,13 @@ REFUSED_NOISE: Final = "noise-below-policy-floor"
 REFUSED_SHARD_SIZE: Final = "below-minimum-shard-size"
 REFUSED_BUDGET: Final = "budget-exhausted"
 REFUSED_BY_POLICY: Final = "refused-by-policy"  # any other policy refusal
+# The run's schema is not the region's own (fedcrm.data.schema_match): it differs on a field that decides
+# who a customer is or how a row is encoded, names a column the owner did not declare, or the region has
+# no schema of its own. Refused before a row is read.
+REFUSED_SCHEMA: Final = "schema-not-the-regions"
+REFUSED_SHARDS: Final = "shard-count-not-allowed"  # unlearning.shards outside the policy's allowed_shards
+# Any failure to read or check the region's table, whichever check failed: which one would be a bit of data.
+REFUSED_DATA_UNUSABLE: Final = "region-data-unusable"
 # The model the server sends, refused before a customer row is read: a spec above the policy's size bound,
 # or weights that do not fit the spec, are not finite, or exceed the policy's bound on |w|.
 REFUSED_MODEL_SIZE: Final = "model-too-large"
@@ -58,6 +65,9 @@ REFUSAL_CODES: Final = frozenset(
         REFUSED_SHARD_SIZE,
         REFUSED_BUDGET,
         REFUSED_BY_POLICY,
+        REFUSED_SCHEMA,
+        REFUSED_SHARDS,
+        REFUSED_DATA_UNUSABLE,
         REFUSED_MODEL_SIZE,
         REFUSED_WEIGHTS,
     }

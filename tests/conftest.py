@@ -96,7 +96,11 @@ def exact_holdout_metrics(cfg, *, run_dir: Path, state: Path) -> dict[str, float
     for region, path in cfg.regions.items():
         data = Region(
             NodeSettings(
-                region=region, data_path=Path(path), state_dir=state / region, policy_path=cfg.policies.get(region)
+                region=region,
+                data_path=Path(path),
+                state_dir=state / region,
+                policy_path=cfg.policies.get(region),
+                schema_path=cfg.schema_path,
             )
         ).load(cfg, schema)
         scores.append(served.proba(data.x[data.holdout]))
@@ -136,5 +140,41 @@ def one_region(tmp_path: Path, *, customers: int, overrides: dict | None = None,
         policy_path = tmp_path / "eu-policy.yaml"
         policy_path.write_text(yaml.safe_dump(policy))
     return cfg, NodeSettings(
-        region="eu", data_path=Path(cfg.regions["eu"]), state_dir=tmp_path / "state" / "eu", policy_path=policy_path
+        region="eu",
+        data_path=Path(cfg.regions["eu"]),
+        state_dir=tmp_path / "state" / "eu",
+        policy_path=policy_path,
+        schema_path=cfg.schema_path,  # the data owner's own copy of the schema
     )
+
+
+def write_layout_1_ledger(state_dir: Path, events: list[tuple]) -> Path:  # type: ignore[type-arg]
+    """A privacy ledger as fedcrm 0.1 wrote it (layout 1: no partition, no randomness column), every event
+    sent. ``events``: rows of (id, region, shard, round, noise_multiplier, sample_rate, steps, delta)."""
+    import sqlite3
+
+    from fedcrm.privacy.ledger import LEDGER_FILENAME
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LEDGER_FILENAME
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, region TEXT NOT NULL,
+            shard INTEGER NOT NULL CHECK (shard >= 0), purpose TEXT NOT NULL, run_id TEXT NOT NULL,
+            round INTEGER NOT NULL CHECK (round >= 0), mechanism TEXT NOT NULL CHECK (mechanism = 'dp_sgd'),
+            noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
+            delta REAL NOT NULL, note TEXT NOT NULL);
+        CREATE TABLE outcomes (event_id INTEGER PRIMARY KEY REFERENCES events (id), time TEXT NOT NULL,
+            outcome TEXT NOT NULL, reason TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+    """)
+    for event_id, region, shard, round_, sigma, q, steps, delta in events:
+        conn.execute(
+            "INSERT INTO events VALUES (?, 't', ?, ?, 'churn', 'old', ?, 'dp_sgd', ?, ?, ?, ?, '')",
+            (event_id, region, shard, round_, sigma, q, steps, delta),
+        )
+        conn.execute("INSERT INTO outcomes VALUES (?, 't', 'sent', '')", (event_id,))
+    conn.commit()
+    conn.close()
+    return path

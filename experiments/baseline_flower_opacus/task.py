@@ -79,7 +79,10 @@ def load_data(partition_id: int, settings: Settings) -> tuple[TensorDataset, Ten
         table = load_table(Path(settings.region_files[partition_id]), schema)
         x = torch.from_numpy(FeatureEncoder(schema).encode(table))
         y = torch.from_numpy(np.asarray(table.labels, dtype=np.float32))
-        test = torch.from_numpy(holdout_mask(table.ids, fraction=settings.holdout_fraction, seed=settings.seed))
+        # The baseline has no region state: its hold-out is keyed by the config's seed (fedcrm keys it by
+        # each region's secret). Only the split's size matters to a timing comparison.
+        held_out = holdout_mask(table.ids, fraction=settings.holdout_fraction, secret=f"baseline:{settings.seed}")
+        test = torch.from_numpy(held_out)
         _cache[partition_id] = (TensorDataset(x[~test], y[~test]), TensorDataset(x[test], y[test]))
     return _cache[partition_id]
 

@@ -65,7 +65,6 @@ def run(
     """
     from fedcrm.config import load_config
     from fedcrm.experiment import materialise_regions
-    from fedcrm.fl.simulation import run_simulated
 
     if federation is not None:
         _run_on_federation(
@@ -82,14 +81,18 @@ def run(
         if overrides:
             cfg = cfg.with_overrides(parse_overrides(overrides), source=f"{config} --set")
         run_dir = out_dir or cfg.output_dir / cfg.name
-        cfg = materialise_regions(cfg, data_dir=run_dir / "regions")
+        regions = cfg.split.regions if cfg.split is not None else cfg.regions  # named before a split is made
         console.print(
-            f"[bold]fedcrm run[/] {cfg.name}: {len(cfg.regions)} regions, {cfg.training.rounds} rounds, "
+            f"[bold]fedcrm run[/] {cfg.name}: {len(regions)} regions, {cfg.training.rounds} rounds, "
             f"privacy {cfg.privacy.mode}"
             + (f" ε={cfg.privacy.target_epsilon:g}" if cfg.privacy.mode == "sample_dp" else "")
         )
+        cfg = materialise_regions(cfg, data_dir=run_dir / "regions")
         if resume and not (run_dir / "config.yaml").exists():
             raise FedcrmError(f"--resume: {run_dir} holds no run to resume (no config.yaml)")
+        # After the first line: Flower, Ray and torch take seconds to import, and the line says what runs.
+        from fedcrm.fl.simulation import run_simulated
+
         summary = run_simulated(
             cfg,
             run_dir=run_dir,
@@ -163,6 +166,9 @@ def _print_summary(summary: RunSummary, run_dir: Path) -> None:
             p.get("refused") or "",
         )
     out.print(t)
+    against = {p["against_server"] for p in summary.privacy.values() if p.get("against_server")}
+    for text in sorted(against):  # client-level DP: the ε above holds against the model's users only
+        out.print(f"ε against the server: {text}")
     for w in summary.warnings:
         out.print(f"[yellow]warning:[/] {w}")
     out.print(f"Results in [bold]{run_dir}[/]: summary.json, metrics.jsonl, model/, checkpoints/")

@@ -244,7 +244,7 @@ def erasures_status(
     region: Annotated[str, typer.Option("--region", help="The region whose requests to list.")],
     state: StateOpt = DEFAULT_STATE,
     policy: Annotated[Path | None, typer.Option("--policy", help="The region's policy (budget, deadline).")] = None,
-    accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
+    accountant: Annotated[str | None, typer.Option(help="rdp or prv; default: the policy's.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     operator: Annotated[str | None, typer.Option("--operator", help="Who checks, for the audit log.")] = None,
 ) -> None:
@@ -260,6 +260,7 @@ def erasures_status(
 
     try:
         rules = region_policy(None, region=region, policy=policy)
+        accountant = accountant or rules.accountant  # the ledger composes as the region's policy says
         # δ is the region's (its policy's), as for every release of its data: a retrain is priced at it.
         found = open_requests(
             state / region, region=region, budget=rules.privacy_budget, delta=rules.delta, accountant=accountant

@@ -168,6 +168,15 @@ def _numbers(text: pa.Array) -> np.ndarray:
         )
 
 
+def _blank_is_a_band(col: Column) -> Column:
+    """A banded attribute kept for fairness only: its blanks are the ``(missing)`` band, never an error.
+
+    An error would answer "does any customer lack this attribute?" before anything is charged; the
+    band is counted in the DP answer like any other (fairness declares it for every banded attribute).
+    """
+    return col.model_copy(update={"missing": "indicator"}) if col.missing == "error" else col
+
+
 def _band(values: np.ndarray, bands: tuple[float, ...]) -> np.ndarray:
     edges = list(bands)
     labels = [f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:], strict=False)]
@@ -287,7 +296,7 @@ def validate(
     for s in schema.sensitive:
         parsed = values.get(s.column.name)
         if parsed is None:
-            parsed = parse(s.column)
+            parsed = parse(_blank_is_a_band(s.column) if s.bands else s.column)
         sensitive[s.column.name] = _band(parsed.astype(float), s.bands) if s.bands else parsed
     consent: dict[str, np.ndarray] = {
         c.purpose: _two_valued(

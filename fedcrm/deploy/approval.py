@@ -8,8 +8,9 @@ that would run next to the region's customer table. A region therefore runs a bu
    (run config key ``bundle-signature``; a signature is public, only the keys decide);
 2. it carries none of the region's safeguards: Flower puts the bundle's folder first on ``sys.path``,
    so a ``fedcrm/`` (or any other installed package) inside the bundle would replace the region's
-   policy, ledger and wire check with the submitter's copy. Only the app's own component packages
-   (``clients``, ``server``) may come from the bundle;
+   policy, ledger and wire check with the submitter's copy. Only the app's own packages (``clients``,
+   ``server``, fixed here, whatever the bundle's component entries say) may come from the bundle, and
+   its components must live in them;
 3. it was written for the fedcrm installed here: ``[tool.fedcrm] requires-fedcrm`` in the bundle's
    ``pyproject.toml`` (a PEP 440 specifier) must match this host's fedcrm version.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import re
@@ -64,6 +66,8 @@ _TRUST_KEYS = {"approved_bundles", "trusted_signers"}
 # Fixed reasons: what the server is told. The detail (hashes, file names) stays in the region's log.
 NOT_APPROVED = "bundle not approved by the region's data owner"
 CARRIES_SAFEGUARDS = "bundle carries packages the region installs itself"
+# The only top-level packages a bundle may ship that could also be installed here: the thin apps.
+APP_PACKAGES = frozenset({"clients", "server"})
 WRONG_FEDCRM = "bundle was written for another fedcrm version"
 
 
@@ -178,9 +182,14 @@ def _table(doc: Any, *keys: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _installed(module: str) -> bool:
-    """Whether this host would import ``module`` from its own installation (a name it cannot look up: yes)."""
-    if module == "fedcrm":
+def _installed(module: str, *, distributed: Mapping[str, Any]) -> bool:
+    """Whether this host would import ``module`` from its own installation (a name it cannot look up: yes).
+
+    Both the import system (find_spec: what ``import module`` finds now, the standard library included) and
+    the installed distributions' top-level names, ``distributed`` (what a package installs even where
+    find_spec misses it).
+    """
+    if module == "fedcrm" or module in distributed:
         return True
     try:
         return importlib.util.find_spec(module) is not None
@@ -222,13 +231,23 @@ def check_bundle(*, content: bytes, signature: str, trust: RegionTrust) -> Appro
             pyproject = tomli.loads(fab.read("pyproject.toml").decode("utf-8"))
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomli.TOMLDecodeError) as e:
         raise BundleRefused(f"{NOT_APPROVED}: not a readable app bundle ({e})") from e
-    own = _component_packages(pyproject)
-    shadowing = sorted(m for m in _top_level_modules(names) - own if _installed(m))
+    others = _top_level_modules(names) - APP_PACKAGES
+    # Read only when needed: listing every distribution costs ~0.2 s, and the apps ship nothing else.
+    distributed = importlib.metadata.packages_distributions() if others else {}
+    shadowing = sorted(m for m in others if _installed(m, distributed=distributed))
     if shadowing:
         raise BundleRefused(
             f"{CARRIES_SAFEGUARDS}: the bundle ships {shadowing}, which would replace this host's installed "
             "copy (Flower puts the bundle first on sys.path); the region's safeguards come only from its own "
             "installation"
+        )
+    # The app's own packages are fixed here, never read from the bundle: before 0.2.0 the bundle's component
+    # entries named them, so a bundle whose clientapp was `fedcrm.fl.client:app` could ship its own fedcrm.
+    foreign = sorted(_component_packages(pyproject) - APP_PACKAGES)
+    if foreign:
+        raise BundleRefused(
+            f"{CARRIES_SAFEGUARDS}: pyproject.toml [tool.flwr.app.components] names {foreign}; an app's "
+            f"components must live in its own packages {sorted(APP_PACKAGES)}"
         )
     wanted = _table(pyproject, "tool", "fedcrm").get("requires-fedcrm")
     try:

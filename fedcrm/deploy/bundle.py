@@ -25,7 +25,7 @@ from fedcrm.errors import ConfigError, FederationError
 
 __all__ = ["build_bundle", "bundle_candidates", "stage_bundle"]
 
-_MANIFEST_DIR = ".info/"  # written by Flower's build into every bundle, never read from the app folder
+MANIFEST_DIR = ".info/"  # written by Flower's build into every bundle, never read from the app folder
 
 
 def bundle_candidates(app_dir: Path) -> dict[str, Path]:
@@ -81,7 +81,7 @@ def stage_bundle(app_dir: Path, *, into: Path) -> Path:
     into.mkdir(parents=True)
     with zipfile.ZipFile(io.BytesIO(bundle)) as fab:
         for name in fab.namelist():
-            if not name.startswith(_MANIFEST_DIR):
+            if not name.startswith(MANIFEST_DIR):
                 target = into / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(fab.read(name))

@@ -8,7 +8,9 @@ imports the ClientApp. ``fedcrm region exec`` is that SuperExec, with one change
 process of this module instead of ``flwr-clientapp``. The gated process is ``flwr-clientapp``'s own
 code with a check between pulling the bundle and unpacking it (:func:`fedcrm.deploy.approval.check_bundle`):
 an unapproved, changed or safeguard-carrying bundle is refused with an error reply to the server,
-before any of its files are written or imported.
+before any of its files are written or imported. An approved one is then made to hold exactly its
+approved bytes in Flower's install folder, which Flower would otherwise reuse as it found it
+(:mod:`fedcrm.deploy.installed_bundle`).
 
 Flower's ``--trusted-entities`` cannot do this job in 1.42: it accepts only bundles that arrive with
 Flower Hub verification records, so it refuses every bundle submitted with ``flwr run .``.
@@ -33,6 +35,7 @@ from typing import Any
 
 from fedcrm.deploy.approval import SIGNATURE_KEY, Approval, RegionTrust, check_bundle, load_trust
 from fedcrm.deploy.executor import Task, TaskRunner, run_executor
+from fedcrm.deploy.installed_bundle import install_approved
 from fedcrm.errors import BundleRefused, FedcrmError
 
 __all__ = ["gated_clientapp_command", "run_gated_clientapp", "run_region_exec"]
@@ -73,6 +76,11 @@ def _gate(pull: Callable[[Any], tuple[Any, Any, Any, Any]], *, trust: RegionTrus
                     f"{run.fab_version} {run.fab_hash}, the bytes are {approval.fab_id} {approval.version} "
                     f"{approval.digest}"
                 )
+            # Flower reuses an existing install folder of the same name, version and 8 hash digits without
+            # extracting: make it hold exactly the approved bytes before Flower's install and load see it.
+            install_approved(
+                content=fab.content, fab_id=approval.fab_id, version=approval.version, digest=approval.digest
+            )
         except BundleRefused as e:
             log.error("region refused run %s's app bundle: %s", run.run_id, e)
             reason = f"region refused the app bundle: {str(e).split(':', 1)[0]}"  # the fixed part only
@@ -98,6 +106,9 @@ def run_gated_clientapp(task: Task, *, trust_path: Path) -> None:
         raise FedcrmError(f"the region gate supports flwr 1.42 only, found flwr {flwr.__version__}")
     # This process exists for this one message: replacing the function here changes nothing elsewhere.
     rc.pull_task_input = _gate(rc.pull_task_input, trust=trust)  # type: ignore[assignment]
+    # No __pycache__ in the install folder: it would differ from the approved bytes (and a stale .pyc is
+    # what Python runs in place of its source), so the next message would have to extract it again.
+    sys.dont_write_bytecode = True
     rc.run_clientapp(
         runtime_api_address=task.runtime_api_address,
         token=task.token,

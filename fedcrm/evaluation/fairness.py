@@ -56,7 +56,8 @@ def band_labels(bands: tuple[float, ...]) -> list[str]:
 def _groups_of(s: SensitiveAttribute) -> tuple[str, ...] | None:
     col = s.column
     if isinstance(col, NumericColumn):
-        return tuple(band_labels(s.bands)) if s.bands else None
+        # Every banded attribute has a (missing) band, blanks or not: the answer's shape is the schema's.
+        return (*band_labels(s.bands), MISSING) if s.bands else None
     missing = (MISSING,) if col.missing == "indicator" else ()
     if isinstance(col, BooleanColumn):
         return ("yes", "no") + missing

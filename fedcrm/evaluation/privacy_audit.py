@@ -213,7 +213,8 @@ def audit_region(
     """
     from fedcrm.data.schema import load_schema
     from fedcrm.errors import StorageError
-    from fedcrm.region import NodeSettings, Region
+    from fedcrm.node_settings import owner_settings
+    from fedcrm.region import Region
 
     if not (state_dir / "privacy_ledger.sqlite").exists():
         raise StorageError(
@@ -222,7 +223,7 @@ def audit_region(
         )
     schema = load_schema(cfg.schema_path)
     served.check_schema(schema)
-    r = Region(NodeSettings(region=region, data_path=data_path, state_dir=state_dir, policy_path=policy_path))
+    r = Region(owner_settings(cfg, region=region, data_path=data_path, state_dir=state_dir, policy_path=policy_path))
     data = r.load(cfg, schema)
     chosen = customer_canaries(
         data.holdout, holdout_fraction=cfg.evaluation.holdout_fraction, rng=np.random.default_rng()

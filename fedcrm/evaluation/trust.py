@@ -17,7 +17,6 @@ import numpy as np
 from fedcrm import wire
 from fedcrm.data.schema import Schema
 from fedcrm.evaluation import fairness
-from fedcrm.evaluation.explain import importance_report
 
 
 @dataclass
@@ -73,6 +72,9 @@ class PooledTrust:
     def report(self, *, schema: Schema) -> dict[str, Any]:
         out: dict[str, Any] = {"fairness": fairness.fairness_report(self.groups, schema=schema)}
         if self.importance_sum is not None:
+            # explain's module imports torch (for its attributions); a region's data path imports this one.
+            from fedcrm.evaluation.explain import importance_report
+
             out["feature_importance"] = {
                 "mean_abs_contribution_points": importance_report(self.importance_sum, self.customers, schema=schema),
                 "customers": self.customers,

@@ -214,7 +214,8 @@ def audit_region_white_box(
     """
     from fedcrm.data.schema import load_schema
     from fedcrm.errors import ConfigError, StorageError
-    from fedcrm.region import NodeSettings, Region
+    from fedcrm.node_settings import owner_settings
+    from fedcrm.region import Region
 
     if cfg.privacy.mode != "sample_dp":
         raise ConfigError(
@@ -223,10 +224,10 @@ def audit_region_white_box(
         )
     if not state_dir.is_dir():
         raise StorageError(f"region {region}: no state under {state_dir}; pass the --state folder the run used")
-    r = Region(NodeSettings(region=region, data_path=data_path, state_dir=state_dir, policy_path=policy_path))
-    data = r.load(cfg, load_schema(cfg.schema_path))
-    x, y = data.train_shard(0)
-    declared = r.policy.declared_size(len(x))
+    r = Region(owner_settings(cfg, region=region, data_path=data_path, state_dir=state_dir, policy_path=policy_path))
+    schema = load_schema(cfg.schema_path)
+    x, y = r.load(cfg, schema).train_shard(0)
+    declared = r.declared_shard(cfg, schema)  # q as the region plans it: from its declared size
     sigma = r.noise_multiplier(cfg, n=declared)
     audit = white_box_audit(
         x=x,

@@ -47,6 +47,7 @@ def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str) -> Conf
     public["regions"] = {name: "(set by the region's data owner)" for name in cfg.regions}
     public["split"] = None
     public["policies"] = {}
+    public["region_schemas"] = {}  # each region's schema is its data owner's (its node config), not the server's
     public["region_delimiters"] = {}  # each region's file format is its own (its node config), not the server's
     public.pop("tracking", None)  # server side only: where results are tracked is none of a region's business
     public["schema"] = "(sent as text)"
@@ -61,6 +62,8 @@ def plan_config(cfg: ExperimentConfig, *, schema_text: str, run_id: str) -> Conf
 
 
 def read_plan(config: ConfigRecord) -> tuple[ExperimentConfig, Schema, str]:
+    """The run's config, schema and id as the server sent them. The schema is the server's request only: a
+    region reads its table with its data owner's own (``Region.owned_schema``), never with this one."""
     cfg, schema = _parse_plan(str(config[wire.EXPERIMENT]), str(config[wire.SCHEMA]))
     return cfg, schema, str(config[wire.RUN_ID])
 

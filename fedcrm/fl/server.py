@@ -35,6 +35,7 @@ from fedcrm.fl.strategy import (
 )
 from fedcrm.governance.audit_trail import audited_run, server_audit_log
 from fedcrm.models import build_model, get_weights
+from fedcrm.privacy.client_dp import AGAINST_SERVER
 from fedcrm.run_summary import EVENT_KINDS, RunSummary
 from fedcrm.runs import RunDir, code_version, completed_rounds, load_weights
 
@@ -80,8 +81,10 @@ def privacy_warnings(cfg: ExperimentConfig, *, regions: int) -> list[str]:
     if cfg.privacy.mode == "client_dp":
         out.append(
             "client-level DP: the server adds the noise, so each region's clipped update reaches the server "
-            "un-noised. ε here protects a region against other regions and the model's users, not against "
-            "the server or its operator."
+            f"un-noised: ε against the server and its operator is {AGAINST_SERVER}. The regions' ledgers "
+            "charge each customer at noise multiplier σ/2 (removing one customer moves their region's clipped "
+            "update by up to 2C); that ε holds against other regions and the model's users, not against the "
+            "server."
         )
     if cfg.privacy.mode != "none" and cfg.privacy.noise == "reproducible":
         out.append(
@@ -316,6 +319,9 @@ def summarise(
             # Every release of this run that the ledger holds, a round retried after a crash included.
             "releases_this_run": answer.get("releases_this_run"),
         }
+        if cfg.privacy.mode == "client_dp":
+            # The ledger's ε holds against the model's users only: the server saw each clipped update.
+            privacy[region]["against_server"] = AGAINST_SERVER
     wall_time_s = round(time.time() - pre.started, 2)
     notes = list(pre.notes)
     noise_sd = ev.pooled.get("auc_noise_sd", 0.0)

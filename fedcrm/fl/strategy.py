@@ -94,7 +94,10 @@ class NoiseForAggregated(DifferentialPrivacyClientSideFixedClipping):
 
     Flower's wrapper scales the noise to the number of clients *configured* (σ·C/m); fedcrm scales it
     to the updates actually aggregated this round, so a round with fewer regions (refusals, failures,
-    rejected updates) still gives each region's update the noise its ledger charged for.
+    rejected updates) still gives each region's update the noise its ledger charged for. That noise, σ·C/m,
+    is σ/2 times one *customer's* sensitivity 2C/m (their removal moves their region's clipped update
+    across the C-ball), so the regions' ledgers charge σ/2 (:mod:`fedcrm.privacy.client_dp`). The server
+    itself sees every clipped update before this noise: against it client-level DP is ε = ∞.
     """
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Any, Any]:

@@ -52,6 +52,8 @@ class AuditAction(str, Enum):
     MODEL_SCORED = "model_scored"  # `fedcrm score` at a region: counts and model version, never ids
     # The region's customer refs moved from the log's own salt file to its region secret (once).
     CUSTOMER_KEY_CHANGED = "customer_key_changed"
+    # The data owner accepted the predictable noise of releases migrated from fedcrm 0.1 (`seeded`).
+    SEEDED_ACCEPTED = "seeded_accepted"
 
 
 ACTIONS: frozenset[str] = frozenset(a.value for a in AuditAction)

@@ -25,10 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
@@ -36,14 +35,15 @@ from fedcrm.data.io import load_table, read_raw
 from fedcrm.data.schema import Schema
 from fedcrm.durable import storage_error, write_text_atomically
 from fedcrm.errors import DataError, UnlearningError
-from fedcrm.evaluation.served import ServedModel
 from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.customer_refs import RegionAuditLog
-from fedcrm.models import get_weights, predict_proba
 from fedcrm.run_summary import RunSummary
 from fedcrm.runs import MODEL_META, ModelMeta, RunDir
 from fedcrm.unlearning.shards import holdout_mask, region_secret, shard_of
 from fedcrm.unlearning.tombstones import Tombstones
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "fedcrm-customer-export"
 VERSION = 1
@@ -156,6 +156,10 @@ def _model_entry(
     held_out = bool(holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, secret=secret)[0])
     in_run = request.region in cfg.regions
     consent_ok = effective.get(cfg.task, False)
+    # Imported here: torch is for a run's model; an export without --run never loads one.
+    from fedcrm.evaluation.served import ServedModel
+    from fedcrm.models import predict_proba
+
     models = ServedModel.load(run).models
     scores = [float(predict_proba(m, x)[0]) for m in models]
     return {
@@ -185,6 +189,10 @@ def explain(
     Logistic: exact, ``w_i * x_i`` plus the bias. MLP: gradient × input of the logit, a first-order
     attribution that need not add up to the logit.
     """
+    import torch  # only with a model to explain: see _model_entry
+
+    from fedcrm.models import get_weights
+
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).unsqueeze(0)
     if kind == "logistic":
         weights = [get_weights(m) for m in models]

@@ -1,30 +1,30 @@
 """Privacy accounting maths: ε of a history of DP-SGD releases, and σ planned to land on a target ε.
 
 Pure functions over frozen values, no state and no I/O, so the ledger, the planner and the tests all
-compose the *same* history the same way. The numbers come from Opacus's accountants, fed a history
-directly rather than stepped one batch at a time; tests check them against Google's dp_accounting.
+compose the *same* history the same way. The numbers are those of Opacus's RDP and PRV accountants,
+computed by :mod:`fedcrm.privacy.rdp` and :mod:`fedcrm.privacy.prv` in the same arithmetic (Opacus's
+package import pulls torch, seconds that a data owner's ``fedcrm budget`` must not wait for); tests
+check them against Opacus itself and against Google's dp_accounting.
 
-Pitfalls of the Opacus accountants that this module guards against (seen in opacus 1.6.0):
+Pitfalls of those accountants that this module guards against (seen in opacus 1.6.0):
 
-- ``PRVAccountant`` fails on an empty history (``cannot convert float NaN to integer``) and on a
-  history made only of zero-step entries (``ZeroDivisionError``); ``RDPAccountant`` reports ε ≈ 0.10
-  (not 0) for zero steps, an artefact of converting RDP at a finite largest order. Zero-step releases
-  spend nothing, so they are dropped before the accountant sees them.
-- With its default orders (up to 63) ``RDPAccountant`` cannot report ε below about 0.1 at δ = 1e-5,
-  whatever σ: the optimum sits on the largest order. The orders are extended to 1024, as
-  dp_accounting's defaults are, so small spends are not overstated.
-- The PRV accountant's cost grows with the number of history entries, and splitting one release into
-  many identical entries changes nothing in the maths (composition is commutative) but costs ~10x more.
-  Identical (σ, q) entries are merged by summing their steps.
-- ``PRVAccountant.get_epsilon`` returns an *upper bound* that includes an absolute ``eps_error`` (0.01):
-  for tiny spends the relative error is large, always on the conservative side.
+- PRV fails on an empty history (``cannot convert float NaN to integer``) and on a history made only
+  of zero-step entries (``ZeroDivisionError``); RDP reports ε ≈ 0.10 (not 0) for zero steps, an
+  artefact of converting RDP at a finite largest order. Zero-step releases spend nothing, so they are
+  dropped first.
+- With Opacus's default orders (up to 63) RDP cannot report ε below about 0.1 at δ = 1e-5, whatever
+  σ: the optimum sits on the largest order. The orders are extended to 1024, as dp_accounting's
+  defaults are, so small spends are not overstated.
+- PRV's cost grows with the number of history entries, and splitting one release into many identical
+  entries changes nothing in the maths (composition is commutative) but costs ~10x more. Identical
+  (σ, q) entries are merged by summing their steps.
+- PRV returns an *upper bound* that includes an absolute ``eps_error`` (0.01): for tiny spends the
+  relative error is large, always on the conservative side.
 
-Speed: the RDP of one step of a mechanism, at every order, depends only on (σ, q), and T steps have T
-times that RDP, so the per-step vector is computed once per (σ, q) and kept (it was ~85 % of a
-client's time per round, recomputed for every reply). The sum over the history and the conversion to
-ε are Opacus's own, in the same order, so the numbers are bit-for-bit those of ``RDPAccountant``.
-PRV results are kept per (history, δ). Both caches hold only numbers derived from public
-parameters, never data.
+Speed: the RDP of one step at every order depends only on (σ, q) and is kept per (σ, q) by
+:func:`fedcrm.privacy.rdp.rdp_per_step`; the sum over the history and the conversion to ε follow in the
+same order as Opacus's ``RDPAccountant``, so the numbers are bit-for-bit its own. PRV results are kept
+per (history, δ). Both caches hold only numbers derived from public parameters, never data.
 """
 
 from __future__ import annotations
@@ -37,16 +37,15 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fedcrm.errors import PrivacyBudgetError
+from fedcrm.privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_per_step
 
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 # Opacus's default orders plus dp_accounting's largest ones: see the module docstring.
-RDP_ORDERS: list[float] = list(RDPAccountant.DEFAULT_ALPHAS) + [128, 256, 512, 1024]
+RDP_ORDERS: list[float] = list(DEFAULT_ORDERS) + [128, 256, 512, 1024]
 ALL_ORDERS: tuple[float, ...] = tuple(RDP_ORDERS)
 # The integer orders among them: their RDP is a finite sum, the fractional ones' a slow series.
 INTEGER_ORDERS: tuple[float, ...] = tuple(a for a in RDP_ORDERS if float(a).is_integer())
@@ -99,37 +98,25 @@ def _check_accountant(accountant: str) -> None:
         raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
 
 
-@lru_cache(maxsize=4096)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float, orders: tuple[float, ...]) -> np.ndarray:
-    """RDP of one step of the subsampled Gaussian at each of ``orders`` (read-only)."""
-    rdp = np.asarray(
-        rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)),
-        dtype=float,
-    )
-    rdp.setflags(write=False)
-    return rdp
-
-
 def _rdp_epsilon(
     history: list[tuple[float, float, int]], delta: float, *, orders: tuple[float, ...] | None = None
 ) -> float:
     # RDPAccountant.get_privacy_spent's arithmetic: sum of per-mechanism RDP (steps × per-step), then
-    # the conversion at the best order.
+    # the conversion at the best order. At the end of the range of orders the bound is merely loose
+    # (see the module docstring), so no warning is given.
     orders = orders or ALL_ORDERS
-    rdp = sum(_rdp_per_step(sigma, q, orders) * steps for sigma, q, steps in history)
-    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        # The bound holds at whichever order is optimal; at the end of the range it is merely loose
-        # (see the module docstring), so Opacus's advice to add orders is noise to a user.
-        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
-        eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
-    return float(eps)
+    rdp = sum(rdp_per_step(sample_rate=q, noise_multiplier=sigma, orders=orders) * steps for sigma, q, steps in history)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eps, _ = epsilon_from_rdp(orders=orders, rdp=np.asarray(rdp), delta=delta)
+    return eps
 
 
 @lru_cache(maxsize=1024)
 def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    acct = PRVAccountant()
-    acct.history = list(history)
-    return float(acct.get_epsilon(delta))
+    # Imported here: PRV needs scipy's erfc and quadrature (~0.5 s), which RDP-only commands never pay.
+    from fedcrm.privacy.prv import prv_epsilon
+
+    return prv_epsilon(history, delta=delta)
 
 
 def _history(releases: Sequence[Release]) -> list[tuple[float, float, int]]:

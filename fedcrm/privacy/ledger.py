@@ -17,21 +17,28 @@ Each event stores the δ it was made at and how its randomness was drawn (``secu
 ``reproducible``, see :mod:`fedcrm.privacy.randomness`; ``seeded`` for releases recorded by fedcrm
 before 0.2, whose noise the server could predict). A query composes at the δ it is given: the region's
 policy fixes one δ for its whole history.
+
+A release is checked and recorded in one transaction (:meth:`PrivacyLedger.reserve`): the budget check
+composes the history as it is when the release is written, whatever else the region serves meanwhile.
 Layout and migration: :mod:`fedcrm.privacy.ledger_store`; grouping events into cells:
 :mod:`fedcrm.privacy.ledger_cells`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcrm.errors import PrivacyBudgetError, StorageError
+from fedcrm.errors import PolicyError, PrivacyBudgetError, StorageError
 from fedcrm.privacy.accountant import AccountantName, GaussianRelease, NonPrivateRelease, Release, epsilon
+from fedcrm.privacy.client_dp import epsilon_against_server
 from fedcrm.privacy.ledger_cells import MAX_CELLS, cells
+from fedcrm.privacy.ledger_population import population_label, population_threshold
 from fedcrm.privacy.ledger_store import (
     EVENT_COLUMNS,
     LEDGER_FILENAME,
@@ -45,7 +52,9 @@ from fedcrm.privacy.ledger_store import (
     OUTCOME_SENT,
     POPULATION_HOLDOUT,
     POPULATION_TRAIN,
+    REPLAY_FILENAME,
     SCHEMA_VERSION,
+    SEEDED_ACCEPTED_KEY,
     LedgerEvent,
     LedgerStore,
     Outcome,
@@ -57,6 +66,7 @@ from fedcrm.privacy.ledger_store import (
 # What other modules import from here: the ledger's vocabulary lives in ledger_store, this is its door.
 __all__ = [
     "LEDGER_FILENAME",
+    "DailyAllowance",
     "MAX_CELLS",
     "MECHANISM_DP_SGD",
     "MECHANISM_GAUSSIAN",
@@ -68,14 +78,25 @@ __all__ = [
     "OUTCOME_SENT",
     "POPULATION_HOLDOUT",
     "POPULATION_TRAIN",
+    "REPLAY_FILENAME",
     "SCHEMA_VERSION",
     "LedgerEvent",
     "PrivacyLedger",
+    "population_label",
 ]
 
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class DailyAllowance:
+    """At most ``answers`` hold-out answers per UTC day, over every run: a window the region owns, where a
+    run id is the server's to choose. ``source`` names the policy field that set it, for the refusal."""
+
+    answers: int
+    source: str
 
 
 class PrivacyLedger(LedgerStore):
@@ -100,14 +121,50 @@ class PrivacyLedger(LedgerStore):
         return ledger
 
     def nonce(self, event_id: int) -> str:
-        """The release's nonce for reproducible randomness: unique to this ledger and this event."""
-        return f"{self.ledger_id}:{self.region}:{event_id}"
+        """The release's nonce for reproducible randomness: unique to this ledger and this event.
+
+        It ends with the random nonce stored with the event, so a ledger restored from a backup, which
+        gives the next releases the ids of releases already made, still never repeats a key. An event
+        recorded before 0.2.0 has none and keeps the nonce it was drawn with.
+        """
+        with self._connect_for_reading() as conn:
+            row = conn.execute(
+                "SELECT nonce FROM events WHERE id = ? AND region = ?", (event_id, self.region)
+            ).fetchone()
+        base = f"{self.ledger_id}:{self.region}:{event_id}"
+        return base if row is None or row[0] is None else f"{base}:{row[0]}"
+
+    def replay(self, source: PrivacyLedger) -> Path:
+        """Have this ledger's next releases draw the keys that ``source`` recorded under the same ids.
+
+        For verifying a reproducible release (an erasure retrain against a from-scratch run): the data owner
+        copies the region's state as it was before the release, then re-runs it here with the recorded keys.
+        Writes :data:`REPLAY_FILENAME` next to this ledger, which only the data owner can place; never leave
+        one in a region that serves a server, whose releases would then share noise with ``source``'s.
+        """
+        path = self.path.with_name(REPLAY_FILENAME)
+        nonces = {str(e.id): e.nonce for e in source.events() if e.nonce is not None}
+        path.write_text(json.dumps(nonces, indent=1) + "\n", encoding="utf-8")
+        return path
+
+    def answers_today(self) -> int:
+        """Hold-out answers (Gaussian releases on the hold-out) recorded since 00:00 UTC today."""
+        since = utc_now()[:10]  # ISO times compare as text: every one of today's starts with the date
+        with self._connect_for_reading() as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM events WHERE region = ? AND mechanism = ? AND population LIKE ? AND time >= ?",
+                (self.region, MECHANISM_GAUSSIAN, f"{POPULATION_HOLDOUT}:%", since),
+            ).fetchone()
+        return int(count)
 
     # -- writing -------------------------------------------------------------------------------------
 
-    def record_release(
+    def reserve(
         self,
         *,
+        budget: float | None,
+        accountant: AccountantName | str | None = None,
+        allowance: DailyAllowance | None = None,
         shard: int,
         shards: int = 1,
         purpose: str,
@@ -120,18 +177,26 @@ class PrivacyLedger(LedgerStore):
         population: str | None = None,
         mechanism: str = MECHANISM_DP_SGD,
     ) -> int:
-        """Write a release as pending *before* its update leaves the region; return the event id.
+        """Check a release against ``budget`` (and a hold-out answer against ``allowance``) and record it as
+        pending, in one transaction, *before* it leaves the region; return its event id. Refuse, recording
+        nothing, when it does not fit.
 
-        Written first so that a crash after sending cannot lose the spend. Call :meth:`check_budget`
-        before training, then this before sending, then :meth:`mark_outcome` once the send is known.
-        ``shard`` is the shard read, of a partition into ``shards``; ``noise`` how the randomness was drawn;
-        ``population`` which customers it read (:func:`population`; None: all of them); ``mechanism`` what
-        a Gaussian release was (DP-SGD steps, or one Gaussian mechanism on aggregates).
+        The one verb for a release that may leave: a check and a write made apart would let concurrent
+        requests all pass the check on the same history (8 at once with room for one released 7); written
+        first, a crash after sending cannot lose the spend. Then :meth:`mark_outcome` once the send is known.
+        ``budget`` None records without a check (a non-private release, allowed by the policy as such); a
+        release on the hold-out population is checked against the hold-out's ε at ``accountant``, any other
+        against its shard's. ``shard`` is the shard read, of a partition into ``shards``; ``noise`` how the
+        randomness was drawn; ``population`` which customers it read (:func:`population_label`; None: all of
+        them); ``mechanism`` what a Gaussian release was (DP-SGD steps, or one Gaussian mechanism on
+        aggregates). Each event gets a fresh random nonce (see :meth:`nonce`).
         """
         if mechanism not in (MECHANISM_DP_SGD, MECHANISM_GAUSSIAN):
             raise ValueError(f"mechanism must be '{MECHANISM_DP_SGD}' or '{MECHANISM_GAUSSIAN}', got {mechanism!r}")
-        if population is not None and population.split(":")[0] not in (POPULATION_TRAIN, POPULATION_HOLDOUT):
-            raise ValueError(f"population must be train:<fraction> or holdout:<fraction>, got {population!r}")
+        if population is not None:
+            if population.split(":")[0] not in (POPULATION_TRAIN, POPULATION_HOLDOUT):
+                raise ValueError(f"population must be train:<threshold> or holdout:<threshold>, got {population!r}")
+            population_threshold(population)  # raises, naming the form expected
         check_int("shards", shards, minimum=1)
         check_int("shard", shard, minimum=0)
         if shard >= shards:
@@ -148,11 +213,33 @@ class PrivacyLedger(LedgerStore):
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
         if not isinstance(note, str):
             raise ValueError(f"note must be a string, got {type(note).__name__}")
-        with self._connect() as conn:
+        if budget is not None and accountant is None:
+            raise ValueError("accountant is needed to check a release against a budget")
+        holdout = population is not None and population.startswith(f"{POPULATION_HOLDOUT}:")
+        with self.transaction(), self._connect() as conn:
+            if allowance is not None:
+                given = self.answers_today()
+                if given >= allowance.answers:
+                    raise PolicyError(
+                        f"region {self.region}: it has given its {allowance.answers} evaluation answers of today "
+                        f"(UTC; the policy's {allowance.source}); no more are given before 00:00 UTC"
+                    )
+            if budget is not None and accountant is not None:
+                self.check_budget(
+                    budget=budget,
+                    delta=delta,
+                    accountant=accountant,
+                    shard=shard,
+                    shards=shards,
+                    next_release=release,
+                    holdout=holdout,
+                )
+            # Inside the transaction, too: the nonce of a replayed release (see replay) is chosen for the
+            # id the release will get.
             cursor = conn.execute(
                 "INSERT INTO events (time, region, shard, purpose, run_id, round, mechanism, "
-                "noise_multiplier, sample_rate, steps, delta, note, shards, noise, population) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "noise_multiplier, sample_rate, steps, delta, note, shards, noise, population, nonce) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     utc_now(),
                     self.region,
@@ -169,12 +256,20 @@ class PrivacyLedger(LedgerStore):
                     shards,
                     noise,
                     population,
+                    self._next_nonce(conn),
                 ),
             )
             event_id = cursor.lastrowid
         if event_id is None:
             raise self._damaged("did not return an id for the release just written")
         return event_id
+
+    def record_release(self, **event: Any) -> int:
+        """Record a release without a budget check: :meth:`reserve`'s arguments after ``allowance``.
+
+        For writing a history (tests, tools); a release that may leave goes through :meth:`reserve`.
+        """
+        return self.reserve(budget=None, **event)
 
     def mark_outcome(self, event_id: int, outcome: Outcome | str, reason: str = "") -> None:
         """Record, once, whether a pending release's update left the region.
@@ -191,7 +286,7 @@ class PrivacyLedger(LedgerStore):
             if row is None or row[0] != self.region:
                 raise PrivacyBudgetError(
                     f"region {self.region}: no release with id {event_id} in {self.path}, so its outcome "
-                    "cannot be recorded; use the id that record_release returned."
+                    "cannot be recorded; use the id that reserve returned."
                 )
             try:
                 conn.execute(
@@ -221,11 +316,13 @@ class PrivacyLedger(LedgerStore):
             params += (shard,)
         with self._connect_for_reading() as conn:
             rows = conn.execute(query + " ORDER BY e.id", params).fetchall()
+            accepted = self._meta(conn, self._seeded_key) is not None
         return [
             LedgerEvent(
                 **dict(zip(EVENT_COLUMNS, row[: len(EVENT_COLUMNS)], strict=True)),
                 outcome=row[-2],
                 outcome_reason=row[-1] or "",
+                seeded_accepted=accepted,
             )
             for row in rows
         ]
@@ -301,7 +398,8 @@ class PrivacyLedger(LedgerStore):
         """Worst ε in ``shard`` (of ``shards``), or of the hold-out, once ``next_release`` is added; refuse,
         recording nothing, if over ``budget``.
 
-        Called before training (or answering), so a refused release costs neither compute nor privacy.
+        :meth:`reserve` runs it inside its transaction; alone it is a preview (a retrain plan checks its
+        releases fit before it starts), which a concurrent release may overtake.
         """
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise ValueError(f"budget must be a number > 0, got {budget!r}")
@@ -318,8 +416,9 @@ class PrivacyLedger(LedgerStore):
             spent = spend(None)
             where = "its hold-out" if holdout else f"shard {shard} of {shards}" if shards > 1 else "its customers"
             cause = (
-                " Some of these customers were already released without DP (a `none` run), so no ε "
-                "bound holds for them any more."
+                " Some of these customers were already released without DP (a `none` run, or releases "
+                "migrated from fedcrm 0.1 that the data owner has not accepted: `fedcrm budget --accept-seeded`), "
+                "so no ε bound holds for them any more."
                 if math.isinf(spent)
                 else ""
             )
@@ -355,14 +454,39 @@ class PrivacyLedger(LedgerStore):
             "delta": delta,
             "accountant": accountant,
             "epsilon_spent": spent,
+            # Client-level DP rounds reached the server un-noised: against it their customers have no bound.
+            "epsilon_against_server": epsilon_against_server(events, epsilon=spent),
             "remaining": max(budget - spent, 0.0),
             # Per partition S used, per shard: the worst ε of a customer in that shard (all partitions
             # composed). JSON object keys are strings; make that explicit rather than leave it to json.dumps.
             "epsilon_by_shard": by_partition,
             "epsilon_holdout": self.epsilon_of_holdout(delta=delta, accountant=accountant) if events else 0.0,
             "releases_by_noise": noise,
+            "seeded_accepted": self.seeded_accepted(),  # the owner's acceptance of 0.1's releases, or None
             "non_private_releases": sum(1 for event in events if event.mechanism == MECHANISM_NON_PRIVATE),
             "n_events": len(events),
             "n_pending": sum(1 for event in events if event.outcome is None),
             "events": [event.as_dict() for event in events],
         }
+
+    # -- releases migrated from fedcrm 0.1 ---------------------------------------------------------
+
+    @property
+    def _seeded_key(self) -> str:
+        return f"{SEEDED_ACCEPTED_KEY}:{self.region}"
+
+    def seeded_accepted(self) -> str | None:
+        """The data owner's acceptance of this region's ``seeded`` releases (what it records), or None."""
+        with self._connect_for_reading() as conn:
+            return self._meta(conn, self._seeded_key)
+
+    def record_seeded_accepted(self, record: str) -> None:
+        """Count this region's ``seeded`` releases at their recorded σ from now on; once, never undone.
+
+        A meta row, append-only like every row here, so the acceptance lives and travels with the events
+        it qualifies. Only :func:`fedcrm.governance.seeded_releases.accept_seeded` calls this, after it
+        wrote the decision to the region's audit log.
+        """
+        check_text("record", record)
+        with self._connect() as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (self._seeded_key, record))

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 from fedcrm.privacy.accountant import Release
+from fedcrm.privacy.ledger_population import population_threshold
 from fedcrm.privacy.ledger_store import POPULATION_HOLDOUT, LedgerEvent
 
 # Beyond this many cells the worst cell is bounded by composing every event (each customer's history
@@ -31,8 +32,10 @@ def cells(
     :data:`MAX_CELLS` cells, or once the region's hold-out fraction changed (so that a customer may
     have been in both), one history of every event bounds them all.
     """
-    fractions = {e.population.split(":", 1)[1] for e in events if e.population}
-    if len(fractions) > 1:
+    # Compared as the mask's integer threshold: two fractions are one hold-out exactly when they hold out
+    # the same customers (and a label from before 0.2.0, written with %g, reads as the same threshold).
+    thresholds = {population_threshold(e.population) for e in events if e.population}
+    if len(thresholds) > 1:
         return [[event.release for event in events]]
     everyone: list[Release] = []  # events that read every customer (no population recorded)
     all_trained: list[Release] = []  # events that read every training customer (S = 1)

@@ -3,16 +3,19 @@ and the connections every read and write goes through. What the rows mean (compo
 budget check) is :mod:`fedcrm.privacy.ledger`'s.
 
 Layout 2 added the partition and the randomness; a layout-1 file is migrated when opened, its events
-counted against every customer (their partition was not recorded) and marked ``seeded``. A file that is
-not a ledger, lost its triggers or has another layout is refused with what to do, never rebuilt: it is
-the region's only record of privacy spent.
+counted against every customer (their partition was not recorded) and marked ``seeded``. Layout 3 (fedcrm
+0.2.0) adds each event's random nonce (NULL for the events before it). A file that is not a ledger, lost
+its triggers or has another layout is refused with what to do, never rebuilt: it is the region's only
+record of privacy spent.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sqlite3
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,15 +28,20 @@ from fedcrm.errors import StorageError
 from fedcrm.privacy.accountant import GaussianRelease, NonPrivateRelease, Release
 
 LEDGER_FILENAME = "privacy_ledger.sqlite"
-SCHEMA_VERSION = "2"
+# Next to the ledger, placed by the data owner only to verify a release: event id -> the nonce to draw again
+# (fedcrm.privacy.ledger.PrivacyLedger.replay).
+REPLAY_FILENAME = "replay_nonces.json"
+SCHEMA_VERSION = "3"
 MECHANISM_DP_SGD = "dp_sgd"
 MECHANISM_GAUSSIAN = "gaussian"  # one Gaussian mechanism on aggregates (evaluation histograms and sums)
 MECHANISM_NON_PRIVATE = "non_private"  # a release without DP, allowed only by the policy: ε = ∞
 NOISE_SECURE = "secure"
 NOISE_REPRODUCIBLE = "reproducible"
 NOISE_SEEDED = "seeded"  # layout-1 events: noise from a seed the server could derive
+SEEDED_ACCEPTED_KEY = "seeded_accepted"  # meta key prefix: the data owner accepted a region's seeded releases
 # Which customers an event read: the training customers or the hold-out, each named with the hold-out
-# fraction that split them (``train:0.2``, ``holdout:0.2``); NULL: every customer (layout 1).
+# threshold that split them (``train:200000/1000000``, fedcrm.privacy.ledger_population); NULL: every
+# customer (layout 1).
 POPULATION_TRAIN = "train"
 POPULATION_HOLDOUT = "holdout"
 OUTCOME_SENT = "sent"
@@ -58,6 +66,7 @@ EVENT_COLUMNS = (
     "shards",
     "noise",
     "population",
+    "nonce",
 )
 OUTCOME_COLUMNS = ("event_id", "time", "outcome", "reason")
 
@@ -79,7 +88,8 @@ CREATE TABLE IF NOT EXISTS events (
     note TEXT NOT NULL,
     shards INTEGER CHECK (shards IS NULL OR (shards >= 1 AND shard < shards)),
     noise TEXT NOT NULL CHECK (noise IN ('{NOISE_SECURE}', '{NOISE_REPRODUCIBLE}', '{NOISE_SEEDED}')),
-    population TEXT
+    population TEXT,
+    nonce TEXT
 );
 """
 
@@ -120,19 +130,35 @@ _EXPECTED_TRIGGERS = {
     f"{table}_no_{verb}" for table in ("meta", "events", "outcomes") for verb in ("update", "delete", "replace")
 }
 
-# Layout 1 -> 2, in one transaction: the events table is rebuilt (SQLite cannot change a CHECK), each
-# old event kept with its id, its partition unknown (NULL: counted against every customer) and its
-# noise marked seeded. The append-only triggers are dropped for the copy only and created again.
-_MIGRATE_1_TO_2 = (
-    "".join(f"DROP TRIGGER IF EXISTS {name};" for name in sorted(_EXPECTED_TRIGGERS))
+_DROP_TRIGGERS = "".join(f"DROP TRIGGER IF EXISTS {name};" for name in sorted(_EXPECTED_TRIGGERS))
+_SET_VERSION = (
+    "DELETE FROM meta WHERE key = 'schema_version';"
+    f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"
+)
+
+# Layout 1 -> 3, in one transaction: the events table is rebuilt (SQLite cannot change a CHECK), each
+# old event kept with its id, its partition unknown (NULL: counted against every customer), its
+# noise marked seeded and no nonce. The append-only triggers are dropped for the copy only and created again.
+_MIGRATE_1 = (
+    _DROP_TRIGGERS
     + "ALTER TABLE events RENAME TO events_v1;"
     + _EVENTS_TABLE
     + "INSERT INTO events SELECT id, time, region, shard, purpose, run_id, round, mechanism, noise_multiplier, "
-    f"sample_rate, steps, delta, note, NULL, '{NOISE_SEEDED}', NULL FROM events_v1;"
-    "DROP TABLE events_v1;"
-    "DELETE FROM meta WHERE key = 'schema_version';"
-    f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"
-    "CREATE INDEX IF NOT EXISTS events_region_shard ON events (region, shard);"
+    f"sample_rate, steps, delta, note, NULL, '{NOISE_SEEDED}', NULL, NULL FROM events_v1;"
+    "DROP TABLE events_v1;" + _SET_VERSION + "CREATE INDEX IF NOT EXISTS events_region_shard ON events (region, shard);"
+)
+
+# Layout 2 -> 3: a nonce column, NULL for the events already recorded (their nonce stays the one they
+# were drawn with, see PrivacyLedger.nonce). Adding a column rewrites no row; the triggers are dropped
+# only so that the version row may change, and created again.
+_MIGRATE_2 = _DROP_TRIGGERS + "ALTER TABLE events ADD COLUMN nonce TEXT;" + _SET_VERSION
+# What the migration tells the data owner (and `fedcrm budget` repeats while seeded releases remain).
+SEEDED_MIGRATION_NOTE = (
+    "this ledger was written by fedcrm 0.1 and has been migrated. Its releases are marked `seeded`: their "
+    "noise came from a seed derived from the run's config, which the server could predict, so they count "
+    "as ε = ∞ until the data owner accepts them with `fedcrm budget --accept-seeded` (audited). fedcrm 0.1's "
+    "evaluation answers were exact (no noise) and were never recorded in the ledger: no ε bounds what they "
+    "revealed about the customers they scored."
 )
 
 
@@ -155,9 +181,13 @@ class LedgerEvent:
     note: str
     shards: int | None  # None: recorded before partitions were (layout 1), counted against everyone
     noise: str
-    population: str | None  # train:<fraction> or holdout:<fraction>; None: everyone
+    population: str | None  # train:<threshold>/<scale> or holdout:<threshold>/<scale>; None: everyone
+    nonce: str | None  # the release's random nonce (None: recorded before layout 3)
     outcome: str | None
     outcome_reason: str
+    # A migrated 0.1 release (``seeded``) counts as ε = ∞ until the data owner accepted its predictable
+    # noise (fedcrm.governance.seeded_releases): the server could derive that noise and subtract it.
+    seeded_accepted: bool = False
 
     @property
     def status(self) -> str:
@@ -166,7 +196,7 @@ class LedgerEvent:
 
     @property
     def release(self) -> Release:
-        if self.mechanism == MECHANISM_NON_PRIVATE:
+        if self.mechanism == MECHANISM_NON_PRIVATE or (self.noise == NOISE_SEEDED and not self.seeded_accepted):
             return NonPrivateRelease()
         return GaussianRelease(self.noise_multiplier, self.sample_rate, self.steps)
 
@@ -228,6 +258,51 @@ class LedgerStore:
             finally:
                 self._session = None
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run every call inside the block as one write transaction on the ledger file, or none of it.
+
+        ``BEGIN IMMEDIATE`` takes the file's write lock before the first read, so what the block reads
+        (the history a budget check composes, the answers counted today) cannot change before what it
+        writes commits: a region serves messages concurrently, from threads and processes, each with its
+        own connection, and every one of them waits here for the others.
+        """
+        with self.session(), self._connect() as conn:
+            if conn.in_transaction:  # transactions do not nest: an inner block is part of the outer one
+                yield
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _next_nonce(self, conn: sqlite3.Connection) -> str:
+        """The random nonce of the event about to be inserted (inside a transaction on ``conn``).
+
+        Random, not the event id: a ledger restored from a backup gives its next releases ids already used,
+        and keys made from ids alone would repeat. Only a replay file the data owner placed brings a
+        recorded nonce back, for the event id it was recorded under.
+        """
+        replay = self.path.with_name(REPLAY_FILENAME)
+        if replay.exists():
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            next_id = (0 if row is None else int(row[0])) + 1
+            try:
+                recorded = json.loads(replay.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise StorageError(
+                    f"{replay}: cannot read the replay file ({exc}); expected a JSON object of event id -> "
+                    "nonce. Remove it unless you are verifying a release."
+                ) from exc
+            nonce = recorded.get(str(next_id)) if isinstance(recorded, dict) else None
+            if isinstance(nonce, str) and nonce:
+                return nonce
+        return secrets.token_hex(16)
+
     def _damaged(self, what: str) -> StorageError:
         return StorageError(
             f"{self.path}: {what}. This file is the region's record of privacy spent, and without it the "
@@ -246,7 +321,7 @@ class LedgerStore:
             raise self._damaged(f"cannot be opened ({exc})") from exc
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a release is on disk before record_release returns, so the write-ahead holds
+            # FULL: a release is on disk before reserve returns, so the write-ahead holds
             # through a power cut, not only a process crash.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -327,10 +402,20 @@ class LedgerStore:
                 # Keep outcomes' reference to `events` through the rename, and check it after the copy.
                 conn.execute("PRAGMA foreign_keys=OFF")
                 conn.execute("PRAGMA legacy_alter_table=ON")
-                conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_1_TO_2} {_SCHEMA} {ledger_id} COMMIT;")
+                conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_1} {_SCHEMA} {ledger_id} COMMIT;")
                 conn.execute("PRAGMA legacy_alter_table=OFF")
                 conn.execute("PRAGMA foreign_keys=ON")
                 tables = self._tables(conn)
+                warnings.warn(f"{self.path}: {SEEDED_MIGRATION_NOTE}", UserWarning, stacklevel=3)
+            elif self._version(conn) == "2" and {"meta", "events", "outcomes"} <= tables:
+                try:
+                    conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_2} {_SCHEMA} {ledger_id} COMMIT;")
+                except sqlite3.OperationalError:
+                    # Another process opening the same layout-2 file migrated it first (its column exists).
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if self._version(conn) != SCHEMA_VERSION:
+                        raise
             self._check_layout(conn, tables)
             self.ledger_id = self._meta(conn, "ledger_id") or ""
 

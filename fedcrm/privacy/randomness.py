@@ -21,10 +21,12 @@ import hashlib
 import hmac
 import math
 import secrets
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 NoiseMode = Literal["secure", "reproducible", "public_seed"]
 NOISE_MODES: tuple[str, ...] = ("secure", "reproducible")  # what a region may use for a release
@@ -64,6 +66,8 @@ class ReleaseRandomness:
 
     def normal(self, shape: torch.Size | tuple[int, ...], *, std: float, dtype: torch.dtype) -> torch.Tensor:
         """Gaussian noise N(0, std²) of ``shape`` as a torch tensor."""
+        import torch  # here, not at the top: loading a region's customers (no draw) must not import torch
+
         draw = self._rng.standard_normal(tuple(shape), dtype=np.float32 if dtype == torch.float32 else np.float64)
         if std != 1.0:
             draw *= std
@@ -76,6 +80,8 @@ class ReleaseRandomness:
         distribution as a coin per customer at O(q·n) instead of O(n) per step: on a large region with
         a small batch, one random number per customer per step was most of a step's time.
         """
+        import torch  # see normal
+
         if q >= 1.0:
             return torch.arange(n)
         log_keep = math.log1p(-q)

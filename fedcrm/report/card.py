@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from fedcrm.privacy.client_dp import AGAINST_SERVER
 from fedcrm.report.reading import RunView
 
 
@@ -111,13 +112,17 @@ def model_card(view: RunView) -> str:
         ]
     elif mode == "client_dp":
         lines += [
-            "Client-level differential privacy (DP-FedAvg): the server clips each region's whole update and "
-            "adds noise, so ε bounds what the model reveals about a whole region's participation. The "
-            "server sees each region's clipped update before the noise is added, and with few regions "
-            "this mode protects little. Per region ε as recorded in the regions' ledgers:",
+            "Client-level differential privacy (DP-FedAvg): each region clips its whole update and the "
+            "server adds noise to their average. The regions' ledgers charge each customer at noise "
+            "multiplier σ/2 (removing one customer moves their region's clipped update by up to 2C), and "
+            "that ε holds against those who see only the noised aggregate: other regions and the model's "
+            "users. The server sees each region's clipped update before the noise is added, so against the "
+            f"server this is ε = {AGAINST_SERVER}; with few regions this mode protects little.",
             "",
+            "| region | ε (model's users) | against the server |",
+            "|---|---|---|",
         ]
-        lines += [f"- {r}: ε {p.get('epsilon')}" for r, p in priv.items()]
+        lines += [f"| {r} | {p.get('epsilon')} | {p.get('against_server', AGAINST_SERVER)} |" for r, p in priv.items()]
     else:
         lines += [
             "**No differential privacy.** The model and the updates sent during training can reveal "

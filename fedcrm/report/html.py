@@ -14,6 +14,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from fedcrm.errors import StorageError
+from fedcrm.privacy.client_dp import AGAINST_SERVER
 from fedcrm.report.card import model_card
 from fedcrm.report.plots import (
     figure_png,
@@ -35,10 +36,11 @@ PRIVACY_MODES_TEXT = (
     "Gaussian noise; ε bounds how much the whole run's outputs can change when one customer's record is added "
     "or removed, so it protects each customer against anyone who sees the updates or the model, the server "
     "included. It does not hide a region's overall statistics. "
-    "*client_dp* (DP-FedAvg, client-level): the server clips each region's whole update and adds noise to the "
-    "aggregate; ε bounds what the model reveals about a whole region's participation, a stronger unit, but the "
-    "server sees each region's clipped update before the noise, and with a handful of regions the noise needed "
-    "either drowns the model or leaves a large ε."
+    "*client_dp* (DP-FedAvg, client-level): each region clips its whole update and the server adds noise to the "
+    "aggregate; the ledgers charge each customer at σ/2 (one customer moves their region's clipped update by up "
+    "to 2C), an ε that holds against other regions and the model's users only: the server sees each region's "
+    f"clipped update before the noise, so against the server it is {AGAINST_SERVER}. With a handful of regions "
+    "the noise needed either drowns the model or leaves a large ε."
 )
 
 
@@ -143,6 +145,8 @@ def run_sections(view: RunView) -> list[Section]:
     priv = pd.DataFrame(
         [
             {"region": r, **{k: p.get(k) for k in ("epsilon", "delta", "budget", "target_epsilon", "refused")}}
+            # client-level DP: the ε above holds against the model's users, not against the server
+            | ({"against the server": p["against_server"]} if p.get("against_server") else {})
             for r, p in s.privacy.items()
         ]
     )

@@ -44,10 +44,11 @@ from fedcrm.governance.request_store import (
 )
 from fedcrm.node_settings import region_settings
 from fedcrm.privacy.accountant import GaussianRelease
+from fedcrm.privacy.client_dp import client_dp_release
 from fedcrm.region import Region
+from fedcrm.region_surface import check_declared_shard
 from fedcrm.run_summary import RunSummary
 from fedcrm.runs import CONFIG_FILE, ModelMeta, RunDir, load_weights
-from fedcrm.training import sampling_plan
 from fedcrm.unlearning.erasure import RunView
 from fedcrm.unlearning.marker import RUN_MARKER, read_marker, write_marker
 from fedcrm.unlearning.shred import destroy, discard_staging, swap_in
@@ -202,6 +203,8 @@ def retrain_releases(plan: RetrainPlan) -> dict[str, tuple[Region, dict[int, Gau
     size, the rounds and the target ε). A region that would refuse to take part raises here. Regions of a
     non-private run (privacy.mode none) release nothing the accountant can price: their dict is empty.
     """
+    from fedcrm.training import sampling_plan  # torch's module: `forget` and `erasures` import this one without it
+
     cfg = plan.cfg
     schema = load_schema(cfg.schema_path)
     loaded: dict[str, tuple[Region, Any]] = {}
@@ -215,23 +218,28 @@ def retrain_releases(plan: RetrainPlan) -> dict[str, tuple[Region, dict[int, Gau
         except FedcrmError as e:
             raise UnlearningError(f"region {region} cannot take part in the erasure retrain: {e}") from e
     out: dict[str, tuple[Region, dict[int, GaussianRelease]]] = {}
-    for region, (r, data) in loaded.items():
+    for region, (r, _data) in loaded.items():
         releases: dict[int, GaussianRelease] = {}
+        # As the region plans its rounds: from its declared size (a count of the shard would move with
+        # the erasure itself), refused on it as a round would be.
+        declared = r.declared_shard(cfg, schema)
         for k in plan.stale:
-            n = int((~data.holdout & (data.shard == k)).sum())
-            if n < r.policy.min_customers:
-                raise UnlearningError(
-                    f"region {region} refuses the erasure retrain: shard {k} keeps {n} training customers, fewer "
-                    f"than its policy's minimum {r.policy.min_customers} behind any update"
-                )
+            try:
+                check_declared_shard(r.policy, region=region, shard=k, declared=declared)
+            except PolicyError as e:
+                raise UnlearningError(f"region {region} refuses the erasure retrain: {e}") from e
             if cfg.privacy.mode == "sample_dp":
-                declared = r.policy.declared_size(n)
                 q, steps = sampling_plan(
                     n=declared, batch_size=cfg.training.batch_size, epochs=cfg.training.local_epochs
                 )
                 releases[k] = GaussianRelease(r.noise_multiplier(cfg, n=declared), q, steps * cfg.training.rounds)
             elif cfg.privacy.mode != "none":
-                releases[k] = GaussianRelease(cfg.privacy.client_noise_multiplier, 1.0, cfg.training.rounds)
+                # Client-level DP: each customer sees σ/2 (their removal moves the clipped update by 2C).
+                release = client_dp_release(
+                    server_noise_multiplier=cfg.privacy.client_noise_multiplier, rounds=cfg.training.rounds
+                )
+                if isinstance(release, GaussianRelease):
+                    releases[k] = release
         out[region] = (r, releases)
     return out
 
@@ -246,7 +254,7 @@ def check_retrain_budget(plan: RetrainPlan) -> None:
                 r.ledger.check_budget(
                     budget=r.policy.privacy_budget,
                     delta=r.delta,
-                    accountant=cfg.privacy.accountant,
+                    accountant=r.policy.accountant,
                     shard=k,
                     shards=cfg.unlearning.shards,
                     next_release=release,

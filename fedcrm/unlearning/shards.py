@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedcrm.data.split import hash_buckets
+from fedcrm.privacy.ledger_population import HOLDOUT_SCALE, holdout_threshold
 from fedcrm.state.secret import region_secret, region_secret_path
 
 # The secret lives in fedcrm.state.secret; these names stay importable from here for the modules that
@@ -28,5 +29,5 @@ def holdout_mask(ids: np.ndarray, *, fraction: float, secret: str) -> np.ndarray
     Nobody outside the region can tell who is held out; the fraction is the region's policy's, so two
     queries at nearby fractions (which would differ by about one customer) cannot be asked for.
     """
-    scale = 1_000_000
-    return hash_buckets(ids, buckets=scale, key=f"holdout:{secret}") < int(fraction * scale)
+    # The same integer threshold the ledger records for the releases on either side of this mask.
+    return hash_buckets(ids, buckets=HOLDOUT_SCALE, key=f"holdout:{secret}") < holdout_threshold(fraction)

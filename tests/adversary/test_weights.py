@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_tiny_config
+from conftest import REPO, write_tiny_config
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedcrm import wire
@@ -36,6 +36,7 @@ Weights = dict[str, np.ndarray]
 FEATURE = "tenure_months"  # the predicate's feature j: numeric, declared on [0, 120]
 DEEP = ModelConfig(kind="mlp", hidden=(64,) * 10)  # deep enough that |w| <= 1e3 overflows float32
 BOUND = 1e3  # the policy's default max_weight_abs
+SCHEMA = REPO / "configs" / "schemas" / "synthetic_crm.yaml"
 
 
 # -- the server's side: a plan, crafted weights, the messages ----------------------------------------
@@ -78,7 +79,13 @@ def _predicate_weights(cfg: ExperimentConfig, schema: Schema, *, threshold: floa
 
 
 def _context(tmp_path: Path, *, data: Path, name: str = "st") -> Context:
-    node_config = {"region": "eu", "data-path": str(data), "state-dir": str(tmp_path / name)}
+    """Region ``eu``'s node: its table, its state folder and its own schema (the shipped one)."""
+    node_config = {
+        "region": "eu",
+        "data-path": str(data),
+        "state-dir": str(tmp_path / name),
+        "schema-path": str(SCHEMA),
+    }
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 

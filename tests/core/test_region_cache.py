@@ -20,7 +20,9 @@ from fedcrm.unlearning.tombstones import Tombstones
 def test_region_data_is_reused_until_any_input_changes(tmp_path: Path) -> None:
     cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 300}))
     schema = load_schema(cfg.schema_path)
-    settings = NodeSettings(region="eu", data_path=cfg.regions["eu"], state_dir=tmp_path / "state" / "eu")
+    settings = NodeSettings(
+        region="eu", data_path=cfg.regions["eu"], state_dir=tmp_path / "state" / "eu", schema_path=cfg.schema_path
+    )
     cache = RowBoundedCache()
 
     def load():  # a fresh Region per message, as the ClientApp does, sharing the process's cache

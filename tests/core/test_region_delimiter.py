@@ -64,12 +64,19 @@ def test_the_regions_load_reads_its_file_with_the_node_configs_delimiter(tmp_pat
     assert ":" not in text
     colon = tmp_path / "eu-colon.csv"
     colon.write_text(text.replace(",", ":"))
-    node = {"region": "eu", "data-path": str(colon), "state-dir": str(tmp_path / "state" / "eu")}
+    node = {
+        "region": "eu",
+        "data-path": str(colon),
+        "state-dir": str(tmp_path / "state" / "eu"),
+        "schema-path": str(cfg.schema_path),
+    }
     cache = RowBoundedCache()
     with pytest.raises(DataError, match="wrong delimiter"):
         Region(NodeSettings.from_node_config(node), cache=cache).load(cfg, schema)
     got = Region(NodeSettings.from_node_config(node | {"delimiter": ":"}), cache=cache).load(cfg, schema)
-    plain = NodeSettings(region="eu", data_path=cfg.regions["eu"], state_dir=tmp_path / "state" / "eu")
+    plain = NodeSettings(
+        region="eu", data_path=cfg.regions["eu"], state_dir=tmp_path / "state" / "eu", schema_path=cfg.schema_path
+    )
     want = Region(plain, cache=RowBoundedCache()).load(cfg, schema)
     assert list(got.ids) == list(want.ids) and np.array_equal(got.x, want.x)
 

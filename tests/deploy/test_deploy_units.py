@@ -82,6 +82,7 @@ def test_region_nodes_carry_each_owners_settings(tmp_path: Path) -> None:
         "data-path": str((tmp_path / "data" / "eu.csv").resolve()),
         "state-dir": str((tmp_path / "state" / "eu").resolve()),
         "policy-path": str(policy.resolve()),
+        "schema-path": str(cfg.schema_path.resolve()),  # the owner's copy, checked against every plan
     }
     assert "policy-path" not in nodes["us"].node_config()
 

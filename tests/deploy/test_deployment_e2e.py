@@ -84,7 +84,8 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
 
     regions = ("eu", "us", "apac")
     # Reproducible noise (the permissive policy allows it) from the same region secrets and empty ledgers
-    # in both runs: the same hold-outs, the same release keys, so deployment and simulation can be compared.
+    # in both runs, the simulation replaying the deployment's recorded nonces: the same hold-outs, the same
+    # release keys, so deployment and simulation can be compared.
     cfg_path = write_tiny_config(
         tmp_path,
         regions={"eu": 500, "us": 400, "apac": 400},
@@ -159,6 +160,9 @@ def test_tls_authenticated_run_with_three_supernodes_matches_simulation(tmp_path
     # mode, the same noise and Poisson samples, so the two differ only by float rounding (summation order
     # in FedAvg, thread counts in torch): weights within 1e-3, the exact pooled AUC within 0.01.
     t1 = time.time()
+    for region in regions:  # each release's nonce is random: the data owner names the recorded ones
+        sim_ledger = PrivacyLedger.open(tmp_path / "state-sim" / region, region=region)
+        sim_ledger.replay(PrivacyLedger.open(tmp_path / "state" / region, region=region))
     sim_cfg = load_config(cfg_path)
     sim = run_simulated(sim_cfg, run_dir=tmp_path / "run-sim", state_root=tmp_path / "state-sim", report=lambda s: None)
     sim_s = time.time() - t1
@@ -419,7 +423,9 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
             row = line.split(",", 1)[1]  # the customer's values without the id
             assert row.encode() not in wire_bytes
         scratch_state = tmp_path / "scratch" / n.region  # a throwaway ledger: this only reads the table
-        scratch = Region(NodeSettings(region=n.region, data_path=n.data_path, state_dir=scratch_state))
+        scratch = Region(
+            NodeSettings(region=n.region, data_path=n.data_path, state_dir=scratch_state, schema_path=cfg.schema_path)
+        )
         x = scratch.load(cfg, schema).x.astype(np.float32)
         for i in range(len(x)):
             assert x[i].tobytes() not in wire_bytes and x[i].astype(np.float64).tobytes() not in wire_bytes

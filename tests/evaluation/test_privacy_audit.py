@@ -123,7 +123,7 @@ def test_a_memorising_models_losses_prove_a_leak_from_their_high_end_alone() -> 
     result = one_run_audit(scores, included, delta=DELTA)
     assert result.guesses_in == 0 and result.guesses_out > 0
     assert result.correct == result.guesses_out
-    # The audit before session 7 (no k- alone guesses, its own 14) proves half as much: 0.59 against 1.20.
+    # The audit before 48399b6 (no k- alone guesses, its own 14) proves half as much: 0.59 against 1.20.
     old_grid = [(k_in, k_out) for k_in, k_out in guess_counts(240) if k_in > 0]
     without = one_run_audit(scores, included, delta=DELTA, hypotheses=old_grid).epsilon_lower_bound
     assert result.epsilon_lower_bound > 2 * without, (result.epsilon_lower_bound, without)

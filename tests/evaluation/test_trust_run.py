@@ -55,7 +55,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _holdout(run: dict[str, Any], region: str):  # noqa: ANN202
     cfg = run["cfg"]
-    r = Region(NodeSettings(region=region, data_path=cfg.regions[region], state_dir=run["state"] / region))
+    r = Region(
+        NodeSettings(
+            region=region, data_path=cfg.regions[region], state_dir=run["state"] / region, schema_path=cfg.schema_path
+        )
+    )
     return r.load(cfg, load_schema(cfg.schema_path))
 
 
@@ -253,8 +257,8 @@ def test_audit_privacy_cli_is_consistent_for_the_dp_run(run: dict[str, Any], tmp
 
 def test_audit_privacy_cli_fails_loudly_for_a_leaky_model(run: dict[str, Any], tmp_path: Path) -> None:
     """How much a small MLP on ~480 customers memorises varies with the secret-keyed hold-out: the
-    attack's AUC was 0.52-0.68 over CI and session 7's runs, and when the audit guessed only from the
-    low-loss end, its bound fell to 0 in one CI run and to 0.09 in session 7 (the claim refuted: 0.05).
+    attack's AUC was 0.52-0.68 over CI's and 48399b6's runs (2026-11-30), and when the audit guessed only from the
+    low-loss end, its bound fell to 0 in one CI run and to 0.09 in another (the claim refuted: 0.05).
     Guessing "out" for the highest losses alone (the end a memorising model leaves to non-members) gave
     0.81-1.16 over 12 audits of 4 fresh runs."""
     # A model that memorised region eu's training customers, placed in a copy of the run: as if the

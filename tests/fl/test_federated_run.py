@@ -214,5 +214,7 @@ def test_client_level_dp_runs_through_flowers_wrapper_and_warns_with_few_regions
     assert any("not against the server" in w for w in summary.warnings)
     events = PrivacyLedger.open(tmp_path / "state" / "eu", region="eu").events()
     trained = [e for e in events if e.mechanism == "dp_sgd"]
-    assert len(trained) == 2 and all(e.sample_rate == 1.0 and e.noise_multiplier == 2.0 for e in trained)
+    # Charged at σ/2: one customer moves their region's clipped update by up to 2C (issue 23).
+    assert len(trained) == 2 and all(e.sample_rate == 1.0 and e.noise_multiplier == 1.0 for e in trained)
+    assert all(p["against_server"].startswith("∞") for p in summary.privacy.values())
     assert np.isfinite(summary.final_metrics["log_loss"])

@@ -36,7 +36,7 @@ def _run(tmp_path: Path, config: str, overrides: dict | None = None) -> dict:
 
 
 # Each run draws fresh noise and fresh region secrets (a new hold-out), so its AUC is a random variable:
-# over 8 fresh runs (session 7) Telco at ε = 3 gave 0.837 ± 0.010 (0.821-0.851), at ε = 1 0.834 ± 0.009
+# over 8 fresh runs (48399b6, 2026-11-30) Telco at ε = 3 gave 0.837 ± 0.010 (0.821-0.851), at ε = 1 0.834 ± 0.009
 # (0.817-0.842), without DP (4 runs) 0.850 ± 0.008; Bank at ε = 3 0.761 ± 0.008 (0.749-0.773). The floors
 # sit about 4 standard deviations below the mean: a run under them is a regression, not bad luck (the
 # earlier Bank floor, 0.76, failed 3 of these 8 runs; Telco's 0.82 at ε = 3 sat 1.7 deviations down).

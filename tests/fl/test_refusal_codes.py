@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tiny_config
+from conftest import REPO, write_tiny_config
 from flwr.app import RecordDict
 
 from fedcrm import wire
@@ -18,7 +18,12 @@ from fedcrm.errors import PolicyError, PrivacyBudgetError
 def _context(tmp_path: Path, *, policy: Path | None):  # noqa: ANN202
     from flwr.app import Context, RecordDict
 
-    node_config = {"region": "eu", "data-path": str(tmp_path / "data" / "eu.csv"), "state-dir": str(tmp_path / "st")}
+    node_config = {
+        "region": "eu",
+        "data-path": str(tmp_path / "data" / "eu.csv"),
+        "state-dir": str(tmp_path / "st"),
+        "schema-path": str(REPO / "configs" / "schemas" / "synthetic_crm.yaml"),  # the data owner's copy
+    }
     if policy is not None:
         node_config["policy-path"] = str(policy)
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})

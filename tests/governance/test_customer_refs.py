@@ -63,7 +63,8 @@ def _secret_files(state: Path) -> list[str]:
 def test_a_region_state_folder_holds_exactly_one_secret_after_a_run_a_forget_and_an_export(tmp_path: Path) -> None:
     cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 200}))
     state = tmp_path / "state" / "eu"
-    data = Region(NodeSettings(region="eu", data_path=cfg.regions["eu"], state_dir=state)).load(
+    settings = NodeSettings(region="eu", data_path=cfg.regions["eu"], state_dir=state, schema_path=cfg.schema_path)
+    data = Region(settings).load(
         cfg, load_schema(cfg.schema_path)
     )  # the region's side of a run: pre-flight, policy, audit log
     run = RunDir.create(tmp_path / "run", cfg)

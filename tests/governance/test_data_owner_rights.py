@@ -50,7 +50,13 @@ def _table(cfg: ExperimentConfig, region: str = "eu") -> pd.DataFrame:
 
 def _region(cfg: ExperimentConfig, state: Path, region: str = "eu", policy: Path | None = None) -> Region:
     return Region(
-        NodeSettings(region=region, data_path=cfg.regions[region], state_dir=state / region, policy_path=policy)
+        NodeSettings(
+            region=region,
+            data_path=cfg.regions[region],
+            state_dir=state / region,
+            policy_path=policy,
+            schema_path=cfg.schema_path,
+        )
     )
 
 

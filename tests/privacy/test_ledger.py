@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import write_layout_1_ledger
 
 from fedcrm.errors import PrivacyBudgetError, StorageError
 from fedcrm.privacy.accountant import GaussianRelease, epsilon
@@ -324,25 +325,14 @@ def test_a_non_private_release_makes_epsilon_infinite_and_blocks_dp_budget_check
 
 
 def test_a_layout_1_ledger_is_migrated_with_its_events_charged_to_everyone(tmp_path: Path) -> None:
-    path = tmp_path / LEDGER_FILENAME
-    conn = sqlite3.connect(path)
-    conn.executescript("""
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, region TEXT NOT NULL,
-            shard INTEGER NOT NULL CHECK (shard >= 0), purpose TEXT NOT NULL, run_id TEXT NOT NULL,
-            round INTEGER NOT NULL CHECK (round >= 0), mechanism TEXT NOT NULL CHECK (mechanism = 'dp_sgd'),
-            noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
-            delta REAL NOT NULL, note TEXT NOT NULL);
-        CREATE TABLE outcomes (event_id INTEGER PRIMARY KEY REFERENCES events (id), time TEXT NOT NULL,
-            outcome TEXT NOT NULL, reason TEXT NOT NULL);
-        INSERT INTO meta VALUES ('schema_version', '1');
-        INSERT INTO events VALUES (1, 't', 'eu', 3, 'churn', 'old', 0, 'dp_sgd', 1.0, 0.01, 200, 1e-5, '');
-        INSERT INTO outcomes VALUES (1, 't', 'sent', '');
-    """)
-    conn.close()
-    ledger = PrivacyLedger.open(tmp_path, region="eu")
+    path = write_layout_1_ledger(tmp_path, [(1, "eu", 3, 0, 1.0, 0.01, 200, 1e-5)])
+    with pytest.warns(UserWarning, match="evaluation answers were exact"):
+        ledger = PrivacyLedger.open(tmp_path, region="eu")
     (event,) = ledger.events()
     assert (event.shard, event.shards, event.noise, event.status) == (3, None, "seeded", "sent")
+    # Its noise was predictable: ε = ∞ until the data owner accepts it (issue 23; tests/adversary/test_migration.py).
+    assert ledger.epsilon_of_shard(shard=0, shards=8, delta=DELTA, accountant="rdp") == float("inf")
+    ledger.record_seeded_accepted("accepted in this test")
     # Its partition is unknown, so every customer is charged, under any S.
     assert ledger.epsilon_of_shard(shard=0, shards=8, delta=DELTA, accountant="rdp") == pytest.approx(
         epsilon([ROUND_RELEASE], delta=DELTA, accountant="rdp")
@@ -351,6 +341,29 @@ def test_a_layout_1_ledger_is_migrated_with_its_events_charged_to_everyone(tmp_p
     with pytest.raises(sqlite3.DatabaseError, match="append-only"), sqlite3.connect(path) as c:
         c.execute("DELETE FROM events")
     assert len(PrivacyLedger.open(tmp_path, region="eu").events()) == 2
+
+
+def test_a_layout_2_ledger_gets_a_nonce_column_and_keeps_its_events_and_their_keys(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.open(tmp_path, region="eu")
+    _record_run(ledger, run_id="old", rounds=1)
+    old_nonce = f"{ledger.ledger_id}:eu:1"  # how 0.2's layout 2 made every key: no random part
+    conn = sqlite3.connect(tmp_path / LEDGER_FILENAME)  # back to layout 2, as an earlier 0.2 build wrote it
+    triggers = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")]
+    conn.executescript(
+        "".join(f"DROP TRIGGER {name};" for name in triggers)
+        + "ALTER TABLE events DROP COLUMN nonce; DELETE FROM meta WHERE key = 'schema_version';"
+        "INSERT INTO meta VALUES ('schema_version', '2');"
+    )
+    conn.close()
+    ledger = PrivacyLedger.open(tmp_path, region="eu")
+    (event,) = ledger.events()
+    assert (event.run_id, event.nonce) == ("old", None)
+    assert ledger.nonce(event.id) == old_nonce  # an old release keeps the key it was drawn with
+    _record_run(ledger, run_id="new", rounds=1)
+    new = ledger.events()[-1]
+    assert new.nonce and ledger.nonce(new.id) == f"{ledger.ledger_id}:eu:{new.id}:{new.nonce}"
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"), sqlite3.connect(tmp_path / LEDGER_FILENAME) as c:
+        c.execute("DELETE FROM events")
 
 
 def test_reproducible_nonces_are_unique_per_ledger_and_event(tmp_path: Path) -> None:

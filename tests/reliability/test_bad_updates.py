@@ -100,7 +100,7 @@ def test_replayed_oversized_and_nan_updates_are_rejected_with_reasons(tmp_path: 
         assert [e.round for e in events if e.mechanism == MECHANISM_DP_SGD] == [1, 2, 3]
         # The rest are the final evaluation's DP answers, charged to the hold-out, not to training.
         assert {(e.mechanism, e.round, e.population) for e in events if e.mechanism != MECHANISM_DP_SGD} == {
-            (MECHANISM_GAUSSIAN, 0, "holdout:0.2")
+            (MECHANISM_GAUSSIAN, 0, "holdout:200000/1000000")
         }
     # Nothing of the NaN or the 50x update reached the model: it is finite and better than chance, measured
     # exactly on every customer of the five regions (2,000: the hold-out alone, 400, adds sampling noise to

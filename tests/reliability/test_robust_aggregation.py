@@ -3,7 +3,7 @@ fedcrm's norm screen each hold.
 
 The training's randomness is fresh in every run, so the rules' models are compared on the same hold-out
 (the same region secrets) and trained close to convergence (20 local epochs at a small step), where the
-run-to-run spread is small. Measured over 4 runs (session 7; clean FedAvg at AUC 0.73-0.76): FedMedian,
+run-to-run spread is small. Measured over 4 runs (2026-11-30, 48399b6; clean FedAvg at AUC 0.73-0.76): FedMedian,
 FedTrimmedAvg and the norm screen within 0.01 of clean FedAvg, Krum 0.012-0.028 below it (its model is
 fit to the one update it picks each round), poisoned FedAvg 0.35-0.41 below. With 400 customers a
 region and one local epoch, the spread was 0.03 and Krum's gap reached 0.069: a 0.05 check failed CI.

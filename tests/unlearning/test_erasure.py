@@ -4,7 +4,8 @@ ids, the ledger charged for the retrain on the stale shard only, crash and resum
 One tiny federation (2 regions x 600 synthetic customers, 2 shards, 2 rounds, DP) is trained once for
 the module; the tests work on copies of its run and state folders. It draws its noise in reproducible
 mode (the regions' policies allow it): every release still has its own key, derived from the region's
-secret and the release's ledger identity, so the retrain can be replayed from a copy of the regions' state.
+secret and the release's recorded nonce, so the retrain can be replayed from a copy of the regions' state
+given those nonces.
 """
 
 from __future__ import annotations
@@ -223,9 +224,10 @@ def test_forget_and_retrain_equals_training_from_scratch_without_the_customers(
     erased: dict[str, Any], tmp_path: Path
 ) -> None:
     """Bit for bit, in reproducible mode: the stale constituent trained from scratch on the tables without
-    the customers, from the regions' state as it was just before the retrain (same secrets, same ledgers,
-    so the same release keys), equals the retrained one. And the retrain's keys were fresh: none of its
-    releases reused a nonce of the original training, so old and new constituent never shared noise."""
+    the customers, from the regions' state as it was just before the retrain (same secrets, same ledgers)
+    with the retrain's recorded release keys, equals the retrained one. And the retrain's keys were fresh:
+    none of its releases reused a nonce of the original training, so old and new constituent never shared
+    noise."""
     cfg = load_config(erased["run"] / "config.yaml")
     assert cfg.privacy.noise == "reproducible"
     victims = set(erased["victims"])
@@ -237,6 +239,9 @@ def test_forget_and_retrain_equals_training_from_scratch_without_the_customers(
         regions[region] = tmp_path / f"{region}.csv"
         regions[region].write_text("".join(kept))
     shutil.copytree(erased["state_before_retrain"], tmp_path / "state")
+    for region in REGIONS:  # the same keys: the retrain's recorded nonces, named by the data owner
+        ref_ledger = PrivacyLedger.open(tmp_path / "state" / region, region=region)
+        ref_ledger.replay(PrivacyLedger.open(erased["state"] / region, region=region))
     ref_cfg = cfg.model_copy(update={"regions": regions})
     kept_constituents = {k: w for k, w in erased["old"].items() if k != STALE}
     run_simulated(

@@ -12,7 +12,7 @@ The training's randomness is fresh each run, so every check is statistical, and 
 separates "a signal" (p < ALPHA) from "none" (p > ALPHA). A check of "no signal" fails by chance with
 probability ALPHA when there is none (a p-value is uniform then), so ALPHA is small: at 0.05 the three
 such checks would fail about one run in seven (a CI run saw p = 0.0498). The signals this test must see are
-far stronger: over six runs (session 7) the attack's p before the erasure was 2.6e-15 to 2.9e-8, on the
+far stronger: over six runs (48399b6, 2026-11-30) the attack's p before the erasure was 2.6e-15 to 2.9e-8, on the
 kept customers after it 1.3e-16 to 1.6e-8, and the "no signal" p-values 0.097 to 1.0.
 """
 
