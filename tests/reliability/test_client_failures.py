@@ -20,7 +20,7 @@ def crash_during_training(region: str, round_: int) -> Callable[[Message, Contex
     """Test-only client mod: local training of ``region`` fails in ``round_`` after its spend was recorded."""
 
     def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
-        import fedcrm.region as region_module
+        import fedcrm.training as training_module  # the region imports train_locally from it per round
 
         config = msg.content.get("config")
         hit = (
@@ -31,16 +31,16 @@ def crash_during_training(region: str, round_: int) -> Callable[[Message, Contex
         )
         if not hit:
             return call_next(msg, context)
-        real = region_module.train_locally
+        real = training_module.train_locally
 
         def broken(*args: object, **kwargs: object) -> None:
             raise OSError("No space left on device")
 
-        region_module.train_locally = broken  # type: ignore[assignment]
+        training_module.train_locally = broken  # type: ignore[assignment]
         try:
             return call_next(msg, context)
         finally:
-            region_module.train_locally = real
+            training_module.train_locally = real
 
     return mod
 
