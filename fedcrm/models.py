@@ -50,11 +50,22 @@ def _plain(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+# Rows scored at once: the activations' memory is then bounded by the model (its size a policy bounds,
+# fedcrm.model_limits), not by how many customers a region holds, so running out of memory cannot tell
+# the server a hold-out's size.
+PREDICT_CHUNK_ROWS = 8192
+
+
 @torch.no_grad()
 def predict_proba(model: nn.Module, x: np.ndarray) -> np.ndarray:
     model.eval()
-    out = torch.sigmoid(_plain(model)(torch.from_numpy(x)).squeeze(-1)).numpy()
-    return out.astype(np.float64)
+    plain = _plain(model)
+    xt = torch.from_numpy(x)
+    out = np.empty(len(x), dtype=np.float64)
+    for start in range(0, len(x), PREDICT_CHUNK_ROWS):
+        chunk = xt[start : start + PREDICT_CHUNK_ROWS]
+        out[start : start + len(chunk)] = torch.sigmoid(plain(chunk).squeeze(-1)).numpy()
+    return out
 
 
 def ensemble_proba(models: list[nn.Module], x: np.ndarray) -> np.ndarray:

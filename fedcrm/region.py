@@ -318,6 +318,8 @@ class Region(HoldoutAnswers):
         round_: int,
         run_id: str,
     ) -> TrainRelease:
+        # The server's model spec and weights, against the policy's bounds, before the table is opened.
+        self.check_model(cfg, schema, constituents=[weights])
         # train() has checked the request against the policy; the sizes checked are the declared ones.
         n_declared = self.declared_shard(cfg, schema)
         check_declared_shard(self.policy, region=self.name, shard=shard, declared=n_declared)

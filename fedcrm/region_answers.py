@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 
 from fedcrm.config import ExperimentConfig
+from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.schema import Schema
-from fedcrm.errors import DataError
 from fedcrm.evaluation.metrics import ScoreSummary
 from fedcrm.evaluation.trust import TrustSummary
 from fedcrm.governance.audit_log import AuditAction
 from fedcrm.governance.audit_trail import finite, node_actor
 from fedcrm.governance.customer_refs import RegionAuditLog
 from fedcrm.governance.policy import RegionPolicy
+from fedcrm.model_limits import check_weights
 from fedcrm.privacy.accountant import GaussianRelease
 from fedcrm.privacy.aggregates import ANSWER_BINS, ANSWER_LOGIT_RANGE, LOSS_CAP, noised, sensitivity
 from fedcrm.privacy.ledger import (
@@ -37,6 +38,15 @@ Weights = dict[str, np.ndarray]
 
 # The evaluation answer: one customer moves one histogram bin and at most 1 in each of three scaled sums.
 EVALUATION_COORDINATES = 4
+# The score a customer gets in an answer when the served model's output for them is not finite (weights
+# the server chose can make it NaN for exactly the customers it targets): a constant, so that the answer
+# keeps its shape, raises nothing, and that customer moves one bin like any other.
+NONFINITE_SCORE = 0.5
+
+
+def finite_scores(scores: np.ndarray) -> np.ndarray:
+    """``scores`` with every non-finite entry replaced by :data:`NONFINITE_SCORE`."""
+    return np.where(np.isfinite(scores), scores, NONFINITE_SCORE)
 
 
 class HoldoutAnswers:
@@ -133,9 +143,23 @@ class HoldoutAnswers:
         """The std of the noise on each count of an answer (public: the policy's σ and the answer's form)."""
         return self.policy.evaluation_noise * sensitivity(coordinates)
 
+    def check_model(self, cfg: ExperimentConfig, schema: Schema, *, constituents: list[Weights]) -> None:
+        """Refuse the server's model spec and weights against the policy's bounds (fedcrm.model_limits).
+
+        From the schema's width alone: called before any customer row is read.
+        """
+        check_weights(
+            self.policy,
+            region=self.name,
+            spec=cfg.model,
+            n_features=FeatureEncoder(schema).n_features,
+            constituents=constituents,
+        )
+
     def _holdout_models(
         self, cfg: ExperimentConfig, schema: Schema, constituents: list[Weights]
     ) -> tuple[RegionData, list[Any]]:
+        self.check_model(cfg, schema, constituents=constituents)  # before the table is opened
         # torch is for a model to answer on: loading a region's customers (a data owner's commands) needs none.
         from fedcrm.models import build_model, set_weights
 
@@ -155,9 +179,7 @@ class HoldoutAnswers:
 
         data, models = self._holdout_models(cfg, schema, constituents)
         x, y = data.x[data.holdout], data.y[data.holdout]
-        scores = ensemble_proba(models, x) if len(x) else np.zeros(0)
-        if not np.all(np.isfinite(scores)):
-            raise DataError(f"region {self.name}: the model produced non-finite scores")
+        scores = finite_scores(ensemble_proba(models, x)) if len(x) else np.zeros(0)
         exact = ScoreSummary.of(
             scores=scores, labels=y, bins=ANSWER_BINS, loss_cap=LOSS_CAP, logit_range=ANSWER_LOGIT_RANGE
         )
@@ -195,7 +217,11 @@ class HoldoutAnswers:
         x, y = data.x[data.holdout], data.y[data.holdout]
         sensitive = data.sensitive.iloc[np.flatnonzero(data.holdout)].reset_index(drop=True)
         groups = summarise_groups(
-            scores=ensemble_proba(models, x), labels=y, sensitive=sensitive, schema=schema, min_customers=1
+            scores=finite_scores(ensemble_proba(models, x)),
+            labels=y,
+            sensitive=sensitive,
+            schema=schema,
+            min_customers=1,
         )
         parts: dict[str, Any] = {"importance": importance_sums(models, schema=schema, x=x), "customers": len(x)}
         for attribute, h in groups.items():

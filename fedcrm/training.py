@@ -5,6 +5,10 @@ independently with probability q), which is the sampling that the privacy accoun
 Per-sample clipping for fedcrm's models (Linear stacks) takes one backward pass
 (:mod:`fedcrm.privacy.clipping`, same results as Opacus's ghost clipping); any other model goes through
 Opacus's ghost clipping. Measured in ``experiments/bench_local_training.py``.
+
+The mechanism is total for any weights the server sends: a customer whose loss, activations or gradient
+are not finite contributes nothing to a step, and a non-finite noisy result becomes a noise-only step, so
+what leaves is the mechanism's output whatever the data (fedcrm.privacy.clipping).
 """
 
 from __future__ import annotations
@@ -204,8 +208,16 @@ def _draw_noise_from(randomness: ReleaseRandomness, *, optimizer: torch.optim.Op
     std = optimizer.noise_multiplier * optimizer.max_grad_norm  # type: ignore[attr-defined]
 
     def add_noise() -> None:
-        for p in optimizer.params:  # type: ignore[attr-defined]
-            summed = p.summed_grad
+        params = optimizer.params  # type: ignore[attr-defined]
+        sums = [p.summed_grad for p in params]
+        if not all(bool(torch.isfinite(s).all()) for s in sums):
+            # Opacus's ghost clipping cannot drop one non-finite row (its second backward pass multiplies
+            # the row by 0 and gets nan), so a non-finite sum becomes a noise-only step: the noise is still
+            # added and nothing non-finite leaves, but the other rows' share is lost with it, which bounds
+            # no one's influence. A region never takes this path: every model fedcrm.models builds takes
+            # the exact one (fedcrm.privacy.clipping), which drops the non-finite row alone.
+            sums = [torch.zeros_like(s) for s in sums]
+        for p, summed in zip(params, sums, strict=True):
             p.grad = (summed + randomness.normal(summed.shape, std=std, dtype=summed.dtype)).view_as(p)
 
     optimizer.add_noise = add_noise  # type: ignore[attr-defined]

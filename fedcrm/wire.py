@@ -61,6 +61,10 @@ REFUSED_SHARDS: Final = "shard-count-not-allowed"  # unlearning.shards outside t
 # Any failure to read or check the region's table, whichever check failed: which one would be a bit of data.
 REFUSED_DATA_UNUSABLE: Final = "region-data-unusable"
 REFUSED_MESSAGE: Final = "message-not-in-vocabulary"  # a record, key or value outside PLAN_KEYS' shapes
+# The model the server sends, refused before a customer row is read: a spec above the policy's size bound,
+# or weights that do not fit the spec, are not finite, or exceed the policy's bound on |w|.
+REFUSED_MODEL_SIZE: Final = "model-too-large"
+REFUSED_WEIGHTS: Final = "weights-not-accepted"
 REFUSAL_CODES: Final = frozenset(
     {
         REFUSED_PURPOSE,
@@ -74,6 +78,8 @@ REFUSAL_CODES: Final = frozenset(
         REFUSED_SHARDS,
         REFUSED_DATA_UNUSABLE,
         REFUSED_MESSAGE,
+        REFUSED_MODEL_SIZE,
+        REFUSED_WEIGHTS,
     }
 )
 

@@ -89,6 +89,15 @@ class RegionPolicy(BaseModel):
         description=f"evaluation answers given per UTC day over every run (None: {DEFAULT_EVALUATIONS_PER_DAY}); "
         "then the region refuses until 00:00 UTC",
     )
+    # Bounds on the model the server sends (fedcrm.model_limits), checked before a customer row is read.
+    max_weight_abs: float = Field(
+        1e3,
+        gt=0,
+        description="largest |weight| accepted from the server (trained models here stay under 4; non-finite refused)",
+    )
+    max_parameters: int = Field(
+        1_000_000, ge=1, description="largest model, in parameters, the server may ask this region to build"
+    )
 
     @model_validator(mode="after")
     def _read_evaluations_per_run(self) -> RegionPolicy:

@@ -17,6 +17,8 @@ size. A test checks that both give the same weights for the same noise.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -92,20 +94,50 @@ class LinearStackDpSgd:
         # d(sum of losses)/d(outputs): row i is customer i's own output gradient (rows do not interact).
         out_grads = torch.autograd.grad(per_sample.sum(), outputs)
         with torch.no_grad():
-            sq_norms = torch.zeros(len(x), dtype=x.dtype)
+            loss = per_sample.detach().mean()
+            sq_norms = self._sq_norms(inputs, out_grads)
+            # One look for the whole batch (a sum is finite only if every term is): the rows' own checks
+            # below cost a fifth of a step, and only weights that make some row non-finite need them.
+            if math.isfinite(float(sq_norms.sum() + loss)):
+                clip, dropped = (self.clipping_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0).unsqueeze(1), None
+            else:
+                clip, dropped = self._clip_finite_rows(inputs, out_grads, per_sample.detach())
             for layer, a, g in zip(self.linears, inputs, out_grads, strict=True):
-                a_sq = (a * a).sum(1)
-                sq_norms.addcmul_((g * g).sum(1), a_sq + 1.0 if layer.bias is not None else a_sq)
-            clip = (self.clipping_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
-            for layer, a, g in zip(self.linears, inputs, out_grads, strict=True):
-                gc = g * clip.unsqueeze(1)
+                gc = g * clip
+                if dropped is not None:  # 0 · inf is nan: the dropped rows themselves must be zeros
+                    gc, a = gc.masked_fill(dropped, 0.0), a.masked_fill(dropped, 0.0)
                 layer.weight.grad = gc.t() @ a
                 if layer.bias is not None:
                     layer.bias.grad = gc.sum(0)
             if extra is not None:
                 self._add_clipped(extra)
-            self._noise_and_scale()
-        return per_sample.detach().mean()
+            # Every row is now finite and clipped, so each entry of their sum is at most the batch size
+            # times C: only the dropped rows' path or the audit's rows are worth checking again.
+            self._noise_and_scale(check=dropped is not None or extra is not None)
+        return loss
+
+    def _sq_norms(self, inputs: list[torch.Tensor], out_grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Each row's squared gradient norm over every Linear layer, ‖g_i‖²·(‖a_i‖² + 1 with a bias), in their dtype."""
+        sq_norms = torch.zeros(len(inputs[0]), dtype=inputs[0].dtype)
+        for layer, a, g in zip(self.linears, inputs, out_grads, strict=True):
+            a_sq = (a * a).sum(1)
+            sq_norms.addcmul_((g * g).sum(1), a_sq + 1.0 if layer.bias is not None else a_sq)
+        return sq_norms
+
+    def _clip_finite_rows(
+        self, inputs: list[torch.Tensor], out_grads: tuple[torch.Tensor, ...], per_sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clip factors of a batch with a non-finite row, and the rows to drop (a column mask).
+
+        The mechanism is total for any weights: a row whose loss, activations or gradient are not finite
+        (weights the server chose can make them so for exactly the customers it targets) contributes zero,
+        as an absent customer does, instead of turning the whole release into NaN. Norms in float64 here:
+        a finite float32 gradient's squared norm can overflow float32, and such a row is clipped, not dropped.
+        """
+        sq_norms = self._sq_norms([a.double() for a in inputs], tuple(g.double() for g in out_grads))
+        finite = torch.isfinite(sq_norms) & torch.isfinite(per_sample)
+        clip = torch.where(finite, (self.clipping_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0), 0.0)
+        return clip.to(inputs[0].dtype).unsqueeze(1), ~finite.unsqueeze(1)
 
     def noise_only_step(self, *, extra: torch.Tensor | None = None) -> None:
         """The gradient of a Poisson batch with no customer: the noise (and any ``extra`` rows) alone.
@@ -117,7 +149,7 @@ class LinearStackDpSgd:
                 p.grad = torch.zeros_like(p)
             if extra is not None:
                 self._add_clipped(extra)
-            self._noise_and_scale()
+            self._noise_and_scale(check=extra is not None)
 
     def _add_clipped(self, extra: torch.Tensor) -> None:
         """Clip each row of ``extra`` as a customer's gradient is clipped, and add their sum to ``.grad``.
@@ -141,13 +173,16 @@ class LinearStackDpSgd:
             p.grad += summed[offset : offset + p.numel()].view_as(p).to(p.dtype)  # type: ignore[operator]
             offset += p.numel()
 
-    def _noise_and_scale(self) -> None:
-        for p in self.params:
-            grad = p.grad
-            if grad is None:  # every parameter belongs to a Linear layer (see ``supports``)
-                continue
+    def _noise_and_scale(self, *, check: bool) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]  # every parameter is a Linear layer's
+        if check and not all(bool(torch.isfinite(g).all()) for g in grads):
+            # A non-finite sum of clipped rows becomes a noise-only step: the noise is still added, so
+            # what leaves is the mechanism's output whatever the rows were.
+            for g in grads:
+                g.zero_()
+        for grad in grads:
             if self.noise_std > 0:
-                grad += self.randomness.normal(p.shape, std=self.noise_std, dtype=p.dtype)
+                grad += self.randomness.normal(grad.shape, std=self.noise_std, dtype=grad.dtype)
             grad /= self.expected_batch_size
 
 
@@ -159,5 +194,8 @@ def clip_update(weights: dict[str, np.ndarray], *, start: dict[str, np.ndarray],
     """
     deltas = {k: weights[k].astype(np.float64) - start[k].astype(np.float64) for k in weights}
     total = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas.values())))
+    if not np.isfinite(total):
+        # A non-finite update (weights the server chose can make training diverge) leaves as no update at all.
+        return {k: start[k].astype(weights[k].dtype) for k in weights}
     scale = min(1.0, norm / total) if total > 0 else 1.0
     return {k: (start[k] + scale * deltas[k]).astype(weights[k].dtype) for k in weights}
