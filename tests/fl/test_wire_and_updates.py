@@ -58,27 +58,30 @@ def test_anything_outside_the_wire_vocabulary_is_blocked(content: RecordDict) ->
         check_outgoing(content)
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_a_blocked_reply_is_not_sent_and_is_logged(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
-    from flwr.app import Context, RecordDict
+    from conftest import write_tiny_config
+    from flwr.app import Context, Message, MessageType, RecordDict
 
+    from fedcrm.config import load_config
     from fedcrm.fl import client as client_module
+    from fedcrm.fl.codec import plan_config
 
     def leaky(region, msg):  # type: ignore[no-untyped-def]
         return RecordDict({wire.METRICS: MetricRecord({"customer-7-score": 0.9})})
 
-    data = tmp_path / "eu.csv"
-    from fedcrm.data.synthetic import generate
-
-    generate(regions=["eu"], customers=[50], seed=0, out_dir=tmp_path)
+    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 50}))
     ctx = Context(
         run_id=1,
         node_id=1,
-        node_config={"region": "eu", "data-path": str(data), "state-dir": str(tmp_path / "state")},
+        node_config={"region": "eu", "data-path": str(cfg.regions["eu"]), "state-dir": str(tmp_path / "state")},
         state=RecordDict(),
         run_config={},
     )
+    plan = plan_config(cfg, schema_text=cfg.schema_path.read_text(encoding="utf-8"), run_id="r")
+    msg = Message(content=RecordDict({wire.CONFIG: plan}), dst_node_id=1, message_type=MessageType.QUERY)
     with caplog.at_level(logging.ERROR, logger="fedcrm.region"):
-        reply = client_module.answer(leaky, None, ctx)  # type: ignore[arg-type]  # the handler ignores it
+        reply = client_module.answer(leaky, msg, ctx)  # the handler ignores the message
     assert set(reply.keys()) == {wire.STATUS}
     assert reply[wire.STATUS][wire.OUTCOME] == wire.OUTCOME_FAILED
     assert "customer-7-score" in caplog.text
