@@ -30,7 +30,10 @@ ACTIONS: Final = frozenset({ACTION_DESCRIBE, ACTION_EVALUATE_SERVED})
 # refuses any other (fedcrm.fl.client.check_incoming) before it reads a row; README's "What the server
 # sends" names what bounds each of them.
 REQUEST_RECORDS: Final = frozenset({CONFIG, ARRAYS})
-PLAN_KEYS: Final = frozenset({ACTION, ROUND, RUN_ID, SHARD, ROUND_OFFSET, EXPERIMENT, SCHEMA})
+# Flower's client-side clipping wrapper (client-level DP) adds its clipping norm to every training config;
+# a region clips with the plan's privacy.clipping_norm and never reads this key.
+FLOWER_CLIPPING_NORM: Final = "clipping_norm"
+PLAN_KEYS: Final = frozenset({ACTION, ROUND, RUN_ID, SHARD, ROUND_OFFSET, EXPERIMENT, SCHEMA, FLOWER_CLIPPING_NORM})
 RUN_ID_MAX_CHARS: Final = 128  # a label in the ledger: printable, short
 PLAN_TEXT_MAX_CHARS: Final = 1_000_000  # the experiment and the schema, each
 

@@ -49,6 +49,20 @@ def write_tiny_config(
     return path
 
 
+def plan_message(cfg, *, message_type: str = "query", run_id: str = "r"):  # noqa: ANN001, ANN201
+    """A well-formed server message carrying ``cfg``'s plan: every region checks one before its handler runs.
+
+    Needs Flower's task identity (the ``task_identity`` fixture) to build the message.
+    """
+    from flwr.app import Message, RecordDict
+
+    from fedcrm import wire
+    from fedcrm.fl.codec import plan_config
+
+    plan = plan_config(cfg, schema_text=Path(cfg.schema_path).read_text(encoding="utf-8"), run_id=run_id)
+    return Message(content=RecordDict({wire.CONFIG: plan}), dst_node_id=1, message_type=message_type)
+
+
 @pytest.fixture
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower stamps new messages with the process's task identity (set by the SuperLink/SuperNode)."""

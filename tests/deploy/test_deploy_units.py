@@ -132,12 +132,13 @@ def test_component_stop_reaches_a_grandchild_in_its_own_session(tmp_path: Path) 
 @pytest.mark.usefixtures("task_identity")
 def test_a_forbidden_key_is_blocked_not_sent_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The outgoing check on the real reply path (`answer`): a handler tries to send a per-customer score."""
-    from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+    from conftest import plan_message, write_tiny_config
+    from flwr.app import Context, MetricRecord, RecordDict
 
-    from fedcrm.data.synthetic import generate
+    from fedcrm.config import load_config
     from fedcrm.fl import client as client_module
 
-    generate(regions=["eu"], customers=[60], seed=0, out_dir=tmp_path)
+    cfg = load_config(write_tiny_config(tmp_path, regions={"eu": 60}))
 
     def leaky(region, msg):  # type: ignore[no-untyped-def]
         return RecordDict(
@@ -150,13 +151,12 @@ def test_a_forbidden_key_is_blocked_not_sent_and_logged(tmp_path: Path, caplog: 
     ctx = Context(
         run_id=1,
         node_id=1,
-        node_config={"region": "eu", "data-path": str(tmp_path / "eu.csv"), "state-dir": str(tmp_path / "st")},
+        node_config={"region": "eu", "data-path": str(cfg.regions["eu"]), "state-dir": str(tmp_path / "st")},
         state=RecordDict(),
         run_config={},
     )
-    incoming = Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
     with caplog.at_level(logging.ERROR, logger="fedcrm.region"):
-        reply = client_module.answer(leaky, incoming, ctx)  # what every handler's reply goes through
+        reply = client_module.answer(leaky, plan_message(cfg), ctx)  # what every handler's reply goes through
     assert set(reply.keys()) == {wire.STATUS}  # the metrics record did not go out at all
     st = reply[wire.STATUS]
     assert st[wire.OUTCOME] == wire.OUTCOME_FAILED and st[wire.KIND] == "BlockedReply"

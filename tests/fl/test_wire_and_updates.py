@@ -60,12 +60,11 @@ def test_anything_outside_the_wire_vocabulary_is_blocked(content: RecordDict) ->
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_blocked_reply_is_not_sent_and_is_logged(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
-    from conftest import write_tiny_config
-    from flwr.app import Context, Message, MessageType, RecordDict
+    from conftest import plan_message, write_tiny_config
+    from flwr.app import Context, RecordDict
 
     from fedcrm.config import load_config
     from fedcrm.fl import client as client_module
-    from fedcrm.fl.codec import plan_config
 
     def leaky(region, msg):  # type: ignore[no-untyped-def]
         return RecordDict({wire.METRICS: MetricRecord({"customer-7-score": 0.9})})
@@ -78,10 +77,8 @@ def test_a_blocked_reply_is_not_sent_and_is_logged(tmp_path, caplog) -> None:  #
         state=RecordDict(),
         run_config={},
     )
-    plan = plan_config(cfg, schema_text=cfg.schema_path.read_text(encoding="utf-8"), run_id="r")
-    msg = Message(content=RecordDict({wire.CONFIG: plan}), dst_node_id=1, message_type=MessageType.QUERY)
     with caplog.at_level(logging.ERROR, logger="fedcrm.region"):
-        reply = client_module.answer(leaky, msg, ctx)  # the handler ignores the message
+        reply = client_module.answer(leaky, plan_message(cfg), ctx)  # the handler ignores the message
     assert set(reply.keys()) == {wire.STATUS}
     assert reply[wire.STATUS][wire.OUTCOME] == wire.OUTCOME_FAILED
     assert "customer-7-score" in caplog.text
