@@ -284,13 +284,14 @@ def test_supernode_killed_mid_round_run_completes_and_restart_rejoins_with_ledge
 
 
 class RecordingProxy:
-    """A loopback TCP proxy that keeps every byte the SuperNodes send to the SuperLink."""
+    """A loopback TCP proxy that keeps every byte the SuperNodes send to the SuperLink, one stream per
+    connection (two SuperNodes' concurrent pushes would interleave mid-message in one buffer)."""
 
     def __init__(self, target_port: int) -> None:
         self.target = ("127.0.0.1", target_port)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
-        self.captured = bytearray()
+        self.streams: list[bytearray] = []
         self.lock = threading.Lock()
         self.closed = False
         self.sockets: list[socket.socket] = []
@@ -304,15 +305,23 @@ class RecordingProxy:
                 return
             upstream = socket.create_connection(self.target)
             self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            stream = bytearray()
+            with self.lock:
+                self.streams.append(stream)
+            threading.Thread(target=self._pump, args=(client, upstream, stream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+    @property
+    def captured(self) -> bytes:
+        """Every recorded connection's bytes, one after another (read under ``lock``)."""
+        return b"".join(self.streams)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, stream: bytearray | None) -> None:
         try:
             while data := src.recv(65536):
-                if record:
+                if stream is not None:
                     with self.lock:
-                        self.captured += data
+                        stream += data
                 dst.sendall(data)
         except OSError:
             pass
