@@ -9,6 +9,8 @@ the deployment folder (``.fedcrm/deployments/NAME/``, or ``--workdir``):
 - ``federation.json``: the config, state root, app, the SuperLink's port, each region's node id, key,
   node config and trust file, and every process started (pid, start time, command line, log);
 - ``pids/<process>.pid``: the pids, for an operator's tools; ``logs/``: every process's log.
+- with ``--public-address``, ``proxy/``: the Fleet-only proxy's ``nginx.conf`` and ``access.log``
+  (:mod:`fedcrm.deploy.proxy`), its settings under ``proxy`` in ``federation.json``.
 
 ``deploy status`` checks each recorded process (the pid must still run the recorded command, started
 at the recorded time) and asks the SuperLink which nodes are online. ``deploy down`` stops only those
@@ -294,6 +296,7 @@ def status(folder: Path) -> dict[str, Any]:
         "name": fed.name,
         "folder": str(fed.folder),
         "address": f"127.0.0.1:{fed.port}",
+        **({"public_address": fed.proxy.address} if fed.proxy is not None else {}),
         "config": str(fed.config),
         "state_root": str(fed.state_root),
         "ok": ok and error is None,

@@ -23,6 +23,7 @@ if its bundle passed that region's trust file. nginx comes from the system's pac
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import pwd
@@ -109,8 +110,10 @@ def nginx_config(*, settings: ProxySettings, superlink_port: int, certs: Certifi
     """The whole ``nginx.conf`` for one deployment; every path nginx writes lies under ``folder``."""
     f = Path(folder).resolve()
     upstream = f"https://127.0.0.1:{superlink_port}"
-    # nginx started as root drops its workers to `nobody`, who could not write the temp folders here.
-    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+    # Started as root, nginx keeps the keys in the master and runs its workers (the code that parses what
+    # the network sends) as an unprivileged user; :func:`start_proxy` gives that user the temp folders.
+    worker = worker_user()
+    user = f"user {worker.pw_name} {grp.getgrgid(worker.pw_gid).gr_name};\n" if worker is not None else ""
     allow = "".join(f"        allow {op};\n" for op in settings.operators)
     operator_locations = "".join(
         f"    location {prefix} {{\n{allow}        deny all;\n        proxy_pass {upstream};\n    }}\n"
@@ -150,6 +153,18 @@ http {{
 """
 
 
+def worker_user() -> pwd.struct_passwd | None:
+    """The user nginx's workers run as when it is started as root (``nobody``); None when it is not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        raise ConfigError(
+            "nginx started as root needs an unprivileged user for its workers: no `nobody` here"
+        ) from None
+
+
 def nginx_executable() -> str:
     found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
     if found is None:
@@ -173,8 +188,11 @@ def start_proxy(
     import subprocess
 
     folder = Path(folder).resolve()
-    for sub in ("tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
+    worker = worker_user()
+    for sub in ("tmp", "tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+        if worker is not None:
+            os.chown(folder / sub, worker.pw_uid, worker.pw_gid)
     conf = folder / "nginx.conf"
     conf.write_text(nginx_config(settings=settings, superlink_port=superlink_port, certs=certs, folder=folder))
     argv = [nginx_executable(), "-p", str(folder), "-c", str(conf), "-e", "stderr"]

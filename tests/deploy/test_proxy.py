@@ -54,6 +54,7 @@ def test_the_proxy_config_forwards_fleet_paths_only_and_control_from_operators(t
     settings = ProxySettings.parse("0.0.0.0:9443", operators=["10.0.0.5", "127.0.0.1"])
     conf = nginx_config(settings=settings, superlink_port=9092, certs=certs, folder=tmp_path / "proxy")
     assert "listen 0.0.0.0:9443 ssl;" in conf and settings.dial == "127.0.0.1:9443"
+    assert ProxySettings.from_dict(settings.to_dict()) == settings  # as federation.json keeps it
     for prefix in ("/v1/control/", "/v1/runtime/"):
         block = conf[conf.index(f"location {prefix}") :].split("}", 1)[0]
         assert "allow 10.0.0.5;" in block and "allow 127.0.0.1;" in block and "deny all;" in block
