@@ -3,7 +3,8 @@
 Flower 1.42 serves its Control API on the SuperLink's one port (``docs/deployment.md``). ``deploy up
 --public-address`` puts nginx there (:mod:`fedcrm.deploy.proxy`). The deployment test plays a region's
 host as a second loopback address (127.0.0.2; the operator's host is 127.0.0.1) and tries to start a run
-through the proxy while a federation run goes through it; the unit tests check the config nginx gets.
+through the proxy while a federation run goes through it (about a minute: ``make test-deployment``);
+the quick test checks the config nginx gets.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def test_the_proxy_config_forwards_fleet_paths_only_and_control_from_operators(t
 
 
 @pytest.mark.deployment
+@pytest.mark.slow  # about a minute: `make test-deployment` runs it, like the other real deployments
 def test_a_region_cannot_start_a_run_through_the_proxy_while_the_federation_runs_through_it(tmp_path: Path) -> None:
     cfg = write_tiny_config(tmp_path, regions={"eu": 400, "us": 300}, overrides={"federation.min_regions": 1})
     folder = tmp_path / "dep"
