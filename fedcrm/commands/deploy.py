@@ -237,16 +237,36 @@ def deploy_up_cmd(
     workdir: FolderOpt = None,
     state: DeployStateOpt = Path("state"),
     app_dir: AppOpt = None,
+    public_address: Annotated[
+        str | None,
+        typer.Option(
+            "--public-address",
+            help="HOST:PORT where the regions connect: an nginx proxy there forwards the Fleet API only "
+            "(the SuperLink's Control API shares its port in Flower 1.42).",
+        ),
+    ] = None,
+    operator_address: Annotated[
+        str,
+        typer.Option(
+            "--operator-address", help="Comma-separated IPs/CIDRs allowed the Control and Runtime APIs via the proxy."
+        ),
+    ] = "127.0.0.1",
 ) -> None:
     """Start a SuperLink and one SuperNode per region on 127.0.0.1 (TLS) and leave them running.
 
     Runs are then submitted with `fedcrm run CONFIG --federation NAME`. Pids, ports, logs and
     federation.json go to the deployment folder. On a deployment that is up, restarts only the SuperNodes
-    that are not running.
+    that are not running. With --public-address the SuperNodes connect through the Fleet-only proxy.
     """
     from fedcrm.deploy.federation import deployment_folder, up
+    from fedcrm.deploy.proxy import ProxySettings
 
     try:
+        proxy = (
+            ProxySettings.parse(public_address, operators=_split(operator_address))
+            if public_address is not None
+            else None
+        )
         up(
             config,
             folder=deployment_folder(name, workdir=workdir),
@@ -254,6 +274,7 @@ def deploy_up_cmd(
             state_root=state,
             app_dir=app_dir,
             report=_report,
+            proxy=proxy,
         )
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted:[/] every process started here was stopped")

@@ -9,6 +9,8 @@ the deployment folder (``.fedcrm/deployments/NAME/``, or ``--workdir``):
 - ``federation.json``: the config, state root, app, the SuperLink's port, each region's node id, key,
   node config and trust file, and every process started (pid, start time, command line, log);
 - ``pids/<process>.pid``: the pids, for an operator's tools; ``logs/``: every process's log.
+- with ``--public-address``, ``proxy/``: the Fleet-only proxy's ``nginx.conf`` and ``access.log``
+  (:mod:`fedcrm.deploy.proxy`), its settings under ``proxy`` in ``federation.json``.
 
 ``deploy status`` checks each recorded process (the pid must still run the recorded command, started
 at the recorded time) and asks the SuperLink which nodes are online. ``deploy down`` stops only those
@@ -44,6 +46,7 @@ from fedcrm.deploy.local import (
     start_federation,
     submit_and_wait,
 )
+from fedcrm.deploy.proxy import PROXY, ProxySettings
 from fedcrm.deploy.supervisor import Component, Recorded, Report, processes_with_env, terminate_as_interrupt
 from fedcrm.deploy.topology import SERVER_EXEC
 from fedcrm.durable import write_json_atomically
@@ -85,6 +88,7 @@ class Federation:
     registry: Path
     regions: dict[str, dict[str, Any]]  # region -> node_id, private_key, node_config, trust
     processes: dict[str, Recorded] = field(default_factory=dict)
+    proxy: ProxySettings | None = None  # the regions' Fleet-only door (``deploy up --public-address``)
 
     @classmethod
     def load(cls, folder: Path) -> Federation:
@@ -106,6 +110,7 @@ class Federation:
             port=int(d["port"]),
             regions=dict(d["regions"]),
             processes=processes,
+            proxy=ProxySettings.from_dict(d["proxy"]) if d.get("proxy") else None,
             **paths,
         )
 
@@ -122,6 +127,7 @@ class Federation:
                 "registry": str(self.registry),
                 "regions": self.regions,
                 "processes": {k: p.to_dict() for k, p in self.processes.items()},
+                **({"proxy": self.proxy.to_dict()} if self.proxy is not None else {}),
             },
             what="describe the deployment",
         )
@@ -151,10 +157,21 @@ class Federation:
 
 
 def up(
-    config: Path, *, folder: Path, name: str, state_root: Path, app_dir: Path | None = None, report: Report = print
+    config: Path,
+    *,
+    folder: Path,
+    name: str,
+    state_root: Path,
+    app_dir: Path | None = None,
+    report: Report = print,
+    proxy: ProxySettings | None = None,
 ) -> Federation:
     """Start the federation of ``config`` in ``folder`` and leave it running; or, when it is up, restart
-    only its dead SuperNodes. Returns its description (also written to ``folder/federation.json``)."""
+    only its dead SuperNodes. Returns its description (also written to ``folder/federation.json``).
+
+    With ``proxy`` the SuperNodes connect through the Fleet-only proxy (:mod:`fedcrm.deploy.proxy`), as
+    regions on other hosts must: the SuperLink itself stays on loopback.
+    """
     folder = Path(folder).resolve()
     if (folder / DESCRIPTION).is_file():
         fed = Federation.load(folder)
@@ -178,11 +195,12 @@ def up(
         port=0,
         registry=prep.registry.directory,
         regions={},
+        proxy=proxy,
     )
     dep = LocalDeployment(workdir=folder, certs=prep.certs, report=report)
     with terminate_as_interrupt():
         try:
-            node_ids = start_federation(dep, prep, report=report)
+            node_ids = start_federation(dep, prep, report=report, proxy=proxy)
         except BaseException:
             dep.stop()  # a half-started federation is not left behind
             raise
@@ -197,6 +215,8 @@ def up(
     for comp in [dep.superlink, dep.server_exec, *dep.supernodes.values(), *dep.executors.values()]:
         assert comp is not None
         fed.remember(comp)
+    if dep.proxy is not None:
+        fed.remember(dep.proxy)
     fed.save()
     report(
         f"federation {name} is up on {dep.address}: {len(prep.nodes)} regions; `fedcrm deploy status "
@@ -220,6 +240,7 @@ def restart_missing(fed: Federation, *, report: Report = print, timeout: float =
         fed.remember(dep.start_server_exec(superlink_pid=fed.processes[SUPERLINK].pid))
         fed.save()
         report(f"federation {fed.name}: restarted {SERVER_EXEC}")
+    fleet = restart_proxy(fed, dep, report=report)
     if not dead:
         report(f"federation {fed.name}: every region is running")
         return []
@@ -233,6 +254,7 @@ def restart_missing(fed: Federation, *, report: Report = print, timeout: float =
             private_key=Path(spec["private_key"]),
             node_config=dict(spec["node_config"]),
             trust=Path(spec["trust"]),
+            superlink=fleet,
         )
         fed.remember(dep.supernodes[region])
         fed.remember(dep.executors[region])
@@ -240,6 +262,20 @@ def restart_missing(fed: Federation, *, report: Report = print, timeout: float =
     dep.wait_nodes([int(fed.regions[r]["node_id"]) for r in dead], status="online", timeout=timeout)
     report(f"federation {fed.name}: restarted {', '.join(dead)}")
     return dead
+
+
+def restart_proxy(fed: Federation, dep: LocalDeployment, *, report: Report) -> str | None:
+    """Restart the deployment's proxy if it has one and it is not running; the address SuperNodes dial."""
+    if fed.proxy is None:
+        return None
+    recorded = fed.processes.get(PROXY)
+    if recorded is None or not recorded.running():
+        dep.start_proxy(fed.proxy)
+        assert dep.proxy is not None
+        fed.remember(dep.proxy)
+        fed.save()
+        report(f"federation {fed.name}: restarted the proxy")
+    return fed.proxy.dial
 
 
 def status(folder: Path) -> dict[str, Any]:
@@ -260,6 +296,7 @@ def status(folder: Path) -> dict[str, Any]:
         "name": fed.name,
         "folder": str(fed.folder),
         "address": f"127.0.0.1:{fed.port}",
+        **({"public_address": fed.proxy.address} if fed.proxy is not None else {}),
         "config": str(fed.config),
         "state_root": str(fed.state_root),
         "ok": ok and error is None,

@@ -37,6 +37,7 @@ from fedcrm.deploy.certs import (
     public_key_fingerprint,
     supernode_key_paths,
 )
+from fedcrm.deploy.proxy import ProxySettings
 from fedcrm.deploy.supervisor import Component, Report, free_port, terminate_as_interrupt
 from fedcrm.deploy.topology import COMPLETED, CONNECTION, LocalDeployment, node_config_arg, region_nodes
 from fedcrm.errors import ConfigError
@@ -203,12 +204,16 @@ def prepare(config: Path, *, workdir: Path, state_root: Path, app_dir: Path | No
     )
 
 
-def start_federation(dep: LocalDeployment, prep: Prepared, *, report: Report = print) -> dict[str, int]:
+def start_federation(
+    dep: LocalDeployment, prep: Prepared, *, report: Report = print, proxy: ProxySettings | None = None
+) -> dict[str, int]:
     """Start the SuperLink, register every region's key, start one SuperNode per region, wait until online.
 
+    With ``proxy`` the SuperNodes reach the SuperLink through the Fleet-only proxy (:mod:`fedcrm.deploy.proxy`).
     Returns region -> node id (also recorded in the node registry, with the key's fingerprint).
     """
     dep.start_superlink()
+    fleet = dep.start_proxy(proxy) if proxy is not None else None
     node_ids = {}
     for node in prep.nodes:
         public = prep.keys[node.region][1]
@@ -222,6 +227,7 @@ def start_federation(dep: LocalDeployment, prep: Prepared, *, report: Report = p
             private_key=prep.keys[node.region][0],
             node_config=node.node_config(),
             trust=prep.trust[node.region],
+            superlink=fleet,
         )
     dep.wait_nodes(list(node_ids.values()), status="online")
     report(f"{len(prep.nodes)} SuperNodes online: " + ", ".join(f"{r} (node {i})" for r, i in node_ids.items()))

@@ -27,6 +27,7 @@ from typing import Any
 from fedcrm.config import ExperimentConfig
 from fedcrm.deploy.bundle import stage_bundle
 from fedcrm.deploy.certs import CertificateBundle
+from fedcrm.deploy.proxy import ProxySettings, start_proxy
 from fedcrm.deploy.supervisor import Component, Report, free_port, pump, start_component
 from fedcrm.errors import ConfigError, FederationError
 from fedcrm.node_settings import NodeSettings, region_settings
@@ -99,6 +100,7 @@ class LocalDeployment:
         self.supernodes: dict[str, Component] = {}
         self.executors: dict[str, Component] = {}  # each gated region's `fedcrm region exec`
         self.others: list[Component] = []
+        self.proxy: Component | None = None  # the regions' door to the Fleet API (fedcrm.deploy.proxy)
         self.port = 0
         for d in (self.logs, self.cli_home):
             d.mkdir(parents=True, exist_ok=True)
@@ -247,6 +249,21 @@ class LocalDeployment:
         else:
             lines += ["insecure = true"]
         (self.cli_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def start_proxy(self, settings: ProxySettings) -> str:
+        """Start the Fleet-only proxy in front of the running SuperLink; returns the address SuperNodes dial."""
+        if not self.tls or self.certs is None:
+            raise ConfigError("the proxy terminates TLS with the deployment's certificates: it needs a TLS deployment")
+        self.proxy = start_proxy(
+            settings=settings,
+            superlink_port=self.port,
+            certs=self.certs,
+            folder=self.workdir / "proxy",
+            logs=self.logs,
+            env=self._env(self.workdir / "proxy"),
+        )
+        self.report(f"proxy up on {settings.address}: Fleet API only; Control/Runtime from {list(settings.operators)}")
+        return settings.dial
 
     # -- SuperNodes ----------------------------------------------------------------------------------
 
@@ -397,6 +414,8 @@ class LocalDeployment:
             left += comp.stop()
         if self.server_exec is not None:
             left += self.server_exec.stop()
+        if self.proxy is not None:
+            left += self.proxy.stop()
         if self.superlink is not None:
             left += self.superlink.stop()
         if left:
