@@ -109,7 +109,7 @@ def run(
             write_run_report(run_dir)
             console.print(f"tracked in MLflow run {log_run(cfg, run_dir, summary)}")
     except FedcrmError as e:
-        exit_with(e)
+        exit_with(e, as_json=as_json)
     if as_json:
         out.print_json(json.dumps({"run_dir": str(run_dir), **summary.to_dict()}, default=str))
         return

@@ -21,7 +21,7 @@ from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.schema import Schema, load_schema
-from fedcrm.errors import FederationError
+from fedcrm.errors import FederationError, federation_stopped
 from fedcrm.fl.codec import extend, from_record, pack_constituents, plan_config, to_record
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.strategy import (
@@ -175,9 +175,11 @@ def preflight(
     for region, reason in {**refused, **misclaimed}.items():
         report(f"[pre-flight] region {region} will not take part: {reason}")
     if len(described) < cfg.federation.min_regions:
-        raise FederationError(
+        raise federation_stopped(
             f"pre-flight: {len(described)} region(s) can take part, fewer than federation.min_regions = "
-            f"{cfg.federation.min_regions}: " + "; ".join(f"{r}: {why}" for r, why in refused.items())
+            f"{cfg.federation.min_regions}: " + "; ".join(f"{r}: {why}" for r, why in refused.items()),
+            refused=refused,
+            others=bool(misclaimed) or answered != set(nodes),
         )
     notes = privacy_warnings(cfg, regions=len(described)) + (
         [] if registry is not None else ["no node registry: region names are the regions' own claims, unchecked"]
