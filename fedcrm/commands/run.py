@@ -111,9 +111,10 @@ def run(
     except FedcrmError as e:
         exit_with(e, as_json=as_json)
     if as_json:
-        out.print_json(json.dumps({"run_dir": str(run_dir), **summary.to_dict()}, default=str))
+        document = {"run_dir": str(run_dir), **summary.to_dict(), "dropped_out": dropped_out(summary, state=state)}
+        out.print_json(json.dumps(document, default=str))
         return
-    _print_summary(summary, run_dir)
+    _print_summary(summary, run_dir, state=state)
 
 
 def _run_on_federation(
@@ -146,7 +147,20 @@ def _run_on_federation(
     print_result(result)
 
 
-def _print_summary(summary: RunSummary, run_dir: Path) -> None:
+def dropped_out(summary: RunSummary, *, state: Path) -> dict[str, dict[str, str]]:
+    """Every region (or node) that did not take part in full: why (its fixed refusal code, or the failure
+    in general terms, as the server was told) and where the details are. The words stay at the region
+    (they may quote a cell of its table): in simulation its audit log is STATE/REGION/audit.log."""
+    found: dict[str, dict[str, str]] = {}
+    for who, why in summary.problems().items():
+        found[who] = {"reason": why}
+        audit = state / who / "audit.log"
+        if who in summary.privacy and audit.is_file():
+            found[who]["details"] = str(audit)
+    return found
+
+
+def _print_summary(summary: RunSummary, run_dir: Path, *, state: Path) -> None:
     m = summary.final_metrics
     out.print(
         f"\n[bold]Served model[/] (pooled hold-out of about {int(m.get('customers', 0))} customers, DP answers): "
@@ -161,7 +175,7 @@ def _print_summary(summary: RunSummary, run_dir: Path) -> None:
         t.add_row(
             r,
             "-" if eps is None else f"{eps:.3f}",
-            f"{p['delta']:.1e}",
+            "-" if p.get("delta") is None else f"{p['delta']:.1e}",  # a region that never answered has none
             "-" if p.get("budget") is None else f"{p['budget']:g}",
             p.get("refused") or "",
         )
@@ -169,6 +183,9 @@ def _print_summary(summary: RunSummary, run_dir: Path) -> None:
     against = {p["against_server"] for p in summary.privacy.values() if p.get("against_server")}
     for text in sorted(against):  # client-level DP: the ε above holds against the model's users only
         out.print(f"ε against the server: {text}")
+    for who, what in dropped_out(summary, state=state).items():
+        where = f"; details in its audit log {what['details']}" if "details" in what else ""
+        out.print(f"region {who} did not take part in full: {what['reason']}{where}", markup=False, highlight=False)
     for w in summary.warnings:
         out.print(f"[yellow]warning:[/] {w}")
     out.print(f"Results in [bold]{run_dir}[/]: summary.json, metrics.jsonl, model/, checkpoints/")
