@@ -38,12 +38,19 @@ def test_every_region_out_of_budget_exits_3_with_an_error_document(tmp_path: Pat
     error = json.loads(result.stdout)["error"]
     assert error["kind"] == "FederationRefused" and error["exit_code"] == EXIT_PRIVACY_REFUSAL
     assert "budget-exhausted" in error["message"]
+    audit = tmp_path / "state" / "eu" / "audit.log"
+    assert error["dropped_out"]["eu"] == {"reason": "budget-exhausted", "details": str(audit)}
 
 
 def test_every_region_refusing_the_purpose_exits_3(tmp_path: Path, one_thread: None) -> None:
     result = _run(tmp_path, _config(tmp_path, {"allowed_purposes": ["propensity"]}))
     assert result.exit_code == EXIT_PRIVACY_REFUSAL, result.output
     assert "purpose-not-allowed" in result.output
+    # The reason's words stay at the region: the output says where they are.
+    audit = tmp_path / "state" / "us" / "audit.log"
+    line = f"region us did not take part in full: purpose-not-allowed; details in its audit log {audit}"
+    assert line in result.output
+    assert "purpose" in audit.read_text()
 
 
 def test_a_bad_config_with_json_exits_2_with_an_error_document(tmp_path: Path) -> None:
