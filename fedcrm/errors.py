@@ -83,3 +83,38 @@ class RegionDataUnusable(RefusalError, DataError):
     log), keeps the details (file, line, column). A DataError too, so the owner's tools read it as one."""
 
     default_code = wire.REFUSED_DATA_UNUSABLE
+
+
+# The refusal codes a region's policy, budget or consent gives (the README's exit code 3). A region that
+# could not read its data, or found the server's message or schema wrong, refused for another reason (2).
+PRIVACY_REFUSALS = frozenset(
+    {
+        wire.REFUSED_PURPOSE,
+        wire.REFUSED_COLUMN,
+        wire.REFUSED_PRIVACY_MODE,
+        wire.REFUSED_NOISE,
+        wire.REFUSED_SHARD_SIZE,
+        wire.REFUSED_BUDGET,
+        wire.REFUSED_BY_POLICY,
+        wire.REFUSED_SHARDS,
+        wire.REFUSED_MODEL_SIZE,
+    }
+)
+
+
+class FederationRefused(FederationError):
+    """The federation cannot go on because regions refused it on privacy grounds (budget, policy): the
+    server's counterpart of a region's own PolicyError / PrivacyBudgetError, so it exits 3 as they do.
+    ``refused``: region -> its refusal code."""
+
+    def __init__(self, message: str, *, refused: dict[str, str]) -> None:
+        self.refused = dict(refused)
+        super().__init__(message)
+
+
+def federation_stopped(message: str, *, refused: dict[str, str], others: bool) -> FederationError:
+    """The error that stops a federation short of regions: :class:`FederationRefused` when every region
+    left out refused on privacy grounds (``others``: some region failed or was rejected instead)."""
+    if refused and not others and set(refused.values()) <= PRIVACY_REFUSALS:
+        return FederationRefused(message, refused=refused)
+    return FederationError(message)

@@ -13,6 +13,7 @@ Exit codes (documented in the README; scripts may rely on them):
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedcrm.errors import PolicyError, PrivacyBudgetError
+from fedcrm.errors import FederationRefused, PolicyError, PrivacyBudgetError
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -61,11 +62,20 @@ def progress(line: str) -> None:
 
 
 def exit_code(error: Exception) -> int:
-    """The exit code for a fedcrm error: a privacy refusal (3) or a usage/input error (2)."""
-    return EXIT_PRIVACY_REFUSAL if isinstance(error, PrivacyBudgetError | PolicyError) else EXIT_USAGE
+    """The exit code for a fedcrm error: a privacy refusal (3), the regions' included, or a usage/input error (2)."""
+    refusal = PrivacyBudgetError | PolicyError | FederationRefused
+    return EXIT_PRIVACY_REFUSAL if isinstance(error, refusal) else EXIT_USAGE
 
 
-def exit_with(error: Exception) -> NoReturn:
-    """Print the error on stderr and end the command with its exit code."""
+def error_document(error: Exception, **details: object) -> dict[str, object]:
+    """What a failed ``--json`` command prints on stdout: the error's kind, message and exit code."""
+    return {"error": {"kind": type(error).__name__, "message": str(error), "exit_code": exit_code(error), **details}}
+
+
+def exit_with(error: Exception, *, as_json: bool = False, **details: object) -> NoReturn:
+    """Print the error on stderr and end the command with its exit code; with ``as_json`` stdout gets
+    the error document too, so a script reading one JSON document from stdout reads why it failed."""
     console.print(f"[bold red]error:[/] {escape(str(error))}")
+    if as_json:
+        out.print_json(json.dumps(error_document(error, **details), default=str))
     raise typer.Exit(exit_code(error))

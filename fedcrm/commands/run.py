@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,7 @@ import typer
 from rich.table import Table
 
 from fedcrm.commands.common import DEFAULT_STATE, RayAddressOpt, StateOpt, console, exit_with, out, progress
-from fedcrm.errors import ConfigError, FedcrmError
+from fedcrm.errors import ConfigError, FedcrmError, FederationRefused
 from fedcrm.overrides import parse_overrides  # `fedcrm run --set`, and the deployment run config
 from fedcrm.run_summary import RunSummary
 
@@ -74,6 +75,7 @@ def run(
             state=state,
             overrides=overrides,
             unsupported={"--resume": resume, "--processes": processes, "--ray-address": ray_address},
+            as_json=as_json,
         )
         return
     try:
@@ -108,12 +110,22 @@ def run(
 
             write_run_report(run_dir)
             console.print(f"tracked in MLflow run {log_run(cfg, run_dir, summary)}")
+    except FederationRefused as e:  # every region refused: say where each one's reasons are
+        refusals = dropped_out(e.refused, regions=e.refused, state=state)
+        for who, what in refusals.items():
+            progress(_dropped_line(who, what))
+        exit_with(e, as_json=as_json, dropped_out=refusals)
     except FedcrmError as e:
-        exit_with(e)
+        exit_with(e, as_json=as_json)
     if as_json:
-        out.print_json(json.dumps({"run_dir": str(run_dir), **summary.to_dict()}, default=str))
+        document = {
+            "run_dir": str(run_dir),
+            **summary.to_dict(),
+            "dropped_out": dropped_out(summary.problems(), regions=summary.privacy, state=state),
+        }
+        out.print_json(json.dumps(document, default=str))
         return
-    _print_summary(summary, run_dir)
+    _print_summary(summary, run_dir, state=state)
 
 
 def _run_on_federation(
@@ -124,6 +136,7 @@ def _run_on_federation(
     state: Path,
     overrides: list[str] | None,
     unsupported: dict[str, object],
+    as_json: bool,
 ) -> None:
     """``fedcrm run --federation``: one run on a deployment that stays up (fedcrm.deploy.federation)."""
     from fedcrm.commands.deploy import print_result
@@ -142,11 +155,29 @@ def _run_on_federation(
             )
         result = run_on(folder, config, run_dir=out_dir, overrides=overrides, report=progress)
     except FedcrmError as e:
-        exit_with(e)
+        exit_with(e, as_json=as_json)
     print_result(result)
 
 
-def _print_summary(summary: RunSummary, run_dir: Path) -> None:
+def dropped_out(problems: dict[str, str], *, regions: Iterable[str], state: Path) -> dict[str, dict[str, str]]:
+    """Every region (or node) in ``problems`` (who -> why: its fixed refusal code, or the failure in general
+    terms, as the server was told) and where the details are. The words stay at the region (they may quote
+    a cell of its table): in simulation a region's audit log is STATE/REGION/audit.log."""
+    found: dict[str, dict[str, str]] = {}
+    for who, why in problems.items():
+        found[who] = {"reason": why}
+        audit = state / who / "audit.log"
+        if who in regions and audit.is_file():
+            found[who]["details"] = str(audit)
+    return found
+
+
+def _dropped_line(who: str, what: dict[str, str]) -> str:
+    where = f"; details in its audit log {what['details']}" if "details" in what else ""
+    return f"region {who} did not take part in full: {what['reason']}{where}"
+
+
+def _print_summary(summary: RunSummary, run_dir: Path, *, state: Path) -> None:
     m = summary.final_metrics
     out.print(
         f"\n[bold]Served model[/] (pooled hold-out of about {int(m.get('customers', 0))} customers, DP answers): "
@@ -161,7 +192,7 @@ def _print_summary(summary: RunSummary, run_dir: Path) -> None:
         t.add_row(
             r,
             "-" if eps is None else f"{eps:.3f}",
-            f"{p['delta']:.1e}",
+            "-" if p.get("delta") is None else f"{p['delta']:.1e}",  # a region that never answered has none
             "-" if p.get("budget") is None else f"{p['budget']:g}",
             p.get("refused") or "",
         )
@@ -169,6 +200,8 @@ def _print_summary(summary: RunSummary, run_dir: Path) -> None:
     against = {p["against_server"] for p in summary.privacy.values() if p.get("against_server")}
     for text in sorted(against):  # client-level DP: the ε above holds against the model's users only
         out.print(f"ε against the server: {text}")
+    for who, what in dropped_out(summary.problems(), regions=summary.privacy, state=state).items():
+        out.print(_dropped_line(who, what), markup=False, highlight=False)
     for w in summary.warnings:
         out.print(f"[yellow]warning:[/] {w}")
     out.print(f"Results in [bold]{run_dir}[/]: summary.json, metrics.jsonl, model/, checkpoints/")

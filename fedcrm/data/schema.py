@@ -140,6 +140,9 @@ class Schema(_Strict):
     name: str
     description: str = ""
     delimiter: str | None = None
+    # How the table writes a number's decimal point: "," for a European spreadsheet's export (`29,85`).
+    # The file's, like its delimiter, but declared: "1.234" reads 1.234 or 1234 depending on it.
+    decimal: Literal[".", ","] = "."
     id: IdSpec
     label: LabelSpec
     purposes: tuple[str, ...]

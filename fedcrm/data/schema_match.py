@@ -29,8 +29,8 @@ from fedcrm.errors import PolicyError
 
 # The fields of a schema that the data owner alone decides: who a customer is (id), what the model learns
 # (label), who may be used for a purpose (purposes, consent), who is protected (sensitive), what is never
-# read (excluded) and how a row is parsed (delimiter). A run's schema must carry each of them unchanged.
-OWNER_FIELDS: Final = ("id", "label", "purposes", "consent", "sensitive", "excluded", "delimiter")
+# read (excluded) and how a row is parsed (delimiter, decimal). A run's schema must carry each of them unchanged.
+OWNER_FIELDS: Final = ("id", "label", "purposes", "consent", "sensitive", "excluded", "delimiter", "decimal")
 
 
 def owner_schema(path: Path | None) -> Schema | None:

@@ -6,6 +6,7 @@ what was found; what the schema's policy repairs is counted in the :class:`Valid
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class _Cells:
 
 
 def _parse_column(
-    raw: pa.Array, col: Column, *, lines: np.ndarray, path: Path, report: ValidationReport
+    raw: pa.Array, col: Column, *, lines: np.ndarray, path: Path, report: ValidationReport, decimal: str = "."
 ) -> tuple[np.ndarray, np.ndarray]:
     """Parse one column; returns the values and a mask of rows to drop (missing, policy ``drop``).
 
@@ -107,10 +108,14 @@ def _parse_column(
             issues.missing_indicated += int(missing.sum())
 
     if isinstance(col, NumericColumn):
-        num = _numbers(pc.if_else(pa.array(missing), "nan", cells.text) if missing.any() else cells.text)
+        text = _decimal_point(cells.text, decimal=decimal)
+        num = _numbers(pc.if_else(pa.array(missing), "nan", text) if missing.any() else text)
         bad = np.isnan(num) & ~missing | np.isinf(num)
         if bad.any():
-            raise error_at(path, lines[bad], col.name, f"expected a number, found {cells.first(bad)!r}")
+            found = cells.first(bad)
+            raise error_at(
+                path, lines[bad], col.name, f"expected a number, found {found!r}{_decimal_hint(found, decimal)}"
+            )
         if col.missing == "fill":
             num = np.where(missing, float(col.fill or 0.0), num)  # a `fill` policy always has its value
         low, high = num < col.min, num > col.max
@@ -150,6 +155,27 @@ def _parse_column(
     codes = np.where(codes < 0, len(col.vocabulary), codes)
     codes[missing] = len(col.vocabulary) + 1
     return names[codes], drop
+
+
+_DECIMAL_COMMA = re.compile(r"\s*[+-]?\d*,\d+\s*")
+
+
+def _decimal_point(text: pa.Array, *, decimal: str) -> pa.Array:
+    """The cells with "." as their decimal point. With ``decimal: ","`` a cell holding a "." is made
+    unreadable, never read: in such a file "1.234" is a thousands separator's 1234, not 1.234."""
+    if decimal == ".":
+        return text
+    text = pc.if_else(pc.match_substring(text, "."), "not a number", text)
+    return pc.replace_substring(text, ",", ".")
+
+
+def _decimal_hint(found: str, decimal: str) -> str:
+    """What to declare when a cell fails because the schema expects another decimal mark."""
+    if decimal == "." and _DECIMAL_COMMA.fullmatch(found):
+        return ' (a decimal comma? if the table writes numbers as `29,85`, declare `decimal: ","` in the schema)'
+    if decimal == "," and "." in found:
+        return ' (the schema declares `decimal: ","`: a "." is neither a decimal point nor a thousands mark here)'
+    return ""
 
 
 def _numbers(text: pa.Array) -> np.ndarray:
@@ -285,7 +311,7 @@ def validate(
 
     def parse(col: Any) -> np.ndarray:
         nonlocal drop
-        parsed, d = _parse_column(raw[col.name], col, lines=lines, path=path, report=report)
+        parsed, d = _parse_column(raw[col.name], col, lines=lines, path=path, report=report, decimal=schema.decimal)
         drop |= d
         if d.any():
             report.rows_dropped[f"missing {col.name}"] += int(d.sum())

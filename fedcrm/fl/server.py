@@ -9,7 +9,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.encode import FeatureEncoder
 from fedcrm.data.schema import Schema, load_schema
-from fedcrm.errors import FederationError
+from fedcrm.errors import FederationError, federation_stopped
 from fedcrm.fl.codec import extend, from_record, pack_constituents, plan_config, to_record
 from fedcrm.fl.registry import NodeRegistry
 from fedcrm.fl.strategy import (
@@ -123,6 +123,13 @@ class Preflight:
     node_regions: dict[int, str]  # node id -> region, to name a region that later goes silent
     events: dict[str, dict[str, str]]  # refused / failed / rejected over the whole run: who -> why
     notes: list[str]  # warnings for the summary
+    # region -> the largest ε its ledger reported during the run (pre-flight, every round's answers): the
+    # ledger only grows, so this is its spend when a later answer (the final evaluation) is refused.
+    spent: dict[str, float] = field(default_factory=dict)
+
+    def saw_spent(self, region: str, epsilon: float | None) -> None:
+        if epsilon is not None:
+            self.spent[region] = max(epsilon, self.spent.get(region, 0.0))
 
     @property
     def taking_part(self) -> list[int]:
@@ -175,9 +182,11 @@ def preflight(
     for region, reason in {**refused, **misclaimed}.items():
         report(f"[pre-flight] region {region} will not take part: {reason}")
     if len(described) < cfg.federation.min_regions:
-        raise FederationError(
+        raise federation_stopped(
             f"pre-flight: {len(described)} region(s) can take part, fewer than federation.min_regions = "
-            f"{cfg.federation.min_regions}: " + "; ".join(f"{r}: {why}" for r, why in refused.items())
+            f"{cfg.federation.min_regions}: " + "; ".join(f"{r}: {why}" for r, why in refused.items()),
+            refused=refused,
+            others=bool(misclaimed) or answered != set(nodes),
         )
     notes = privacy_warnings(cfg, regions=len(described)) + (
         [] if registry is not None else ["no node registry: region names are the regions' own claims, unchecked"]
@@ -236,6 +245,8 @@ def train_constituent(
         )
         for kind in EVENT_KINDS:
             pre.events[kind].update(getattr(ev, kind))
+        for region, figures in (*ev.train.items(), *per_region.items()):
+            pre.saw_spent(region, figures.get("epsilon"))
         eps_text = _epsilon_text(eps)
         shard_text = f" shard {shard + 1}/{cfg.unlearning.shards}" if cfg.unlearning.shards > 1 else ""
         quality = (
@@ -295,6 +306,10 @@ def evaluate_served(
     )
     final, misclaimed = screen_claims(final, registry)
     pre.events["rejected"].update(misclaimed)
+    for msg in final:  # a refused evaluation is a refusal of the run: the summary's table names it
+        region, outcome, reason = _status(msg)
+        if outcome == wire.OUTCOME_REFUSED:
+            pre.events["refused"].setdefault(region, f"final evaluation: {reason or outcome}")  # the first why
     per_region, pooled, skipped = pooled_evaluation(final)
     return ServedEvaluation(
         per_region=per_region, pooled=pooled, suppressed=skipped, trust=pooled_trust(final, schema=pre.schema)
@@ -309,8 +324,10 @@ def summarise(
     for region in cfg.regions:
         d = pre.described.get(region, {})
         answer = ev.per_region.get(region, {})
+        pre.saw_spent(region, d.get("epsilon"))
+        pre.saw_spent(region, answer.get("epsilon"))
         privacy[region] = {
-            "epsilon": answer.get("epsilon", d.get("epsilon")),
+            "epsilon": pre.spent.get(region),  # what its ledger holds, if the final evaluation was refused too
             "delta": answer.get("delta", d.get("delta")),  # the region's, from its policy
             "budget": d.get("budget"),
             "accountant": cfg.privacy.accountant,

@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import (
 from fedcrm import wire
 from fedcrm.config import ExperimentConfig
 from fedcrm.data.schema import Schema
-from fedcrm.errors import FederationError
+from fedcrm.errors import federation_stopped
 from fedcrm.evaluation.metrics import ScoreSummary, auc_from_histograms
 from fedcrm.fl.codec import number
 from fedcrm.fl.registry import NodeRegistry
@@ -395,10 +395,12 @@ class GuardedStrategy(Strategy):
             for region, reason in items.items():
                 log.warning("round %d: region %s %s: %s", server_round, region, kind, reason)
         if len(accepted) < self.min_regions:
-            raise FederationError(
+            raise federation_stopped(
                 f"round {server_round}: only {len(accepted)} region(s) sent a usable update, fewer than "
                 f"federation.min_regions = {self.min_regions}. Refused: {ev.refused or 'none'}; failed: "
-                f"{ev.failed or 'none'}; rejected: {ev.rejected or 'none'}"
+                f"{ev.failed or 'none'}; rejected: {ev.rejected or 'none'}",
+                refused=ev.refused,
+                others=bool(ev.failed or ev.rejected),
             )
         return self.inner.aggregate_train(server_round, accepted)
 

@@ -37,6 +37,7 @@ from fedcrm.durable import storage_error, write_text_atomically
 from fedcrm.errors import DataError, UnlearningError
 from fedcrm.governance.consent import ConsentWithdrawals
 from fedcrm.governance.customer_refs import RegionAuditLog
+from fedcrm.governance.request_store import CONSENT_WITHDRAWAL, ERASURE, PENDING, Request, RequestStore, run_key
 from fedcrm.run_summary import RunSummary
 from fedcrm.runs import MODEL_META, ModelMeta, RunDir
 from fedcrm.unlearning.shards import holdout_mask, region_secret, shard_of
@@ -67,11 +68,21 @@ class ExportRequest:
 def build_export(request: ExportRequest, *, audit: RegionAuditLog) -> dict[str, Any]:
     """The export document; UnlearningError for a forgotten customer, DataError for an unknown one."""
     cid = request.customer_id
+    refs = set(audit.customer_refs(cid))
+    requests = [r for r in RequestStore(request.state_dir, region=request.region).all() if r.customer_ref in refs]
     tombstones = Tombstones(request.state_dir)
     if tombstones.contains(cid):
+        # Forgotten here, but a model trained before the erasure holds what it learnt until it is retrained.
+        open_runs = sorted({Path(k).name for r in requests if r.kind == ERASURE for k, e in r.runs.items() if e.open})
+        still = (
+            f"; the served model of run(s) {', '.join(open_runs)} still holds what it learnt from them until "
+            f"`fedcrm retrain` serves the erasure"
+            if open_runs
+            else ""
+        )
         raise UnlearningError(
             f"region {request.region}: customer {cid} was forgotten (erased) here; the region keeps no data "
-            f"about them to export, only a keyed hash that keeps them out of later imports"
+            f"about them to export, only a keyed hash that keeps them out of later imports{still}"
         )
     table = load_table(request.data_path, request.schema)
     where = np.flatnonzero(table.ids == cid)
@@ -105,9 +116,18 @@ def build_export(request: ExportRequest, *, audit: RegionAuditLog) -> dict[str, 
             }
         )
     effective = {str(c["purpose"]): bool(c["effective"]) for c in consent}
+    table_consent = {str(c["purpose"]): c["in_table"] is not False for c in consent}
     secret = region_secret(request.state_dir)
     models = [
-        _model_entry(run, request=request, x=x, effective=effective, secret=secret, names=encoder.feature_names)
+        _model_entry(
+            run,
+            request=request,
+            x=x,
+            consent=(effective, table_consent),
+            requests=requests,
+            secret=secret,
+            names=encoder.feature_names,
+        )
         for run in request.runs
     ]
     ref = audit.customer_ref(cid)
@@ -127,8 +147,9 @@ def build_export(request: ExportRequest, *, audit: RegionAuditLog) -> dict[str, 
         "notes": [
             "record: the row as stored, columns the schema declares only; other columns are never read.",
             "features: values in [0, 1] computed from the schema's declared bounds and vocabularies.",
-            "models.trained_on_their_data uses today's consent; a withdrawal after a run took effect from "
-            "the retrain or run that followed it.",
+            "models.trained_on_their_data says whether the served model was trained on their data: a "
+            "withdrawal or erasure takes effect from the retrain or run that follows it; until then "
+            "models.awaiting_request names the request it awaits.",
             "history: the customer appears in the audit log only as customer_ref, a keyed hash under the "
             "region's secret.",
         ],
@@ -140,9 +161,37 @@ def run_config(run: Path) -> ExperimentConfig:
     return RunDir.open(run, schema_required=False).config  # the export encodes with the request's schema
 
 
+def _awaiting(requests: list[Request], *, run: Path, task: str, started: float | None) -> str | None:
+    """The customer's withdrawal (of ``task``) or erasure that ``run``'s served model has not caught up with:
+    its constituent awaits a retrain, or the run trained before the request and no request named it."""
+    key = run_key(run)
+    for req in requests:
+        if req.kind == CONSENT_WITHDRAWAL and req.purpose != task:
+            continue
+        entry = req.runs.get(key)
+        if entry is not None:
+            if entry.status == PENDING:  # excluded, served or never trained: the served model is without them
+                return req.request_id
+        elif (
+            req.recorded_at is not None
+            and started is not None
+            and datetime.fromisoformat(req.recorded_at).timestamp() > started
+        ):
+            return req.request_id
+    return None
+
+
 def _model_entry(
-    run: Path, *, request: ExportRequest, x: np.ndarray, effective: dict[str, bool], secret: str, names: list[str]
+    run: Path,
+    *,
+    request: ExportRequest,
+    x: np.ndarray,
+    consent: tuple[dict[str, bool], dict[str, bool]],
+    requests: list[Request],
+    secret: str,
+    names: list[str],
 ) -> dict[str, Any]:
+    """``consent``: per purpose, today's effective consent and the table's (before any withdrawal)."""
     cfg = run_config(run)
     meta = ModelMeta.read(run)
     if meta.feature_names != names:
@@ -155,7 +204,11 @@ def _model_entry(
     shard = int(shard_of(ids, shards=cfg.unlearning.shards, secret=secret)[0])
     held_out = bool(holdout_mask(ids, fraction=cfg.evaluation.holdout_fraction, secret=secret)[0])
     in_run = request.region in cfg.regions
+    effective, in_table = consent
     consent_ok = effective.get(cfg.task, False)
+    awaiting = _awaiting(requests, run=run, task=cfg.task, started=summary.started if summary is not None else None)
+    # A pending withdrawal gates later loads only: the served model was trained while the table said yes.
+    trained = in_run and not held_out and (consent_ok or (awaiting is not None and in_table.get(cfg.task, False)))
     # Imported here: torch is for a run's model; an export without --run never loads one.
     from fedcrm.evaluation.served import ServedModel
     from fedcrm.models import predict_proba
@@ -174,7 +227,8 @@ def _model_entry(
         "shard": shard,
         "in_holdout": held_out,
         "consent_for_task": consent_ok,
-        "trained_on_their_data": bool(in_run and consent_ok and not held_out),
+        "trained_on_their_data": bool(trained),
+        "awaiting_request": awaiting if trained else None,
         "score": float(np.mean(scores)),
         "constituent_scores": scores,
         "explanation": explain(models, x=x[0], names=names, kind=meta.kind),
