@@ -407,12 +407,16 @@ def test_wire_audit_plaintext_and_policy_refusal(tmp_path: Path, proxy_factory: 
 
     # -- every num-examples on the wire aggregates at least the policy's minimum of customers ---------
     sent_counts = metric_values(wire_bytes, b"num-examples")
-    # eu and us: 2 training replies + the served model's evaluation each (per-round evaluation is off)
-    assert len(sent_counts) >= 6, sent_counts
+    # eu and us: 2 training replies + the served model's evaluation each (per-round evaluation is off).
+    # Flower 1.42's SuperLink stores records by content hash and asks a SuperNode only for the objects it
+    # lacks (`objects_to_push`): two regions whose training metrics are equal (same declared size, σ and ε,
+    # as here: both declare 300) send that record's bytes once. So a round's training count appears once
+    # or twice; each region's noisy evaluation count once.
+    assert len(sent_counts) >= 4, sent_counts
     # A training reply's count is the region's declared size; an evaluation reply's is a DP-noised count
     # of its hold-out (any value: one CI run saw 24.2), which no policy minimum bounds.
     training = [c for c in sent_counts if c in set(train_counts.values())]
-    assert len(training) >= 4 and min(training) >= min_customers, sent_counts
+    assert len(training) >= 2 and min(training) >= min_customers, sent_counts
     for row in read_metrics(tmp_path / "run" / "metrics.jsonl"):
         for r, m in row["regions"].items():
             assert m["customers"] >= min_customers, (row["round"], r, m)
