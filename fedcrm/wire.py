@@ -45,6 +45,10 @@ KIND: Final = "kind"
 OUTCOME_OK: Final = "ok"
 OUTCOME_REFUSED: Final = "refused"
 OUTCOME_FAILED: Final = "failed"
+# REASON of any unexpected failure while a region serves a message: one fixed code. Which exception it
+# was could depend on the data (a path only some rows take); the region's own log has it, and a training
+# release's ledger event records why it was not sent.
+FAILED_IN_REGION: Final = "region-failed"
 
 # REASON of a refusal: one of these fixed codes, never the region's own words. The words name exact
 # counts ("shard 0 has 17 training customers"), and a count below the policy's minimum is precisely what

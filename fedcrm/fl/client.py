@@ -225,8 +225,8 @@ def answer(handler: Handler, msg: Message, context: Context) -> RecordDict:
                 wire.STATUS: status(
                     region.name,
                     wire.OUTCOME_FAILED,
-                    f"region {region.name}: {type(e).__name__} (details in the region's own log)",
-                    type(e).__name__,
+                    wire.FAILED_IN_REGION,
+                    "",
                 )
             }
         )

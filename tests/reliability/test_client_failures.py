@@ -10,6 +10,7 @@ import pytest
 from conftest import write_tiny_config
 from flwr.app import Context, Message
 
+from fedcrm import wire
 from fedcrm.config import load_config
 from fedcrm.fl.simulation import run_simulated
 from fedcrm.privacy.accountant import epsilon
@@ -59,7 +60,9 @@ def test_a_crash_mid_round_is_survived_reported_and_charged(tmp_path: Path) -> N
         report=lambda s: None,
         client_mods=[crash_during_training("us", 2)],
     )
-    assert "OSError" in summary.events["failed"]["us"]
+    # The server is told one fixed code (which exception it was could depend on the data); the cause is in
+    # the region's own log and in the ledger's record of the release that was not sent (below).
+    assert summary.events["failed"]["us"] == wire.FAILED_IN_REGION
     assert np.isfinite(summary.final_metrics["auc"])
     # Training releases only: the final evaluation's answers are events too (Gaussian, on the hold-out).
     events = [e for e in PrivacyLedger.open(state / "us", region="us").events() if e.mechanism == MECHANISM_DP_SGD]
