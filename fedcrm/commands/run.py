@@ -178,11 +178,13 @@ def _dropped_line(who: str, what: dict[str, str]) -> str:
 
 
 def _print_summary(summary: RunSummary, run_dir: Path, *, state: Path) -> None:
+    from fedcrm.evaluation.metrics import with_noise
+
     m = summary.final_metrics
     out.print(
         f"\n[bold]Served model[/] (pooled hold-out of about {int(m.get('customers', 0))} customers, DP answers): "
-        f"AUC {m.get('auc', float('nan')):.4f}"
-        + (f" ± {m['auc_noise_sd']:.3f} (DP noise)" if "auc_noise_sd" in m else "")
+        f"AUC {with_noise(m.get('auc', float('nan')), m.get('auc_noise_sd'))}"
+        + (" (± one sd of the DP noise)" if "auc_noise_sd" in m else "")
         + f", log-loss {m.get('log_loss', float('nan')):.4f}, "
         f"accuracy {m.get('accuracy', float('nan')):.4f}, Brier {m.get('brier', float('nan')):.4f}"
     )
